@@ -1,0 +1,108 @@
+"""The access log: one Squid logformat and its JSON reading, defined once so they cannot drift apart.
+
+Squid writes one tab-separated line per transaction (user-controlled values URL-escaped); the supervisor turns
+each into one JSON object with stable field names: the canonical decision log line.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Reason codes. "allowed" is the only allowing one; every other reason is a denial.
+# Keep this tuple in sync with the README's table; the template generates one annotate ACL per entry.
+REASONS: dict[str, str] = {
+    "allowed": "the destination is on the allowlist",
+    "client_not_allowed": "the client address is outside EGRESS_CLIENT_CIDRS",
+    "port_not_allowed": "the destination port is not in EGRESS_ALLOWED_PORTS for this kind of request",
+    "ip_literal": "the destination is an IP address; only allowlisted names are reachable",
+    "domain_not_allowlisted": "the host is not on the allowlist",
+    "destination_not_public": "the host resolves to a private, loopback, link-local or metadata address",
+    "sni_missing": "the TLS ClientHello carried no SNI, so the real destination cannot be checked",
+    "sni_not_allowlisted": "the TLS SNI names a host that is not on the allowlist (domain fronting)",
+    "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
+    "manager_denied": "the cache manager is reachable from the proxy host only",
+    "denied": "no rule allowed the request",
+}
+
+
+def _text(raw: str) -> str | None:
+    return None if raw in {"-", ""} else urllib.parse.unquote(raw)
+
+
+def _int(raw: str) -> int | None:
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _float(raw: str) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    code: str  # the Squid logformat code
+    convert: Callable[[str], Any]
+
+
+# '#' before a code asks Squid to URL-escape it, so a hostile value can never inject a tab or a newline.
+FIELDS: tuple[Field, ...] = (
+    Field("time", "%ts.%03tu", _float),
+    Field("client_ip", "%>a", _text),
+    Field("client_port", "%>p", _int),
+    Field("method", "%#rm", _text),
+    Field("host", "%#>rd", _text),
+    Field("port", "%>rP", _int),
+    Field("sni", "%#ssl::>sni", _text),
+    Field("status", "%>Hs", _int),
+    Field("reason", "%#{reason}note", _text),
+    Field("squid_status", "%Ss", _text),
+    Field("error", "%err_code", _text),
+    Field("server_ip", "%<a", _text),
+    Field("bytes_in", "%>st", _int),
+    Field("bytes_out", "%<st", _int),
+    Field("duration_ms", "%tr", _int),
+)
+
+SQUID_LOGFORMAT = "\t".join(field.code for field in FIELDS)
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """One Squid log line -> the JSON-ready record (adds 'type' and 'decision')."""
+    parts = line.rstrip("\r\n").split("\t")
+    if len(parts) != len(FIELDS):
+        return {"type": "access", "unparsed": line.rstrip("\r\n")}
+    record: dict[str, Any] = {"type": "access"}
+    for field, raw in zip(FIELDS, parts, strict=True):
+        record[field.name] = field.convert(raw)
+    record["decision"] = decide(record)
+    return record
+
+
+def decide(record: dict[str, Any]) -> str:
+    """'allowed' or 'denied'. A transaction without a reason note never passed http_access (e.g. a malformed
+    request Squid rejected itself), so it counts as denied; its Squid error code says why."""
+    reason = record.get("reason")
+    if reason == "allowed":
+        return "allowed"
+    if reason is None:
+        record["reason"] = "invalid_request" if record.get("error") else "denied"
+    return "denied"
+
+
+def is_probe(record: dict[str, Any]) -> bool:
+    """A TCP connect-and-close with no request: the NLB's and our own health checks. Not worth a log line."""
+    return record.get("method") is None and not record.get("bytes_in") and record.get("error") == "ERR_CLIENT_GONE"
+
+
+def to_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,363 @@
+"""Every setting of the proxy, declared once: name, type, default, help, env name, CLI flag.
+
+Pure: no I/O beyond reading the mapping it is given. ``load_settings`` turns raw strings (from CLI flags,
+then ``EGRESS_*`` environment variables, then defaults) into one frozen ``Settings`` or raises
+``SettingsError`` naming the bad setting and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ENV_PREFIX = "EGRESS_"
+
+# Who may use the proxy by default: the RFC 1918 ranges, CGNAT, IPv6 ULA and loopback — i.e. anything inside
+# a VPC, never the internet (an internet-facing proxy with a permissive default is an open relay).
+DEFAULT_CLIENT_CIDRS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,127.0.0.0/8,fc00::/7,::1/128"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value. ``str()`` names the setting (flag and env var) and suggests a fix."""
+
+    def __init__(self, name: str, value: str, why: str, fix: str) -> None:
+        self.name = name
+        self.value = value
+        self.why = why
+        self.fix = fix
+        super().__init__(
+            f"setting {name} (--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}) = {value!r}: {why}; {fix}"
+        )
+
+
+@dataclass(frozen=True)
+class AllowedPorts:
+    """Destination ports: plain HTTP requests may use ``http``, CONNECT tunnels may use ``connect``."""
+
+    http: tuple[int, ...]
+    connect: tuple[int, ...]
+
+
+# --- value parsers: each raises ValueError(why, fix) -------------------------------------------------------
+
+
+class _Bad(ValueError):
+    def __init__(self, why: str, fix: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.fix = fix
+
+
+def _split(raw: str) -> list[str]:
+    return [part for part in re.split(r"[\s,]+", raw.strip()) if part]
+
+
+def _port(raw: str) -> int:
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 65535:
+        raise _Bad("is not a TCP port", "use a number from 1 to 65535, e.g. 3128")
+    return int(raw)
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Bad("is not a number", "use seconds, e.g. 30 or 0.5") from None
+    if value <= 0:
+        raise _Bad("must be greater than zero", "use seconds, e.g. 30 or 0.5")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Bad("is not a number", "use seconds, e.g. 30") from None
+    if value < 0:
+        raise _Bad("must not be negative", "use seconds, e.g. 30")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"on", "true", "yes", "1"}:
+        return True
+    if lowered in {"off", "false", "no", "0"}:
+        return False
+    raise _Bad("is not on/off", "use on or off")
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise _Bad("must not be empty", "give a value or leave the setting unset for its default")
+    return raw.strip()
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()) if raw.strip() else None
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise _Bad("must not be empty", "give a directory path")
+    return Path(raw.strip())
+
+
+def _ip(raw: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        raise _Bad(f"{raw!r} is not an IP address", "use IPs such as 9.9.9.9,149.112.112.112") from None
+
+
+def _ips(raw: str) -> tuple[IPAddress, ...]:
+    return tuple(_ip(part) for part in _split(raw))
+
+
+def _listen_address(raw: str) -> IPAddress:
+    return _ip(raw.strip())
+
+
+def _cidrs(raw: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for part in _split(raw):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=True))
+        except ValueError as exc:
+            try:
+                fixed = ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise _Bad(f"{part!r} is not a CIDR ({exc})", "use e.g. 10.0.0.0/8 or 127.0.0.2/32") from None
+            raise _Bad(f"{part!r} has host bits set", f"use {fixed}") from None
+    return tuple(networks)
+
+
+def _client_cidrs(raw: str) -> tuple[IPNetwork, ...]:
+    networks = _cidrs(raw)
+    if not networks:
+        raise _Bad("lists no network, so nobody could use the proxy", f"use e.g. {DEFAULT_CLIENT_CIDRS}")
+    return networks
+
+
+def _allowed_ports(raw: str) -> AllowedPorts:
+    http: list[int] = []
+    connect: list[int] = []
+    for part in _split(raw):
+        kind, _, number = part.rpartition(":")
+        kind = kind.lower()
+        if kind not in {"", "http", "connect"}:
+            raise _Bad(f"{part!r} has an unknown kind {kind!r}", "write http:PORT, connect:PORT or PORT (both)")
+        try:
+            port = _port(number)
+        except _Bad:
+            raise _Bad(f"{part!r} is not a port", "write http:80, connect:443 or 8443 (both)") from None
+        if kind in {"", "http"}:
+            http.append(port)
+        if kind in {"", "connect"}:
+            connect.append(port)
+    if not http and not connect:
+        raise _Bad("allows no port at all", "use the default http:80,connect:443")
+    return AllowedPorts(http=tuple(sorted(set(http))), connect=tuple(sorted(set(connect))))
+
+
+def _namespace(raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 255 or value.startswith("AWS/") or not re.fullmatch(r"[\w.\-/#:]+", value):
+        raise _Bad("is not a valid CloudWatch namespace", "use letters, digits and . - _ / # :, e.g. Proxy")
+    return value
+
+
+# --- the declaration --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("port", _port, "3128", "TCP port the proxy listens on.", "PORT"),
+    Option(
+        "listen_address",
+        _listen_address,
+        "0.0.0.0",
+        "Address the proxy listens on (0.0.0.0 = all IPv4 interfaces; tests use 127.0.0.1).",
+        "IP",
+    ),
+    Option(
+        "allowed_domains",
+        _optional_text,
+        "",
+        "Inline allowlist, comma-separated (the seed's form): 'example.com' is that host, "
+        "'.example.com' the domain and every subdomain.",
+        "LIST",
+    ),
+    Option("allowlist_file", _optional_path, "", "Allowlist file: one entry per line, '#' comments.", "PATH"),
+    Option(
+        "allowlist_secret",
+        _optional_text,
+        "",
+        "AWS Secrets Manager secret (name or ARN) holding the allowlist: comma-separated or "
+        'JSON {"allowed_domains": [...]}.',
+        "ID",
+    ),
+    Option(
+        "dns_servers",
+        _ips,
+        "",
+        "DNS servers for every lookup, comma-separated IPs (e.g. a filtering resolver such as Quad9); "
+        "empty uses the system resolver (/etc/resolv.conf).",
+        "IPS",
+    ),
+    Option(
+        "client_cidrs",
+        _client_cidrs,
+        DEFAULT_CLIENT_CIDRS,
+        "Client networks allowed to use the proxy, comma-separated CIDRs.",
+        "CIDRS",
+    ),
+    Option(
+        "allowed_ports",
+        _allowed_ports,
+        "http:80,connect:443",
+        "Destination ports: http:PORT for plain HTTP, connect:PORT for HTTPS tunnels, PORT for both.",
+        "PORTS",
+    ),
+    Option(
+        "allow_destinations",
+        _cidrs,
+        "",
+        "CIDRs exempt from the private/loopback/link-local/metadata destination deny (SSRF guard), "
+        "e.g. 10.1.2.0/24 for an internal service. Empty: no exemption.",
+        "CIDRS",
+    ),
+    Option(
+        "error_page",
+        _optional_path,
+        "",
+        "HTML template for the Access Denied page (Squid error-page codes such as %H and "
+        "@Squid{%{reason}note} are expanded). Empty: the built-in page.",
+        "PATH",
+    ),
+    Option(
+        "state_dir",
+        _path,
+        "/var/lib/egress-proxy",
+        "Directory for the rendered config, the throwaway ssl-bump key and log FIFOs.",
+        "DIR",
+    ),
+    Option(
+        "reload_interval",
+        _positive_float,
+        "30",
+        "Seconds between Secrets Manager polls (with +-10% jitter). A file source is checked every second.",
+        "SECONDS",
+    ),
+    Option(
+        "drain_seconds",
+        _non_negative_float,
+        "30",
+        "On SIGTERM, how long open connections may finish before Squid closes them.",
+        "SECONDS",
+    ),
+    Option("metrics", _bool, "on", "Publish Squid counters and proxy metrics to CloudWatch (on/off).", "on|off"),
+    Option("metrics_namespace", _namespace, "Proxy", "CloudWatch namespace for the metrics.", "NAMESPACE"),
+    Option("metrics_interval", _positive_float, "60", "Seconds between metrics publications.", "SECONDS"),
+    Option(
+        "instance_id",
+        _optional_text,
+        "",
+        "Value of the ProxyInstance metric dimension. Empty: the ECS task id from the task metadata "
+        "endpoint, else the host name.",
+        "NAME",
+    ),
+    Option("squid_binary", _text, "squid", "The Squid executable (Debian's squid-openssl).", "PATH"),
+)
+
+OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int
+    listen_address: IPAddress
+    allowed_domains: str | None
+    allowlist_file: Path | None
+    allowlist_secret: str | None
+    dns_servers: tuple[IPAddress, ...]
+    client_cidrs: tuple[IPNetwork, ...]
+    allowed_ports: AllowedPorts
+    allow_destinations: tuple[IPNetwork, ...]
+    error_page: Path | None
+    state_dir: Path
+    reload_interval: float
+    drain_seconds: float
+    metrics: bool
+    metrics_namespace: str
+    metrics_interval: float
+    instance_id: str | None
+    squid_binary: str
+
+    @property
+    def source_kind(self) -> str:
+        """Which allowlist source is active: 'inline', 'file' or 'secret'."""
+        if self.allowlist_secret:
+            return "secret"
+        if self.allowlist_file:
+            return "file"
+        return "inline"
+
+
+assert [f.name for f in fields(Settings)] == [o.name for o in OPTIONS], "Settings and OPTIONS must match"
+
+SOURCE_OPTIONS = ("allowed_domains", "allowlist_file", "allowlist_secret")
+
+
+def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+    """CLI value if given, else ``EGRESS_<NAME>``, else the default. Raises SettingsError."""
+    values: dict[str, Any] = {}
+    raw_by_name: dict[str, str] = {}
+    for option in OPTIONS:
+        raw = cli.get(option.name)
+        if raw is None:
+            raw = environ.get(option.env)
+        if raw is None:
+            raw = option.default
+        raw_by_name[option.name] = raw
+        try:
+            values[option.name] = option.parse(raw)
+        except _Bad as bad:
+            raise SettingsError(option.name, raw, bad.why, bad.fix) from None
+    given = [name for name in SOURCE_OPTIONS if values[name]]
+    if len(given) > 1:
+        names = ", ".join(OPTIONS_BY_NAME[name].env for name in given)
+        raise SettingsError(
+            given[1],
+            raw_by_name[given[1]],
+            f"more than one allowlist source is set ({names})",
+            "set exactly one of EGRESS_ALLOWED_DOMAINS, EGRESS_ALLOWLIST_FILE, EGRESS_ALLOWLIST_SECRET",
+        )
+    return Settings(**values)

@@ -1,0 +1,298 @@
+"""The supervisor loop: source -> allowlist policy -> render -> parse-check -> atomic swap -> reconfigure.
+
+Starts Squid once and never restarts it for an allowlist change: ``squid -k reconfigure`` keeps open tunnels
+and keep-alive connections. A rejected update leaves the last good config serving. Signals and the child's
+exit are handled in one place: the main loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from types import FrameType
+from typing import Any, TextIO
+
+from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
+from .settings import Settings
+from .sources import Snapshot, Source, SourceUnavailable, make_source
+from .squid_conf import RenderedConfig, StatePaths, default_error_page, render
+from .squid_process import (
+    LogRelay,
+    SquidError,
+    SquidProcess,
+    access_sink,
+    atomic_write,
+    parse_check,
+    prepare_state_dir,
+    run_as_user,
+    wait_until_listening,
+)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    BAD_CONFIG = 2  # bad settings or allowlist
+    SQUID_FAILED = 3  # Squid failed to start or to parse the config
+    NO_SOURCE = 4  # no allowlist source reachable at startup
+    SQUID_DIED = 5  # Squid exited unexpectedly
+
+
+class Logger:
+    """JSON lines on one stream; thread-safe because the log relays write from their own threads."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write_line(self, line: str) -> None:
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def event(self, level: str, event: str, message: str, **fields: Any) -> None:
+        record = {"type": "supervisor", "time": round(time.time(), 3), "level": level, "event": event,
+                  "message": message, **fields}
+        self.write_line(json.dumps(record, separators=(",", ":"), default=str))
+
+
+@dataclass
+class ReloadStats:
+    """Counters the metrics loop and the health check read."""
+
+    success: int = 0
+    failure: int = 0
+    loaded_at: float | None = None
+    version: str | None = None
+    entries: int = 0
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigApplier:
+    """Validate, render, parse-check and activate a candidate allowlist. Keeps the last good config."""
+
+    def __init__(self, settings: Settings, paths: StatePaths, logger: Logger, user: str | None) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.logger = logger
+        self.user = user
+        self.active: RenderedConfig | None = None
+        self.active_allowlist: Allowlist | None = None
+        self.stats = ReloadStats()
+
+    def build(self, snapshot: Snapshot, source: str) -> tuple[Allowlist, RenderedConfig]:
+        """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError."""
+        allowlist = parse_allowlist_value(snapshot.text, source=source)
+        rendered = render(self.settings, allowlist, self.paths, run_as=self.user)
+        if rendered == self.active:
+            return allowlist, rendered
+        candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
+        candidate = render(self.settings, allowlist, candidate_paths, run_as=self.user)
+        for path, text in candidate.files(candidate_paths).items():
+            atomic_write(path, text)
+        for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
+            self.logger.event("warning", "squid_parse_warning", warning)
+        return allowlist, rendered
+
+    def activate(self, allowlist: Allowlist, rendered: RenderedConfig, snapshot: Snapshot) -> None:
+        # The allowlist file first, then squid.conf: Squid reads both only when told to reconfigure.
+        for path, text in rendered.files(self.paths).items():
+            atomic_write(path, text)
+        self.active = rendered
+        self.active_allowlist = allowlist
+        self.stats.loaded_at = time.time()
+        self.stats.version = snapshot.version
+        self.stats.entries = len(allowlist)
+        self.write_status()
+
+    def write_status(self) -> None:
+        status = {
+            "config_loaded": self.active is not None,
+            "version": self.stats.version,
+            "loaded_at": self.stats.loaded_at,
+            "entries": self.stats.entries,
+            "reload_success": self.stats.success,
+            "reload_failure": self.stats.failure,
+            "last_error": self.stats.last_error,
+            "port": self.settings.port,
+            "listen_address": str(self.settings.listen_address),
+        }
+        atomic_write(self.paths.status, json.dumps(status, indent=1))
+
+
+def _log_warnings(logger: Logger, allowlist: Allowlist) -> None:
+    for warning in allowlist.warnings[:50]:
+        logger.event("warning", "allowlist_warning", warning)
+    if len(allowlist.warnings) > 50:
+        logger.event("warning", "allowlist_warning", f"... and {len(allowlist.warnings) - 50} more warnings")
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, stream: TextIO | None = None,
+                 source: Source | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.logger = Logger(stream or sys.stdout)
+        self.paths = StatePaths(settings.state_dir)
+        self.user = run_as_user()
+        self.source = source or make_source(settings)
+        self.applier = ConfigApplier(settings, self.paths, self.logger, self.user)
+        self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf)
+        self.clock = clock
+        self._wake = threading.Event()
+        self._stop_signal: int | None = None
+        self._reconfigured = threading.Event()
+        self._backoff = 0.0
+
+    # --- signals -----------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop_signal = signum
+        self._wake.set()
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+
+    # --- logs --------------------------------------------------------------------------------------
+    def _cache_log_line(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if "Accepting" in text and "connections at" in text:
+            self._reconfigured.set()
+        self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
+
+    # --- main --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signal_handlers()
+        try:
+            snapshot = self.source.read()
+        except SourceUnavailable as exc:
+            self.logger.event("error", "startup_failed", f"no allowlist source reachable at startup: {exc}")
+            return ExitCode.NO_SOURCE
+        try:
+            error_page = (self.settings.error_page.read_text(encoding="utf-8") if self.settings.error_page
+                          else default_error_page())
+        except OSError as exc:
+            self.logger.event("error", "startup_failed",
+                              f"cannot read EGRESS_ERROR_PAGE {self.settings.error_page}: {exc.strerror}; "
+                              "point it at a readable HTML file or unset it for the built-in page")
+            return ExitCode.BAD_CONFIG
+        try:
+            prepare_state_dir(self.paths, error_page=error_page, user=self.user)
+            allowlist, rendered = self.applier.build(snapshot, self.source.description)
+        except AllowlistError as exc:
+            self.logger.event("error", "startup_failed", str(exc), source=self.source.description)
+            return ExitCode.BAD_CONFIG
+        except SquidError as exc:
+            self.logger.event("error", "startup_failed", str(exc))
+            return ExitCode.SQUID_FAILED
+        _log_warnings(self.logger, allowlist)
+        self.applier.activate(allowlist, rendered, snapshot)
+        LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line))
+        LogRelay(self.paths.cache_fifo, self._cache_log_line)
+        try:
+            self.squid.start()
+            host = "127.0.0.1" if str(self.settings.listen_address) == "0.0.0.0" else str(
+                self.settings.listen_address)
+            wait_until_listening(host, self.settings.port, self.squid, timeout=60)
+        except SquidError as exc:
+            self.logger.event("error", "startup_failed", str(exc))
+            self.squid.stop(grace=5)
+            return ExitCode.SQUID_FAILED
+        self.logger.event("info", "started", f"proxy listening on {self.settings.listen_address}:"
+                          f"{self.settings.port} with {len(allowlist)} allowlist entries",
+                          version=snapshot.version, entries=len(allowlist), source=self.source.description,
+                          pid=self.squid.pid)
+        return self._loop()
+
+    def _next_poll_delay(self) -> float:
+        base = self.source.poll_interval
+        # +-10% jitter so a fleet of proxies does not poll Secrets Manager in step.
+        return max(0.2, base * random.uniform(0.9, 1.1)) + self._backoff
+
+    def _loop(self) -> int:
+        next_poll = self.clock() + self._next_poll_delay()
+        while True:
+            self._wake.wait(timeout=max(0.0, min(1.0, next_poll - self.clock())))
+            self._wake.clear()
+            if self._stop_signal is not None:
+                return self._shutdown()
+            code = self.squid.poll()
+            if code is not None:
+                self.logger.event("error", "squid_died", f"Squid exited unexpectedly with code {code}",
+                                  exit_code=code)
+                return ExitCode.SQUID_DIED
+            if self.clock() >= next_poll:
+                self.poll_source()
+                next_poll = self.clock() + self._next_poll_delay()
+
+    def _shutdown(self) -> int:
+        name = signal.Signals(self._stop_signal or signal.SIGTERM).name
+        self.logger.event("info", "stopping", f"{name} received: draining for up to "
+                          f"{self.settings.drain_seconds:g} s", drain_seconds=self.settings.drain_seconds)
+        code = self.squid.stop(grace=self.settings.drain_seconds + 10)
+        self.logger.event("info", "stopped", f"Squid stopped with code {code}", exit_code=code)
+        return ExitCode.OK
+
+    def poll_source(self) -> None:
+        """One watch step: cheap change check, then fetch + apply. Never raises."""
+        try:
+            if not self.source.changed(self.applier.stats.version):
+                self._backoff = 0.0
+                return
+            snapshot = self.source.read()
+        except SourceUnavailable as exc:
+            # Keep serving the last good config; back off up to 5 minutes.
+            self._backoff = min(300.0, max(1.0, self._backoff * 2))
+            self.logger.event("warning", "source_unavailable", f"{exc}; still serving version "
+                              f"{self.applier.stats.version}", retry_in=round(self._backoff, 1))
+            return
+        self._backoff = 0.0
+        if snapshot.version == self.applier.stats.version:
+            return
+        self.apply(snapshot)
+
+    def apply(self, snapshot: Snapshot) -> bool:
+        started = time.monotonic()
+        previous = self.applier.active_allowlist
+        try:
+            allowlist, rendered = self.applier.build(snapshot, self.source.description)
+        except (AllowlistError, SquidError) as exc:
+            self.applier.stats.failure += 1
+            self.applier.stats.last_error = str(exc)
+            # Remember the rejected version so we don't re-log the same error every poll; a new version retries.
+            self.applier.stats.version = snapshot.version
+            self.applier.write_status()
+            self.logger.event("error", "reload_rejected", f"rejected allowlist version {snapshot.version}; the "
+                              f"previous config keeps serving: {exc}", version=snapshot.version)
+            return False
+        _log_warnings(self.logger, allowlist)
+        if rendered == self.applier.active:
+            self.applier.stats.version = snapshot.version
+            self.applier.write_status()
+            self.logger.event("info", "reload_skipped", "allowlist changed but the rendered config did not",
+                              version=snapshot.version)
+            return True
+        added, removed = previous.diff(allowlist) if previous else (allowlist.entries, ())
+        self.applier.activate(allowlist, rendered, snapshot)
+        self._reconfigured.clear()
+        self.squid.reconfigure()
+        confirmed = self._reconfigured.wait(timeout=15)
+        self.applier.stats.success += 1
+        self.applier.write_status()
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        self.logger.event(
+            "info" if confirmed else "warning",
+            "reloaded",
+            f"allowlist version {snapshot.version} active: +{len(added)} -{len(removed)} entries "
+            f"({len(allowlist)} total) in {elapsed_ms} ms" + ("" if confirmed else "; Squid did not confirm"),
+            version=snapshot.version, added=len(added), removed=len(removed), entries=len(allowlist),
+            duration_ms=elapsed_ms, confirmed=confirmed,
+        )
+        return True
