@@ -99,9 +99,20 @@ def decide(record: dict[str, Any]) -> str:
     return "denied"
 
 
-def is_probe(record: dict[str, Any]) -> bool:
-    """A TCP connect-and-close with no request: the NLB's and our own health checks. Not worth a log line."""
-    return record.get("method") is None and not record.get("bytes_in") and record.get("error") == "ERR_CLIENT_GONE"
+def is_noise(record: dict[str, Any]) -> bool:
+    """Records that would make the log lie or repeat itself:
+    - a TCP connect-and-close with no request (the NLB's and our own health checks);
+    - the interim record Squid writes when an allowed CONNECT switches from peeking to splicing: the tunnel's
+      own TCP_TUNNEL record follows when it closes, with the bytes and the duration, and is the canonical one.
+    A CONNECT refused at the SNI step has only the interim record, so that one is kept."""
+    if record.get("method") is None and not record.get("bytes_in") and record.get("error") == "ERR_CLIENT_GONE":
+        return True
+    return (
+        record.get("method") == "CONNECT"
+        and record.get("squid_status") == "NONE_NONE"
+        and record.get("reason") == "allowed"
+        and record.get("status") == 200
+    )
 
 
 def to_json(record: dict[str, Any]) -> str:

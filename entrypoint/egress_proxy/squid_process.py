@@ -66,8 +66,9 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     for directory in (paths.state, paths.conf_dir, paths.candidate_dir, paths.cert.parent, paths.access_fifo.parent,
                       paths.sni_helper.parent):
         directory.mkdir(parents=True, exist_ok=True)
-    _chown_to(paths.state, user)
-    _chown_to(paths.access_fifo.parent, user)
+    _check_reachable(paths.state, user)
+    for directory in (paths.state, paths.access_fifo.parent, paths.cert.parent):
+        _chown_to(directory, user)
     _write_throwaway_cert(paths, user)
     _init_ssl_db(paths, user)
     _install_error_pages(paths, error_page)
@@ -80,6 +81,24 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
         _chown_to(fifo, user)
 
 
+def _check_reachable(state: Path, user: str | None) -> None:
+    """Squid drops to ``user`` and must reach the state dir; a private parent (e.g. a 0700 home or pytest's
+    tmp dir) would make it fail later with a confusing 'Permission denied' on some error page."""
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    for parent in state.resolve().parents:
+        info = parent.stat()
+        if info.st_uid == entry.pw_uid:
+            continue
+        if not info.st_mode & stat.S_IXOTH and not (info.st_gid == entry.pw_gid and info.st_mode & stat.S_IXGRP):
+            raise SquidError(
+                f"state dir {state} is not reachable by user {user!r} (Squid's worker): {parent} has mode "
+                f"{stat.S_IMODE(info.st_mode):o}; choose a state dir whose parents are traversable "
+                "(e.g. /var/lib/egress-proxy) or run as that user"
+            )
+
+
 def _write_throwaway_cert(paths: StatePaths, user: str | None) -> None:
     """Squid insists on a certificate for an ssl-bump port even though we only peek and splice. It is made
     here, fresh per state dir, never shipped, and never shown to a client."""
@@ -87,7 +106,7 @@ def _write_throwaway_cert(paths: StatePaths, user: str | None) -> None:
         return
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egress-proxy throwaway (never used to bump)")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -240,7 +259,7 @@ def wait_until_listening(host: str, port: int, process: SquidProcess, timeout: f
 def access_sink(write: Callable[[str], None]) -> LogSink:
     def sink(line: str) -> None:
         record = access_log.parse_line(line)
-        if not access_log.is_probe(record):
+        if not access_log.is_noise(record):
             write(access_log.to_json(record))
 
     return sink

@@ -1,0 +1,154 @@
+"""Fixtures for the integration suite: real Squid under the real supervisor, local DNS and origins on loopback.
+
+Name plan (all answered by the local DNS server on 127.0.0.1:53, which the proxy uses via EGRESS_DNS_SERVERS):
+  allowed.test, *.wild.test, wild.test, evilallowed.test, allowed.test.evil.test, denied.test -> 127.0.0.2
+  internal.test (allowlisted)  -> 127.0.0.3   not exempt: the SSRF guard must refuse it
+  metadata.test (allowlisted)  -> 169.254.169.254
+  raw.test (allowlisted)       -> 127.0.0.4   a non-TLS service on port 443
+The proxy exempts only 127.0.0.2/32 and 127.0.0.4/32 from the private-destination deny.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin
+from proxy_runner import ProxyRunner
+
+ORIGIN_IP = "127.0.0.2"
+INTERNAL_IP = "127.0.0.3"
+RAW_IP = "127.0.0.4"
+RAW_PORT = 443
+PROXY_PORT = 3128
+
+ALLOWLIST = """\
+# integration-test allowlist
+allowed.test
+.wild.test
+internal.test
+metadata.test
+raw.test
+"""
+
+
+def _isolated_network() -> bool:
+    """True inside a network namespace that has only the loopback interface (scripts/test runs us in one)."""
+    import socket
+
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if shutil.which("squid") is None:
+        skip = pytest.mark.skip(reason="squid is not installed (scripts/test installs squid-openssl)")
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def isolated_network() -> bool:
+    return _isolated_network()
+
+
+@pytest.fixture(scope="session")
+def public_tmp() -> Iterator[Path]:
+    """A temp dir Squid's unprivileged worker can traverse (pytest's own tmp dirs are mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="egress-proxy-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer(
+        {
+            "allowed.test": [ORIGIN_IP],
+            "wild.test": [ORIGIN_IP],
+            "evilallowed.test": [ORIGIN_IP],
+            "allowed.test.evil.test": [ORIGIN_IP],
+            "denied.test": [ORIGIN_IP],
+            "raw.test": [RAW_IP],
+            "internal.test": [INTERNAL_IP],
+            "metadata.test": ["169.254.169.254"],
+        },
+        host="127.0.0.1",
+        port=53,
+    )
+    server.set_wildcard("wild.test", [ORIGIN_IP])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def http_origin() -> Iterator[HttpOrigin]:
+    with HttpOrigin(ORIGIN_IP, 80, name="http-origin") as origin:
+        yield origin
+
+
+@pytest.fixture(scope="session")
+def tls_origin(ca: TestCA) -> Iterator[TlsOrigin]:
+    names = ["allowed.test", "wild.test", "*.wild.test", "denied.test", "evilallowed.test"]
+    with TlsOrigin(ORIGIN_IP, 443, ca, names, name="tls-origin") as origin:
+        yield origin
+
+
+@pytest.fixture(scope="session")
+def internal_origin() -> Iterator[HttpOrigin]:
+    """An origin on a loopback address the proxy must NOT reach (it is not in EGRESS_ALLOW_DESTINATIONS)."""
+    with HttpOrigin(INTERNAL_IP, 80, name="internal-origin") as origin:
+        yield origin
+
+
+@pytest.fixture(scope="session")
+def raw_server() -> Iterator[RawTcpServer]:
+    """A non-TLS TCP service on an exempt address, port 443: it only ever sees bytes if the proxy tunnels a
+    non-TLS stream."""
+    with RawTcpServer(RAW_IP, RAW_PORT, banner=b"SSH-2.0-not-tls\r\n") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def proxy(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin,
+          tls_origin: TlsOrigin, internal_origin: HttpOrigin, raw_server: RawTcpServer) -> Iterator[ProxyRunner]:
+    state = public_tmp / "state"
+    allowlist = public_tmp / "allowlist.txt"
+    allowlist.write_text(ALLOWLIST)
+    runner = ProxyRunner(
+        state,
+        {
+            "EGRESS_ALLOWLIST_FILE": str(allowlist),
+            "EGRESS_DNS_SERVERS": "127.0.0.1",
+            "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32,{RAW_IP}/32",
+            "EGRESS_CLIENT_CIDRS": "127.0.0.1/32",
+        },
+        port=PROXY_PORT,
+    )
+    runner.start()
+    yield runner
+    runner.stop()
+
+
+def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Real curl, never reading proxy settings from the environment."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout + 5)
+
+
+@pytest.fixture(scope="session")
+def state_dir(proxy: ProxyRunner) -> Path:
+    return proxy.state_dir

@@ -1,0 +1,132 @@
+"""Run the real supervisor (``egress-proxy run``) as a subprocess and read its JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness import wait_for_port
+
+Record = dict[str, Any]
+
+
+def egress_proxy_command() -> list[str]:
+    found = shutil.which("egress-proxy", path=str(Path(sys.executable).parent))
+    return [found] if found else [sys.executable, "-m", "egress_proxy.cli"]
+
+
+class ProxyRunner:
+    def __init__(self, state_dir: Path, env: Mapping[str, str], host: str = "127.0.0.1", port: int = 3128,
+                 args: list[str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.host = host
+        self.port = port
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EGRESS_") and "proxy" not in k.lower()},
+            "EGRESS_STATE_DIR": str(state_dir),
+            "EGRESS_LISTEN_ADDRESS": host,
+            "EGRESS_PORT": str(port),
+            "EGRESS_METRICS": "off",
+            "EGRESS_DRAIN_SECONDS": "1",
+            **env,
+        }
+        self.args = args or []
+        self.records: list[Record] = []
+        self.raw_lines: list[str] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.process: subprocess.Popen[str] | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def proxies(self) -> dict[str, str]:
+        return {"http": self.proxy_url, "https": self.proxy_url}
+
+    def start(self, wait: bool = True) -> ProxyRunner:
+        self.process = subprocess.Popen(
+            [*egress_proxy_command(), "run", *self.args], env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_for(lambda r: r.get("event") in {"started", "startup_failed"}, timeout=60)
+            started = [r for r in self.records if r.get("event") == "started"]
+            if not started:
+                raise RuntimeError("proxy failed to start:\n" + "\n".join(self.raw_lines[-30:]))
+            wait_for_port(self.host, self.port)
+        return self
+
+    def _read(self) -> None:
+        assert self.process and self.process.stdout
+        for line in self.process.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"type": "raw", "message": line.rstrip("\n")}
+            with self._changed:
+                self.raw_lines.append(line.rstrip("\n"))
+                self.records.append(record)
+                self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[Record], bool], timeout: float = 10.0, start: int = 0) -> Record:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for record in self.records[start:]:
+                    if predicate(record):
+                        return record
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = "\n".join(self.raw_lines[-20:])
+                    raise TimeoutError(f"no matching log record within {timeout} s; last lines:\n{tail}")
+                self._changed.wait(remaining)
+
+    def mark(self) -> int:
+        """Index to pass as ``start`` so a wait only considers records logged after this point."""
+        with self._lock:
+            return len(self.records)
+
+    def access(self, start: int = 0, **match: Any) -> Record:
+        """Wait for the access log record whose fields equal ``match``."""
+        return self.wait_for(
+            lambda r: r.get("type") == "access" and all(r.get(k) == v for k, v in match.items()), start=start
+        )
+
+    def events(self, name: str) -> list[Record]:
+        with self._lock:
+            return [r for r in self.records if r.get("event") == name]
+
+    def signal(self, signum: int) -> None:
+        assert self.process
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None:
+            return -1
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.exit_code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.exit_code = self.process.wait()
+        return self.exit_code
+
+    def __enter__(self) -> ProxyRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
