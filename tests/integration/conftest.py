@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin
@@ -152,3 +153,58 @@ def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def state_dir(proxy: ProxyRunner) -> Path:
     return proxy.state_dir
+
+
+class MotoServer:
+    """A real moto_server process on loopback: Secrets Manager and CloudWatch for boto3 via AWS_ENDPOINT_URL.
+    ``stop()``/``start()`` simulate an outage; the port stays the same so clients recover by themselves."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self) -> None:
+        import sys
+
+        from harness import wait_for_port
+
+        moto = Path(sys.executable).parent / "moto_server"
+        self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    from harness import free_port
+
+    server = MotoServer(free_port())
+    server.start()
+    yield server
+    server.stop()
