@@ -1,0 +1,41 @@
+"""The allowlist secret the proxies poll and hot-reload."""
+
+from __future__ import annotations
+
+from aws_cdk import RemovalPolicy, SecretValue
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_secretsmanager as secretsmanager
+from cdk_nag import NagPackSuppression, NagSuppressions
+from constructs import Construct
+
+
+class AllowlistSecret(Construct):
+    """A Secrets Manager secret created from the AllowedDomains parameter (comma-separated, the seed's form).
+
+    The proxy also accepts JSON {"allowed_domains": [...]}, which `egress-proxy allowlist push` may write.
+    CloudFormation only rewrites the value when AllowedDomains itself changes, so pushes made between
+    stack updates survive updates of other parameters.
+    """
+
+    def __init__(self, scope: Construct, id: str, *, allowed_domains: str) -> None:
+        super().__init__(scope, id)
+        self.secret = secretsmanager.Secret(
+            self, "Secret",
+            description="egress-proxy allowlist: comma-separated domains or JSON {\"allowed_domains\": [...]}",
+            # Not a credential: a list of domain names, so a plain value from the parameter is fine.
+            secret_string_value=SecretValue.unsafe_plain_text(allowed_domains),
+            # The secret only exists for this stack's proxies; the access logs (retained) are the audit trail.
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        NagSuppressions.add_resource_suppressions(self.secret, [NagPackSuppression(
+            id="AwsSolutions-SMG4",
+            reason="The secret holds the proxy's domain allowlist, not a credential; there is nothing to rotate.",
+        )])
+
+    @property
+    def secret_arn(self) -> str:
+        return self.secret.secret_arn
+
+    def grant_read(self, grantee: iam.IGrantable) -> iam.Grant:
+        """GetSecretValue/DescribeSecret on this secret only."""
+        return self.secret.grant_read(grantee)

@@ -1,0 +1,100 @@
+"""Synth-time settings read from CDK context (`-c key=value`).
+
+Everything a console user may want to change after synthesis is a CloudFormation parameter instead
+(see parameters.py). Only choices that change the *shape* of the template live here: the capacity mode,
+the size of the Elastic IP pool, the image source and the drain time that several resources must agree on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+#: The repository root: the Docker build context for the proxy image (container/Dockerfile lives there).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: The supervisor's graceful drain on SIGTERM (EGRESS_DRAIN_SECONDS's default in the container).
+DEFAULT_DRAIN_SECONDS = 30
+#: Seconds ECS waits after SIGTERM beyond the drain before it sends SIGKILL.
+STOP_TIMEOUT_MARGIN_SECONDS = 15
+#: ECS refuses a stopTimeout above 120 s.
+MAX_STOP_TIMEOUT_SECONDS = 120
+#: The seed reserved four Elastic IPs.
+DEFAULT_EIP_POOL_SIZE = 4
+#: One proxy per instance and at least two instances; one more EIP is the head-room a rolling deployment
+#: needs (a replacement task needs a fresh instance, and a fresh instance needs a free EIP).
+MIN_EIP_POOL_SIZE = 3
+MAX_EIP_POOL_SIZE = 20
+
+
+class CapacityMode(str, Enum):
+    """Where the proxy tasks run."""
+
+    FARGATE = "fargate"
+    EC2 = "ec2"
+
+
+class ConfigError(ValueError):
+    """A context value is unusable; the message says which one and how to fix it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfraConfig:
+    """Typed, validated synth-time settings."""
+
+    capacity: CapacityMode = CapacityMode.FARGATE
+    eip_pool_size: int = DEFAULT_EIP_POOL_SIZE
+    #: An existing image (ECR or public registry). None builds container/Dockerfile as a CDK asset.
+    image_uri: str | None = None
+    drain_seconds: int = DEFAULT_DRAIN_SECONDS
+    #: The Docker build context when building the image; tests point it at a scratch directory.
+    image_asset_dir: Path = REPO_ROOT
+
+    def __post_init__(self) -> None:
+        if not MIN_EIP_POOL_SIZE <= self.eip_pool_size <= MAX_EIP_POOL_SIZE:
+            raise ConfigError(
+                f"eipPoolSize={self.eip_pool_size}: use {MIN_EIP_POOL_SIZE}..{MAX_EIP_POOL_SIZE} "
+                "(two proxies in two AZs plus one spare for rolling deployments)"
+            )
+        if not 0 <= self.drain_seconds <= MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS:
+            raise ConfigError(
+                f"drainSeconds={self.drain_seconds}: use 0..{MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS} "
+                f"(ECS stopTimeout = drain + {STOP_TIMEOUT_MARGIN_SECONDS} s must stay <= {MAX_STOP_TIMEOUT_SECONDS} s)"
+            )
+        if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
+            raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
+
+    @property
+    def stop_timeout_seconds(self) -> int:
+        return self.drain_seconds + STOP_TIMEOUT_MARGIN_SECONDS
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any]) -> "InfraConfig":
+        """Build from CDK context values; `-c` values arrive as strings, cdk.json values may be typed."""
+        raw_capacity = str(context.get("capacity") or CapacityMode.FARGATE.value).strip().lower()
+        try:
+            capacity = CapacityMode(raw_capacity)
+        except ValueError:
+            raise ConfigError(f"capacity={raw_capacity!r}: use 'fargate' or 'ec2'") from None
+        image_uri = str(context.get("imageUri") or "").strip() or None
+        asset_dir = context.get("imageAssetDir")
+        return cls(
+            capacity=capacity,
+            eip_pool_size=_as_int(context, "eipPoolSize", DEFAULT_EIP_POOL_SIZE),
+            image_uri=image_uri,
+            drain_seconds=_as_int(context, "drainSeconds", DEFAULT_DRAIN_SECONDS),
+            image_asset_dir=Path(asset_dir).resolve() if asset_dir else REPO_ROOT,
+        )
+
+
+def _as_int(context: Mapping[str, Any], key: str, default: int) -> int:
+    value = context.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected a whole number") from None

@@ -1,0 +1,84 @@
+"""The internal Network Load Balancer in front of the proxies."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from cdk_nag import NagPackSuppression, NagSuppressions
+from constructs import Construct
+
+from egress_proxy_infra import subnets
+from aws_cdk import CfnParameter
+
+
+class ProxyLoadBalancer(Construct):
+    """Internal, cross-zone NLB with a TCP listener on the proxy port.
+
+    The NLB has its own security group, which is the client gate: it admits only ClientCidr on the proxy
+    port. The proxies' security group then admits only this group (see `admit`), which covers both
+    forwarded client traffic and the NLB's health checks whatever ClientCidr is. Client IPs are preserved so
+    that the proxy's own ACL (EGRESS_CLIENT_CIDRS) sees the real client address.
+    """
+
+    def __init__(
+        self, scope: Construct, id: str, *,
+        vpc: ec2.IVpc,
+        private_subnet_ids: CfnParameter,
+        client_cidr: str,
+        proxy_port: int,
+        target_type: elbv2.TargetType,
+        deregistration_delay: Duration,
+    ) -> None:
+        super().__init__(scope, id)
+        self._proxy_port = proxy_port
+
+        self.security_group = ec2.SecurityGroup(
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
+            description="egress-proxy load balancer: ClientCidr on the proxy port only",
+        )
+        self.security_group.add_ingress_rule(
+            ec2.Peer.ipv4(client_cidr), ec2.Port.tcp(proxy_port), "Proxy clients (ClientCidr)")
+        NagSuppressions.add_resource_suppressions(self.security_group, [NagPackSuppression(
+            id="CdkNagValidationFailure", applies_to=["AwsSolutions-EC23"],
+            reason="AwsSolutions-EC23 cannot evaluate the ClientCidr parameter at synth time; the parameter's "
+                   "AllowedPattern only accepts /8 to /32, so 0.0.0.0/0 can never be admitted.",
+        )], apply_to_children=True)
+
+        self.load_balancer = elbv2.NetworkLoadBalancer(
+            self, "Nlb", vpc=vpc, internet_facing=False, cross_zone_enabled=True,
+            vpc_subnets=subnets.placeholder_selection(self, "PrivateSubnet", private_subnet_ids),
+            security_groups=[self.security_group],
+        )
+        cfn_lb = self.load_balancer.node.default_child
+        subnets.override_with_list(cfn_lb, "Subnets", private_subnet_ids)
+        cfn_lb.add_property_deletion_override("SubnetMappings")
+        NagSuppressions.add_resource_suppressions(self.load_balancer, [NagPackSuppression(
+            id="AwsSolutions-ELB2",
+            reason="NLB access logs exist only for TLS listeners; this is a TCP listener. The proxies log every "
+                   "request (client, destination, verdict) to the AccessLogGroup instead.",
+        )])
+
+        self.target_group = elbv2.NetworkTargetGroup(
+            self, "Targets", vpc=vpc, port=proxy_port, protocol=elbv2.Protocol.TCP, target_type=target_type,
+            # Equal to the supervisor's drain: the NLB stops sending new flows, then ECS sends SIGTERM and
+            # the proxy drains what is left, so a deployment drops no connection.
+            deregistration_delay=deregistration_delay,
+            preserve_client_ip=True,
+            health_check=elbv2.HealthCheck(
+                protocol=elbv2.Protocol.TCP, port="traffic-port", interval=Duration.seconds(10),
+                healthy_threshold_count=2, unhealthy_threshold_count=2,
+            ),
+        )
+        self.listener = self.load_balancer.add_listener(
+            "Listener", port=proxy_port, protocol=elbv2.Protocol.TCP, default_target_groups=[self.target_group])
+
+    def admit(self, proxy_security_group: ec2.ISecurityGroup) -> None:
+        """Let this NLB (clients and health checks) reach the proxies on the proxy port, and nothing else."""
+        port = ec2.Port.tcp(self._proxy_port)
+        proxy_security_group.add_ingress_rule(self.security_group, port, "From the proxy load balancer")
+        self.security_group.add_egress_rule(proxy_security_group, port, "To the proxies")
+
+    @property
+    def dns_name(self) -> str:
+        return self.load_balancer.load_balancer_dns_name

@@ -1,0 +1,196 @@
+"""CloudFormation parameters, named after the seed's (see the table in the README's Deploy section).
+
+They are created on the stack itself (not inside a construct) so that their logical IDs are exactly these
+names and the synthesized template can be launched from the CloudFormation console like the seed's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import CfnCondition, CfnParameter, CfnRule, CfnRuleAssertion, Fn, Stack
+
+from egress_proxy_infra.config import CapacityMode, InfraConfig
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+#: An IPv4 CIDR whose prefix is /8../32, as in the seed's NetworkAllowedCIDR.
+CLIENT_CIDR_PATTERN = rf"^{_IPV4}/([8-9]|[12][0-9]|3[0-2])$"
+#: Empty (use the VPC resolver) or comma-separated IPv4 addresses.
+DNS_SERVERS_PATTERN = rf"^$|^{_IPV4}(\s*,\s*{_IPV4})*$"
+#: CloudWatch namespaces: 1..255 of these characters and not starting with "AWS/" (reserved for AWS).
+METRICS_NAMESPACE_PATTERN = r"^(?!AWS/)[0-9A-Za-z.\-_/#:]{1,255}$"
+#: Values CloudWatch Logs accepts for RetentionInDays.
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+                      2922, 3288, 3653)
+#: Latest ECS-optimized Amazon Linux 2023 AMI, resolved by CloudFormation at deploy time.
+ECS_AL2023_AMI_SSM_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/recommended/image_id"
+
+DEFAULT_ALLOWED_DOMAINS = ".amazonaws.com"
+DEFAULT_CLIENT_CIDR = "172.31.0.0/16"
+DEFAULT_PROXY_PORT = 3128
+DEFAULT_INSTANCE_TYPE = "t3.small"
+DEFAULT_LOG_RETENTION_DAYS = 90
+DEFAULT_METRICS_NAMESPACE = "Proxy"
+DEFAULT_RELOAD_INTERVAL_SECONDS = 30
+MIN_TASKS = 2  # two AZs at least
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyParameters:
+    """Every parameter of the template; the EC2-only ones are None in fargate mode."""
+
+    allowed_domains: CfnParameter
+    dns_servers: CfnParameter
+    proxy_port: CfnParameter
+    vpc_id: CfnParameter
+    public_subnet_ids: CfnParameter
+    private_subnet_ids: CfnParameter
+    client_cidr: CfnParameter
+    min_capacity: CfnParameter
+    max_capacity: CfnParameter
+    log_retention_days: CfnParameter
+    metrics_namespace: CfnParameter
+    reload_interval_seconds: CfnParameter
+    instance_type: CfnParameter | None = None
+    ami_id: CfnParameter | None = None
+    key_name: CfnParameter | None = None
+    has_key_name: CfnCondition | None = None
+
+
+def max_tasks_limit(config: InfraConfig) -> int:
+    """Upper bound for MaxCapacity.
+
+    In EC2 mode each task needs its own instance and each instance its own Elastic IP, and a rolling
+    deployment (minimum healthy 100%) needs one spare instance to start a replacement before stopping an old
+    task: so at most pool - 1 tasks. Fargate is bounded only by taste.
+    """
+    return config.eip_pool_size - 1 if config.capacity is CapacityMode.EC2 else 20
+
+
+def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
+    ec2_mode = config.capacity is CapacityMode.EC2
+    task_limit = max_tasks_limit(config)
+
+    allowed_domains = CfnParameter(
+        stack, "AllowedDomains", type="String", default=DEFAULT_ALLOWED_DOMAINS, min_length=1,
+        description="Comma-separated domains the proxy allows; a leading dot also allows subdomains "
+                    "(e.g. .amazonaws.com,example.org). Seeds the allowlist secret; later changes can go "
+                    "straight to the secret (egress-proxy allowlist push) without a stack update.",
+    )
+    dns_servers = CfnParameter(
+        stack, "DnsServers", type="String", default="", allowed_pattern=DNS_SERVERS_PATTERN,
+        constraint_description="empty, or comma-separated IPv4 addresses",
+        description="Optional comma-separated DNS servers for the proxy (e.g. a filtering DNS service). "
+                    "Empty uses the VPC resolver.",
+    )
+    proxy_port = CfnParameter(
+        stack, "ProxyPort", type="Number", default=DEFAULT_PROXY_PORT, min_value=1024, max_value=65535,
+        description="TCP port of the proxy, on the load balancer and on the proxies.",
+    )
+    vpc_id = CfnParameter(
+        stack, "VpcId", type="AWS::EC2::VPC::Id",
+        description="The VPC to deploy into (it needs an internet gateway for the public subnets).",
+    )
+    public_subnet_ids = CfnParameter(
+        stack, "PublicSubnetIds", type="List<AWS::EC2::Subnet::Id>",
+        description="2-3 public subnets in different AZs (routed to an internet gateway): the proxies.",
+    )
+    private_subnet_ids = CfnParameter(
+        stack, "PrivateSubnetIds", type="List<AWS::EC2::Subnet::Id>",
+        description="2-3 private subnets in different AZs: the internal Network Load Balancer.",
+    )
+    client_cidr = CfnParameter(
+        stack, "ClientCidr", type="String", default=DEFAULT_CLIENT_CIDR, allowed_pattern=CLIENT_CIDR_PATTERN,
+        constraint_description="an IPv4 CIDR block with a /8 to /32 prefix, e.g. 10.0.0.0/16",
+        description="Clients allowed to use the proxy (/8 to /32). Admitted by the load balancer's security "
+                    "group and by the proxy itself.",
+    )
+    min_capacity = CfnParameter(
+        stack, "MinCapacity", type="Number", default=MIN_TASKS, min_value=MIN_TASKS, max_value=task_limit,
+        description="Minimum number of proxies (at least 2, spread across AZs).",
+    )
+    max_capacity = CfnParameter(
+        stack, "MaxCapacity", type="Number", default=min(4, task_limit), min_value=MIN_TASKS,
+        max_value=task_limit,
+        description="Maximum number of proxies for CPU target tracking"
+                    + (f" (at most {task_limit}: the Elastic IP pool of {config.eip_pool_size} keeps one spare "
+                       "for rolling deployments)." if ec2_mode else "."),
+    )
+    log_retention_days = CfnParameter(
+        stack, "LogRetentionDays", type="Number", default=str(DEFAULT_LOG_RETENTION_DAYS),
+        allowed_values=[str(days) for days in LOG_RETENTION_DAYS],
+        description="Days to keep the proxy access logs in CloudWatch Logs.",
+    )
+    metrics_namespace = CfnParameter(
+        stack, "MetricsNamespace", type="String", default=DEFAULT_METRICS_NAMESPACE,
+        allowed_pattern=METRICS_NAMESPACE_PATTERN,
+        constraint_description="1-255 characters of [0-9A-Za-z.-_/#:], not starting with AWS/",
+        description="CloudWatch namespace of the proxy metrics (the task may publish only here).",
+    )
+    reload_interval = CfnParameter(
+        stack, "ReloadIntervalSeconds", type="Number", default=DEFAULT_RELOAD_INTERVAL_SECONDS,
+        min_value=5, max_value=3600,
+        description="How often the proxies poll the allowlist secret; changes apply without dropping connections.",
+    )
+
+    # The console validates these before anything is created: both subnet lists must be in the chosen VPC.
+    CfnRule(
+        stack, "SubnetsInVpc",
+        assertions=[CfnRuleAssertion(
+            assert_=Fn.condition_each_member_equals(
+                Fn.value_of_all("AWS::EC2::Subnet::Id", "VpcId"), vpc_id.value_as_string),
+            assert_description="All subnets must belong to the VPC given in VpcId.",
+        )],
+    )
+
+    instance_type = ami_id = key_name = has_key_name = None
+    if ec2_mode:
+        instance_type = CfnParameter(
+            stack, "InstanceType", type="String", default=DEFAULT_INSTANCE_TYPE,
+            allowed_pattern=r"^[a-z][a-z0-9-]*\.[a-z0-9]+$",
+            constraint_description="an EC2 instance type such as t3.small",
+            description="EC2 instance type of the proxies (one proxy per instance).",
+        )
+        ami_id = CfnParameter(
+            stack, "AmiId", type="AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>",
+            default=ECS_AL2023_AMI_SSM_PARAMETER,
+            description="SSM parameter holding the ECS-optimized AMI; the default follows the latest Amazon "
+                        "Linux 2023 release.",
+        )
+        key_name = CfnParameter(
+            stack, "KeyName", type="String", default="",
+            description="Optional EC2 key pair for SSH. SSM Session Manager is the recommended way in and "
+                        "needs none.",
+        )
+        has_key_name = CfnCondition(
+            stack, "HasKeyName", expression=Fn.condition_not(Fn.condition_equals(key_name.value_as_string, "")))
+
+    _add_console_groups(stack, ec2_mode=ec2_mode)
+
+    return ProxyParameters(
+        allowed_domains=allowed_domains, dns_servers=dns_servers, proxy_port=proxy_port, vpc_id=vpc_id,
+        public_subnet_ids=public_subnet_ids, private_subnet_ids=private_subnet_ids, client_cidr=client_cidr,
+        min_capacity=min_capacity, max_capacity=max_capacity, log_retention_days=log_retention_days,
+        metrics_namespace=metrics_namespace, reload_interval_seconds=reload_interval,
+        instance_type=instance_type, ami_id=ami_id, key_name=key_name, has_key_name=has_key_name,
+    )
+
+
+def _add_console_groups(stack: Stack, *, ec2_mode: bool) -> None:
+    """Group and order the parameters in the console the way the seed's launch page did."""
+    proxy = ["AllowedDomains", "DnsServers", "ProxyPort"]
+    if ec2_mode:
+        proxy += ["InstanceType", "AmiId", "KeyName"]
+    stack.template_options.metadata = {
+        "AWS::CloudFormation::Interface": {
+            "ParameterGroups": [
+                {"Label": {"default": "Proxy"}, "Parameters": proxy},
+                {"Label": {"default": "Network"},
+                 "Parameters": ["VpcId", "PublicSubnetIds", "PrivateSubnetIds", "ClientCidr"]},
+                {"Label": {"default": "Scaling and operations"},
+                 "Parameters": ["MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
+                                "ReloadIntervalSeconds"]},
+            ],
+        },
+    }

@@ -1,0 +1,174 @@
+"""The proxy task definition shared by both capacity modes: container contract, roles and logs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from aws_cdk import Duration, RemovalPolicy, Stack, Token
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from cdk_nag import NagPackSuppression, NagSuppressions
+from constructs import Construct
+
+from egress_proxy_infra.allowlist_secret import AllowlistSecret
+
+CONTAINER_NAME = "proxy"
+#: Fargate task size; Squid is light, and CPU target tracking adds tasks before one saturates.
+FARGATE_CPU = 512
+FARGATE_MEMORY_MIB = 1024
+#: EC2 reservation (one task per instance, so this only has to fit on the smallest sensible instance).
+EC2_CPU = 1024
+EC2_MEMORY_RESERVATION_MIB = 512
+
+_ECR_URI = re.compile(
+    r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/(?P<repo>[^:@]+)"
+    r"(?::(?P<tag>[^@]+)|@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyEnvironment:
+    """Values behind the container's EGRESS_* variables (tokens from parameters are fine)."""
+
+    proxy_port: int
+    allowlist_secret_arn: str
+    dns_servers: str
+    client_cidr: str
+    reload_interval_seconds: str
+    drain_seconds: int
+    metrics_namespace: str
+
+    def as_env(self) -> dict[str, str]:
+        return {
+            "EGRESS_PORT": Token.as_string(self.proxy_port),
+            "EGRESS_ALLOWLIST_SECRET": self.allowlist_secret_arn,
+            "EGRESS_DNS_SERVERS": self.dns_servers,
+            "EGRESS_CLIENT_CIDRS": self.client_cidr,
+            "EGRESS_RELOAD_INTERVAL": self.reload_interval_seconds,
+            "EGRESS_DRAIN_SECONDS": str(self.drain_seconds),
+            "EGRESS_METRICS": "on",
+            "EGRESS_METRICS_NAMESPACE": self.metrics_namespace,
+            "EGRESS_METRICS_INTERVAL": "60",
+            "EGRESS_STATE_DIR": "/tmp/egress-proxy",
+        }
+
+
+def container_image(scope: Construct, *, image_uri: str | None, asset_dir: Path) -> ecs.ContainerImage:
+    """The image: built from container/Dockerfile as an asset, or an existing image.
+
+    ECR URIs go through from_ecr_repository so the execution role is granted pull on that repository only;
+    other registries (public images) need no grant.
+    """
+    if image_uri is None:
+        return ecs.ContainerImage.from_asset(
+            str(asset_dir), file="container/Dockerfile",
+            # Staging copies (and hashes) the build context: keep what the image can never need out of it.
+            exclude=[".git", "infra", "**/cdk.out", "**/node_modules", "**/.venv", "**/__pycache__",
+                     "**/.pytest_cache", "**/.mypy_cache", "**/.ruff_cache", "**/*.egg-info", "state"],
+        )
+    match = _ECR_URI.match(image_uri)
+    if match:
+        repository = ecr.Repository.from_repository_attributes(
+            scope, "ImageRepository",
+            repository_name=match["repo"],
+            repository_arn=Stack.of(scope).format_arn(
+                service="ecr", resource="repository", resource_name=match["repo"],
+                region=match["region"], account=match["account"]),
+        )
+        return ecs.ContainerImage.from_ecr_repository(repository, match["digest"] or match["tag"] or "latest")
+    return ecs.ContainerImage.from_registry(image_uri)
+
+
+class ProxyTask(Construct):
+    """Task definition, roles, log group and the one proxy container.
+
+    Task role: read the allowlist secret and put metrics in MetricsNamespace, nothing else.
+    Execution role: pull the image and write to the log group (CDK grants exactly those).
+    """
+
+    def __init__(
+        self, scope: Construct, id: str, *,
+        fargate: bool,
+        image: ecs.ContainerImage,
+        environment: ProxyEnvironment,
+        allowlist: AllowlistSecret,
+        log_retention_days: int,
+        stop_timeout: Duration,
+    ) -> None:
+        super().__init__(scope, id)
+
+        self.log_group = logs.LogGroup(
+            self, "AccessLogs",
+            # Access logs are the audit trail of what left the VPC; keep them when the stack goes.
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+        # Retention comes from a parameter, which the L2's enum cannot take.
+        self.log_group.node.default_child.add_property_override("RetentionInDays", log_retention_days)
+
+        self.task_role = iam.Role(
+            self, "TaskRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+            description="egress-proxy task: read the allowlist secret, put metrics in its namespace",
+        )
+        allowlist.grant_read(self.task_role)
+        self.task_role.add_to_policy(iam.PolicyStatement(
+            actions=["cloudwatch:PutMetricData"], resources=["*"],
+            conditions={"StringEquals": {"cloudwatch:namespace": environment.metrics_namespace}},
+        ))
+        NagSuppressions.add_resource_suppressions(self.task_role, [NagPackSuppression(
+            id="AwsSolutions-IAM5", applies_to=["Resource::*"],
+            reason="cloudwatch:PutMetricData has no resource-level permissions; it is limited to the "
+                   "MetricsNamespace by the cloudwatch:namespace condition.",
+        )], apply_to_children=True)
+
+        if fargate:
+            self.task_definition: ecs.TaskDefinition = ecs.FargateTaskDefinition(
+                self, "TaskDefinition", cpu=FARGATE_CPU, memory_limit_mib=FARGATE_MEMORY_MIB,
+                task_role=self.task_role,
+                runtime_platform=ecs.RuntimePlatform(
+                    operating_system_family=ecs.OperatingSystemFamily.LINUX,
+                    cpu_architecture=ecs.CpuArchitecture.X86_64),
+            )
+            cpu, memory_reservation = None, None
+        else:
+            # Host networking: the proxy's egress address is the instance's Elastic IP, and one task per
+            # instance follows from the fixed host port.
+            self.task_definition = ecs.Ec2TaskDefinition(
+                self, "TaskDefinition", network_mode=ecs.NetworkMode.HOST, task_role=self.task_role)
+            cpu, memory_reservation = EC2_CPU, EC2_MEMORY_RESERVATION_MIB
+
+        self.container = self.task_definition.add_container(
+            CONTAINER_NAME,
+            image=image,
+            essential=True,
+            cpu=cpu,
+            memory_reservation_mib=memory_reservation,
+            environment=environment.as_env(),
+            port_mappings=[ecs.PortMapping(
+                container_port=environment.proxy_port,
+                host_port=None if fargate else environment.proxy_port,
+                protocol=ecs.Protocol.TCP)],
+            health_check=ecs.HealthCheck(
+                command=["CMD-SHELL", "egress-proxy health"],
+                interval=Duration.seconds(15), timeout=Duration.seconds(5), retries=3,
+                start_period=Duration.seconds(30),
+            ),
+            # The supervisor drains for EGRESS_DRAIN_SECONDS after SIGTERM; SIGKILL only after a margin.
+            stop_timeout=stop_timeout,
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="proxy", log_group=self.log_group),
+            readonly_root_filesystem=False,
+        )
+        NagSuppressions.add_resource_suppressions(self.task_definition, [NagPackSuppression(
+            id="AwsSolutions-ECS2",
+            reason="The EGRESS_* variables are non-secret settings (port, CIDR, namespace, the allowlist "
+                   "secret's ARN); the allowlist itself is read at run time by the task role.",
+        )])
+        execution_role = self.task_definition.obtain_execution_role()
+        NagSuppressions.add_resource_suppressions(execution_role, [NagPackSuppression(
+            id="AwsSolutions-IAM5", applies_to=["Resource::*"],
+            reason="ecr:GetAuthorizationToken has no resource-level permissions; image pulls themselves are "
+                   "limited to the image's repository.",
+        )], apply_to_children=True)

@@ -1,0 +1,130 @@
+"""EgressProxyStack: parameters in, constructs composed, outputs with the seed's (fixed) names out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import CfnOutput, DefaultStackSynthesizer, Duration, Fn, Stack, Token
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from constructs import Construct
+
+from egress_proxy_infra import subnets
+from egress_proxy_infra.allowlist_secret import AllowlistSecret
+from egress_proxy_infra.config import CapacityMode, InfraConfig
+from egress_proxy_infra.eip_pool import ElasticIpPool
+from egress_proxy_infra.load_balancer import ProxyLoadBalancer
+from egress_proxy_infra.monitoring import ProxyMonitoring
+from egress_proxy_infra.parameters import ProxyParameters, define_parameters
+from egress_proxy_infra.proxy_service import Ec2ProxyService, FargateProxyService
+from egress_proxy_infra.proxy_task import ProxyEnvironment, ProxyTask, container_image
+
+#: Never through the proxy: instance metadata (IMDS) and the ECS task metadata/credentials endpoint.
+NO_PROXY = "localhost,127.0.0.1,169.254.169.254,169.254.170.2"
+FARGATE_EGRESS_NOTE = ("not fixed in fargate mode: each task egresses from its own public IP; "
+                       "deploy with -c capacity=ec2 for fixed Elastic IPs")
+
+
+class EgressProxyStack(Stack):
+    def __init__(self, scope: Construct, id: str, *, config: InfraConfig, **kwargs: Any) -> None:
+        if config.image_uri is not None and "synthesizer" not in kwargs:
+            # Without assets the template is self-contained, so drop the bootstrap-version check (it reads an
+            # SSM parameter) and the template can be launched from the console as the seed's was.
+            kwargs["synthesizer"] = DefaultStackSynthesizer(generate_bootstrap_version_rule=False)
+        super().__init__(scope, id, **kwargs)
+        self.config = config
+        ec2_mode = config.capacity is CapacityMode.EC2
+        params = define_parameters(self, config=config)
+        self.params = params
+        port = params.proxy_port.value_as_number
+
+        # The VPC is a parameter; CDK only needs a handle (see subnets.py for the subnet lists).
+        vpc = subnets.import_vpc(self, "Vpc", params.vpc_id)
+
+        allowlist = AllowlistSecret(self, "Allowlist", allowed_domains=params.allowed_domains.value_as_string)
+
+        load_balancer = ProxyLoadBalancer(
+            self, "LoadBalancer", vpc=vpc, private_subnet_ids=params.private_subnet_ids,
+            client_cidr=params.client_cidr.value_as_string, proxy_port=port,
+            # awsvpc tasks register by IP; host-networked tasks by instance.
+            target_type=elbv2.TargetType.INSTANCE if ec2_mode else elbv2.TargetType.IP,
+            deregistration_delay=Duration.seconds(config.drain_seconds),
+        )
+
+        task = ProxyTask(
+            self, "ProxyTask", fargate=not ec2_mode,
+            image=container_image(self, image_uri=config.image_uri, asset_dir=config.image_asset_dir),
+            environment=ProxyEnvironment(
+                proxy_port=port, allowlist_secret_arn=allowlist.secret_arn,
+                dns_servers=params.dns_servers.value_as_string, client_cidr=params.client_cidr.value_as_string,
+                reload_interval_seconds=Token.as_string(params.reload_interval_seconds.value_as_number),
+                drain_seconds=config.drain_seconds, metrics_namespace=params.metrics_namespace.value_as_string,
+            ),
+            allowlist=allowlist,
+            log_retention_days=params.log_retention_days.value_as_number,
+            stop_timeout=Duration.seconds(config.stop_timeout_seconds),
+        )
+
+        cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
+
+        self.eip_pool: ElasticIpPool | None = None
+        proxies: FargateProxyService | Ec2ProxyService
+        if ec2_mode:
+            self.eip_pool = ElasticIpPool(self, "EgressIps", size=config.eip_pool_size)
+            assert params.instance_type and params.ami_id and params.key_name and params.has_key_name
+            proxies = Ec2ProxyService(
+                self, "Proxies", cluster=cluster, task=task, public_subnet_ids=params.public_subnet_ids,
+                target_group=load_balancer.target_group, min_capacity=params.min_capacity,
+                max_capacity=params.max_capacity, instance_type=params.instance_type, ami_id=params.ami_id,
+                key_name=params.key_name, has_key_name=params.has_key_name, eip_pool=self.eip_pool,
+            )
+        else:
+            proxies = FargateProxyService(
+                self, "Proxies", cluster=cluster, task=task, public_subnet_ids=params.public_subnet_ids,
+                target_group=load_balancer.target_group, min_capacity=params.min_capacity,
+                max_capacity=params.max_capacity,
+            )
+        load_balancer.admit(proxies.security_group)
+
+        ProxyMonitoring(
+            self, "Monitoring", namespace=params.metrics_namespace.value_as_string, service=proxies.service,
+            load_balancer=load_balancer.load_balancer, target_group=load_balancer.target_group,
+        )
+
+        self._outputs(params=params, load_balancer=load_balancer, task=task, allowlist=allowlist,
+                      proxy_security_group=proxies.security_group)
+
+    def _outputs(self, *, params: ProxyParameters, load_balancer: ProxyLoadBalancer, task: ProxyTask,
+                 allowlist: AllowlistSecret, proxy_security_group: ec2.ISecurityGroup) -> None:
+        # Created on the stack so the logical IDs (= output names) are exactly these.
+        port = params.proxy_port.value_as_string
+        proxy_url = Fn.join("", ["http://", load_balancer.dns_name, ":", port])
+        CfnOutput(self, "ProxyDnsName", value=load_balancer.dns_name,
+                  description="DNS name of the proxy (internal NLB); set it on the clients.")
+        # The parameter already owns the construct id "ProxyPort"; outputs have their own namespace in the
+        # template, so the output can still carry the seed's name.
+        CfnOutput(self, "ProxyPortOutput", value=port, description="Port of the proxy.").override_logical_id(
+            "ProxyPort")
+        if self.eip_pool is not None:
+            ips = self.eip_pool.public_ips
+            CfnOutput(self, "ProxyEgressIps", value=Fn.join(",", ips),
+                      description="Elastic IPs the proxies egress from (give these to partners/DNS filters).")
+            for index, ip in enumerate(ips, start=1):
+                CfnOutput(self, f"EgressIp{index}", value=ip, description=f"Egress Elastic IP {index}.")
+        else:
+            CfnOutput(self, "ProxyEgressIps", value=FARGATE_EGRESS_NOTE,
+                      description="Egress IPs of the proxies.")
+        CfnOutput(self, "AccessLogGroup", value=task.log_group.log_group_name,
+                  description="CloudWatch Logs group with the proxy access logs (JSON lines).")
+        CfnOutput(self, "ProxySecurityGroup", value=proxy_security_group.security_group_id,
+                  description="Security group of the proxies (the load balancer's group is LoadBalancerSecurityGroup).")
+        CfnOutput(self, "LoadBalancerSecurityGroup", value=load_balancer.security_group.security_group_id,
+                  description="Security group of the load balancer: admits ClientCidr on ProxyPort.")
+        CfnOutput(self, "AllowlistSecretArn", value=allowlist.secret_arn,
+                  description="Secret with the allowlist; update it (or egress-proxy allowlist push) to change "
+                              "the allowlist without a stack update.")
+        CfnOutput(self, "ProxyExportCommand",
+                  value=Fn.join("", ["export http_proxy=", proxy_url, " https_proxy=", proxy_url,
+                                     " no_proxy=", NO_PROXY]),
+                  description="Paste into a Linux shell to use the proxy.")

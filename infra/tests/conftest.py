@@ -1,0 +1,48 @@
+"""Shared synthesis fixtures: each variant is synthesized once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# First: sets up the environment the jsii kernel must start with, then imports aws_cdk.
+from infra_synth import ECR_IMAGE, PUBLIC_IMAGE, Synth, synthesize
+
+
+@pytest.fixture(scope="session")
+def fargate(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return synthesize(tmp_path_factory.mktemp("fargate"), {"capacity": "fargate", "imageUri": PUBLIC_IMAGE})
+
+
+@pytest.fixture(scope="session")
+def ec2(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return synthesize(tmp_path_factory.mktemp("ec2"), {"capacity": "ec2", "imageUri": ECR_IMAGE})
+
+
+@pytest.fixture(scope="session")
+def asset_build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in repo root: the real container/Dockerfile belongs to another part of the repo."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "container").mkdir()
+    (root / "container" / "Dockerfile").write_text("FROM scratch\n")
+    (root / "entrypoint").mkdir()
+    (root / "entrypoint" / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / "infra" / "cdk.out").mkdir(parents=True)
+    (root / "infra" / "cdk.out" / "big.bin").write_bytes(b"0" * 1024)
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fargate_asset(tmp_path_factory: pytest.TempPathFactory, asset_build_context: Path) -> Synth:
+    """The default `cdk deploy` path: the image built from container/Dockerfile as an asset."""
+    return synthesize(tmp_path_factory.mktemp("asset"),
+                      {"capacity": "fargate", "imageAssetDir": str(asset_build_context)})
+
+
+@pytest.fixture(scope="session", params=["fargate", "ec2"])
+def synth(request: pytest.FixtureRequest) -> Synth:
+    """Both capacity modes, for properties they share."""
+    return request.getfixturevalue(request.param)

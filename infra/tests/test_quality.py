@@ -1,0 +1,114 @@
+"""The issue's quality bar: synth offline, cfn-lint clean, cdk-nag clean (suppressions carry reasons)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aws_cdk.assertions import Annotations, Match
+from cfnlint.api import lint_file
+from cfnlint.config import ManualArgs
+
+from infra_synth import DOCKER_TRIPWIRE_LOG, Synth
+
+VARIANTS = ["fargate", "ec2", "fargate_asset"]
+LINT_REGIONS = ["us-east-1", "eu-west-1", "ap-southeast-2"]
+
+
+def cfn_lint(template_path: Path) -> list[str]:
+    """cfn-lint's Python API (the same rules as the CLI) in a few regions; returns errors and warnings."""
+    matches = lint_file(template_path, config=ManualArgs(regions=LINT_REGIONS))
+    return [f"{m.rule.id} {m.message} ({m.path})" for m in matches if m.rule.id[0] in ("E", "W")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cfn_lint_reports_no_errors_or_warnings(variant: str, request: pytest.FixtureRequest) -> None:
+    synth: Synth = request.getfixturevalue(variant)
+    assert cfn_lint(synth.template_path) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_unsuppressed_cdk_nag_findings(variant: str, request: pytest.FixtureRequest) -> None:
+    synth: Synth = request.getfixturevalue(variant)
+    annotations = Annotations.from_stack(synth.stack)
+    pattern = Match.string_like_regexp(r"(AwsSolutions|CdkNag)")
+    findings = annotations.find_error("*", pattern) + annotations.find_warning("*", pattern)
+    assert findings == [], [f"{m.id}: {str(m.entry.data)[:200]}" for m in findings]
+    rows = synth.nag_report()
+    assert rows, "cdk-nag wrote no report: is AwsSolutionsChecks applied?"
+    assert {row["Compliance"] for row in rows} <= {"Compliant", "Suppressed"}, [
+        row for row in rows if row["Compliance"] not in ("Compliant", "Suppressed")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_synth_has_no_cdk_warnings_or_errors(variant: str, request: pytest.FixtureRequest) -> None:
+    synth: Synth = request.getfixturevalue(variant)
+    annotations = Annotations.from_stack(synth.stack)
+    messages = annotations.find_error("*", Match.any_value()) + annotations.find_warning("*", Match.any_value())
+    assert messages == [], [f"{m.id}: {str(m.entry.data)[:200]}" for m in messages]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_suppression_has_a_written_reason(variant: str, request: pytest.FixtureRequest) -> None:
+    synth: Synth = request.getfixturevalue(variant)
+    suppressions = [
+        rule
+        for resource in synth.data["Resources"].values()
+        for rule in resource.get("Metadata", {}).get("cdk_nag", {}).get("rules_to_suppress", [])
+    ]
+    assert suppressions, "expected documented suppressions"
+    for rule in suppressions:
+        assert len(rule["reason"].split()) >= 8, rule
+    suppressed_rows = [row for row in synth.nag_report() if row["Compliance"] == "Suppressed"]
+    assert all(row["Exception Reason"].strip() for row in suppressed_rows)
+
+
+def test_asset_image_synthesizes_without_docker(fargate_asset: Synth, fargate: Synth) -> None:
+    # The tripwire docker on PATH / CDK_DOCKER records any call; synthesis must not make one.
+    assert not DOCKER_TRIPWIRE_LOG.exists(), DOCKER_TRIPWIRE_LOG.read_text()
+    manifest = json.loads(next(fargate_asset.outdir.glob("*.assets.json")).read_text())
+    (image,) = manifest["dockerImages"].values()
+    assert image["source"]["dockerFile"] == "container/Dockerfile"
+    staged = fargate_asset.outdir / image["source"]["directory"]
+    assert (staged / "container" / "Dockerfile").is_file()
+    # The build context is the repo root minus what an image never needs.
+    assert (staged / "entrypoint" / "pyproject.toml").is_file()
+    assert not (staged / "infra").exists()
+    assert not (staged / ".git").exists()
+    # The task uses the asset's ECR image, and the template keeps the bootstrap check that cdk deploy needs.
+    _, task = fargate_asset.only("AWS::ECS::TaskDefinition")
+    image_ref = json.dumps(task["Properties"]["ContainerDefinitions"][0]["Image"])
+    assert "cdk-hnb659fds-container-assets" in image_ref
+    assert "BootstrapVersion" in fargate_asset.data["Parameters"]
+    # With imageUri there is no asset at all, so the template can be launched from the console.
+    assert "BootstrapVersion" not in fargate.data["Parameters"]
+    assert not list(fargate.outdir.glob("asset.*"))
+
+
+def test_ecr_image_uri_grants_pull_on_that_repository_only(ec2: Synth) -> None:
+    _, task = ec2.only("AWS::ECS::TaskDefinition")
+    image = json.dumps(task["Properties"]["ContainerDefinitions"][0]["Image"])
+    assert "123456789012.dkr.ecr.eu-west-1" in image and "egress-proxy:1.0.0" in image
+    policies = [p for name, p in ec2.resources("AWS::IAM::Policy").items() if "ExecutionRole" in name]
+    (policy,) = policies
+    pull = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
+            if "ecr:BatchGetImage" in s["Action"]]
+    (statement,) = pull
+    assert "repository/egress-proxy" in json.dumps(statement["Resource"])
+
+
+def test_app_entrypoint_runs_like_the_cdk_cli(tmp_path: Path) -> None:
+    """`cdk synth -c capacity=ec2` runs `python3 app.py` with CDK_OUTDIR/CDK_CONTEXT_JSON; do the same."""
+    infra = Path(__file__).resolve().parents[1]
+    assert json.loads((infra / "cdk.json").read_text())["app"] == "python3 app.py"
+    env = {**__import__("os").environ, "CDK_OUTDIR": str(tmp_path),
+           "CDK_CONTEXT_JSON": json.dumps({"capacity": "ec2", "imageUri": "example/egress-proxy:1"})}
+    result = subprocess.run([sys.executable, "app.py"], cwd=infra, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    template = json.loads((tmp_path / "EgressProxy.template.json").read_text())
+    assert "EgressIp4" in template["Outputs"]
+    assert "AmiId" in template["Parameters"]
