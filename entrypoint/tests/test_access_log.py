@@ -1,0 +1,50 @@
+"""The logformat and its JSON reading are one definition."""
+
+from __future__ import annotations
+
+import json
+
+from egress_proxy.access_log import FIELDS, SQUID_LOGFORMAT, is_noise, parse_line, to_json
+
+
+def _line(**values: str) -> str:
+    return "\t".join(values.get(field.name, "-") for field in FIELDS) + "\n"
+
+
+def test_logformat_has_one_code_per_field() -> None:
+    assert SQUID_LOGFORMAT.count("\t") == len(FIELDS) - 1
+
+
+def test_parse_allowed_tunnel() -> None:
+    record = parse_line(_line(time="1700000000.123", client_ip="10.0.0.5", method="CONNECT", host="a.example.com",
+                              port="443", sni="a.example.com", status="200", reason="allowed",
+                              squid_status="TCP_TUNNEL", bytes_in="700", bytes_out="2800", duration_ms="44"))
+    assert record["decision"] == "allowed"
+    assert record["time"] == 1700000000.123 and record["port"] == 443 and record["bytes_out"] == 2800
+    assert record["error"] is None and record["server_ip"] is None
+    assert json.loads(to_json(record)) == record
+
+
+def test_url_escaped_values_are_decoded() -> None:
+    record = parse_line(_line(host="evil%09host", sni="x%0Ay", reason="domain_not_allowlisted", status="403"))
+    assert record["host"] == "evil\thost" and record["sni"] == "x\ny"
+    assert record["decision"] == "denied"
+    assert "\n" not in to_json(record)
+
+
+def test_missing_reason_is_denied_and_explained() -> None:
+    assert parse_line(_line(status="400", error="ERR_INVALID_REQ"))["reason"] == "invalid_request"
+    assert parse_line(_line(status="0"))["reason"] == "denied"
+
+
+def test_malformed_line_is_kept_not_dropped() -> None:
+    record = parse_line("garbage without tabs\n")
+    assert record == {"type": "access", "unparsed": "garbage without tabs"}
+
+
+def test_noise_records() -> None:
+    probe = parse_line(_line(status="0", error="ERR_CLIENT_GONE", bytes_in="0"))
+    interim = parse_line(_line(method="CONNECT", status="200", reason="allowed", squid_status="NONE_NONE"))
+    refused_sni = parse_line(_line(method="CONNECT", status="200", reason="sni_missing", squid_status="NONE_NONE"))
+    assert is_noise(probe) and is_noise(interim)
+    assert not is_noise(refused_sni)

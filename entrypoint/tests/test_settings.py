@@ -1,0 +1,88 @@
+"""Settings: declared once, read from flags then EGRESS_* env then defaults; bad values name the setting."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from egress_proxy.settings import OPTIONS, AllowedPorts, SettingsError, load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings({}, {})
+    assert settings.port == 3128
+    assert settings.allowed_ports == AllowedPorts(http=(80,), connect=(443,))
+    assert ipaddress.ip_network("10.0.0.0/8") in settings.client_cidrs
+    assert settings.dns_servers == ()
+    assert settings.allow_destinations == ()
+    assert settings.state_dir == Path("/var/lib/egress-proxy")
+    assert settings.metrics is True and settings.metrics_namespace == "Proxy"
+    assert settings.source_kind == "inline"
+
+
+def test_env_then_flag_precedence() -> None:
+    env = {"EGRESS_PORT": "8080", "EGRESS_DNS_SERVERS": "9.9.9.9, 149.112.112.112"}
+    settings = load_settings({"port": "3129"}, env)
+    assert settings.port == 3129
+    assert [str(ip) for ip in settings.dns_servers] == ["9.9.9.9", "149.112.112.112"]
+
+
+def test_every_option_has_env_flag_and_help() -> None:
+    names = [option.name for option in OPTIONS]
+    assert len(names) == len(set(names))
+    for option in OPTIONS:
+        assert option.env == "EGRESS_" + option.name.upper()
+        assert option.flag.startswith("--") and option.help.endswith(".")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("http:80,connect:443", AllowedPorts(http=(80,), connect=(443,))),
+        ("80 8443", AllowedPorts(http=(80, 8443), connect=(80, 8443))),
+        ("connect:443,connect:8443", AllowedPorts(http=(), connect=(443, 8443))),
+    ],
+)
+def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
+    assert load_settings({"allowed_ports": raw}, {}).allowed_ports == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "fragment"),
+    [
+        ("port", "99999", "1 to 65535"),
+        ("allowed_ports", "https:443", "unknown kind"),
+        ("client_cidrs", "10.0.0.1/8", "use 10.0.0.0/8"),
+        ("client_cidrs", "", "nobody could use the proxy"),
+        ("allow_destinations", "not-a-cidr", "is not a CIDR"),
+        ("dns_servers", "dns.google", "is not an IP address"),
+        ("metrics", "maybe", "on or off"),
+        ("metrics_namespace", "AWS/EC2", "CloudWatch namespace"),
+        ("reload_interval", "0", "greater than zero"),
+        ("listen_address", "localhost", "is not an IP address"),
+    ],
+)
+def test_bad_values_name_the_setting_and_the_fix(name: str, raw: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({name: raw}, {})
+    message = str(caught.value)
+    assert f"EGRESS_{name.upper()}" in message and f"--{name.replace('_', '-')}" in message
+    assert fragment in message
+
+
+def test_only_one_allowlist_source() -> None:
+    with pytest.raises(SettingsError, match="exactly one of"):
+        load_settings({}, {"EGRESS_ALLOWED_DOMAINS": "a.example.com", "EGRESS_ALLOWLIST_FILE": "/x"})
+
+
+def test_source_kind() -> None:
+    assert load_settings({}, {"EGRESS_ALLOWLIST_FILE": "/x"}).source_kind == "file"
+    assert load_settings({}, {"EGRESS_ALLOWLIST_SECRET": "s"}).source_kind == "secret"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({}, {})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]

@@ -1,0 +1,92 @@
+"""Rendering is pure and deterministic; the rendered config carries every policy decision."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
+from egress_proxy.allowlist import parse_allowlist
+from egress_proxy.settings import load_settings
+from egress_proxy.squid_conf import PRIVATE_DESTINATIONS, StatePaths, default_error_page, render
+from egress_proxy.squid_process import SquidError, parse_check, prepare_state_dir
+
+
+def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexact.example.org") -> str:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
+    return render(settings, parse_allowlist(entries), StatePaths(settings.state_dir), run_as="proxy").squid_conf
+
+
+def test_render_is_deterministic() -> None:
+    assert _render() == _render()
+
+
+def test_allowlist_text_is_minimal_and_sorted() -> None:
+    settings = load_settings({}, {})
+    rendered = render(settings, parse_allowlist("b.example.com .example.com a.example.org"),
+                      StatePaths(Path("/s")), run_as=None)
+    assert rendered.allowlist_text == ".example.com\na.example.org\n"
+
+
+def test_policy_directives() -> None:
+    conf = _render({"EGRESS_ALLOW_DESTINATIONS": "10.1.2.0/24", "EGRESS_DNS_SERVERS": "9.9.9.9"})
+    assert 'acl allowlisted_host dstdomain -n "/srv/state/conf/allowlist.txt"' in conf
+    assert "dns_nameservers 9.9.9.9" in conf
+    assert "acl exempt_destination dst 10.1.2.0/24" in conf
+    assert "http_access deny private_destination !exempt_destination reason_destination_not_public" in conf
+    assert "ssl_bump terminate step1 private_destination !exempt_destination reason_destination_not_public" in conf
+    assert "ssl_bump peek step1 reason_allowed" in conf
+    assert "ssl_bump splice step2" in conf
+    assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
+    assert "cache_effective_user proxy" in conf
+    for network in PRIVATE_DESTINATIONS:
+        assert str(network) in conf
+    for reason in REASONS:
+        assert f"acl reason_{reason} annotate_transaction reason={reason}" in conf
+        assert f"deny_info ERR_EGRESS_DENIED reason_{reason}" in conf
+    assert SQUID_LOGFORMAT in conf
+
+
+def test_no_dns_servers_means_system_resolver() -> None:
+    assert "dns_nameservers" not in _render()
+
+
+def test_no_exemption_renders_plain_deny() -> None:
+    conf = _render()
+    assert "exempt_destination" not in conf
+    assert "http_access deny private_destination reason_destination_not_public" in conf
+
+
+def test_ports_and_listen_address() -> None:
+    conf = _render({"EGRESS_ALLOWED_PORTS": "http:80,http:8080,connect:443", "EGRESS_LISTEN_ADDRESS": "::1",
+                    "EGRESS_PORT": "3129"})
+    assert "acl http_ports port 80 8080" in conf and "acl connect_ports port 443" in conf
+    assert "http_port [::1]:3129 ssl-bump" in conf
+
+
+def test_candidate_paths_point_at_candidate_dir() -> None:
+    paths = StatePaths(Path("/srv/state"))
+    candidate = paths.in_dir(paths.candidate_dir)
+    assert candidate.allowlist == Path("/srv/state/candidate/allowlist.txt")
+    assert candidate.cert == paths.cert  # only the config files move
+
+
+@pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
+def test_rendered_config_passes_squid_parse(tmp_path: Path) -> None:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
+    paths = StatePaths(tmp_path)
+    prepare_state_dir(paths, error_page=default_error_page(), user=None)
+    rendered = render(settings, parse_allowlist(".example.com"), paths, run_as=None)
+    for path, text in rendered.files(paths).items():
+        path.write_text(text)
+    assert parse_check("squid", paths.squid_conf) == []  # no errors, no unexpected warnings
+
+
+@pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
+def test_parse_check_names_the_problem(tmp_path: Path) -> None:
+    conf = tmp_path / "squid.conf"
+    conf.write_text("http_port 3128\nacl broken dstdomain\nno_such_directive on\n")
+    with pytest.raises(SquidError, match="squid -k parse rejected"):
+        parse_check("squid", conf)
