@@ -1,0 +1,90 @@
+"""Seed parity of the CloudFormation parameters (names, types, defaults, validation)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from infra_synth import Synth
+
+COMMON = {"AllowedDomains", "DnsServers", "ProxyPort", "VpcId", "PublicSubnetIds", "PrivateSubnetIds",
+          "ClientCidr", "MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
+          "ReloadIntervalSeconds"}
+EC2_ONLY = {"InstanceType", "AmiId", "KeyName"}
+
+
+def test_fargate_parameters_are_exactly_the_common_set(fargate: Synth) -> None:
+    assert set(fargate.data["Parameters"]) == COMMON
+
+
+def test_ec2_parameters_add_instance_type_ami_and_key(ec2: Synth) -> None:
+    assert set(ec2.data["Parameters"]) == COMMON | EC2_ONLY
+
+
+def test_parameter_types_and_defaults(synth: Synth) -> None:
+    p = synth.data["Parameters"]
+    assert p["AllowedDomains"]["Type"] == "String" and p["AllowedDomains"]["MinLength"] == 1
+    assert p["DnsServers"]["Default"] == ""
+    assert p["ProxyPort"] == {**p["ProxyPort"], "Type": "Number", "Default": 3128}
+    assert p["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
+    assert p["PublicSubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
+    assert p["PrivateSubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
+    assert "2-3" in p["PublicSubnetIds"]["Description"] and "2-3" in p["PrivateSubnetIds"]["Description"]
+    assert p["ClientCidr"]["Default"] == "172.31.0.0/16"
+    assert p["MinCapacity"]["Default"] == 2 and p["MinCapacity"]["MinValue"] == 2
+    assert p["MaxCapacity"]["MinValue"] == 2
+    assert p["MetricsNamespace"]["Default"] == "Proxy"
+    assert p["ReloadIntervalSeconds"]["Default"] == 30
+    retention = p["LogRetentionDays"]
+    assert retention["Default"] in retention["AllowedValues"]
+    assert {"1", "30", "90", "365", "3653"} <= set(retention["AllowedValues"])
+
+
+def test_ec2_parameters(ec2: Synth) -> None:
+    p = ec2.data["Parameters"]
+    assert p["InstanceType"]["Default"] == "t3.small"
+    assert p["AmiId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    assert p["AmiId"]["Default"] == "/aws/service/ecs/optimized-ami/amazon-linux-2023/recommended/image_id"
+    assert p["KeyName"]["Default"] == ""  # optional
+    assert "Session Manager" in p["KeyName"]["Description"]
+    assert ec2.data["Conditions"]["HasKeyName"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "KeyName"}, ""]}]}
+    # One task per instance, one EIP per instance, one spare EIP for a rolling deployment.
+    assert p["MaxCapacity"]["MaxValue"] == 3 and p["MinCapacity"]["MaxValue"] == 3
+
+
+@pytest.mark.parametrize("cidr", ["172.31.0.0/16", "10.0.0.0/8", "10.1.2.3/32", "192.168.0.0/24",
+                                  "255.255.255.255/32"])
+def test_client_cidr_accepts_slash_8_to_32(synth: Synth, cidr: str) -> None:
+    assert re.fullmatch(synth.data["Parameters"]["ClientCidr"]["AllowedPattern"], cidr)
+
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "10.0.0.0/7", "10.0.0.0/33", "256.0.0.0/16", "10.0.0/16",
+                                  "10.0.0.0", "", "10.0.0.0/16,0.0.0.0/0", "01.2.3.4/16"])
+def test_client_cidr_rejects_everything_else(synth: Synth, cidr: str) -> None:
+    assert not re.fullmatch(synth.data["Parameters"]["ClientCidr"]["AllowedPattern"], cidr)
+
+
+@pytest.mark.parametrize(("value", "ok"), [("", True), ("1.1.1.1", True), ("208.67.222.222,208.67.220.220", True),
+                                           ("9.9.9.9, 149.112.112.112", True), ("dns.example", False),
+                                           ("1.1.1.1;reboot", False), ("300.1.1.1", False)])
+def test_dns_servers_pattern(synth: Synth, value: str, ok: bool) -> None:
+    assert bool(re.search(synth.data["Parameters"]["DnsServers"]["AllowedPattern"], value)) is ok
+
+
+def test_metrics_namespace_pattern_refuses_aws_namespaces(synth: Synth) -> None:
+    pattern = synth.data["Parameters"]["MetricsNamespace"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "Proxy") and re.fullmatch(pattern, "Egress/Proxy")
+    assert not re.fullmatch(pattern, "AWS/EC2") and not re.fullmatch(pattern, "")
+
+
+def test_subnets_must_belong_to_the_vpc(synth: Synth) -> None:
+    rule = synth.data["Rules"]["SubnetsInVpc"]["Assertions"][0]["Assert"]
+    assert rule == {"Fn::EachMemberEquals": [{"Fn::ValueOfAll": ["AWS::EC2::Subnet::Id", "VpcId"]},
+                                             {"Ref": "VpcId"}]}
+
+
+def test_console_groups_cover_every_parameter(synth: Synth) -> None:
+    groups = synth.data["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    grouped = [name for group in groups for name in group["Parameters"]]
+    assert sorted(grouped) == sorted(synth.data["Parameters"])
