@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -256,10 +257,15 @@ def wait_until_listening(host: str, port: int, process: SquidProcess, timeout: f
     raise SquidError(f"Squid did not accept connections on {host}:{port} within {timeout:.0f} s")
 
 
-def access_sink(write: Callable[[str], None]) -> LogSink:
+def access_sink(write: Callable[[str], None],
+                observe: Callable[[dict[str, Any]], None] | None = None) -> LogSink:
+    """Parse, drop noise, write as JSON; ``observe`` (the metrics' decision counter) sees every logged record."""
+
     def sink(line: str) -> None:
         record = access_log.parse_line(line)
         if not access_log.is_noise(record):
             write(access_log.to_json(record))
+            if observe is not None:
+                observe(record)
 
     return sink
