@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
+from .metrics import DecisionCounter, MetricsLoop
 from .settings import Settings
 from .sources import Snapshot, Source, SourceUnavailable, make_source
 from .squid_conf import RenderedConfig, StatePaths, default_error_page, render
@@ -149,6 +150,7 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._reconfigured = threading.Event()
         self._backoff = 0.0
+        self.decisions = DecisionCounter()  # access-log decisions, for the metrics
 
     # --- signals -----------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -194,7 +196,7 @@ class Supervisor:
             return ExitCode.SQUID_FAILED
         _log_warnings(self.logger, allowlist)
         self.applier.activate(allowlist, rendered, snapshot)
-        LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line))
+        LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line, self.decisions.observe))
         LogRelay(self.paths.cache_fifo, self._cache_log_line)
         try:
             self.squid.start()
@@ -209,6 +211,8 @@ class Supervisor:
                           f"{self.settings.port} with {len(allowlist)} allowlist entries",
                           version=snapshot.version, entries=len(allowlist), source=self.source.description,
                           pid=self.squid.pid)
+        if self.settings.metrics:  # its own daemon thread; CloudWatch trouble never reaches this loop
+            MetricsLoop(self.settings, self.logger, lambda: self.applier.stats, self.decisions).start()
         return self._loop()
 
     def _next_poll_delay(self) -> float:
