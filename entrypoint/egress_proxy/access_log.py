@@ -94,6 +94,9 @@ def decide(record: dict[str, Any]) -> str:
     reason = record.get("reason")
     if reason == "allowed":
         return "allowed"
+    # A refused CONNECT is relayed through the loopback refusal responder (denier.py); that is not a server the
+    # client reached, so don't report its address.
+    record["server_ip"] = None
     if reason is None:
         record["reason"] = "invalid_request" if record.get("error") else "denied"
     return "denied"

@@ -99,9 +99,15 @@ def _check(settings: Settings) -> int:
     return ExitCode.OK
 
 
+RENDER_DENIAL_PORT = 39128
+
+
 def _render(settings: Settings) -> int:
     allowlist, _ = _load_allowlist(settings)
-    sys.stdout.write(render(settings, allowlist, StatePaths(settings.state_dir), run_as=run_as_user()).squid_conf)
+    # 'run' picks a free loopback port for its refusal responder at startup; show a placeholder here.
+    rendered = render(settings, allowlist, StatePaths(settings.state_dir), run_as=run_as_user(),
+                      denial_port=RENDER_DENIAL_PORT)
+    sys.stdout.write(rendered.squid_conf)
     return ExitCode.OK
 
 

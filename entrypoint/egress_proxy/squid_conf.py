@@ -138,8 +138,11 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render(settings: Settings, allowlist: Allowlist, paths: StatePaths, *, run_as: str | None) -> RenderedConfig:
-    """Render the config for ``allowlist``. ``run_as`` is the user Squid drops to when started as root."""
+def render(
+    settings: Settings, allowlist: Allowlist, paths: StatePaths, *, run_as: str | None, denial_port: int
+) -> RenderedConfig:
+    """Render the config for ``allowlist``. ``run_as`` is the user Squid drops to when started as root;
+    ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py)."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
     context = {
@@ -157,6 +160,7 @@ def render(settings: Settings, allowlist: Allowlist, paths: StatePaths, *, run_a
         "allow_destinations": [str(net) for net in settings.allow_destinations],
         "reasons": list(REASONS),
         "logformat": SQUID_LOGFORMAT,
+        "denial_port": denial_port,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty allowlist means.

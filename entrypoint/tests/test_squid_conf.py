@@ -16,7 +16,8 @@ from egress_proxy.squid_process import SquidError, parse_check, prepare_state_di
 
 def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexact.example.org") -> str:
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
-    return render(settings, parse_allowlist(entries), StatePaths(settings.state_dir), run_as="proxy").squid_conf
+    paths = StatePaths(settings.state_dir)
+    return render(settings, parse_allowlist(entries), paths, run_as="proxy", denial_port=39999).squid_conf
 
 
 def test_render_is_deterministic() -> None:
@@ -26,7 +27,7 @@ def test_render_is_deterministic() -> None:
 def test_allowlist_text_is_minimal_and_sorted() -> None:
     settings = load_settings({}, {})
     rendered = render(settings, parse_allowlist("b.example.com .example.com a.example.org"),
-                      StatePaths(Path("/s")), run_as=None)
+                      StatePaths(Path("/s")), run_as=None, denial_port=39999)
     assert rendered.allowlist_text == ".example.com\na.example.org\n"
 
 
@@ -36,7 +37,9 @@ def test_policy_directives() -> None:
     assert "dns_nameservers 9.9.9.9" in conf
     assert "acl exempt_destination dst 10.1.2.0/24" in conf
     assert "http_access deny private_destination !exempt_destination reason_destination_not_public" in conf
-    assert "ssl_bump terminate step1 private_destination !exempt_destination reason_destination_not_public" in conf
+    assert "ssl_bump splice step1 private_destination !exempt_destination reason_destination_not_public" in conf
+    assert "cache_peer 127.0.0.1 parent 39999 0 no-query" in conf
+    assert "never_direct allow refused_connect" in conf
     assert "ssl_bump peek step1 reason_allowed" in conf
     assert "ssl_bump splice step2" in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
@@ -78,7 +81,7 @@ def test_rendered_config_passes_squid_parse(tmp_path: Path) -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
     paths = StatePaths(tmp_path)
     prepare_state_dir(paths, error_page=default_error_page(), user=None)
-    rendered = render(settings, parse_allowlist(".example.com"), paths, run_as=None)
+    rendered = render(settings, parse_allowlist(".example.com"), paths, run_as=None, denial_port=39999)
     for path, text in rendered.files(paths).items():
         path.write_text(text)
     assert parse_check("squid", paths.squid_conf) == []  # no errors, no unexpected warnings

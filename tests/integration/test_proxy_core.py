@@ -28,14 +28,13 @@ def session() -> requests.Session:
     return s
 
 
-def refused_connect(target: str, port: int = 443) -> tuple[int, bytes]:
-    """CONNECT that the proxy must refuse: returns (status, header bytes); status 0 when it just closed."""
-    try:
-        sock, status, head = connect_tunnel(PROXY, target, port)
-    except (ConnectionError, OSError, ValueError):
-        return 0, b""
+def refused_connect(target: str, port: int = 443, reason: str = "") -> bytes:
+    """A CONNECT the proxy must refuse with a real 403 (before any 200) naming the reason in a header."""
+    sock, status, head = connect_tunnel(PROXY, target, port)
     sock.close()
-    return status, head
+    assert status == 403, head
+    assert f"X-Egress-Reason: {reason}".encode() in head, head
+    return head
 
 
 # --- HTTP ----------------------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ def test_client_outside_cidrs_refused(proxy: ProxyRunner) -> None:
 def test_client_outside_cidrs_refused_for_connect(proxy: ProxyRunner) -> None:
     mark = proxy.mark()
     result = curl("--interface", "127.0.0.9", "-x", proxy.proxy_url, "https://allowed.test/")
-    assert result.returncode != 0
+    assert result.returncode != 0 and "response 403" in result.stderr
     record = proxy.access(mark, client_ip="127.0.0.9", method="CONNECT")
     assert record["reason"] == "client_not_allowed"
 
@@ -164,38 +163,35 @@ def test_https_connect_to_non_allowlisted_host_refused_before_tunnel(
 ) -> None:
     mark = proxy.mark()
     handshakes = len(tls_origin.snis)
-    status, _ = refused_connect(host)
-    assert status != 200, "no tunnel may be established"
+    refused_connect(host, reason="domain_not_allowlisted")
     record = proxy.access(mark, host=host, method="CONNECT")
     assert record["decision"] == "denied" and record["reason"] == "domain_not_allowlisted"
+    assert record["status"] == 403 and record["server_ip"] is None
     assert len(tls_origin.snis) == handshakes
 
 
 def test_https_curl_reports_refused_connect(proxy: ProxyRunner, ca: TestCA) -> None:
     result = curl("--cacert", str(ca.ca_path), "-x", proxy.proxy_url, "https://denied.test/")
     assert result.returncode != 0
-    assert "CONNECT" in result.stderr  # curl: "Proxy CONNECT aborted"
+    assert "CONNECT tunnel failed, response 403" in result.stderr
 
 
 def test_https_connect_to_ip_literal_refused(proxy: ProxyRunner) -> None:
     mark = proxy.mark()
-    status, _ = refused_connect(ORIGIN_IP)
-    assert status != 200
+    refused_connect(ORIGIN_IP, reason="ip_literal")
     assert proxy.access(mark, host=ORIGIN_IP, method="CONNECT")["reason"] == "ip_literal"
 
 
 def test_https_connect_port_not_allowed(proxy: ProxyRunner) -> None:
     mark = proxy.mark()
-    status, _ = refused_connect("allowed.test", 8443)
-    assert status != 200
+    refused_connect("allowed.test", 8443, reason="port_not_allowed")
     record = proxy.access(mark, host="allowed.test", method="CONNECT", port=8443)
     assert record["reason"] == "port_not_allowed"
 
 
 def test_https_connect_to_private_destination_refused(proxy: ProxyRunner) -> None:
     mark = proxy.mark()
-    status, _ = refused_connect("internal.test")
-    assert status != 200
+    refused_connect("internal.test", reason="destination_not_public")
     assert proxy.access(mark, host="internal.test", method="CONNECT")["reason"] == "destination_not_public"
 
 

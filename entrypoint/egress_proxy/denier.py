@@ -1,0 +1,79 @@
+"""The CONNECT refusal responder: a tiny loopback HTTP endpoint that answers every request with 403.
+
+Why it exists: on an ssl-bump port, a CONNECT refused by ``http_access`` makes Squid 5 answer ``200`` and then
+intercept the TLS with a forged certificate just to show its error page. We never intercept, so Squid judges
+CONNECTs in ``ssl_bump`` step 1 instead. Refused ones are spliced to this responder as a cache_peer; Squid relays
+the peer's ``403`` to the client. Clients then see ``CONNECT tunnel failed, response 403``, with the reason in an
+``X-Egress-Reason`` header, instead of a dropped connection. Squid does not relay the body of a peer's refusal,
+so the response has none.
+
+The policy is decided in Squid (the reason note); this only answers. It runs in the supervisor, not in Squid,
+because it must be listening before Squid probes its peers at startup and on every reconfigure.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import socketserver
+import threading
+
+from .access_log import REASONS
+
+_REASON_HEADER = re.compile(rb"^x-egress-reason:[ \t]*([a-z_]+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_MAX_HEAD = 16 * 1024
+
+
+def refusal(reason: str) -> bytes:
+    explanation = REASONS.get(reason, REASONS["denied"])
+    return (
+        "HTTP/1.1 403 Forbidden\r\n"
+        f"X-Egress-Reason: {reason if reason in REASONS else 'denied'}\r\n"
+        f"X-Egress-Explanation: {explanation}\r\n"
+        "Content-Length: 0\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+
+def reason_from_head(head: bytes) -> str:
+    match = _REASON_HEADER.search(head.replace(b"\r\n", b"\n"))
+    return match.group(1).decode() if match else "denied"
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(5)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return  # Squid's peer probe: connect and close
+                head += chunk
+            sock.sendall(refusal(reason_from_head(head)))
+        except OSError:
+            return
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+class Denier:
+    """Listens on 127.0.0.1 (an ephemeral port unless given) in a daemon thread."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._server = _Server(("127.0.0.1", port), _Handler)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="denier", daemon=True)
+
+    def start(self) -> Denier:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
