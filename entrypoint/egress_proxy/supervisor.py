@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
+from .denier import Denier
 from .metrics import DecisionCounter, MetricsLoop
 from .settings import Settings
 from .sources import Snapshot, Source, SourceUnavailable, make_source
@@ -79,11 +80,13 @@ class ReloadStats:
 class ConfigApplier:
     """Validate, render, parse-check and activate a candidate allowlist. Keeps the last good config."""
 
-    def __init__(self, settings: Settings, paths: StatePaths, logger: Logger, user: str | None) -> None:
+    def __init__(self, settings: Settings, paths: StatePaths, logger: Logger, user: str | None,
+                 denial_port: int) -> None:
         self.settings = settings
         self.paths = paths
         self.logger = logger
         self.user = user
+        self.denial_port = denial_port
         self.active: RenderedConfig | None = None
         self.active_allowlist: Allowlist | None = None
         self.stats = ReloadStats()
@@ -91,11 +94,12 @@ class ConfigApplier:
     def build(self, snapshot: Snapshot, source: str) -> tuple[Allowlist, RenderedConfig]:
         """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError."""
         allowlist = parse_allowlist_value(snapshot.text, source=source)
-        rendered = render(self.settings, allowlist, self.paths, run_as=self.user)
+        rendered = render(self.settings, allowlist, self.paths, run_as=self.user, denial_port=self.denial_port)
         if rendered == self.active:
             return allowlist, rendered
         candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
-        candidate = render(self.settings, allowlist, candidate_paths, run_as=self.user)
+        candidate = render(self.settings, allowlist, candidate_paths, run_as=self.user,
+                           denial_port=self.denial_port)
         for path, text in candidate.files(candidate_paths).items():
             atomic_write(path, text)
         for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
@@ -143,7 +147,9 @@ class Supervisor:
         self.paths = StatePaths(settings.state_dir)
         self.user = run_as_user()
         self.source = source or make_source(settings)
-        self.applier = ConfigApplier(settings, self.paths, self.logger, self.user)
+        # Bound now (so the rendered config knows its port), served from run() before Squid starts.
+        self.denier = Denier()
+        self.applier = ConfigApplier(settings, self.paths, self.logger, self.user, denial_port=self.denier.port)
         self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf)
         self.clock = clock
         self._wake = threading.Event()
@@ -196,6 +202,7 @@ class Supervisor:
             return ExitCode.SQUID_FAILED
         _log_warnings(self.logger, allowlist)
         self.applier.activate(allowlist, rendered, snapshot)
+        self.denier.start()
         LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line, self.decisions.observe))
         LogRelay(self.paths.cache_fifo, self._cache_log_line)
         try:
