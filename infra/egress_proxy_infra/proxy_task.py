@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import Duration, RemovalPolicy, Stack, Token
+from aws_cdk import Duration, IgnoreMode, RemovalPolicy, Stack, Token
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
@@ -57,6 +57,27 @@ class ProxyEnvironment:
         }
 
 
+DOCKERFILE = "container/Dockerfile"
+#: Used when container/Dockerfile.dockerignore is absent: what an image never needs from the repo root.
+FALLBACK_EXCLUDES = [".git", "infra", "**/cdk.out", "**/node_modules", "**/.venv", "**/__pycache__",
+                     "**/.pytest_cache", "**/.mypy_cache", "**/.ruff_cache", "**/*.egg-info", "state"]
+
+
+def asset_excludes(asset_dir: Path) -> list[str]:
+    """What CDK leaves out when it stages (copies and hashes) the build context.
+
+    The Dockerfile's own ignore file (BuildKit's <Dockerfile>.dockerignore, which CDK does not read) is the
+    source of truth, so staging copies only what the build uses and the asset hash changes only when the
+    image would. The Dockerfile and its ignore file are always kept: the build needs them.
+    """
+    ignore_file = asset_dir / f"{DOCKERFILE}.dockerignore"
+    if not ignore_file.is_file():
+        return FALLBACK_EXCLUDES
+    patterns = [line.strip() for line in ignore_file.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    return [*patterns, f"!{DOCKERFILE}", f"!{DOCKERFILE}.dockerignore"]
+
+
 def container_image(scope: Construct, *, image_uri: str | None, asset_dir: Path) -> ecs.ContainerImage:
     """The image: built from container/Dockerfile as an asset, or an existing image.
 
@@ -65,11 +86,7 @@ def container_image(scope: Construct, *, image_uri: str | None, asset_dir: Path)
     """
     if image_uri is None:
         return ecs.ContainerImage.from_asset(
-            str(asset_dir), file="container/Dockerfile",
-            # Staging copies (and hashes) the build context: keep what the image can never need out of it.
-            exclude=[".git", "infra", "**/cdk.out", "**/node_modules", "**/.venv", "**/__pycache__",
-                     "**/.pytest_cache", "**/.mypy_cache", "**/.ruff_cache", "**/*.egg-info", "state"],
-        )
+            str(asset_dir), file=DOCKERFILE, ignore_mode=IgnoreMode.DOCKER, exclude=asset_excludes(asset_dir))
     match = _ECR_URI.match(image_uri)
     if match:
         repository = ecr.Repository.from_repository_attributes(

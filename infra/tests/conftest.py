@@ -46,3 +46,12 @@ def fargate_asset(tmp_path_factory: pytest.TempPathFactory, asset_build_context:
 def synth(request: pytest.FixtureRequest) -> Synth:
     """Both capacity modes, for properties they share."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def fargate_repo_asset(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    """The real default: the repository root as the build context of container/Dockerfile."""
+    from egress_proxy_infra.config import REPO_ROOT
+    if not (REPO_ROOT / "container" / "Dockerfile").is_file():
+        pytest.skip("container/Dockerfile is not in this checkout")
+    return synthesize(tmp_path_factory.mktemp("repo-asset"), {"capacity": "fargate"})

@@ -112,3 +112,16 @@ def test_app_entrypoint_runs_like_the_cdk_cli(tmp_path: Path) -> None:
     template = json.loads((tmp_path / "EgressProxy.template.json").read_text())
     assert "EgressIp4" in template["Outputs"]
     assert "AmiId" in template["Parameters"]
+
+
+def test_real_build_context_stages_only_what_the_dockerfile_uses(fargate_repo_asset: Synth) -> None:
+    assert not DOCKER_TRIPWIRE_LOG.exists(), DOCKER_TRIPWIRE_LOG.read_text()
+    manifest = json.loads(next(fargate_repo_asset.outdir.glob("*.assets.json")).read_text())
+    (image,) = manifest["dockerImages"].values()
+    assert image["source"]["dockerFile"] == "container/Dockerfile"
+    staged = fargate_repo_asset.outdir / image["source"]["directory"]
+    assert (staged / "container" / "Dockerfile").is_file()
+    assert (staged / "requirements.txt").is_file() and (staged / "entrypoint").is_dir()
+    for never in (".git", "infra", "tests"):
+        assert not (staged / never).exists(), never
+    assert cfn_lint(fargate_repo_asset.template_path) == []
