@@ -1,0 +1,265 @@
+"""The bench's world on loopback: the harness DNS server and test CA, an nginx origin, and the real supervisor.
+
+Everything binds 127.0.0.0/8 and bench/run puts us in a private network namespace first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from harness import DnsServer, TestCA, wait_for_port  # noqa: E402
+
+ORIGIN_IP = "127.0.0.2"
+ORIGIN_NAME = "origin.bench.test"
+PROXY_HOST = "127.0.0.1"
+PROXY_PORT = 3128
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1024 * 1024
+
+NGINX_CONF = """\
+user root;
+worker_processes {workers};
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 120;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    default_type application/octet-stream;
+    server {{
+        listen {ip}:80 backlog=4096;
+        listen {ip}:443 ssl backlog=4096;
+        server_name {name};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        # Every new connection is a full handshake, direct or through the proxy.
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        root {dir}/www;
+        location = /small {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def proc_stat(pid: int) -> tuple[float, int]:
+    """(user+system CPU seconds, VmRSS bytes) of one process, from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+    rss = 0
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return cpu, rss
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+class CpuWindow:
+    """CPU used by some processes between start() and stop(), as a share of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._t0 = 0.0
+        self._cpu0: dict[str, float] = {}
+
+    def start(self) -> CpuWindow:
+        self._t0 = time.monotonic()
+        self._cpu0 = {name: proc_stat(pid)[0] for name, pid in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        wall = time.monotonic() - self._t0
+        out = {}
+        for name, pid in self.pids.items():
+            cpu, rss = proc_stat(pid)
+            out[name] = {"cpu_percent": round(100 * (cpu - self._cpu0[name]) / wall, 1),
+                         "rss_mb": round(rss / MiB, 1)}
+        return out
+
+
+class Origin:
+    """nginx on 127.0.0.2:80 and :443 (a cert from the test CA): /small (3 bytes), /64m, /1g (sparse files)."""
+
+    def __init__(self, workdir: Path, ca: TestCA, workers: int = 1) -> None:
+        self.dir = workdir / "nginx"
+        self.ca = ca
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Origin:
+        (self.dir / "www").mkdir(parents=True, exist_ok=True)
+        (self.dir / "tmp").mkdir(exist_ok=True)
+        for name, size in (("1g", 1024 * MiB), ("64m", 64 * MiB)):
+            with open(self.dir / "www" / name, "wb") as handle:
+                handle.truncate(size)
+        cert, key = self.ca.issue([ORIGIN_NAME])
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.dir, ip=ORIGIN_IP, name=ORIGIN_NAME, cert=cert, key=key,
+                                          workers=self.workers))
+        self.process = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(self.dir / "error.log")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(ORIGIN_IP, 443)
+        wait_for_port(ORIGIN_IP, 80)
+        # Warm the page cache so the first measured download does not pay for it.
+        for name in ("1g", "64m"):
+            with open(self.dir / "www" / name, "rb") as handle:
+                while handle.read(8 * MiB):
+                    pass
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Proxy:
+    """``egress-proxy run`` as a subprocess. Its stdout is read by a thread that only counts access lines (so
+    logging costs what it would cost in production, and our memory does not grow) and keeps supervisor events."""
+
+    def __init__(self, workdir: Path, allowlist_file: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.state_dir = workdir / "state"
+        venv_bin = Path(os.environ.get("EGRESS_VENV", sys.prefix)) / "bin"
+        self.command = [str(venv_bin / "egress-proxy"), "run"]
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EGRESS_") and "proxy" not in k.lower()},
+            "EGRESS_STATE_DIR": str(self.state_dir),
+            "EGRESS_LISTEN_ADDRESS": PROXY_HOST,
+            "EGRESS_PORT": str(PROXY_PORT),
+            "EGRESS_METRICS": "off",
+            "EGRESS_DRAIN_SECONDS": "1",
+            "EGRESS_DNS_SERVERS": "127.0.0.1",
+            "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32",
+            "EGRESS_CLIENT_CIDRS": "127.0.0.0/8",
+            "EGRESS_ALLOWLIST_FILE": str(allowlist_file),
+            **(extra_env or {}),
+        }
+        self.events: list[dict[str, Any]] = []
+        self.access_lines = 0
+        self.tail: list[str] = []
+        self._cond = threading.Condition()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.squid_pid = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process
+        return self.process.pid
+
+    def start(self, timeout: float = 120) -> Proxy:
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, daemon=True).start()
+        started = self.wait_event(lambda e: e.get("event") in {"started", "startup_failed"}, timeout=timeout)
+        if started.get("event") != "started":
+            raise RuntimeError("proxy failed to start:\n" + "\n".join(self.tail))
+        self.squid_pid = int(started["pid"])
+        wait_for_port(PROXY_HOST, PROXY_PORT)
+        return self
+
+    def _read(self) -> None:
+        assert self.process and self.process.stdout
+        for raw in self.process.stdout:
+            if raw.startswith(b'{"type":"access"'):
+                self.access_lines += 1
+                continue
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"type": "raw", "message": line}
+            with self._cond:
+                self.tail = [*self.tail[-40:], line]
+                if record.get("type") == "supervisor":
+                    self.events.append(record)
+                    self._cond.notify_all()
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def wait_event(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, start: int = 0
+                   ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events[start:]:
+                    if predicate(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no matching supervisor event; last lines:\n" + "\n".join(self.tail))
+                self._cond.wait(remaining)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class World:
+    """DNS + CA + origin in a 0755 temp dir (Squid's worker runs as 'proxy' and must traverse it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.chmod(0o755)
+        self.ca = TestCA(workdir / "ca")
+        # A realistic TTL: clients and Squid cache the answer, as they would in production.
+        self.dns = DnsServer({ORIGIN_NAME: [ORIGIN_IP]}, host="127.0.0.1", port=53, ttl=300)
+        self.origin = Origin(workdir, self.ca)
+
+    def start(self) -> World:
+        self.dns.start()
+        self.origin.start()
+        return self
+
+    def stop(self) -> None:
+        self.origin.stop()
+        self.dns.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def isolated() -> bool:
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
