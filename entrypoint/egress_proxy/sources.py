@@ -7,15 +7,24 @@ region and honours AWS_ENDPOINT_URL, so moto_server and LocalStack work unchange
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .allowlist import AllowlistError, AllowlistProblem
+
 if TYPE_CHECKING:
     from .settings import Settings
 
-# Secrets Manager caps a secret at 64 KiB; a file gets more room (100k entries are about 2.5 MB).
+# Secrets Manager caps a SecretString at 64 KiB (moto and LocalStack do not, so we check it ourselves); a file
+# gets more room (100k entries are about 2.5 MB).
+MAX_SECRET_BYTES = 65536
 MAX_FILE_BYTES = 8 * 1024 * 1024
+# A file whose mtime is this recent is hashed even when stat() looks unchanged: a second write within the
+# filesystem's timestamp granularity that keeps the size would otherwise go unseen ("racy git" problem).
+_RACY_SECONDS = 2.0
 
 
 class SourceUnavailable(RuntimeError):
@@ -26,6 +35,27 @@ class SourceUnavailable(RuntimeError):
 class Snapshot:
     text: str
     version: str  # file: content hash; secret: VersionId; inline: content hash
+    size: int = 0  # bytes of the value as stored (may exceed len(text) when the value was cut at max_bytes)
+    max_bytes: int | None = None  # the source's size limit; check_size() enforces it
+
+
+def check_size(snapshot: Snapshot, source: str) -> None:
+    """Reject a value over its source's limit as a bad value (AllowlistError), like any invalid entry: the
+    supervisor keeps the last good config, the CLI refuses to push it."""
+    if snapshot.max_bytes is None or snapshot.size <= snapshot.max_bytes:
+        return
+    limit = snapshot.max_bytes
+    label = f"{limit // 1024} KiB" if limit < 1024 * 1024 else f"{limit // (1024 * 1024)} MiB"
+    head = snapshot.text[:60].replace("\n", " ")
+    raise AllowlistError(
+        [AllowlistProblem(
+            entry=head + ("..." if len(snapshot.text) > 60 else ""),
+            why=f"starts a value of {snapshot.size} bytes, over the {label} limit of {source}",
+            fix="use '.example.com' entries to cover whole domains instead of listing hosts"
+            + (", or switch to EGRESS_ALLOWLIST_FILE for very long lists" if limit == MAX_SECRET_BYTES else ""),
+        )],
+        source,
+    )
 
 
 class Source(Protocol):
@@ -58,34 +88,40 @@ class InlineSource:
 
 class FileSource:
     """Checked every second: the content hash is the version, so editors that rewrite in place or swap
-    files (vim, sed -i, a ConfigMap symlink flip) are all seen."""
+    files (vim, sed -i, a ConfigMap symlink flip) are all seen. A poll costs one stat() while nothing moved:
+    the file is read and hashed only when its (device, inode, size, mtime) changed or its mtime is recent."""
 
     def __init__(self, path: Path, poll_interval: float = 1.0) -> None:
         self.path = path
         self.description = f"file {path}"
         self.poll_interval = poll_interval
-        self._last_stat: tuple[int, int, int] | None = None
-        self._last_version: str | None = None
-
-    def _read_bytes(self) -> bytes:
-        try:
-            with open(self.path, "rb") as handle:
-                data = handle.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise SourceUnavailable(f"cannot read allowlist file {self.path}: {exc.strerror or exc}") from None
-        if len(data) > MAX_FILE_BYTES:
-            raise SourceUnavailable(
-                f"allowlist file {self.path} is over {MAX_FILE_BYTES // (1024 * 1024)} MiB; split it or use "
-                "domain entries ('.example.com') instead of listing hosts"
-            )
-        return data
+        self._cached: tuple[tuple[int, int, int, int], Snapshot] | None = None
+        self.reads = 0  # how many times the file was actually read (for tests and curiosity)
 
     def changed(self, known_version: str | None) -> bool:
         return self.read().version != known_version
 
     def read(self) -> Snapshot:
-        data = self._read_bytes()
-        return Snapshot(text=data.decode("utf-8", errors="replace"), version=_digest(data))
+        try:
+            # stat() before reading: any write after it moves the mtime, so a cached snapshot is never newer
+            # than its key claims. os.stat follows a symlink flip to the new target.
+            info = os.stat(self.path)
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            racy = time.time() - info.st_mtime < _RACY_SECONDS
+            if self._cached is not None and self._cached[0] == key and not racy:
+                return self._cached[1]
+            with open(self.path, "rb") as handle:
+                data = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            self._cached = None
+            raise SourceUnavailable(f"cannot read allowlist file {self.path}: {exc.strerror or exc}") from None
+        self.reads += 1
+        size = max(len(data), info.st_size)
+        version = _digest(data) + (f"+{size}" if size > MAX_FILE_BYTES else "")  # an oversized tail counts
+        snapshot = Snapshot(text=data.decode("utf-8", errors="replace"), version=version, size=size,
+                            max_bytes=MAX_FILE_BYTES)
+        self._cached = (key, snapshot)
+        return snapshot
 
 
 class SecretSource:
@@ -141,7 +177,8 @@ class SecretSource:
                 f"secret {self.secret_id!r} has no SecretString (binary secrets are not supported); "
                 "store the allowlist as text"
             )
-        return Snapshot(text=str(text), version=str(value.get("VersionId", _digest(str(text).encode()))))
+        return Snapshot(text=str(text), version=str(value.get("VersionId", _digest(str(text).encode()))),
+                        size=len(str(text).encode("utf-8", "surrogatepass")), max_bytes=MAX_SECRET_BYTES)
 
 
 def _hint(code: str) -> str:

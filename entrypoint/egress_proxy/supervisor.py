@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
 from .denier import Denier
 from .metrics import DecisionCounter, MetricsLoop
 from .settings import Settings
-from .sources import Snapshot, Source, SourceUnavailable, make_source
+from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
 from .squid_conf import RenderedConfig, StatePaths, default_error_page, render
 from .squid_process import (
     LogRelay,
@@ -64,17 +65,44 @@ class Logger:
         self.write_line(json.dumps(record, separators=(",", ":"), default=str))
 
 
+# How long Squid may take to confirm a reconfigure ("Accepting ... connections at" in cache.log). The loop
+# keeps handling signals and Squid's exit meanwhile; it only holds back the next source poll.
+CONFIRM_TIMEOUT = 30.0
+
+
 @dataclass
 class ReloadStats:
-    """Counters the metrics loop and the health check read."""
+    """Counters the metrics loop and the health check read.
+
+    ``version``/``loaded_at``/``entries`` describe the ACTIVE config; a rejected value never touches them.
+    """
 
     success: int = 0
     failure: int = 0
-    loaded_at: float | None = None
+    loaded_at: float | None = None  # wall-clock time the active config was written (its age: age_seconds())
     version: str | None = None
     entries: int = 0
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rejected_version: str | None = None  # the last version refused (None once a newer one was applied)
+    skipped: int = 0  # changes whose rendered config was identical (no reconfigure)
+
+    def age_seconds(self, now: float | None = None) -> float | None:
+        if self.loaded_at is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.loaded_at)
+
+
+@dataclass
+class _PendingReload:
+    """A reconfigure sent to Squid and not yet confirmed in its cache.log."""
+
+    snapshot: Snapshot
+    added: int
+    removed: int
+    entries: int
+    started: float  # monotonic, when the change was picked up
+    deadline: float  # monotonic
 
 
 class ConfigApplier:
@@ -90,9 +118,14 @@ class ConfigApplier:
         self.active: RenderedConfig | None = None
         self.active_allowlist: Allowlist | None = None
         self.stats = ReloadStats()
+        self.status_written = 0.0  # monotonic time of the last status.json write
 
     def build(self, snapshot: Snapshot, source: str) -> tuple[Allowlist, RenderedConfig]:
-        """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError."""
+        """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError.
+
+        Whole-update rejection: one bad entry (or an oversized or malformed value) rejects the update, and
+        the error lists every bad entry. Skipping bad entries would silently apply a policy nobody wrote."""
+        check_size(snapshot, source)
         allowlist = parse_allowlist_value(snapshot.text, source=source)
         rendered = render(self.settings, allowlist, self.paths, run_as=self.user, denial_port=self.denial_port)
         if rendered == self.active:
@@ -118,18 +151,26 @@ class ConfigApplier:
         self.write_status()
 
     def write_status(self) -> None:
+        now = time.time()
+        age = self.stats.age_seconds(now)
         status = {
             "config_loaded": self.active is not None,
             "version": self.stats.version,
             "loaded_at": self.stats.loaded_at,
+            "written_at": round(now, 3),
+            # The age at written_at; a reader adds (now - written_at), or uses now - loaded_at.
+            "config_age_seconds": None if age is None else round(age, 1),
             "entries": self.stats.entries,
             "reload_success": self.stats.success,
             "reload_failure": self.stats.failure,
+            "reload_skipped": self.stats.skipped,
+            "rejected_version": self.stats.rejected_version,
             "last_error": self.stats.last_error,
             "port": self.settings.port,
             "listen_address": str(self.settings.listen_address),
         }
         atomic_write(self.paths.status, json.dumps(status, indent=1))
+        self.status_written = time.monotonic()
 
 
 def _log_warnings(logger: Logger, allowlist: Allowlist) -> None:
@@ -157,6 +198,10 @@ class Supervisor:
         self._reconfigured = threading.Event()
         self._backoff = 0.0
         self.decisions = DecisionCounter()  # access-log decisions, for the metrics
+        # The last source version processed, applied or rejected: a rejected value is not retried (nor its
+        # error re-logged) until the source moves again. stats.version stays the ACTIVE version.
+        self._seen_version: str | None = None
+        self._pending: _PendingReload | None = None
 
     # --- signals -----------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -173,6 +218,7 @@ class Supervisor:
         text = line.rstrip("\n")
         if "Accepting" in text and "connections at" in text:
             self._reconfigured.set()
+            self._wake.set()
         self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
 
     # --- main --------------------------------------------------------------------------------------
@@ -202,14 +248,13 @@ class Supervisor:
             return ExitCode.SQUID_FAILED
         _log_warnings(self.logger, allowlist)
         self.applier.activate(allowlist, rendered, snapshot)
+        self._seen_version = snapshot.version
         self.denier.start()
         LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line, self.decisions.observe))
         LogRelay(self.paths.cache_fifo, self._cache_log_line)
         try:
             self.squid.start()
-            host = "127.0.0.1" if str(self.settings.listen_address) == "0.0.0.0" else str(
-                self.settings.listen_address)
-            wait_until_listening(host, self.settings.port, self.squid, timeout=60)
+            wait_until_listening(self._probe_host(), self.settings.port, self.squid, timeout=60)
         except SquidError as exc:
             self.logger.event("error", "startup_failed", str(exc))
             self.squid.stop(grace=5)
@@ -230,7 +275,12 @@ class Supervisor:
     def _loop(self) -> int:
         next_poll = self.clock() + self._next_poll_delay()
         while True:
-            self._wake.wait(timeout=max(0.0, min(1.0, next_poll - self.clock())))
+            # While a reconfigure is pending, the cache.log relay wakes us when Squid confirms it.
+            if self._pending is not None:
+                timeout = 0.05 if self._reconfigured.is_set() else 0.5
+            else:
+                timeout = max(0.0, min(1.0, next_poll - self.clock()))
+            self._wake.wait(timeout=timeout)
             self._wake.clear()
             if self._stop_signal is not None:
                 return self._shutdown()
@@ -239,9 +289,14 @@ class Supervisor:
                 self.logger.event("error", "squid_died", f"Squid exited unexpectedly with code {code}",
                                   exit_code=code)
                 return ExitCode.SQUID_DIED
+            if self._pending is not None:
+                self._check_pending()  # the source is not polled until Squid has taken the last change
+                continue
             if self.clock() >= next_poll:
                 self.poll_source()
                 next_poll = self.clock() + self._next_poll_delay()
+            if time.monotonic() - self.applier.status_written >= 10:
+                self.applier.write_status()  # keeps config_age_seconds fresh for readers of status.json
 
     def _shutdown(self) -> int:
         name = signal.Signals(self._stop_signal or signal.SIGTERM).name
@@ -254,56 +309,97 @@ class Supervisor:
     def poll_source(self) -> None:
         """One watch step: cheap change check, then fetch + apply. Never raises."""
         try:
-            if not self.source.changed(self.applier.stats.version):
-                self._backoff = 0.0
+            if not self.source.changed(self._seen_version):
+                self._source_back()
                 return
             snapshot = self.source.read()
         except SourceUnavailable as exc:
-            # Keep serving the last good config; back off up to 5 minutes.
+            # Keep serving the last good config; back off (added to the poll interval) up to 5 minutes.
             self._backoff = min(300.0, max(1.0, self._backoff * 2))
             self.logger.event("warning", "source_unavailable", f"{exc}; still serving version "
-                              f"{self.applier.stats.version}", retry_in=round(self._backoff, 1))
+                              f"{self.applier.stats.version}", retry_in=round(self.source.poll_interval
+                                                                              + self._backoff, 1),
+                              version=self.applier.stats.version)
             return
-        self._backoff = 0.0
-        if snapshot.version == self.applier.stats.version:
+        self._source_back()
+        if snapshot.version == self._seen_version:
             return
         self.apply(snapshot)
 
+    def _source_back(self) -> None:
+        if self._backoff:
+            self.logger.event("info", "source_available", f"{self.source.description} is reachable again",
+                              version=self.applier.stats.version)
+        self._backoff = 0.0
+
     def apply(self, snapshot: Snapshot) -> bool:
+        """Validate, render, parse-check, swap and reconfigure. The ``reloaded`` line is logged when Squid
+        confirms (see _check_pending); the loop stays responsive meanwhile."""
         started = time.monotonic()
         previous = self.applier.active_allowlist
+        self._seen_version = snapshot.version
         try:
             allowlist, rendered = self.applier.build(snapshot, self.source.description)
         except (AllowlistError, SquidError) as exc:
             self.applier.stats.failure += 1
             self.applier.stats.last_error = str(exc)
-            # Remember the rejected version so we don't re-log the same error every poll; a new version retries.
-            self.applier.stats.version = snapshot.version
+            self.applier.stats.rejected_version = snapshot.version
             self.applier.write_status()
-            self.logger.event("error", "reload_rejected", f"rejected allowlist version {snapshot.version}; the "
-                              f"previous config keeps serving: {exc}", version=snapshot.version)
+            bad = [problem.entry for problem in exc.problems[:20]] if isinstance(exc, AllowlistError) else []
+            self.logger.event("error", "reload_rejected", f"rejected allowlist version {snapshot.version}; "
+                              f"version {self.applier.stats.version} keeps serving: {exc}",
+                              version=snapshot.version, active_version=self.applier.stats.version,
+                              bad_entries=bad, source=self.source.description)
             return False
         _log_warnings(self.logger, allowlist)
+        self.applier.stats.rejected_version = None
         if rendered == self.applier.active:
             self.applier.stats.version = snapshot.version
+            self.applier.stats.skipped += 1
             self.applier.write_status()
-            self.logger.event("info", "reload_skipped", "allowlist changed but the rendered config did not",
-                              version=snapshot.version)
+            self.logger.event("info", "reload_skipped", "allowlist source changed but the rendered config did "
+                              "not; Squid was not reconfigured", version=snapshot.version, entries=len(allowlist))
             return True
         added, removed = previous.diff(allowlist) if previous else (allowlist.entries, ())
         self.applier.activate(allowlist, rendered, snapshot)
         self._reconfigured.clear()
         self.squid.reconfigure()
-        confirmed = self._reconfigured.wait(timeout=15)
+        self._pending = _PendingReload(snapshot=snapshot, added=len(added), removed=len(removed),
+                                       entries=len(allowlist), started=started,
+                                       deadline=time.monotonic() + CONFIRM_TIMEOUT)
+        return True
+
+    def _probe_host(self) -> str:
+        host = str(self.settings.listen_address)
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+    def _port_accepts(self) -> bool:
+        try:
+            with socket.create_connection((self._probe_host(), self.settings.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _check_pending(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        # Squid logs "Accepting ... connections at" just BEFORE it calls listen() on the reopened port, so the
+        # port must also accept a TCP connection (one that sends nothing, which Squid does not log).
+        confirmed = self._reconfigured.is_set() and self._port_accepts()
+        if not confirmed and time.monotonic() < pending.deadline:
+            return
+        self._pending = None
         self.applier.stats.success += 1
         self.applier.write_status()
-        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        elapsed_ms = round((time.monotonic() - pending.started) * 1000, 1)
+        version = pending.snapshot.version
         self.logger.event(
             "info" if confirmed else "warning",
             "reloaded",
-            f"allowlist version {snapshot.version} active: +{len(added)} -{len(removed)} entries "
-            f"({len(allowlist)} total) in {elapsed_ms} ms" + ("" if confirmed else "; Squid did not confirm"),
-            version=snapshot.version, added=len(added), removed=len(removed), entries=len(allowlist),
+            f"allowlist version {version} active: +{pending.added} -{pending.removed} entries "
+            f"({pending.entries} total) in {elapsed_ms} ms"
+            + ("" if confirmed else f"; Squid did not confirm within {CONFIRM_TIMEOUT:g} s"),
+            version=version, added=pending.added, removed=pending.removed, entries=pending.entries,
             duration_ms=elapsed_ms, confirmed=confirmed,
         )
-        return True
