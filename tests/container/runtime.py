@@ -175,9 +175,12 @@ class BuildahContainer(LogReader):
         for line in self.process.stdout:
             self.feed(line)
 
-    def exec(self, argv: Sequence[str], timeout: float = 60) -> tuple[int, str]:
+    def exec(self, argv: Sequence[str], timeout: float = 60, env: Mapping[str, str] | None = None,
+             mounts: Sequence[Mount] | None = None) -> tuple[int, str]:
+        """Run argv in the container; env and mounts default to those the entrypoint was started with."""
         result = subprocess.run(
-            [*self._run_args(self._env, self._mounts), self.name, "--", *argv],
+            [*self._run_args(self._env if env is None else env, self._mounts if mounts is None else mounts),
+             self.name, "--", *argv],
             capture_output=True, text=True, timeout=timeout,
         )
         return result.returncode, result.stdout + result.stderr
@@ -269,8 +272,16 @@ class DockerContainer(LogReader):
                 line, buffer = buffer.split(b"\n", 1)
                 self.feed(line.decode("utf-8", "replace"))
 
-    def exec(self, argv: Sequence[str], timeout: float = 60) -> tuple[int, str]:
-        code, output = self.container.exec_run(list(argv), environment=self._env)
+    def exec(self, argv: Sequence[str], timeout: float = 60, env: Mapping[str, str] | None = None,
+             mounts: Sequence[Mount] | None = None) -> tuple[int, str]:
+        if self.container is None:  # nothing running yet: a one-shot container, as compose runs one
+            output = self.client.containers.run(
+                self.image, list(argv), entrypoint=[], network_mode="host", environment=dict(env or {}),
+                volumes={str(h): {"bind": t, "mode": "ro"} for h, t in mounts or ()}, remove=True,
+                stdout=True, stderr=True,
+            )
+            return 0, output.decode("utf-8", "replace")
+        code, output = self.container.exec_run(list(argv), environment=self._env if env is None else dict(env))
         return int(code), output.decode("utf-8", "replace")
 
     def processes(self) -> list[tuple[int, str, int, int]]:

@@ -31,24 +31,15 @@ from egress_proxy.settings import OPTIONS, Settings, SettingsError, load_setting
 
 try:
     import jsonschema
-    from ruamel.yaml import YAML
+    from compose_file import COMPOSE_FILE, REPO, load_compose, service_argv, service_env
 except ImportError as exc:  # pragma: no cover - a missing test dependency must fail, not skip
     raise ImportError(f"{exc}: install requirements.txt (check-jsonschema brings jsonschema and ruamel.yaml)") from exc
 
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "container" / "Dockerfile"
 SETTING_ENVS = {option.env for option in OPTIONS}
 
 
 # --- loading --------------------------------------------------------------------------------------------------
-
-
-def load_compose() -> dict[str, Any]:
-    yaml = YAML(typ="safe", pure=True)  # YAML 1.2 like Compose's go-yaml; resolves the <<: merge keys
-    data = yaml.load(COMPOSE_FILE.read_text(encoding="utf-8"))
-    assert isinstance(data, dict)
-    return json.loads(json.dumps(data))  # plain dicts/lists/str, as the schema validator expects
 
 
 def compose_schema() -> dict[str, Any]:
@@ -119,13 +110,6 @@ def duration(value: str) -> timedelta:
     return total
 
 
-def service_env(service: Mapping[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return dict(env)
-
-
 COMPOSE = load_compose()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 
@@ -139,13 +123,7 @@ OUR_SERVICES = sorted(name for name, service in SERVICES.items() if uses_our_ima
 
 
 def command_of(service: Mapping[str, Any]) -> list[str]:
-    entrypoint = service.get("entrypoint") or dockerfile_json("ENTRYPOINT")
-    command = service.get("command") or []
-    if isinstance(entrypoint, str):
-        entrypoint = shlex.split(entrypoint)
-    if isinstance(command, str):
-        command = shlex.split(command)
-    return egress_argv([*entrypoint, *command])
+    return egress_argv(service_argv(service, dockerfile_json("ENTRYPOINT")))
 
 
 def run_settings(name: str) -> Settings:
@@ -249,7 +227,8 @@ def test_secret_backed_proxy_reads_the_seeded_secret_from_the_emulator() -> None
         assert emulator.get("profiles") == SERVICES[name]["profiles"]
         assert emulator["image"].startswith("motoserver/moto:")
         assert endpoint.group(2) in {str(p).split(":")[-1] for p in emulator.get("ports", [])}
-        assert env["AWS_REGION"] and env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+        # boto3 takes the region from AWS_DEFAULT_REGION (AWS_REGION alone: "You must specify a region").
+        assert env["AWS_DEFAULT_REGION"] and env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
     assert SERVICES["seed-allowlist"]["depends_on"]["moto"]["condition"] == "service_healthy"
     assert SERVICES["proxy-secrets"]["depends_on"]["seed-allowlist"]["condition"] == "service_completed_successfully"
 

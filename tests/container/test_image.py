@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from compose_file import load_compose, service_argv, service_env
 from conftest import ORIGIN_IP, PROXY_IP
-from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, connect_tunnel, free_port, http_get_over, tls_over_tunnel
+from harness import (
+    DnsServer,
+    HttpOrigin,
+    TestCA,
+    TlsOrigin,
+    connect_tunnel,
+    free_port,
+    http_get_over,
+    tls_over_tunnel,
+    wait_for_port,
+)
 from runtime import Container, make_container
 
 pytestmark = pytest.mark.container
@@ -35,6 +47,20 @@ def session() -> requests.Session:
     s = requests.Session()
     s.trust_env = False  # never pick up proxy settings from the environment
     return s
+
+
+def get_through_reload(url: str, proxies: dict[str, str], container: Container) -> requests.Response:
+    """GET right after a reload. Squid's reconfigure closes and reopens the listening port and logs "Accepting"
+    (which the supervisor waits for) a moment before listen(): a connection in that instant is refused, so those
+    are retried briefly."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return session().get(url, proxies=proxies, timeout=15)
+        except requests.ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{exc}\n{container.tail(60)}") from exc
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +235,7 @@ def test_allowlist_edit_applies_without_restart(container: Container, proxies: d
     reloaded = container.wait_for(lambda r: r.get("event") in {"reloaded", "reload_rejected"}, timeout=30,
                                   start=mark)
     assert reloaded["event"] == "reloaded" and reloaded["added"] == 1, reloaded
-    # Squid's reconfigure closes and reopens the listening port; it logs "Accepting" (which the supervisor waits
-    # for) a moment before listen(), so a connection in that instant is refused: retry those briefly.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            response = session().get(url, proxies=proxies, timeout=15)
-            break
-        except requests.ConnectionError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{exc}\n{container.tail(60)}") from exc
-            time.sleep(0.1)
+    response = get_through_reload(url, proxies, container)
     assert response.status_code == 200, response.text[:300]
     assert not container.events("started")[1:], "the edit must not restart the proxy"
 
@@ -246,3 +262,73 @@ def test_build_script_is_idempotent_and_reports_size(image: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"image {image} size " in result.stdout
     assert "debootstrap" not in result.stderr, "the cached base must be reused"
+
+
+# --- the compose file's "secrets" profile, run with the image: seed a secret, serve it, push a change ---------
+
+
+@pytest.fixture(scope="module")
+def secrets_emulator() -> Iterator[str]:
+    """moto's Secrets Manager on loopback (docker-compose.yml runs the same moto as the `moto` service)."""
+    host, port = "127.0.7.5", free_port("127.0.7.5")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(host, port, timeout=30)
+        yield f"http://{host}:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_compose_secrets_profile_seeds_serves_and_hot_reloads_the_secret(
+    image: str, dns: DnsServer, http_origin: HttpOrigin, public_tmp: Path, secrets_emulator: str
+) -> None:
+    compose = load_compose()["services"]
+    seed_argv = service_argv(compose["seed-allowlist"], [])
+    secret_env = service_env(compose["proxy-secrets"])
+    # The compose file's own values, with loopback addresses in place of compose's service names and ports.
+    aws = {k: v for k, v in secret_env.items() if k.startswith("AWS_")} | {"AWS_ENDPOINT_URL": secrets_emulator}
+    seed_dir = public_tmp / "seed"
+    seed_dir.mkdir(mode=0o755)
+    (seed_dir / "allowlist.txt").write_text(ALLOWLIST)
+    (seed_dir / "allowlist.txt").chmod(0o644)
+    mounts = [(seed_dir, str(Path(ALLOWLIST_IN_IMAGE).parent))]
+    port = free_port(PROXY_IP)
+    env = secret_env | aws | {
+        "EGRESS_LISTEN_ADDRESS": PROXY_IP,
+        "EGRESS_PORT": str(port),
+        "EGRESS_DNS_SERVERS": "127.0.7.53",
+        "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32",
+        "EGRESS_ALLOWED_PORTS": f"http:{http_origin.port}",
+        "EGRESS_DRAIN_SECONDS": "1",
+    }
+    proxies = {"http": f"http://{PROXY_IP}:{port}"}
+    box = make_container(image)
+    try:
+        code, output = box.exec(seed_argv, env=aws, mounts=mounts)  # the `seed-allowlist` one-shot
+        assert code == 0, output
+        assert "wrote 1 entries" in output, output
+        box.start(env)
+        started = box.wait_for(lambda r: r.get("event") in {"started", "startup_failed"}, timeout=90)
+        assert started.get("event") == "started", box.tail()
+        assert "secret" in str(started.get("source")), started
+        allowed = session().get(f"http://allowed.container.test:{http_origin.port}/", proxies=proxies, timeout=15)
+        assert allowed.status_code == 200 and "hello from http-origin" in allowed.text
+        later = f"http://later.container.test:{http_origin.port}/"
+        assert session().get(later, proxies=proxies, timeout=15).status_code == 403
+        # `egress-proxy allowlist push` against the emulator changes the list live (README walkthrough).
+        mark = box.mark()
+        (seed_dir / "allowlist.txt").write_text(ALLOWLIST + "later.container.test\n")
+        push = [arg for arg in seed_argv if arg != "--create"]
+        code, output = box.exec(push, env=aws, mounts=mounts)
+        assert code == 0 and "+ later.container.test" in output, output
+        reloaded = box.wait_for(lambda r: r.get("event") in {"reloaded", "reload_rejected"}, timeout=60,
+                                start=mark)
+        assert reloaded["event"] == "reloaded" and reloaded["added"] == 1, reloaded
+        assert get_through_reload(later, proxies, box).status_code == 200
+        assert box.stop(timeout=60) == 0, box.tail()
+    finally:
+        if box.exit_code is None:
+            box.stop(timeout=60)
+        box.remove()
