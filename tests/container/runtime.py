@@ -276,7 +276,7 @@ class DockerContainer(LogReader):
              mounts: Sequence[Mount] | None = None) -> tuple[int, str]:
         if self.container is None:  # nothing running yet: a one-shot container, as compose runs one
             output = self.client.containers.run(
-                self.image, list(argv), entrypoint=[], network_mode="host", environment=dict(env or {}),
+                self.image, entrypoint=list(argv), network_mode="host", environment=dict(env or {}),
                 volumes={str(h): {"bind": t, "mode": "ro"} for h, t in mounts or ()}, remove=True,
                 stdout=True, stderr=True,
             )
