@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .allowlist import Allowlist, AllowlistError, parse_allowlist, parse_allowlist_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
-from .sources import SecretSource, SourceUnavailable, make_source
+from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size, make_source
 from .squid_conf import StatePaths, render
 from .squid_process import run_as_user
 from .supervisor import ExitCode, Supervisor
@@ -86,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_allowlist(settings: Settings) -> tuple[Allowlist, str]:
     source = make_source(settings)
-    return parse_allowlist_value(source.read().text, source=source.description), source.description
+    snapshot = source.read()
+    check_size(snapshot, source.description)  # the same limits the supervisor applies
+    return parse_allowlist_value(snapshot.text, source=source.description), source.description
 
 
 def _check(settings: Settings) -> int:
@@ -147,6 +149,15 @@ def _allowlist_command(args: argparse.Namespace) -> int:
         return ExitCode.BAD_CONFIG
     for warning in new.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    # What push writes: the JSON form, normalised. Secrets Manager refuses more than 64 KiB; say so up front
+    # (moto and LocalStack would even accept it, and the proxy would then reject it).
+    value = json.dumps({"allowed_domains": list(new.entries)})
+    try:
+        check_size(Snapshot(text=value, version="", size=len(value.encode()), max_bytes=MAX_SECRET_BYTES),
+                   f"secret {args.secret}")
+    except AllowlistError as exc:
+        _print_error(f"{exc}\nnothing was written to the secret")
+        return ExitCode.BAD_CONFIG
     source = SecretSource(args.secret, poll_interval=0)
     try:
         current: Allowlist | None = parse_allowlist_value(source.read().text, source=f"secret {args.secret}")
@@ -155,8 +166,11 @@ def _allowlist_command(args: argparse.Namespace) -> int:
             _print_error(str(exc))
             return ExitCode.NO_SOURCE
         current = None
-    except AllowlistError:
-        current = None  # the secret holds garbage today: pushing a valid list repairs it
+    except AllowlistError as exc:
+        # The secret holds an invalid value today (the proxy keeps its last good list): pushing repairs it.
+        print(f"note: the secret's current value is invalid, so everything counts as added: {exc}",
+              file=sys.stderr)
+        current = None
     added, removed = current.diff(new) if current else (new.entries, ())
     for entry in added:
         print(f"+ {entry}")
@@ -168,14 +182,19 @@ def _allowlist_command(args: argparse.Namespace) -> int:
     if current is not None and not added and not removed:
         print("unchanged; nothing written", file=sys.stderr)
         return ExitCode.OK
-    value = json.dumps({"allowed_domains": list(new.entries)})
-    if current is None and args.create:
-        try:
-            source.client.create_secret(Name=args.secret, SecretString=value)
-        except source.client.exceptions.ResourceExistsException:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if current is None and args.create:
+            try:
+                source.client.create_secret(Name=args.secret, SecretString=value)
+            except source.client.exceptions.ResourceExistsException:
+                source.client.put_secret_value(SecretId=args.secret, SecretString=value)
+        else:
             source.client.put_secret_value(SecretId=args.secret, SecretString=value)
-    else:
-        source.client.put_secret_value(SecretId=args.secret, SecretString=value)
+    except (ClientError, BotoCoreError) as exc:
+        _print_error(f"writing {args.secret} failed: {exc}")
+        return ExitCode.NO_SOURCE
     print(f"wrote {len(new)} entries to {args.secret}", file=sys.stderr)
     return ExitCode.OK
 
