@@ -112,17 +112,21 @@ def bench_throughput(proxy: Proxy, cacert: str, reps: int) -> dict[str, Any]:
         for rep in range(reps):
             order = (False, True) if rep % 2 == 0 else (True, False)
             for via in order:
+                route = "proxy" if via else "direct"
                 window = CpuWindow(pids).start()
                 run = clients.download(path, cacert, via, streams)
-                usage = window.stop()
-                runs["proxy" if via else "direct"].append(run["mb_per_s"])
-                if via:
-                    cpu = usage
-                log(f"  {name} {'proxy' if via else 'direct'}: {run['mb_per_s']} MB/s")
+                cpu[route] = window.stop()
+                runs[route].append(run["mb_per_s"])
+                log(f"  {name} {route}: {run['mb_per_s']} MB/s, machine {cpu[route]['machine_busy_percent']}% "
+                    f"busy, Squid {cpu[route]['squid']['cpu_percent']}% of a core")
         direct, proxied = statistics.median(runs["direct"]), statistics.median(runs["proxy"])
+        # The ratio is the median of each rep's back-to-back pair: this machine's speed drifts by 2x over a
+        # minute, and a pair shares the drift.
+        pairs = [p / d for d, p in zip(runs["direct"], runs["proxy"], strict=True)]
         result[name] = {"streams": streams, "total_bytes": 1024**3, "runs_mb_per_s": runs,
                         "direct_mb_per_s": direct, "proxy_mb_per_s": proxied,
-                        "ratio": round(proxied / direct, 3), "proxy_cpu_last_run": cpu}
+                        "pair_ratios": [round(r, 3) for r in pairs],
+                        "ratio": round(statistics.median(pairs), 3), "cpu_last_run": cpu}
     return result
 
 
@@ -132,10 +136,13 @@ def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float
     for kind in ("https", "http"):
         samples = interleaved_latencies(kind, cacert, count)
         direct, proxied = summarize(samples["direct"]), summarize(samples["proxy"])
-        rates = {}
+        rates: dict[str, Any] = {}
         for via in (False, True):
-            rates["proxy" if via else "direct"] = clients.connection_rate(Target(kind, via, cacert), rate_seconds,
-                                                                          workers)
+            window = CpuWindow({"squid": proxy.squid_pid, "supervisor": proxy.pid}).start()
+            rate = clients.connection_rate(Target(kind, via, cacert), rate_seconds, workers)
+            rate["cpu"] = window.stop()
+            rates["proxy" if via else "direct"] = rate
+        squid_share = rates["proxy"]["cpu"]["squid"]["cpu_percent"] / 100
         result[kind] = {
             "latency": {"direct": direct, "proxy": proxied},
             "added_p50_ms": round(proxied["p50_ms"] - direct["p50_ms"], 3),
@@ -144,6 +151,7 @@ def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float
             "rate": rates,
             "rate_ratio": round(rates["proxy"]["per_s"] / rates["direct"]["per_s"], 3),
             "rate_workers": workers,
+            "squid_cpu_us_per_connection": round(squid_share / max(1.0, rates["proxy"]["per_s"]) * 1e6, 1),
         }
         log(f"  {kind}: p50 {direct['p50_ms']} -> {proxied['p50_ms']} ms, p99 {direct['p99_ms']} -> "
             f"{proxied['p99_ms']} ms; rate {rates['direct']['per_s']} -> {rates['proxy']['per_s']}/s")
@@ -164,8 +172,10 @@ def bench_http(proxy: Proxy, seconds: float, connections: int) -> dict[str, Any]
             if via:
                 runs["proxy"]["cpu"] = usage  # type: ignore[assignment]
                 runs["proxy"]["access_lines_relayed"] = proxy.access_lines - lines_before
+        squid_share = runs["proxy"]["cpu"]["squid"]["cpu_percent"] / 100  # type: ignore[index]
         result[name] = {**runs, "connections": connections, "seconds": seconds,
-                        "ratio": round(runs["proxy"]["rps"] / runs["direct"]["rps"], 3)}
+                        "ratio": round(runs["proxy"]["rps"] / runs["direct"]["rps"], 3),
+                        "squid_cpu_us_per_request": round(squid_share / max(1.0, runs["proxy"]["rps"]) * 1e6, 1)}
         log(f"  {name}: {runs['direct']['rps']:.0f} -> {runs['proxy']['rps']:.0f} req/s")
     return result
 
@@ -207,19 +217,46 @@ def time_render_and_parse(text: str, proxy: Proxy) -> dict[str, float]:
     return {"policy_s": round(policy, 3), "render_s": round(rendered, 3), "squid_parse_s": round(parsed, 3)}
 
 
+def parse_profile(workdir: Path, proxy: Proxy) -> dict[str, float]:
+    """Where ``squid -k parse`` spends its time on a big list: the same allowlist file loaded by minimal configs
+    with one ACL, with both ACLs the template uses, and with the entries sorted the way Squid compares them."""
+    from egress_proxy.squid_conf import StatePaths
+
+    active = StatePaths(proxy.state_dir).allowlist
+    entries = [line for line in active.read_text().splitlines() if line]
+    by_reversed_labels = workdir / "allowlist-sorted.txt"
+    by_reversed_labels.write_text("\n".join(sorted(entries, key=lambda e: e.lstrip(".").split(".")[::-1])) + "\n")
+    variants = {
+        "dstdomain_only": f'acl a dstdomain -n "{active}"',
+        "dstdomain_and_ssl_server_name": f'acl a dstdomain -n "{active}"\nacl b ssl::server_name "{active}"',
+        "dstdomain_only_sorted_by_reversed_labels": f'acl a dstdomain -n "{by_reversed_labels}"',
+    }
+    out = {}
+    for name, acls in variants.items():
+        conf = workdir / f"parse-{name}.conf"
+        conf.write_text(f"http_port 127.0.0.1:39999\n{acls}\nhttp_access deny all\ncache_log /dev/null\n"
+                        f"pid_filename {workdir}/parse.pid\n")
+        started = time.monotonic()
+        subprocess.run(["squid", "-k", "parse", "-f", str(conf)], capture_output=True, timeout=120, check=True)
+        out[f"{name}_s"] = round(time.monotonic() - started, 3)
+    log(f"  parse profile at {len(entries)} entries: {out}")
+    return out
+
+
 def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count: int) -> dict[str, Any]:
     rows = []
     for generation, size in enumerate(SCALE_SIZES, start=1):
         text = allowlist_text(size, generation)
         mark = proxy.mark()
-        started = time.monotonic()
-        write_atomic(allowlist, text)
-        event = proxy.wait_event(lambda e: e.get("event") in {"reloaded", "reload_rejected"}, timeout=120,
-                                 start=mark)
-        wall = time.monotonic() - started
+        with clients.Probe() as probe:
+            started = time.monotonic()
+            write_atomic(allowlist, text)
+            event = proxy.wait_event(lambda e: e.get("event") in {"reloaded", "reload_rejected"}, timeout=120,
+                                     start=mark)
+            wall = time.monotonic() - started
+            time.sleep(1)  # let Squid settle (helpers restart after a reconfigure)
         if event["event"] != "reloaded":
             raise RuntimeError(f"allowlist of {size} rejected: {event.get('message')}")
-        time.sleep(1)  # let Squid settle (helpers restart after a reconfigure)
         _, rss = proc_stat(proxy.squid_pid)
         _, sup_rss = proc_stat(proxy.pid)
         parts = time_render_and_parse(text, proxy)
@@ -231,11 +268,14 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
                                                   3)
         row = {"entries": size, "reload_s": round(event["duration_ms"] / 1000, 3), "confirmed": event["confirmed"],
                "write_to_event_s": round(wall, 3), **parts, "squid_rss_mb": round(rss / 2**20, 1),
-               "supervisor_rss_mb": round(sup_rss / 2**20, 1), "latency": latency}
+               "supervisor_rss_mb": round(sup_rss / 2**20, 1), "latency": latency,
+               "probe_during_reload": probe.summary()}
+        if size == max(SCALE_SIZES):
+            row["parse_profile"] = parse_profile(workdir, proxy)
         rows.append(row)
         log(f"  {size} entries: reload {row['reload_s']} s (write->event {row['write_to_event_s']} s), "
             f"Squid RSS {row['squid_rss_mb']} MB, https added p50 {latency['https']['added_p50_ms']} ms, "
-            f"http added p50 {latency['http']['added_p50_ms']} ms")
+            f"http added p50 {latency['http']['added_p50_ms']} ms; probe during reload: {row['probe_during_reload']}")
     return {"sizes": rows}
 
 
@@ -281,7 +321,7 @@ def main() -> int:
         log(f"proxy up: supervisor pid {proxy.pid}, squid pid {proxy.squid_pid}")
         if "throughput" in sections:
             log("throughput")
-            results["throughput"] = bench_throughput(proxy, cacert, reps=1 if quick else 3)
+            results["throughput"] = bench_throughput(proxy, cacert, reps=1 if quick else 5)
         if "connections" in sections:
             log("new connections")
             results["connections"] = bench_connections(proxy, cacert, count=200 if quick else 1000,

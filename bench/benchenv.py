@@ -87,22 +87,35 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 class CpuWindow:
-    """CPU used by some processes between start() and stop(), as a share of one core."""
+    """CPU used by some processes between start() and stop(), as a share of one core; plus the whole machine's
+    busy share (100% = every core busy), which tells whether a run was CPU-bound."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
+        self._machine0 = (0.0, 0.0)
 
     def start(self) -> CpuWindow:
         self._t0 = time.monotonic()
         self._cpu0 = {name: proc_stat(pid)[0] for name, pid in self.pids.items()}
+        self._machine0 = machine_busy()
         return self
 
-    def stop(self) -> dict[str, dict[str, float]]:
+    def stop(self) -> dict[str, Any]:
         wall = time.monotonic() - self._t0
-        out = {}
+        busy, total = machine_busy()
+        out: dict[str, Any] = {"machine_busy_percent": round(100 * (busy - self._machine0[0]) /
+                                                             max(1.0, total - self._machine0[1]), 1)}
         for name, pid in self.pids.items():
             cpu, rss = proc_stat(pid)
             out[name] = {"cpu_percent": round(100 * (cpu - self._cpu0[name]) / wall, 1),

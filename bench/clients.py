@@ -213,3 +213,42 @@ def percentile(samples: list[float], pct: float) -> float:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class Probe:
+    """A background client making one plain HTTP request through the proxy every ``interval`` seconds, each on a
+    new connection: how long does a reload keep new requests waiting, and does it refuse any?"""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import threading
+
+        self.interval = interval
+        self.samples: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        requester = Requester(Target("http", True))
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                requester.once()
+                self.samples.append((time.perf_counter() - started) * 1000)
+            except (OSError, ConnectionError) as exc:
+                self.failures.append(type(exc).__name__)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def summary(self) -> dict[str, float | int | list[str]]:
+        return {"requests": len(self.samples), "failed": len(self.failures),
+                "failure_kinds": sorted(set(self.failures)),
+                "max_ms": round(max(self.samples, default=0.0), 1),
+                "p50_ms": round(percentile(self.samples, 50), 3) if self.samples else 0.0}

@@ -37,7 +37,8 @@ def rows(data: dict[str, Any]) -> list[Row]:
         for key, label in (("single_1gib", "HTTPS download, 1 stream, 1 GiB (MB/s)"),
                            ("parallel_16x64mib", "HTTPS download, 16 streams, 1 GiB total (MB/s)")):
             r = tp[key]
-            out.append((label, _fmt(r["direct_mb_per_s"]), _fmt(r["proxy_mb_per_s"]), f"ratio {r['ratio']:.2f}",
+            out.append((label, _fmt(r["direct_mb_per_s"]), _fmt(r["proxy_mb_per_s"]),
+                        f"ratio {r['ratio']:.2f} (median of {len(r['runs_mb_per_s']['proxy'])} pairs)",
                         "ratio >= 0.8", _met(r["ratio"] >= 0.8)))
     conn = data.get("connections")
     if conn:
@@ -71,6 +72,11 @@ def rows(data: dict[str, Any]) -> list[Row]:
             out.append((f"Allowlist {n:,}: Squid RSS (MB)", "", _fmt(r["squid_rss_mb"]), "",
                         "<= 300 MB at 100k" if big else "-", _met(r["squid_rss_mb"] <= 300) if big else "-"))
             lat = r["latency"]
+            probe = r.get("probe_during_reload")
+            if probe:
+                out.append((f"Allowlist {n:,}: new connections refused during the reload", "",
+                            f"{probe['failed']} of {probe['requests'] + probe['failed']}", "",
+                            "0 (issue 4: zero dropped)", _met(probe["failed"] == 0)))
             out.append((f"Allowlist {n:,}: new HTTPS / HTTP connection p50 (ms)",
                         f"{_fmt(lat['https']['direct']['p50_ms'], 2)} / {_fmt(lat['http']['direct']['p50_ms'], 2)}",
                         f"{_fmt(lat['https']['proxy']['p50_ms'], 2)} / {_fmt(lat['http']['proxy']['p50_ms'], 2)}",
@@ -112,6 +118,7 @@ def plots(data: dict[str, Any], stem: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     made = []
     conn = data.get("connections")
@@ -125,6 +132,8 @@ def plots(data: dict[str, Any], stem: Path) -> list[Path]:
                 ax.plot(samples, [(i + 1) / n for i in range(n)], color=color,
                         label=f"{name} (p50 {conn[kind]['latency'][name]['p50_ms']:.2f} ms)")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("latency (ms, log scale)")
             ax.set_ylabel("fraction of requests")
             ax.set_title(title, fontsize=10)
@@ -189,16 +198,31 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
                               ("keepalive", "new_connection")), ""]
     tp = data.get("throughput")
     if tp:
-        parts += ["Proxy CPU during the last proxied download (% of one core): "
-                  + "; ".join(f"{k}: Squid {tp[k]['proxy_cpu_last_run']['squid']['cpu_percent']}" for k in tp), ""]
+        parts += ["CPU during the last download of each kind (machine: % of all cores busy; Squid: % of one core): "
+                  + "; ".join(f"{k}: direct machine {tp[k]['cpu_last_run']['direct']['machine_busy_percent']}%, "
+                              f"proxied machine {tp[k]['cpu_last_run']['proxy']['machine_busy_percent']}% with Squid "
+                              f"{tp[k]['cpu_last_run']['proxy']['squid']['cpu_percent']}%" for k in tp), ""]
+    conn = data.get("connections")
+    if conn and http:
+        parts += ["Squid CPU per unit of work: "
+                  f"{conn['https']['squid_cpu_us_per_connection']} us per new HTTPS connection (CONNECT + peek + "
+                  f"splice + log), {conn['http']['squid_cpu_us_per_connection']} us per new plain HTTP connection, "
+                  f"{http['keepalive']['squid_cpu_us_per_request']} us per keep-alive request.", ""]
     scale = data.get("scale")
     if scale:
         parts += ["| entries | reload (s) | write -> reloaded event (s) | policy (s) | render (s) | squid -k parse (s) "
-                  "| Squid RSS (MB) | supervisor RSS (MB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| Squid RSS (MB) | supervisor RSS (MB) | probe during reload: ok / refused / max wait (ms) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in scale["sizes"]:
+            probe = r.get("probe_during_reload", {})
             parts.append(f"| {r['entries']:,} | {r['reload_s']} | {r['write_to_event_s']} | {r['policy_s']} | "
-                         f"{r['render_s']} | {r['squid_parse_s']} | {r['squid_rss_mb']} | {r['supervisor_rss_mb']} |")
+                         f"{r['render_s']} | {r['squid_parse_s']} | {r['squid_rss_mb']} | {r['supervisor_rss_mb']} | "
+                         f"{probe.get('requests', '-')} / {probe.get('failed', '-')} / {probe.get('max_ms', '-')} |")
         parts.append("")
+        profile = scale["sizes"][-1].get("parse_profile")
+        if profile:
+            parts += [f"`squid -k parse` of minimal configs loading the {scale['sizes'][-1]['entries']:,}-entry file: "
+                      + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in profile.items()), ""]
     rul = data.get("reload_under_load")
     if rul:
         parts += [f"Reload under load: from `{rul['file']}` (bench/reload_under_load.py).", "", "```json",
