@@ -266,6 +266,8 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
             latency[kind] = {"direct": summarize(samples["direct"]), "proxy": summarize(samples["proxy"])}
             latency[kind]["added_p50_ms"] = round(latency[kind]["proxy"]["p50_ms"] - latency[kind]["direct"]["p50_ms"],
                                                   3)
+        if event.get("entries") != size:
+            raise RuntimeError(f"expected {size} active entries, the supervisor reports {event.get('entries')}")
         row = {"entries": size, "reload_s": round(event["duration_ms"] / 1000, 3), "confirmed": event["confirmed"],
                "write_to_event_s": round(wall, 3), **parts, "squid_rss_mb": round(rss / 2**20, 1),
                "supervisor_rss_mb": round(sup_rss / 2**20, 1), "latency": latency,

@@ -186,7 +186,11 @@ def plots(data: dict[str, Any], stem: Path) -> list[Path]:
 
 
 def markdown(data: dict[str, Any], images: list[Path]) -> str:
-    parts = [f"# egress-proxy benchmark, {data['date']}", "", machine_line(data), "",
+    noise = ""
+    if data.get("supervisor"):
+        noise = (f" While the proxy sat idle, the machine was {data['supervisor']['idle']['machine_busy_percent']}% "
+                 "busy with other work: a measure of how noisy this run was.")
+    parts = [f"# egress-proxy benchmark, {data['date']}", "", machine_line(data) + "." + noise, "",
              "All traffic on loopback in a private network namespace: curl, wrk and a Python client -> (Squid) -> "
              "nginx on 127.0.0.2. Direct and proxied figures come from the same run, interleaved.", "",
              table(data), ""]
