@@ -43,7 +43,11 @@ SETTING_ENVS = {option.env for option in OPTIONS}
 
 
 def compose_schema() -> dict[str, Any]:
-    source = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    """The Compose Specification schema as vendored (with its license and checksum) by check-jsonschema."""
+    try:
+        source = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    except ModuleNotFoundError as exc:
+        raise AssertionError("the test venv lacks check-jsonschema (requirements.txt must pin it)") from exc
     schema: dict[str, Any] = json.loads(source.read_text(encoding="utf-8"))
     return schema
 
