@@ -282,8 +282,10 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
 
 
 def reload_under_load_results() -> dict[str, Any] | None:
-    """bench/reload_under_load.py (owned by the live-allowlist work) writes its own JSON; include the newest."""
-    found = sorted(RESULTS.glob("reload_under_load*.json"), key=lambda p: p.stat().st_mtime)
+    """bench/reload_under_load.py (owned by the live-allowlist work) writes bench/results/reload-<date>.json;
+    include the newest."""
+    found = sorted([*RESULTS.glob("reload-*.json"), *RESULTS.glob("reload_under_load*.json")],
+                   key=lambda p: p.stat().st_mtime)
     if not found:
         return None
     try:
@@ -311,6 +313,14 @@ def main() -> int:
         "date": date, "started": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,
         "machine": machine(), "sections": sections,
     }
+    # Other work on the machine skews everything; record how busy it was before we started.
+    before = benchenv.machine_busy()
+    time.sleep(2)
+    after = benchenv.machine_busy()
+    busy = round(100 * (after[0] - before[0]) / max(1, after[1] - before[1]), 1)
+    results["machine_busy_before_start_percent"] = busy
+    if busy > 20:
+        log(f"warning: the machine is already {busy}% busy with other work; the figures will be noisy")
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-", dir="/tmp"))
     world = World(workdir)
     proxy: Proxy | None = None

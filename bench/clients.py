@@ -225,6 +225,7 @@ class Probe:
         self.interval = interval
         self.samples: list[float] = []
         self.failures: list[str] = []
+        self.failed_at: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -237,6 +238,7 @@ class Probe:
                 self.samples.append((time.perf_counter() - started) * 1000)
             except (OSError, ConnectionError) as exc:
                 self.failures.append(type(exc).__name__)
+                self.failed_at.append(time.monotonic())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Probe:
@@ -251,4 +253,7 @@ class Probe:
         return {"requests": len(self.samples), "failed": len(self.failures),
                 "failure_kinds": sorted(set(self.failures)),
                 "max_ms": round(max(self.samples, default=0.0), 1),
+                # first to last refusal: about how long the listening port was closed
+                "failure_window_ms": round((self.failed_at[-1] - self.failed_at[0]) * 1000 + self.interval * 1000, 1)
+                if self.failed_at else 0.0,
                 "p50_ms": round(percentile(self.samples, 50), 3) if self.samples else 0.0}

@@ -92,11 +92,22 @@ def rows(data: dict[str, Any]) -> list[Row]:
         out.append(("Squid CPU (% of a core), idle / under load", "",
                     f"{sup['idle']['squid']['cpu_percent']} / {sup['load']['squid']['cpu_percent']}", "", "-", "-"))
     rul = data.get("reload_under_load")
-    if rul:
-        summary = rul["data"].get("summary", rul["data"]) if isinstance(rul["data"], dict) else {}
-        for key, value in summary.items():
-            if isinstance(value, int | float | str | bool):
-                out.append((f"Reload under load: {key}", "", str(value), "", "-", "-"))
+    if rul and isinstance(rul["data"], dict):
+        for key, value in _flatten(rul["data"]):
+            out.append((f"Reload under load: {key}", "", str(value), "", "-", "-"))
+    return out
+
+
+def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Scalars of bench/reload_under_load.py's JSON, one level of nesting deep (its schema is its own)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in {"date", "squid", "settings"}:
+            continue
+        if isinstance(value, int | float | str | bool):
+            out.append((key, value))
+        elif isinstance(value, dict):
+            out += [(f"{key}.{sub}", v) for sub, v in value.items() if isinstance(v, int | float | str | bool)]
     return out
 
 
@@ -187,6 +198,9 @@ def plots(data: dict[str, Any], stem: Path) -> list[Path]:
 
 def markdown(data: dict[str, Any], images: list[Path]) -> str:
     noise = ""
+    if "machine_busy_before_start_percent" in data:
+        noise += (f" Before the run, the machine was {data['machine_busy_before_start_percent']}% busy with other "
+                  "work.")
     if data.get("supervisor"):
         noise = (f" While the proxy sat idle, the machine was {data['supervisor']['idle']['machine_busy_percent']}% "
                  "busy with other work: a measure of how noisy this run was.")
@@ -215,13 +229,14 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
     scale = data.get("scale")
     if scale:
         parts += ["| entries | reload (s) | write -> reloaded event (s) | policy (s) | render (s) | squid -k parse (s) "
-                  "| Squid RSS (MB) | supervisor RSS (MB) | probe during reload: ok / refused / max wait (ms) |",
+                  "| Squid RSS (MB) | supervisor RSS (MB) | probe during reload: ok / refused / refusal window (ms) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in scale["sizes"]:
             probe = r.get("probe_during_reload", {})
             parts.append(f"| {r['entries']:,} | {r['reload_s']} | {r['write_to_event_s']} | {r['policy_s']} | "
                          f"{r['render_s']} | {r['squid_parse_s']} | {r['squid_rss_mb']} | {r['supervisor_rss_mb']} | "
-                         f"{probe.get('requests', '-')} / {probe.get('failed', '-')} / {probe.get('max_ms', '-')} |")
+                         f"{probe.get('requests', '-')} / {probe.get('failed', '-')} / "
+                         f"{probe.get('failure_window_ms', '-')} |")
         parts.append("")
         profile = scale["sizes"][-1].get("parse_profile")
         if profile:
@@ -229,10 +244,10 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
                       + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in profile.items()), ""]
     rul = data.get("reload_under_load")
     if rul:
-        parts += [f"Reload under load: from `{rul['file']}` (bench/reload_under_load.py).", "", "```json",
-                  json.dumps(rul["data"], indent=1)[:4000], "```", ""]
+        parts += [f"Reload under load: the rows above starting with 'Reload under load' come from `{rul['file']}` "
+                  "(bench/reload_under_load.py, run separately; it has its own settings and run date).", ""]
     else:
-        parts += ["Reload under load: no `bench/results/reload_under_load*.json` yet (bench/reload_under_load.py).",
+        parts += ["Reload under load: no `bench/results/reload-*.json` yet (bench/reload_under_load.py).",
                   ""]
     parts += [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(parts) + "\n"
