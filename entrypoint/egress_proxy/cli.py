@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .allowlist import Allowlist, AllowlistError, parse_allowlist, parse_allowlist_value
+from .metrics import manager_host, read_counters
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size, make_source
 from .squid_conf import StatePaths, render
@@ -123,13 +124,13 @@ def _health(settings: Settings) -> int:
     if not status.get("config_loaded"):
         print("unhealthy: no config loaded")
         return 1
-    host = str(settings.listen_address)
-    host = "127.0.0.1" if host == "0.0.0.0" else ("::1" if host == "::" else host)
+    host = manager_host(settings)
     try:
-        with socket.create_connection((host, settings.port), timeout=3):
-            pass
-    except OSError as exc:
-        print(f"unhealthy: nothing accepts connections on {host}:{settings.port}: {exc.strerror or exc}")
+        # A real HTTP answer from Squid's cache manager, not just a TCP accept: a wedged Squid whose kernel
+        # still accepts connections fails here. Loopback manager reads are not access-logged.
+        read_counters(host, settings.port, timeout=3)
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"unhealthy: Squid on {host}:{settings.port} did not answer: {exc}")
         return 1
     print(f"healthy: {host}:{settings.port}, allowlist version {status.get('version')}, "
           f"{status.get('entries')} entries")
