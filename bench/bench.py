@@ -126,7 +126,10 @@ def bench_throughput(proxy: Proxy, cacert: str, reps: int) -> dict[str, Any]:
         result[name] = {"streams": streams, "total_bytes": 1024**3, "runs_mb_per_s": runs,
                         "direct_mb_per_s": direct, "proxy_mb_per_s": proxied,
                         "pair_ratios": [round(r, 3) for r in pairs],
-                        "ratio": round(statistics.median(pairs), 3), "cpu_last_run": cpu}
+                        "ratio": round(statistics.median(pairs), 3), "cpu_last_run": cpu,
+                        # Squid's own cost, independent of how many cores the endpoints got: core-seconds per GB.
+                        "squid_core_s_per_gb": round(cpu["proxy"]["squid"]["cpu_percent"] / 100 /
+                                                     (runs["proxy"][-1] / 1000), 3)}
     return result
 
 

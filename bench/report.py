@@ -38,7 +38,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
                            ("parallel_16x64mib", "HTTPS download, 16 streams, 1 GiB total (MB/s)")):
             r = tp[key]
             out.append((label, _fmt(r["direct_mb_per_s"]), _fmt(r["proxy_mb_per_s"]),
-                        f"ratio {r['ratio']:.2f} (median of {len(r['runs_mb_per_s']['proxy'])} pairs)",
+                        f"ratio {r['ratio']:.3f} (median of {len(r['runs_mb_per_s']['proxy'])} pairs)",
                         "ratio >= 0.8", _met(r["ratio"] >= 0.8)))
     conn = data.get("connections")
     if conn:
@@ -91,10 +91,6 @@ def rows(data: dict[str, Any]) -> list[Row]:
                     f"{sup['idle']['supervisor']['rss_mb']} / {sup['load']['supervisor']['rss_mb']}", "", "-", "-"))
         out.append(("Squid CPU (% of a core), idle / under load", "",
                     f"{sup['idle']['squid']['cpu_percent']} / {sup['load']['squid']['cpu_percent']}", "", "-", "-"))
-    rul = data.get("reload_under_load")
-    if rul and isinstance(rul["data"], dict):
-        for key, value in _flatten(rul["data"]):
-            out.append((f"Reload under load: {key}", "", str(value), "", "-", "-"))
     return out
 
 
@@ -202,8 +198,8 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
         noise += (f" Before the run, the machine was {data['machine_busy_before_start_percent']}% busy with other "
                   "work.")
     if data.get("supervisor"):
-        noise = (f" While the proxy sat idle, the machine was {data['supervisor']['idle']['machine_busy_percent']}% "
-                 "busy with other work: a measure of how noisy this run was.")
+        noise += (f" While the proxy sat idle, the machine was {data['supervisor']['idle']['machine_busy_percent']}% "
+                  "busy with other work: a measure of how noisy this run was.")
     parts = [f"# egress-proxy benchmark, {data['date']}", "", machine_line(data) + "." + noise, "",
              "All traffic on loopback in a private network namespace: curl, wrk and a Python client -> (Squid) -> "
              "nginx on 127.0.0.2. Direct and proxied figures come from the same run, interleaved.", "",
@@ -220,6 +216,10 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
                   + "; ".join(f"{k}: direct machine {tp[k]['cpu_last_run']['direct']['machine_busy_percent']}%, "
                               f"proxied machine {tp[k]['cpu_last_run']['proxy']['machine_busy_percent']}% with Squid "
                               f"{tp[k]['cpu_last_run']['proxy']['squid']['cpu_percent']}%" for k in tp), ""]
+    if tp and all("squid_core_s_per_gb" in tp[k] for k in tp):
+        parts += ["Squid's own cost of a spliced tunnel: "
+                  + "; ".join(f"{k}: {tp[k]['squid_core_s_per_gb']} core-seconds per GB "
+                              f"(one core would carry ~{1 / tp[k]['squid_core_s_per_gb']:.1f} GB/s)" for k in tp), ""]
     conn = data.get("connections")
     if conn and http:
         parts += ["Squid CPU per unit of work: "
@@ -244,8 +244,12 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
                       + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in profile.items()), ""]
     rul = data.get("reload_under_load")
     if rul:
-        parts += [f"Reload under load: the rows above starting with 'Reload under load' come from `{rul['file']}` "
-                  "(bench/reload_under_load.py, run separately; it has its own settings and run date).", ""]
+        parts += [f"## Reload under load (`{rul['file']}`)", "",
+                  "From bench/reload_under_load.py, run separately with its own settings and date "
+                  f"({rul['data'].get('date', '?')}); its JSON has the details.", "",
+                  "| key | value |", "|---|---:|"]
+        parts += [f"| {key} | {value} |" for key, value in _flatten(rul["data"])]
+        parts.append("")
     else:
         parts += ["Reload under load: no `bench/results/reload-*.json` yet (bench/reload_under_load.py).",
                   ""]
