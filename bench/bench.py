@@ -105,7 +105,7 @@ def interleaved_latencies(kind: str, cacert: str, count: int, block: int = 50) -
 # --- sections --------------------------------------------------------------------------------------------
 def bench_throughput(proxy: Proxy, cacert: str, reps: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    pids = {"squid": proxy.squid_pid, "supervisor": proxy.pid}
+    pids = proxy.groups()
     for name, path, streams in (("single_1gib", "/1g", 1), ("parallel_16x64mib", "/64m", 16)):
         runs: dict[str, list[float]] = {"direct": [], "proxy": []}
         cpu: dict[str, Any] = {}
@@ -129,7 +129,7 @@ def bench_throughput(proxy: Proxy, cacert: str, reps: int) -> dict[str, Any]:
                         "ratio": round(statistics.median(pairs), 3), "cpu_last_run": cpu,
                         # Squid's own cost, independent of how many cores the endpoints got: core-seconds per GB.
                         "squid_core_s_per_gb": round(cpu["proxy"]["squid"]["cpu_percent"] / 100 /
-                                                     (runs["proxy"][-1] / 1000), 3)}
+                                                     (runs["proxy"][-1] / 1000), 3) or None}
     return result
 
 
@@ -141,7 +141,7 @@ def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float
         direct, proxied = summarize(samples["direct"]), summarize(samples["proxy"])
         rates: dict[str, Any] = {}
         for via in (False, True):
-            window = CpuWindow({"squid": proxy.squid_pid, "supervisor": proxy.pid}).start()
+            window = CpuWindow(proxy.groups()).start()
             rate = clients.connection_rate(Target(kind, via, cacert), rate_seconds, workers)
             rate["cpu"] = window.stop()
             rates["proxy" if via else "direct"] = rate
@@ -163,7 +163,7 @@ def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float
 
 def bench_http(proxy: Proxy, seconds: float, connections: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    pids = {"squid": proxy.squid_pid, "supervisor": proxy.pid}
+    pids = proxy.groups()
     for keepalive in (True, False):
         name = "keepalive" if keepalive else "new_connection"
         runs = {}
@@ -184,7 +184,7 @@ def bench_http(proxy: Proxy, seconds: float, connections: int) -> dict[str, Any]
 
 
 def bench_supervisor(proxy: Proxy, idle_seconds: float, load_seconds: float) -> dict[str, Any]:
-    pids = {"squid": proxy.squid_pid, "supervisor": proxy.pid}
+    pids = proxy.groups()
     window = CpuWindow(pids).start()
     time.sleep(idle_seconds)
     idle = window.stop()
@@ -260,7 +260,7 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
             time.sleep(1)  # let Squid settle (helpers restart after a reconfigure)
         if event["event"] != "reloaded":
             raise RuntimeError(f"allowlist of {size} rejected: {event.get('message')}")
-        _, rss = proc_stat(proxy.squid_pid)
+        memory = proxy.squid_memory()
         _, sup_rss = proc_stat(proxy.pid)
         parts = time_render_and_parse(text, proxy)
         latency = {}
@@ -272,7 +272,7 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
         if event.get("entries") != size:
             raise RuntimeError(f"expected {size} active entries, the supervisor reports {event.get('entries')}")
         row = {"entries": size, "reload_s": round(event["duration_ms"] / 1000, 3), "confirmed": event["confirmed"],
-               "write_to_event_s": round(wall, 3), **parts, "squid_rss_mb": round(rss / 2**20, 1),
+               "write_to_event_s": round(wall, 3), **parts, "squid_rss_mb": memory["pss_mb"], "squid_memory": memory,
                "supervisor_rss_mb": round(sup_rss / 2**20, 1), "latency": latency,
                "probe_during_reload": probe.summary()}
         if size == max(SCALE_SIZES):

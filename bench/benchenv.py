@@ -5,6 +5,7 @@ Everything binds 127.0.0.0/8 and bench/run puts us in a private network namespac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,6 +88,34 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in children(pid):
+        out += [child, *descendants(child)]
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages split between the processes sharing them, so the PSS of
+    Squid's coordinator and workers adds up without counting the same library twice."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies over all CPUs, from /proc/stat."""
     with open("/proc/stat") as handle:
@@ -95,19 +124,31 @@ def machine_busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
-class CpuWindow:
-    """CPU used by some processes between start() and stop(), as a share of one core; plus the whole machine's
-    busy share (100% = every core busy), which tells whether a run was CPU-bound."""
+def group_stat(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, VmRSS bytes) summed over processes; ones that have exited count as zero."""
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        try:
+            c, r = proc_stat(pid)
+        except OSError:
+            continue
+        cpu, rss = cpu + c, rss + r
+    return cpu, rss
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
+
+class CpuWindow:
+    """CPU used by groups of processes between start() and stop(), as a share of one core; plus the whole
+    machine's busy share (100% = every core busy), which tells whether a run was CPU-bound."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
         self._machine0 = (0.0, 0.0)
 
     def start(self) -> CpuWindow:
         self._t0 = time.monotonic()
-        self._cpu0 = {name: proc_stat(pid)[0] for name, pid in self.pids.items()}
+        self._cpu0 = {name: group_stat(pids)[0] for name, pids in self.groups.items()}
         self._machine0 = machine_busy()
         return self
 
@@ -116,8 +157,8 @@ class CpuWindow:
         busy, total = machine_busy()
         out: dict[str, Any] = {"machine_busy_percent": round(100 * (busy - self._machine0[0]) /
                                                              max(1.0, total - self._machine0[1]), 1)}
-        for name, pid in self.pids.items():
-            cpu, rss = proc_stat(pid)
+        for name, pids in self.groups.items():
+            cpu, rss = group_stat(pids)
             out[name] = {"cpu_percent": round(100 * (cpu - self._cpu0[name]) / wall, 1),
                          "rss_mb": round(rss / MiB, 1)}
         return out
@@ -196,6 +237,19 @@ class Proxy:
         assert self.process
         return self.process.pid
 
+    def squid_pids(self) -> list[int]:
+        """Squid's own processes: the one the supervisor started and, in SMP mode, its coordinator's workers
+        (helpers such as the SNI checker are not counted)."""
+        return [self.squid_pid, *(p for p in descendants(self.squid_pid) if comm(p) == "squid")]
+
+    def groups(self) -> dict[str, list[int]]:
+        return {"squid": self.squid_pids(), "supervisor": [self.pid]}
+
+    def squid_memory(self) -> dict[str, float]:
+        pids = self.squid_pids()
+        return {"processes": len(pids), "pss_mb": round(sum(pss(p) for p in pids) / MiB, 1),
+                "rss_sum_mb": round(group_stat(pids)[1] / MiB, 1)}
+
     def start(self, timeout: float = 120) -> Proxy:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
@@ -242,14 +296,19 @@ class Proxy:
                 self._cond.wait(remaining)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # A supervisor that died on its own leaves Squid behind (it runs in its own session): end it too.
+        if self.squid_pid and comm(self.squid_pid) == "squid":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.squid_pid, signal.SIGKILL)
 
 
 class World:
