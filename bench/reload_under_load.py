@@ -337,8 +337,7 @@ def main() -> int:
         "reloads": len(reloads),
         "reloads_unconfirmed": sum(1 for r in reloads if not r.get("confirmed")),
         "reloads_rejected": len(rejected),
-        "squid_starts": sum(1 for r in proxy.records if r.get("type") == "cache_log"
-                            and "Starting Squid Cache" in r.get("message", "")),
+        "squid_starts": proxy.squid_starts(),
         "requests_ok": dict(tally.ok),
         "requests_ok_total_during_changes": ok_total,
         "requests_failed": dict(tally.failed),

@@ -143,6 +143,15 @@ def _cidrs(raw: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _workers(raw: str) -> int:
+    if not raw.strip().isdigit() or not 2 <= int(raw) <= 32:
+        raise _Bad(
+            "must be a whole number from 2 to 32",
+            "use 2 (Squid's SMP mode with at least 2 workers keeps the listening socket open across reloads)",
+        )
+    return int(raw)
+
+
 def _client_cidrs(raw: str) -> tuple[IPNetwork, ...]:
     networks = _cidrs(raw)
     if not networks:
@@ -294,6 +303,14 @@ OPTIONS: tuple[Option, ...] = (
         "endpoint, else the host name.",
         "NAME",
     ),
+    Option(
+        "workers",
+        _workers,
+        "2",
+        "Squid worker processes (2-32). At least 2: in Squid's SMP mode a coordinator holds the listening "
+        "socket, so new connections queue instead of being refused while the workers reconfigure.",
+        "N",
+    ),
     Option("squid_binary", _text, "squid", "The Squid executable (Debian's squid-openssl).", "PATH"),
 )
 
@@ -319,6 +336,7 @@ class Settings:
     metrics_namespace: str
     metrics_interval: float
     instance_id: str | None
+    workers: int
     squid_binary: str
 
     @property

@@ -5,6 +5,7 @@ The Squid knowledge lives in ``templates/squid.conf.j2``; this module only prepa
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from importlib import resources
@@ -161,11 +162,19 @@ def render(
         "reasons": list(REASONS),
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
+        "workers": settings.workers,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty allowlist means.
     allowlist_text = "".join(entry + "\n" for entry in allowlist.entries)
     return RenderedConfig(squid_conf=squid_conf, allowlist_text=allowlist_text)
+
+
+def service_name(paths: StatePaths) -> str:
+    """Squid's -n service name, unique per state dir: SMP mode names its IPC sockets (in /run/squid) and shared
+    memory segments after it, so two proxies on one host (tests, or a sidecar) must not share one."""
+    digest = hashlib.sha256(str(paths.state.resolve()).encode()).hexdigest()[:10]
+    return f"egress{digest}"
 
 
 def _squid_seconds(seconds: float) -> int:

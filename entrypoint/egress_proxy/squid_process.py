@@ -68,6 +68,7 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
                       paths.sni_helper.parent):
         directory.mkdir(parents=True, exist_ok=True)
     _check_reachable(paths.state, user)
+    _prepare_smp_dirs(user)
     for directory in (paths.state, paths.access_fifo.parent, paths.cert.parent):
         _chown_to(directory, user)
     _write_throwaway_cert(paths, user)
@@ -80,6 +81,20 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
         if not fifo.exists():
             os.mkfifo(fifo, 0o600)
         _chown_to(fifo, user)
+
+
+IPC_DIR = Path("/var/run/squid")  # compiled into Debian's Squid: SMP mode's IPC sockets live here
+SHM_DIR = Path("/dev/shm")
+
+
+def _prepare_smp_dirs(user: str | None) -> None:
+    if os.geteuid() == 0:
+        IPC_DIR.mkdir(parents=True, exist_ok=True)
+        _chown_to(IPC_DIR, user)
+    for directory, fix in ((IPC_DIR, "create it owned by the proxy's user (install -d -o proxy -g proxy /run/squid)"),
+                           (SHM_DIR, "mount a tmpfs there (Docker and ECS provide one by default)")):
+        if not os.access(directory, os.W_OK | os.X_OK) and os.geteuid() != 0:
+            raise SquidError(f"Squid's SMP mode needs a writable {directory}; {fix}")
 
 
 def _check_reachable(state: Path, user: str | None) -> None:
@@ -197,17 +212,20 @@ class LogRelay:
 
 
 class SquidProcess:
-    """Squid 5 in the foreground (-N: one process, no kids), as our child."""
+    """Squid 5 in SMP mode in the foreground, as our child: a master (our child) with a coordinator and the
+    workers as its kids. ``--foreground`` rather than ``-N``, because -N means one process and no coordinator,
+    and then every reconfigure closes the listening port for a moment."""
 
-    def __init__(self, squid_binary: str, conf: Path) -> None:
+    def __init__(self, squid_binary: str, conf: Path, service: str) -> None:
         self.squid_binary = squid_binary
         self.conf = conf
+        self.service = service
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         try:
             self.process = subprocess.Popen(
-                [self.squid_binary, "-N", "-f", str(self.conf)],
+                [self.squid_binary, "--foreground", "-n", self.service, "-f", str(self.conf)],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our signals are forwarded explicitly, never doubled by the terminal
             )
@@ -235,11 +253,18 @@ class SquidProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=grace)
+            code = self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
+            code = None
+        self.kill_leftovers()
+        return code if code is not None else self.process.wait()
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL whatever is left of Squid's process group (kids and helpers of a master that died), so a
+        dead master's workers cannot keep the port and serve a config nobody supervises."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
 
 
 def wait_until_listening(host: str, port: int, process: SquidProcess, timeout: float) -> None:

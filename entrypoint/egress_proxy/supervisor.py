@@ -25,7 +25,7 @@ from .denier import Denier
 from .metrics import DecisionCounter, MetricsLoop
 from .settings import Settings
 from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
-from .squid_conf import RenderedConfig, StatePaths, default_error_page, render
+from .squid_conf import RenderedConfig, StatePaths, default_error_page, render, service_name
 from .squid_process import (
     LogRelay,
     SquidError,
@@ -191,7 +191,7 @@ class Supervisor:
         # Bound now (so the rendered config knows its port), served from run() before Squid starts.
         self.denier = Denier()
         self.applier = ConfigApplier(settings, self.paths, self.logger, self.user, denial_port=self.denier.port)
-        self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf)
+        self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf, service_name(self.paths))
         self.clock = clock
         self._wake = threading.Event()
         self._stop_signal: int | None = None
@@ -288,6 +288,7 @@ class Supervisor:
             if code is not None:
                 self.logger.event("error", "squid_died", f"Squid exited unexpectedly with code {code}",
                                   exit_code=code)
+                self.squid.kill_leftovers()
                 return ExitCode.SQUID_DIED
             if self._pending is not None:
                 self._check_pending()  # the source is not polled until Squid has taken the last change

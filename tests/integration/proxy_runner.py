@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,18 @@ class ProxyRunner:
     def events(self, name: str) -> list[Record]:
         with self._lock:
             return [r for r in self.records if r.get("event") == name]
+
+    def squid_starts(self) -> dict[str, int]:
+        """How often each Squid process (kid1, kid2, ... in SMP mode) logged its start. All 1 = never restarted."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for record in self.records:
+                message = record.get("message", "") if record.get("type") == "cache_log" else ""
+                if "Starting Squid Cache" in message:
+                    match = re.search(r"\b(kid\d+)\|", message)
+                    process = match.group(1) if match else "squid"
+                    counts[process] = counts.get(process, 0) + 1
+        return counts
 
     def signal(self, signum: int) -> None:
         assert self.process

@@ -90,8 +90,8 @@ def proxy(public_tmp: Path, moto: MotoServer, dns: DnsServer, http_origin: HttpO
     yield runner
     code = runner.stop()
     assert code == 0, "\n".join(runner.raw_lines[-30:])
-    starts = [r for r in runner.records if r.get("type") == "cache_log" and "Starting Squid Cache" in r["message"]]
-    assert len(starts) == 1, "Squid was restarted"
+    starts = runner.squid_starts()
+    assert starts and set(starts.values()) == {1}, f"Squid was restarted: {starts}"
 
 
 @pytest.fixture()
