@@ -333,7 +333,12 @@ def main() -> int:
         allowlist = workdir / "allowlist.txt"
         allowlist.write_text(allowlist_text(100, 0))
         proxy = Proxy(workdir, allowlist).start()
-        log(f"proxy up: supervisor pid {proxy.pid}, squid pid {proxy.squid_pid}")
+        conf = (proxy.state_dir / "conf" / "squid.conf").read_text()
+        workers = [line.split()[1] for line in conf.splitlines() if line.startswith("workers ")]
+        results["squid_workers"] = int(workers[0]) if workers else 1
+        results["squid_processes"] = len(proxy.squid_pids())
+        log(f"proxy up: supervisor pid {proxy.pid}, squid pids {proxy.squid_pids()}, "
+            f"{results['squid_workers']} worker(s)")
         if "throughput" in sections:
             log("throughput")
             results["throughput"] = bench_throughput(proxy, cacert, reps=1 if quick else 5)

@@ -118,7 +118,8 @@ def table(data: dict[str, Any]) -> str:
 def machine_line(data: dict[str, Any]) -> str:
     m = data["machine"]
     return (f"{data['date']}: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, Linux {m['kernel']}; "
-            f"{m['squid'].replace('Squid Cache: ', 'Squid ')}, {m['nginx'].replace('nginx version: ', '')} "
+            f"{m['squid'].replace('Squid Cache: ', 'Squid ')} ({data.get('squid_workers', 1)} worker(s), "
+            f"{data.get('squid_processes', 1)} Squid process(es)), {m['nginx'].replace('nginx version: ', '')} "
             f"origin; bench/run took {data['elapsed_s']:.0f} s" + (" (--quick)" if data.get("quick") else ""))
 
 
