@@ -46,6 +46,8 @@ PRIVATE_DESTINATIONS: tuple[IPNetwork, ...] = tuple(
 )
 
 CERTGEN = "/usr/lib/squid/security_file_certgen"
+# mawk (Debian's default awk) buffers its input unless told it is interactive; a helper must answer each line.
+AWK = "/usr/bin/mawk -W interactive" if Path("/usr/bin/mawk").exists() else "awk"
 TEMPLATES = resources.files("egress_proxy") / "templates"
 
 
@@ -102,6 +104,10 @@ class StatePaths:
     @property
     def sni_helper(self) -> Path:
         return self.state / "bin" / "sni_present"
+
+    @property
+    def sni_policy(self) -> Path:
+        return self.state / "bin" / "sni_allowlisted.awk"
 
     @property
     def status(self) -> Path:
@@ -163,11 +169,18 @@ def render(
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
         "workers": settings.workers,
+        "awk": AWK,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty allowlist means.
-    allowlist_text = "".join(entry + "\n" for entry in allowlist.entries)
+    allowlist_text = "".join(entry + "\n" for entry in sorted(allowlist.entries, key=squid_domain_order))
     return RenderedConfig(squid_conf=squid_conf, allowlist_text=allowlist_text)
+
+
+def squid_domain_order(entry: str) -> list[str]:
+    """Squid keeps dstdomain entries in a splay tree ordered by labels from the right. Writing them in that
+    order makes every insert land at the tree's edge, which measurably shortens each parse of a long list."""
+    return entry.lstrip(".").split(".")[::-1]
 
 
 def service_name(paths: StatePaths) -> str:
@@ -188,3 +201,7 @@ def default_error_page() -> str:
 
 def sni_helper_script() -> str:
     return (TEMPLATES / "sni_present.sh").read_text(encoding="utf-8")
+
+
+def sni_policy_script() -> str:
+    return (TEMPLATES / "sni_allowlisted.awk").read_text(encoding="utf-8")

@@ -31,6 +31,13 @@ def test_allowlist_text_is_minimal_and_sorted() -> None:
     assert rendered.allowlist_text == ".example.com\na.example.org\n"
 
 
+def test_allowlist_text_is_in_squids_label_order() -> None:
+    # Labels compared from the right, as Squid's splay tree does, so its inserts stay at the tree's edge.
+    rendered = render(load_settings({}, {}), parse_allowlist("a.example.org b.example.com z.aaa.net"),
+                      StatePaths(Path("/s")), run_as=None, denial_port=39999)
+    assert rendered.allowlist_text == "b.example.com\nz.aaa.net\na.example.org\n"
+
+
 def test_policy_directives() -> None:
     conf = _render({"EGRESS_ALLOW_DESTINATIONS": "10.1.2.0/24", "EGRESS_DNS_SERVERS": "9.9.9.9"})
     assert 'acl allowlisted_host dstdomain -n "/srv/state/conf/allowlist.txt"' in conf
@@ -42,6 +49,9 @@ def test_policy_directives() -> None:
     assert "never_direct allow refused_connect" in conf
     assert "ssl_bump peek step1 reason_allowed" in conf
     assert "ssl_bump splice step2" in conf
+    assert "acl allowlisted_sni external sni_policy" in conf  # not a second, ssl::server_name copy of the list
+    assert not [line for line in conf.splitlines() if line.startswith("acl") and "ssl::server_name" in line]
+    assert "-f /srv/state/bin/sni_allowlisted.awk /srv/state/conf/allowlist.txt" in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
     for network in PRIVATE_DESTINATIONS:
