@@ -169,6 +169,7 @@ def render(
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
         "workers": settings.workers,
+        "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
         "awk": AWK,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)

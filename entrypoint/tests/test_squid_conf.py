@@ -77,6 +77,13 @@ def test_ports_and_listen_address() -> None:
                     "EGRESS_PORT": "3129"})
     assert "acl http_ports port 80 8080" in conf and "acl connect_ports port 443" in conf
     assert "http_port [::1]:3129 ssl-bump" in conf
+    assert "acl localhost_client src 127.0.0.1/32 ::1\n" in conf
+
+
+def test_specific_listen_address_may_read_the_cache_manager() -> None:
+    # health and metrics connect to the listen address, so their source address is that address too
+    conf = _render({"EGRESS_LISTEN_ADDRESS": "10.0.1.5"})
+    assert "acl localhost_client src 127.0.0.1/32 ::1 10.0.1.5\n" in conf
 
 
 def test_candidate_paths_point_at_candidate_dir() -> None:

@@ -136,3 +136,17 @@ def test_workers_run_unprivileged(proxy: ProxyRunner) -> None:
     # SMP mode: a coordinator plus the workers, all as the unprivileged 'proxy' user.
     assert len(kids) >= 3, listing
     assert all(line.split()[1] == "proxy" for line in kids), listing
+
+
+def test_health_on_a_specific_listen_address(public_tmp: Path, dns: DnsServer, isolated_network: bool) -> None:
+    # Only inside the suite's own network namespace: the address is added to its loopback device there.
+    if not isolated_network:
+        pytest.skip("needs the private network namespace scripts/test creates")
+    address = "10.99.0.1"
+    subprocess.run(["ip", "addr", "replace", f"{address}/32", "dev", "lo"], check=True)
+    env = {**BASE_ENV, "EGRESS_ALLOWED_DOMAINS": "allowed.test"}
+    state = _state(public_tmp, "specific-address")
+    with ProxyRunner(state, env, host=address, port=3156):
+        health = _run_cli("health", "--state-dir", str(state), "--listen-address", address, "--port", "3156")
+        assert health.returncode == 0, health.stdout
+        assert f"healthy: {address}:3156" in health.stdout
