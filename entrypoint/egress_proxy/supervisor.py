@@ -15,14 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from types import FrameType
 from typing import Any, TextIO
 
 from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
 from .denier import Denier
-from .metrics import DecisionCounter, MetricsLoop
+from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .settings import Settings
 from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
 from .squid_conf import RenderedConfig, StatePaths, default_error_page, render, service_name
@@ -83,7 +83,6 @@ class ReloadStats:
     version: str | None = None
     entries: int = 0
     last_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     rejected_version: str | None = None  # the last version refused (None once a newer one was applied)
     skipped: int = 0  # changes whose rendered config was identical (no reconfigure)
 
@@ -195,7 +194,9 @@ class Supervisor:
         self.clock = clock
         self._wake = threading.Event()
         self._stop_signal: int | None = None
-        self._reconfigured = threading.Event()
+        # Each worker logs "Accepting ... connections at" when it has (re)loaded; a reload is taken when all have.
+        self._accepting_workers = 0
+        self._accepting_lock = threading.Lock()
         self._backoff = 0.0
         self.decisions = DecisionCounter()  # access-log decisions, for the metrics
         # The last source version processed, applied or rejected: a rejected value is not retried (nor its
@@ -217,7 +218,8 @@ class Supervisor:
     def _cache_log_line(self, line: str) -> None:
         text = line.rstrip("\n")
         if "Accepting" in text and "connections at" in text:
-            self._reconfigured.set()
+            with self._accepting_lock:
+                self._accepting_workers += 1
             self._wake.set()
         self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
 
@@ -254,7 +256,7 @@ class Supervisor:
         LogRelay(self.paths.cache_fifo, self._cache_log_line)
         try:
             self.squid.start()
-            wait_until_listening(self._probe_host(), self.settings.port, self.squid, timeout=60)
+            wait_until_listening(manager_host(self.settings), self.settings.port, self.squid, timeout=60)
         except SquidError as exc:
             self.logger.event("error", "startup_failed", str(exc))
             self.squid.stop(grace=5)
@@ -277,7 +279,7 @@ class Supervisor:
         while True:
             # While a reconfigure is pending, the cache.log relay wakes us when Squid confirms it.
             if self._pending is not None:
-                timeout = 0.05 if self._reconfigured.is_set() else 0.5
+                timeout = 0.05 if self._all_workers_accepting() else 0.5
             else:
                 timeout = max(0.0, min(1.0, next_poll - self.clock()))
             self._wake.wait(timeout=timeout)
@@ -363,31 +365,32 @@ class Supervisor:
             return True
         added, removed = previous.diff(allowlist) if previous else (allowlist.entries, ())
         self.applier.activate(allowlist, rendered, snapshot)
-        self._reconfigured.clear()
+        with self._accepting_lock:
+            self._accepting_workers = 0
         self.squid.reconfigure()
         self._pending = _PendingReload(snapshot=snapshot, added=len(added), removed=len(removed),
                                        entries=len(allowlist), started=started,
                                        deadline=time.monotonic() + CONFIRM_TIMEOUT)
         return True
 
-    def _probe_host(self) -> str:
-        host = str(self.settings.listen_address)
-        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-
     def _port_accepts(self) -> bool:
         try:
-            with socket.create_connection((self._probe_host(), self.settings.port), timeout=0.5):
+            with socket.create_connection((manager_host(self.settings), self.settings.port), timeout=0.5):
                 return True
         except OSError:
             return False
+
+    def _all_workers_accepting(self) -> bool:
+        with self._accepting_lock:
+            return self._accepting_workers >= self.settings.workers
 
     def _check_pending(self) -> None:
         pending = self._pending
         if pending is None:
             return
-        # Squid logs "Accepting ... connections at" just BEFORE it calls listen() on the reopened port, so the
-        # port must also accept a TCP connection (one that sends nothing, which Squid does not log).
-        confirmed = self._reconfigured.is_set() and self._port_accepts()
+        # Every worker must have logged "Accepting ... connections at", and the port must accept a TCP connection
+        # (one that sends nothing, which is not logged): a worker logs that line just before it listens again.
+        confirmed = self._all_workers_accepting() and self._port_accepts()
         if not confirmed and time.monotonic() < pending.deadline:
             return
         self._pending = None
