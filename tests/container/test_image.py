@@ -31,6 +31,9 @@ from harness import (
     tls_over_tunnel,
     wait_for_port,
 )
+from harness import (
+    client_session as session,
+)
 from runtime import Container, make_container
 
 pytestmark = pytest.mark.container
@@ -43,10 +46,6 @@ allowed.container.test
 """
 
 
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # never pick up proxy settings from the environment
-    return s
 
 
 def get_through_reload(url: str, proxies: dict[str, str], container: Container) -> requests.Response:

@@ -41,6 +41,7 @@ from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
 
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -1230,3 +1231,11 @@ def http_get_over(
     while 100 <= _status_of(head) < 200:  # skip interim responses
         head = _read_head(sock)
     return _status_of(head), read_body(sock, head)
+
+
+def client_session() -> requests.Session:
+    """A ``requests`` session for tests: it never picks up proxy settings (``*_proxy``) from the environment,
+    so a test talks to exactly the proxy, or the origin, that it names."""
+    session = requests.Session()
+    session.trust_env = False
+    return session

@@ -20,6 +20,7 @@ import pytest
 import requests
 from conftest import ORIGIN_IP, MotoServer
 from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port, wait_for_port
+from harness import client_session as session
 from proxy_runner import ProxyRunner, egress_proxy_command
 
 PORT = 3140
@@ -39,10 +40,6 @@ BODY_KB = 100
 ALLOWLIST = "allowed.test\n.wild.test\n"
 
 
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl
 
 import pytest
-import requests
 from conftest import INTERNAL_IP, ORIGIN_IP, PROXY_PORT, curl
 from harness import (
     DnsServer,
@@ -17,15 +16,14 @@ from harness import (
     http_get_over,
     tls_over_tunnel,
 )
+from harness import (
+    client_session as session,
+)
 from proxy_runner import ProxyRunner
 
 PROXY = ("127.0.0.1", PROXY_PORT)
 
 
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # never pick up proxy settings from the environment
-    return s
 
 
 def refused_connect(target: str, port: int = 443, reason: str = "") -> bytes:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import ORIGIN_IP, RAW_IP
 from harness import (
     DnsServer,
@@ -26,6 +25,9 @@ from harness import (
     read_body,
     tls_over_tunnel,
 )
+from harness import (
+    client_session as session,
+)
 from proxy_runner import ProxyRunner, Record
 
 PORT = 3129
@@ -35,10 +37,6 @@ MARGIN = 15.0  # generous: a loaded CI machine, Squid's reconfigure and helper r
 BASE_ALLOWLIST = "# reload tests\nallowed.test\nkeep.wild.test\n"
 
 
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def http_status(proxy: ProxyRunner, host: str, path: str = "/") -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from conftest import ORIGIN_IP, MotoServer
 from harness import DnsServer, HttpOrigin, TlsOrigin, free_port
+from harness import client_session as session
 from proxy_runner import ProxyRunner, Record, egress_proxy_command
 
 PORT = 3130
@@ -26,10 +26,6 @@ SECRET = "egress-proxy/test-live-allowlist"
 BASE_VALUE = json.dumps({"allowed_domains": ["allowed.test", "keep.wild.test"]})
 
 
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def http_status(proxy: ProxyRunner, host: str) -> int:
