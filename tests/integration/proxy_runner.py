@@ -122,6 +122,13 @@ class ProxyRunner:
                     counts[process] = counts.get(process, 0) + 1
         return counts
 
+    def stop_and_check_no_restart(self) -> None:
+        """Stop; assert a clean exit and that no Squid process restarted (reloads must reconfigure, never restart)."""
+        code = self.stop()
+        assert code == 0, "\n".join(self.raw_lines[-30:])
+        starts = self.squid_starts()
+        assert starts and set(starts.values()) == {1}, f"Squid was restarted: {starts}"
+
     def signal(self, signum: int) -> None:
         assert self.process
         self.process.send_signal(signum)

@@ -67,11 +67,7 @@ def proxy(public_tmp: Path, allowlist_file: Path, dns: DnsServer, http_origin: H
     )
     runner.start()
     yield runner
-    code = runner.stop()
-    assert code == 0, "\n".join(runner.raw_lines[-30:])
-    # Never a restart: each Squid process started once for the whole module, however many reloads.
-    starts = runner.squid_starts()
-    assert starts and set(starts.values()) == {1}, f"Squid was restarted: {starts}"
+    runner.stop_and_check_no_restart()  # one Squid for the whole module, however many reloads
 
 
 def write_allowlist(path: Path, text: str) -> None:

@@ -84,10 +84,7 @@ def proxy(public_tmp: Path, moto: MotoServer, dns: DnsServer, http_origin: HttpO
     runner = ProxyRunner(public_tmp / "state-secret", proxy_env(moto), port=PORT)
     runner.start()
     yield runner
-    code = runner.stop()
-    assert code == 0, "\n".join(runner.raw_lines[-30:])
-    starts = runner.squid_starts()
-    assert starts and set(starts.values()) == {1}, f"Squid was restarted: {starts}"
+    runner.stop_and_check_no_restart()
 
 
 @pytest.fixture()
