@@ -22,67 +22,14 @@ import os
 import signal
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-Record = dict[str, Any]
+from log_reader import LogReader  # tests/integration, on sys.path via conftest
+
 Mount = tuple[Path, str]  # (host path, path in the container), always read-only
-
-
-class LogReader:
-    """Collects the supervisor's JSON lines (stdout and stderr) and lets tests wait for one."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.raw_lines: list[str] = []
-        self._changed = threading.Condition()
-
-    def feed(self, line: str) -> None:
-        line = line.rstrip("\n")
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError
-        except ValueError:
-            record = {"type": "raw", "message": line}
-        with self._changed:
-            self.raw_lines.append(line)
-            self.records.append(record)
-            self._changed.notify_all()
-
-    def mark(self) -> int:
-        with self._changed:
-            return len(self.records)
-
-    def wait_for(self, predicate: Callable[[Record], bool], timeout: float = 15.0, start: int = 0) -> Record:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for record in self.records[start:]:
-                    if predicate(record):
-                        return record
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tail = "\n".join(self.raw_lines[-25:])
-                    raise TimeoutError(f"no matching log record within {timeout} s; last lines:\n{tail}")
-                self._changed.wait(remaining)
-
-    def access(self, start: int = 0, timeout: float = 15.0, **match: Any) -> Record:
-        return self.wait_for(
-            lambda r: r.get("type") == "access" and all(r.get(k) == v for k, v in match.items()),
-            timeout=timeout, start=start,
-        )
-
-    def events(self, name: str) -> list[Record]:
-        with self._changed:
-            return [r for r in self.records if r.get("event") == name]
-
-    def tail(self, n: int = 40) -> str:
-        with self._changed:
-            return "\n".join(self.raw_lines[-n:])
 
 
 def _run(argv: Sequence[str], timeout: float = 120) -> str:
@@ -129,6 +76,7 @@ def _proc_info(pid: int) -> tuple[str, int, int] | None:
 
 
 class BuildahContainer(LogReader):
+    default_timeout = 15.0  # the image starts slower than a local process
     """The image run with ``buildah run --isolation chroot``: its entrypoint on the host network."""
 
     def __init__(self, image: str) -> None:
@@ -240,6 +188,7 @@ class BuildahContainer(LogReader):
 
 
 class DockerContainer(LogReader):
+    default_timeout = 15.0
     """The same with a Docker engine, through the docker SDK (``pip install docker``), on the host network."""
 
     def __init__(self, image: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -10,14 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from harness import wait_for_port
-
-Record = dict[str, Any]
+from log_reader import LogReader
 
 
 def egress_proxy_command() -> list[str]:
@@ -25,7 +21,7 @@ def egress_proxy_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "egress_proxy.cli"]
 
 
-class ProxyRunner:
+class ProxyRunner(LogReader):
     def __init__(self, state_dir: Path, env: Mapping[str, str], host: str = "127.0.0.1", port: int = 3128,
                  args: list[str] | None = None) -> None:
         self.state_dir = state_dir
@@ -40,11 +36,8 @@ class ProxyRunner:
             "EGRESS_DRAIN_SECONDS": "1",
             **env,
         }
+        super().__init__()
         self.args = args or []
-        self.records: list[Record] = []
-        self.raw_lines: list[str] = []
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self.process: subprocess.Popen[str] | None = None
         self.exit_code: int | None = None
 
@@ -73,47 +66,12 @@ class ProxyRunner:
     def _read(self) -> None:
         assert self.process and self.process.stdout
         for line in self.process.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = {"type": "raw", "message": line.rstrip("\n")}
-            with self._changed:
-                self.raw_lines.append(line.rstrip("\n"))
-                self.records.append(record)
-                self._changed.notify_all()
-
-    def wait_for(self, predicate: Callable[[Record], bool], timeout: float = 10.0, start: int = 0) -> Record:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for record in self.records[start:]:
-                    if predicate(record):
-                        return record
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tail = "\n".join(self.raw_lines[-20:])
-                    raise TimeoutError(f"no matching log record within {timeout} s; last lines:\n{tail}")
-                self._changed.wait(remaining)
-
-    def mark(self) -> int:
-        """Index to pass as ``start`` so a wait only considers records logged after this point."""
-        with self._lock:
-            return len(self.records)
-
-    def access(self, start: int = 0, **match: Any) -> Record:
-        """Wait for the access log record whose fields equal ``match``."""
-        return self.wait_for(
-            lambda r: r.get("type") == "access" and all(r.get(k) == v for k, v in match.items()), start=start
-        )
-
-    def events(self, name: str) -> list[Record]:
-        with self._lock:
-            return [r for r in self.records if r.get("event") == name]
+            self.feed(line)
 
     def squid_starts(self) -> dict[str, int]:
         """How often each Squid process (kid1, kid2, ... in SMP mode) logged its start. All 1 = never restarted."""
         counts: dict[str, int] = {}
-        with self._lock:
+        with self._changed:
             for record in self.records:
                 message = record.get("message", "") if record.get("type") == "cache_log" else ""
                 if "Starting Squid Cache" in message:

@@ -28,7 +28,8 @@ from harness import (
 from harness import (
     client_session as session,
 )
-from proxy_runner import ProxyRunner, Record
+from log_reader import Record
+from proxy_runner import ProxyRunner
 
 PORT = 3129
 PROXY = ("127.0.0.1", PORT)
@@ -83,8 +84,7 @@ def wait_event(proxy: ProxyRunner, name: str, mark: int, timeout: float = FILE_I
 
 
 def events_since(proxy: ProxyRunner, mark: int, name: str) -> list[Record]:
-    with proxy._lock:
-        return [r for r in proxy.records[mark:] if r.get("event") == name]
+    return proxy.events(name, start=mark)
 
 
 def change(proxy: ProxyRunner, path: Path, text: str, timeout: float = FILE_INTERVAL + MARGIN) -> Record:

@@ -17,7 +17,8 @@ import pytest
 from conftest import ORIGIN_IP, MotoServer
 from harness import DnsServer, HttpOrigin, TlsOrigin, free_port
 from harness import client_session as session
-from proxy_runner import ProxyRunner, Record, egress_proxy_command
+from log_reader import Record
+from proxy_runner import ProxyRunner, egress_proxy_command
 
 PORT = 3130
 INTERVAL = 1.0
