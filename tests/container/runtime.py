@@ -8,7 +8,7 @@ Both runtimes share one interface, so tests/container/test_image.py holds one se
 * ``exec(argv)``: run a command in the same container (same rootfs, same state dir, image user);
 * ``processes()``: ``(pid, command name, real uid, effective uid)`` of everything running in the container;
 * ``stop()``: the image's STOPSIGNAL to PID 1 (tini), which forwards it to the supervisor; returns its exit code;
-* ``wait_for`` / ``access`` / ``mark``: the JSON log lines, as in tests/integration/proxy_runner.py.
+* ``wait_for`` / ``access`` / ``mark``: the JSON log lines (tests/integration/log_reader.py, shared with ProxyRunner).
 
 buildah: ``buildah from`` + ``buildah run --isolation chroot`` (no PID or network namespace: the processes are
 host processes, found as descendants of the ``buildah run`` process). Docker (used when
