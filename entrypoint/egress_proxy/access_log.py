@@ -23,6 +23,9 @@ REASONS: dict[str, str] = {
     "destination_not_public": "the host resolves to a private, loopback, link-local or metadata address",
     "sni_missing": "the TLS ClientHello carried no SNI, so the real destination cannot be checked",
     "sni_not_allowlisted": "the TLS SNI names a host that is not on the allowlist (domain fronting)",
+    "sni_malformed": "the TLS ClientHello's SNI is malformed: more than one name or extension, or not a valid "
+    "host name (NUL or control bytes, an IP address, an over-long label)",
+    "sni_unchecked": "the SNI check did not answer (its helper failed), so the tunnel was refused",
     "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
     "manager_denied": "the cache manager is reachable from the proxy host only",
     "denied": "no rule allowed the request",

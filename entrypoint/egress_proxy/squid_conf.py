@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,9 +47,16 @@ PRIVATE_DESTINATIONS: tuple[IPNetwork, ...] = tuple(
     )
 )
 
+# NAT64's well-known prefix (RFC 6052): with DNS64 on (Route 53 Resolver offers it per subnet), an IPv4-only name
+# is answered 64:ff9b::<IPv4>, and a NAT gateway translates it back. So every private IPv4 range is private
+# inside this prefix too.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
 CERTGEN = "/usr/lib/squid/security_file_certgen"
-# mawk (Debian's default awk) buffers its input unless told it is interactive; a helper must answer each line.
-AWK = "/usr/bin/mawk -W interactive" if Path("/usr/bin/mawk").exists() else "awk"
+# The SNI helper's interpreter. It needs only the standard library, but it runs as Squid's unprivileged user, who
+# may not reach the supervisor's own interpreter (a pyenv build under /root, say), so the system python3 comes
+# first. -I (isolated mode) in the template: no user site, no PYTHON* variables.
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else (sys.executable or "python3")
 TEMPLATES = resources.files("egress_proxy") / "templates"
 
 
@@ -103,11 +112,7 @@ class StatePaths:
 
     @property
     def sni_helper(self) -> Path:
-        return self.state / "bin" / "sni_present"
-
-    @property
-    def sni_policy(self) -> Path:
-        return self.state / "bin" / "sni_allowlisted.awk"
+        return self.state / "bin" / "sni_helper.py"
 
     @property
     def status(self) -> Path:
@@ -163,19 +168,52 @@ def render(
         "dns_servers": [str(ip) for ip in settings.dns_servers],
         "client_cidrs": [str(net) for net in settings.client_cidrs] or ["none"],
         "allowed_ports": settings.allowed_ports,
-        "private_destinations": [str(net) for net in PRIVATE_DESTINATIONS],
-        "allow_destinations": [str(net) for net in settings.allow_destinations],
+        "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],
         "reasons": list(REASONS),
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
         "workers": settings.workers,
         "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
-        "awk": AWK,
+        "python": PYTHON,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty allowlist means.
     allowlist_text = "".join(entry + "\n" for entry in sorted(allowlist.entries, key=squid_domain_order))
     return RenderedConfig(squid_conf=squid_conf, allowlist_text=allowlist_text)
+
+
+def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
+    """The SSRF guard's ranges: every private range (and its NAT64 image) minus the exempt ones.
+
+    One ``dst`` ACL must say it: Squid's ``dst`` matches when ANY resolved address matches, so the obvious
+    ``deny private_destination !exempt_destination`` lets an answer holding one exempt address disarm the rule,
+    and Squid then connects to another, non-exempt one. ``deny forbidden_destination`` refuses a name when any of
+    its addresses is forbidden. Never empty: when the exemptions cover every range, a documentation-only address
+    (RFC 5737) stands in so the ACL stays valid and matches nothing real."""
+    private = list(PRIVATE_DESTINATIONS) + [_nat64(net) for net in _ipv4(PRIVATE_DESTINATIONS)]
+    holes = list(exempt) + [_nat64(net) for net in _ipv4(exempt)]
+    for hole in holes:
+        private = [piece for net in private for piece in _subtract(net, hole)]
+    return sorted(private, key=lambda net: (net.version, net.network_address, net.prefixlen)) or [
+        ipaddress.ip_network("192.0.2.1/32")
+    ]
+
+
+def _ipv4(networks: Iterable[IPNetwork]) -> list[ipaddress.IPv4Network]:
+    return [net for net in networks if isinstance(net, ipaddress.IPv4Network)]
+
+
+def _nat64(net: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    base = int(NAT64_PREFIX.network_address) + int(net.network_address)
+    return ipaddress.IPv6Network((base, 96 + net.prefixlen))
+
+
+def _subtract(net: IPNetwork, hole: IPNetwork) -> list[IPNetwork]:
+    if net.version != hole.version or not net.overlaps(hole):
+        return [net]
+    if net.subnet_of(hole):  # type: ignore[arg-type]
+        return []
+    return list(net.address_exclude(hole))  # type: ignore[arg-type]
 
 
 def squid_domain_order(entry: str) -> list[str]:
@@ -201,8 +239,4 @@ def default_error_page() -> str:
 
 
 def sni_helper_script() -> str:
-    return (TEMPLATES / "sni_present.sh").read_text(encoding="utf-8")
-
-
-def sni_policy_script() -> str:
-    return (TEMPLATES / "sni_allowlisted.awk").read_text(encoding="utf-8")
+    return (resources.files("egress_proxy") / "sni_helper.py").read_text(encoding="utf-8")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from . import access_log
-from .squid_conf import CERTGEN, StatePaths, sni_helper_script, sni_policy_script
+from .squid_conf import CERTGEN, StatePaths, sni_helper_script
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
 SQUID_USER = "proxy"  # Debian's squid user; Squid drops to it when started as root
@@ -74,8 +74,7 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     _write_throwaway_cert(paths, user)
     _init_ssl_db(paths, user)
     _install_error_pages(paths, error_page)
-    atomic_write(paths.sni_helper, sni_helper_script(), mode=0o755)
-    atomic_write(paths.sni_policy, sni_policy_script(), mode=0o644)
+    atomic_write(paths.sni_helper, sni_helper_script(), mode=0o644)
     for fifo in (paths.access_fifo, paths.cache_fifo):
         if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):
             fifo.unlink()

@@ -217,6 +217,10 @@ class Supervisor:
     # --- logs --------------------------------------------------------------------------------------
     def _cache_log_line(self, line: str) -> None:
         text = line.rstrip("\n")
+        if text.endswith(f"TCP connection to 127.0.0.1/{self.denier.port} failed"):
+            # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
+            # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
+            return
         if "Accepting" in text and "connections at" in text:
             with self._accepting_lock:
                 self._accepting_workers += 1

@@ -1,66 +1,120 @@
-"""The awk SNI helper, driven over stdin/stdout as Squid drives it, agrees with the policy module's matching."""
+"""The SNI helper (sni_helper.py), driven over stdin/stdout as Squid drives it: real ClientHellos from Python's ssl
+module in, OK/ERR out; and its host-name matching agrees with the policy module's."""
 
 from __future__ import annotations
 
+import base64
 import random
-import shlex
+import ssl
 import subprocess
+import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
+from egress_proxy import sni_helper
 from egress_proxy.allowlist import parse_allowlist
 from egress_proxy.settings import load_settings
-from egress_proxy.squid_conf import AWK, StatePaths, render, sni_policy_script
+from egress_proxy.squid_conf import StatePaths, render, sni_helper_script
 
 ENTRIES = "b.example.com z.aaa.net .example.org .deep.sub.example.net xn--bcher-kva.example"
 
 
-def _ask(tmp_path: Path, entries: str, lookups: list[str]) -> list[str]:
+def _client_hello(server_hostname: str | None) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _as_squid_sends(hello: bytes) -> str:
+    # %>handshake is base64; the external ACL protocol URL-quotes it (+, / and = become %2B, %2F, %3D).
+    return urllib.parse.quote(base64.b64encode(hello).decode(), safe="")
+
+
+def _ask(tmp_path: Path, entries: str, handshakes: list[str]) -> list[str]:
     allowlist = parse_allowlist(entries)
     rendered = render(load_settings({}, {}), allowlist, StatePaths(tmp_path), run_as=None, denial_port=1)
     listing = tmp_path / "allowlist.txt"
     listing.write_text(rendered.allowlist_text)
-    script = tmp_path / "sni_allowlisted.awk"
-    script.write_text(sni_policy_script())
-    result = subprocess.run([*shlex.split(AWK), "-f", str(script), str(listing)],
-                            input="".join(line + "\n" for line in lookups), capture_output=True, text=True,
-                            timeout=60)
+    script = tmp_path / "sni_helper.py"
+    script.write_text(sni_helper_script())
+    lines = "".join(f"{channel} {handshake}\n" for channel, handshake in enumerate(handshakes))
+    result = subprocess.run([sys.executable, "-I", str(script), str(listing)], input=lines, capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    answers = result.stdout.splitlines()
+    assert [answer.split(" ", 1)[0] for answer in answers] == [str(i) for i in range(len(handshakes))]
+    return [answer.split(" ", 1)[1] for answer in answers]
 
 
 @pytest.mark.parametrize(
     ("sni", "expected"),
     [
         ("b.example.com", "OK"),
-        ("B.Example.COM.", "OK"),
-        ("a.example.com", "ERR"),
+        ("B.Example.COM", "OK"),
+        ("a.example.com", "ERR sni_verdict=not_allowlisted"),
         ("www.example.org", "OK"),
         ("example.org", "OK"),
         ("a.b.c.example.org", "OK"),
-        ("evilexample.org", "ERR"),
-        ("example.org.evil.net", "ERR"),
+        ("evilexample.org", "ERR sni_verdict=not_allowlisted"),
+        ("example.org.evil.net", "ERR sni_verdict=not_allowlisted"),
         ("deep.sub.example.net", "OK"),
-        ("sub.example.net", "ERR"),
+        ("sub.example.net", "ERR sni_verdict=not_allowlisted"),
         ("xn--bcher-kva.example", "OK"),
-        ("-", "ERR"),
-        ("", "ERR"),
+        (None, "ERR sni_verdict=missing"),
     ],
 )
-def test_answers(tmp_path: Path, sni: str, expected: str) -> None:
-    assert _ask(tmp_path, ENTRIES, [sni]) == [expected]
+def test_answers_real_client_hellos(tmp_path: Path, sni: str | None, expected: str) -> None:
+    assert _ask(tmp_path, ENTRIES, [_as_squid_sends(_client_hello(sni))]) == [expected]
 
 
-def test_agrees_with_the_policy_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("handshake", "expected"),
+    [
+        ("-", "ERR sni_verdict=missing"),
+        ("", "ERR sni_verdict=missing"),
+        ("not*base64", "ERR sni_verdict=malformed"),
+        (base64.b64encode(b"GET / HTTP/1.1\r\n\r\n").decode(), "ERR sni_verdict=malformed"),
+        (base64.b64encode(b"\x16\x03\x01\x00\x05\x01\x00").decode(), "ERR sni_verdict=malformed"),  # truncated
+    ],
+)
+def test_answers_garbage_as_malformed(tmp_path: Path, handshake: str, expected: str) -> None:
+    assert _ask(tmp_path, ENTRIES, [handshake]) == [expected]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"a\x00.example.org", b"a\x01.example.org", b"192.0.2.1", b"::1", b"a" * 64 + b".example.org", b"",
+     b"-a.example.org", b"a_b.example.org", b"caf\xc3\xa9.example.org", b"a..example.org", b"a.example.org..",
+     (b"a" * 60 + b".") * 4 + b"example.org"],
+)
+def test_invalid_host_names_are_malformed(raw: bytes) -> None:
+    with pytest.raises(sni_helper.Malformed):
+        sni_helper.host_name(raw)
+
+
+def test_host_name_normalises_case_and_one_trailing_dot() -> None:
+    assert sni_helper.host_name(b"WWW.Example.ORG.") == "www.example.org"
+
+
+def test_agrees_with_the_policy_module() -> None:
     rng = random.Random(7)
     labels = ["a", "b", "example", "org", "com", "net", "sub", "deep", "evil", "aaa", "z"]
     hosts = [".".join(rng.choice(labels) for _ in range(rng.randint(2, 5))) for _ in range(3000)]
     allowlist = parse_allowlist(ENTRIES)
-    expected = ["OK" if allowlist.allows(host) else "ERR" for host in hosts]
-    assert expected.count("OK") > 20  # the sample exercises both answers
-    assert _ask(tmp_path, ENTRIES, hosts) == expected
+    rendered = render(load_settings({}, {}), allowlist, StatePaths(Path("/unused")), run_as=None, denial_port=1)
+    allowed = sni_helper.load_allowlist(rendered.allowlist_text.splitlines())
+    expected = [allowlist.allows(host) for host in hosts]
+    assert expected.count(True) > 20  # the sample exercises both answers
+    assert [sni_helper.allowlisted(host, allowed) for host in hosts] == expected
 
 
 def test_empty_allowlist_refuses_everything(tmp_path: Path) -> None:
-    assert _ask(tmp_path, "", ["example.com", "-"]) == ["ERR", "ERR"]
+    hellos = [_as_squid_sends(_client_hello("example.com")), "-"]
+    assert _ask(tmp_path, "", hellos) == ["ERR sni_verdict=not_allowlisted", "ERR sni_verdict=missing"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import pytest
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
 from egress_proxy.settings import load_settings
-from egress_proxy.squid_conf import PRIVATE_DESTINATIONS, StatePaths, default_error_page, render
+from egress_proxy.squid_conf import (
+    PRIVATE_DESTINATIONS,
+    StatePaths,
+    default_error_page,
+    forbidden_destinations,
+    render,
+)
 from egress_proxy.squid_process import SquidError, parse_check, prepare_state_dir
 
 
@@ -42,24 +49,54 @@ def test_policy_directives() -> None:
     conf = _render({"EGRESS_ALLOW_DESTINATIONS": "10.1.2.0/24", "EGRESS_DNS_SERVERS": "9.9.9.9"})
     assert 'acl allowlisted_host dstdomain -n "/srv/state/conf/allowlist.txt"' in conf
     assert "dns_nameservers 9.9.9.9" in conf
-    assert "acl exempt_destination dst 10.1.2.0/24" in conf
-    assert "http_access deny private_destination !exempt_destination reason_destination_not_public" in conf
-    assert "ssl_bump splice step1 private_destination !exempt_destination reason_destination_not_public" in conf
+    assert "exempt_destination" not in conf  # one ACL: "dst" matches when ANY address of an answer matches
+    assert "http_access deny forbidden_destination reason_destination_not_public" in conf
+    assert "ssl_bump splice step1 forbidden_destination reason_destination_not_public" in conf
     assert "cache_peer 127.0.0.1 parent 39999 0 no-query" in conf
+    assert "connect-fail-limit=2147483647 name=denier" in conf
     assert "never_direct allow refused_connect" in conf
     assert "ssl_bump peek step1 reason_allowed" in conf
-    assert "ssl_bump splice step2" in conf
-    assert "acl allowlisted_sni external sni_policy" in conf  # not a second, ssl::server_name copy of the list
+    assert "ssl_bump splice step2 sni_ok" in conf
+    assert "acl sni_ok external sni_check" in conf  # not a second, ssl::server_name copy of the list
     assert not [line for line in conf.splitlines() if line.startswith("acl") and "ssl::server_name" in line]
-    assert "-f /srv/state/bin/sni_allowlisted.awk /srv/state/conf/allowlist.txt" in conf
+    assert " %>handshake " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/allowlist.txt" in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
     for network in PRIVATE_DESTINATIONS:
-        assert str(network) in conf
+        if not network.overlaps(ipaddress.ip_network("10.1.2.0/24")):  # type: ignore[arg-type]
+            assert f" {network}" in conf
     for reason in REASONS:
         assert f"acl reason_{reason} annotate_transaction reason={reason}" in conf
         assert f"deny_info ERR_EGRESS_DENIED reason_{reason}" in conf
     assert SQUID_LOGFORMAT in conf
+
+
+def _forbidden(exempt: str, address: str) -> bool:
+    networks = tuple(ipaddress.ip_network(cidr) for cidr in exempt.split()) if exempt else ()
+    return any(ipaddress.ip_address(address) in net for net in forbidden_destinations(networks))
+
+
+@pytest.mark.parametrize(
+    ("exempt", "address", "forbidden"),
+    [
+        ("", "10.1.2.5", True),
+        ("10.1.2.0/24", "10.1.2.5", False),
+        ("10.1.2.0/24", "10.1.3.5", True),  # the rest of 10/8 stays forbidden
+        ("10.1.2.0/24", "169.254.169.254", True),
+        ("10.1.2.0/24", "64:ff9b::a01:205", False),  # the exempt range's NAT64 image is exempt too
+        ("10.1.2.0/24", "64:ff9b::a9fe:a9fe", True),  # 169.254.169.254 through NAT64
+        ("127.0.0.2/32", "127.0.0.3", True),
+        ("127.0.0.2/32", "127.0.0.2", False),
+        ("", "fd00:ec2::254", True),
+        ("fd00:ec2::/32", "fd00:ec2::254", False),
+        ("fd00:ec2::/32", "fd00:ec3::1", True),
+        ("", "8.8.8.8", False),
+        ("", "2600::1", False),
+        ("0.0.0.0/0 ::/0", "10.0.0.1", False),  # everything exempt: the stand-in matches nothing real
+    ],
+)
+def test_forbidden_destinations_are_private_minus_exempt(exempt: str, address: str, forbidden: bool) -> None:
+    assert _forbidden(exempt, address) is forbidden
 
 
 def test_no_dns_servers_means_system_resolver() -> None:
@@ -68,8 +105,8 @@ def test_no_dns_servers_means_system_resolver() -> None:
 
 def test_no_exemption_renders_plain_deny() -> None:
     conf = _render()
-    assert "exempt_destination" not in conf
-    assert "http_access deny private_destination reason_destination_not_public" in conf
+    assert "acl forbidden_destination dst " + " ".join(str(net) for net in forbidden_destinations(())) in conf
+    assert "http_access deny forbidden_destination reason_destination_not_public" in conf
 
 
 def test_ports_and_listen_address() -> None:

@@ -51,6 +51,22 @@ class LogReader:
                     raise TimeoutError(f"no matching log record within {timeout} s; last lines:\n{self._tail(25)}")
                 self._changed.wait(remaining)
 
+    def wait_count(self, predicate: Callable[[Record], bool], count: int, start: int = 0,
+                   timeout: float | None = None) -> list[Record]:
+        """Wait until ``count`` records (from ``start``) match; returns them."""
+        timeout = self.default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                matching = [record for record in self.records[start:] if predicate(record)]
+                if len(matching) >= count:
+                    return matching
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(matching)} of {count} matching log records within {timeout} s; "
+                                       f"last lines:\n{self._tail(25)}")
+                self._changed.wait(remaining)
+
     def access(self, start: int = 0, timeout: float | None = None, **match: Any) -> Record:
         """Wait for the access log record whose fields equal ``match``."""
         return self.wait_for(
