@@ -23,7 +23,7 @@ import ipaddress
 import json
 import re
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import idna
@@ -37,6 +37,7 @@ __all__ = [
     "AllowlistError",
     "AllowlistProblem",
     "parse_allowlist",
+    "parse_allowlist_items",
     "parse_allowlist_value",
 ]
 
@@ -82,8 +83,15 @@ class AllowlistProblem:
     why: str  # what is wrong, phrased to follow the entry ("is an IP address")
     fix: str  # a concrete suggestion
     line: int | None = None  # 1-based line in the source text, when known
+    # Where the problem is in a JSON policy document, e.g. 'policies[1].allow[3]'.
+    # An empty `entry` with a path means the problem is about the item itself
+    # (a missing key, say), not about a value written there.
+    path: str | None = None
 
     def __str__(self) -> str:
+        if self.path is not None:
+            subject = f"{self.entry!r} " if self.entry else ""
+            return f"{self.path}: {subject}{self.why}; {self.fix}"
         where = f" (line {self.line})" if self.line is not None else ""
         return f"allowlist entry {self.entry!r}{where} {self.why}; {self.fix}"
 
@@ -117,7 +125,14 @@ class AllowlistError(ValueError):
         if count == 1:
             # "file: message" convention keeps a single problem on one line.
             return f"{self.source}: {self.problems[0]}"
-        lines = [f"{count} invalid allowlist entries in {self.source}:"]
+        # A policy document's problems are not all entries (a bad CIDR, a
+        # duplicate name): name them neutrally there.
+        noun = (
+            "problems"
+            if any(problem.path is not None for problem in self.problems)
+            else "invalid allowlist entries"
+        )
+        lines = [f"{count} {noun} in {self.source}:"]
         lines.extend(f"  {problem}" for problem in self.problems[:MAX_PROBLEMS_SHOWN])
         if count > MAX_PROBLEMS_SHOWN:
             lines.append(f"  ... and {count - MAX_PROBLEMS_SHOWN} more")
@@ -136,6 +151,11 @@ class Allowlist:
 
     entries: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # For lists read from a policy document: the path each kept entry was
+    # written at ('policies[0].deny[2]'), so later checks can point at it.
+    paths: Mapping[str, str] = field(
+        default_factory=dict, compare=False, repr=False
+    )
     # Lookup sets derived from `entries`; precomputed so allows() is O(labels).
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _domains: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -179,6 +199,31 @@ class Allowlist:
                 return True
         return False
 
+    def covers(self, entry: str) -> bool:
+        """True if every host `entry` (a normalised entry, e.g. from another
+        Allowlist) matches is allowed by this list."""
+        if not entry.startswith("."):
+            return self.allows(entry)
+        return any(suffix in self._domains for suffix in _suffixes(entry[1:]))
+
+    def overlaps(self, entry: str) -> bool:
+        """True if at least one host `entry` (a normalised entry) matches is
+        allowed by this list."""
+        if not entry.startswith("."):
+            return self.allows(entry)
+        name = entry[1:]
+        # '.name' meets this list when a parent (or name itself) is allowed, or
+        # when some entry lies at or under name.
+        return self.allows(name) or name in self._entry_suffixes
+
+    @functools.cached_property
+    def _entry_suffixes(self) -> frozenset[str]:
+        # Every entry name and each of its parents: built once, on first use,
+        # so overlaps() stays O(labels) per call for large lists.
+        return frozenset(
+            suffix for entry in self.entries for suffix in _suffixes(entry.lstrip("."))
+        )
+
     def diff(self, newer: Allowlist) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(added, removed) entries going from `self` to `newer`, both sorted."""
         old, new = set(self.entries), set(newer.entries)
@@ -194,6 +239,7 @@ class Allowlist:
 class _Token:
     raw: str  # as written, for messages
     line: int | None
+    path: str | None = None  # the item's path in a policy document
 
 
 @dataclass(frozen=True)
@@ -202,6 +248,7 @@ class _Entry:
     line: int | None
     name: str  # normalised A-label name, no leading/trailing dot
     subdomains: bool  # True for '.example.com' / '*.example.com'
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +264,25 @@ def parse_allowlist(text: str, *, source: str = "allowlist") -> Allowlist:
     """
     _check_size(text, source)
     return _build(_tokenise(text), source)
+
+
+def parse_allowlist_items(
+    items: Iterable[object], *, path: str, source: str = "allowlist"
+) -> Allowlist:
+    """Parse an already decoded JSON list of entries, such as a policy's
+    'allow' list; `path` (e.g. 'policies[0].allow') locates each item in
+    problems and warnings ('policies[0].allow[3]').
+
+    Raises AllowlistError listing every invalid item.  An empty list is valid
+    and produces no warning: whether "nothing" is alarming depends on the
+    list's role, which the caller knows.
+    """
+    key = path.rsplit(".", 1)[-1]
+    tokens = [
+        _json_item(item, path=f"{path}[{index}]", key=key)
+        for index, item in enumerate(items)
+    ]
+    return _build(tokens, source, empty_warning=None)
 
 
 def parse_allowlist_value(value: str, *, source: str) -> Allowlist:
@@ -319,43 +385,41 @@ def _json_items(value: str, source: str) -> list[_Token | AllowlistProblem]:
         why = f"has 'allowed_domains' as a JSON {_json_type(domains)}, not a list"
         raise AllowlistError([_whole_value_problem(value, why)], source)
 
-    items: list[_Token | AllowlistProblem] = []
-    for item in domains:
-        if not isinstance(item, str):
-            items.append(
-                AllowlistProblem(
-                    entry=_truncate(json.dumps(item)),
-                    why=f"is a JSON {_json_type(item)}, not a string",
-                    fix='write each domain as a JSON string, e.g. "example.com"',
-                    line=None,
-                )
-            )
-            continue
-        stripped = item.strip()
-        if not stripped:
-            items.append(
-                AllowlistProblem(
-                    entry=item,
-                    why="is an empty string",
-                    fix="remove it from 'allowed_domains'",
-                    line=None,
-                )
-            )
-        elif _SEPARATORS.search(stripped):
-            parts = ", ".join(
-                json.dumps(part) for part in _SEPARATORS.split(stripped) if part
-            )
-            items.append(
-                AllowlistProblem(
-                    entry=item,
-                    why="holds several entries in one string",
-                    fix=f"in the JSON form list each domain as its own string: [{parts}]",
-                    line=None,
-                )
-            )
-        else:
-            items.append(_Token(stripped, None))
-    return items
+    return [_json_item(item, path=None, key="allowed_domains") for item in domains]
+
+
+def _json_item(item: object, *, path: str | None, key: str) -> _Token | AllowlistProblem:
+    """One entry of a JSON list, or the problem with it (`key` names the list
+    in suggestions, `path` locates the item in a policy document)."""
+    if not isinstance(item, str):
+        return AllowlistProblem(
+            entry=_truncate(json.dumps(item)),
+            why=f"is a JSON {_json_type(item)}, not a string",
+            fix='write each domain as a JSON string, e.g. "example.com"',
+            line=None,
+            path=path,
+        )
+    stripped = item.strip()
+    if not stripped:
+        return AllowlistProblem(
+            entry=item,
+            why="is an empty string",
+            fix=f"remove it from '{key}'",
+            line=None,
+            path=path,
+        )
+    if _SEPARATORS.search(stripped):
+        parts = ", ".join(
+            json.dumps(part) for part in _SEPARATORS.split(stripped) if part
+        )
+        return AllowlistProblem(
+            entry=item,
+            why="holds several entries in one string",
+            fix=f"in the JSON form list each domain as its own string: [{parts}]",
+            line=None,
+            path=path,
+        )
+    return _Token(stripped, None, path)
 
 
 def _json_type(value: object) -> str:
@@ -381,7 +445,15 @@ def _truncate(value: str) -> str:
     return value if len(value) <= _TRUNCATE_AT else value[:_TRUNCATE_AT] + "..."
 
 
-def _build(tokens: Iterable[_Token | AllowlistProblem], source: str) -> Allowlist:
+_EMPTY_WARNING = "the allowlist is empty: every request will be denied"
+
+
+def _build(
+    tokens: Iterable[_Token | AllowlistProblem],
+    source: str,
+    *,
+    empty_warning: str | None = _EMPTY_WARNING,
+) -> Allowlist:
     problems: list[AllowlistProblem] = []
     warnings: list[str] = []
     accepted: list[_Entry] = []
@@ -393,31 +465,43 @@ def _build(tokens: Iterable[_Token | AllowlistProblem], source: str) -> Allowlis
         result = _classify(token.raw)
         if isinstance(result, _Rejection):
             problems.append(
-                AllowlistProblem(token.raw, result.why, result.fix, token.line)
+                AllowlistProblem(
+                    token.raw, result.why, result.fix, token.line, token.path
+                )
             )
             continue
         name, subdomains, was_star = result
         if was_star:
             warnings.append(
-                f"{token.raw!r}{_where(token.line)} was read as '.{name}' "
+                f"{_located(token.raw, token.line, token.path)} was read as '.{name}' "
                 f"(the domain and all its subdomains); write '.{name}' to silence this warning"
             )
-        accepted.append(_Entry(token.raw, token.line, name, subdomains))
+        accepted.append(_Entry(token.raw, token.line, name, subdomains, token.path))
     if problems:
         raise AllowlistError(problems, source)
 
-    entries, collapse_warnings = _collapse(accepted)
+    entries, collapse_warnings, kept = _collapse(accepted)
     warnings.extend(collapse_warnings)
     if len(warnings) > MAX_WARNINGS:
         hidden = len(warnings) - MAX_WARNINGS
         warnings = warnings[:MAX_WARNINGS] + [f"... and {hidden} more warnings"]
-    if not entries:
-        warnings.insert(0, "the allowlist is empty: every request will be denied")
-    return Allowlist(entries=tuple(sorted(entries)), warnings=tuple(warnings))
+    if not entries and empty_warning is not None:
+        warnings.insert(0, empty_warning)
+    paths = {
+        rendered: entry.path for rendered, entry in kept.items() if entry.path is not None
+    }
+    return Allowlist(
+        entries=tuple(sorted(entries)), warnings=tuple(warnings), paths=paths
+    )
 
 
-def _collapse(accepted: list[_Entry]) -> tuple[list[str], list[str]]:
+def _collapse(
+    accepted: list[_Entry],
+) -> tuple[list[str], list[str], dict[str, _Entry]]:
     """Drop duplicates and entries covered by a '.domain' entry.
+
+    Returns the kept entries, the warnings, and the entry each kept one was
+    first written as.
 
     Squid 5 refuses (or warns loudly about) dstdomain lists where one entry
     is a subdomain of another, so the rendered list must be minimal.  This is
@@ -440,19 +524,20 @@ def _collapse(accepted: list[_Entry]) -> tuple[list[str], list[str]]:
         )
         if covering is not None:
             warnings.append(
-                f"{entry.raw!r}{_where(entry.line)} is already covered by '.{covering}'; dropped"
+                f"{_located(entry.raw, entry.line, entry.path)} is already covered by '.{covering}'; dropped"
             )
             continue
         first = first_seen.get(rendered)
         if first is not None:
             warnings.append(
-                f"{entry.raw!r}{_where(entry.line)} duplicates {first.raw!r}{_where(first.line)}"
+                f"{_located(entry.raw, entry.line, entry.path)} duplicates "
+                f"{_located(first.raw, first.line, first.path)}"
                 f" (both mean '{rendered}'); dropped"
             )
             continue
         first_seen[rendered] = entry
         kept.append(rendered)
-    return kept, warnings
+    return kept, warnings, first_seen
 
 
 def _outermost_cover(name: str, domains: set[str], *, include_self: bool) -> str | None:
@@ -481,6 +566,14 @@ def _suffixes(name: str) -> Iterator[str]:
 
 def _where(line: int | None) -> str:
     return f" (line {line})" if line is not None else ""
+
+
+def _located(raw: str, line: int | None, path: str | None) -> str:
+    """An entry as named in a warning: by its path in a policy document, else
+    by its line in the text ("'x' (line 3)")."""
+    if path is not None:
+        return f"{path} {raw!r}"
+    return f"{raw!r}{_where(line)}"
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,653 @@
+"""Policy documents: per-client allow and deny lists, each enforced or only reported.
+
+Pure, like allowlist.py (whose grammar, normalisation, errors and collapse this module reuses): text in, a
+:class:`PolicyDocument` or an :class:`AllowlistError` naming every problem by its path out.
+
+An allowlist value (file, secret or inline) is either
+
+* today's flat list (``parse_allowlist_value``'s comma/newline form or ``{"allowed_domains": [...]}``), read as
+  one policy named ``default``, mode ``enforce``, whose clients are ``EGRESS_CLIENT_CIDRS``; or
+* a JSON document ``{"policies": [{"name", "clients", "mode", "allow", "deny"}, ...]}``.
+
+A request belongs to the first policy, in document order, whose ``clients`` contain its source address, after
+``EGRESS_CLIENT_CIDRS`` has admitted it. :meth:`PolicyDocument.decide` is the reference model of the decision the
+Squid configuration renders: the integration tests compare Squid's log lines against it.
+
+What the renderer needs is ``PolicyDocument.policies``: per policy, in document order, its ``name`` (safe in a
+Squid ACL name), ``mode``, ``clients`` (networks), and ``allow.entries`` / ``deny.entries``, each minimal (no entry
+covered by another of the same list) as Squid's ``dstdomain`` requires.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .allowlist import (
+    MAX_WARNINGS,
+    Allowlist,
+    AllowlistError,
+    AllowlistProblem,
+    _check_size,
+    _json_type,
+    _truncate,
+    parse_allowlist_items,
+    parse_allowlist_value,
+)
+
+__all__ = [
+    "ALWAYS_ENFORCED_REASONS",
+    "DEFAULT_POLICY",
+    "POLICY_KEYS",
+    "REPORTABLE_REASONS",
+    "Policy",
+    "PolicyDiff",
+    "PolicyDocument",
+    "Tunnel",
+    "Verdict",
+    "parse_policy_document",
+    "parse_policy_value",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Mode = Literal["enforce", "report"]
+Decision = Literal["allowed", "denied", "would_deny"]
+
+DEFAULT_POLICY = "default"
+MODES: tuple[Mode, ...] = ("enforce", "report")
+POLICY_KEYS = ("name", "clients", "mode", "allow", "deny")
+POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+# Report mode turns exactly these refusals into 'would_deny' (they are about names, which is what an operator
+# learns from traffic). Everything else stays refused in every mode: report mode must never open the metadata
+# service, another port, or the proxy to strangers.
+REPORTABLE_REASONS = frozenset(
+    {"domain_not_allowlisted", "domain_denied", "sni_not_allowlisted", "sni_missing", "ip_literal"}
+)
+ALWAYS_ENFORCED_REASONS = frozenset(
+    {"client_not_allowed", "port_not_allowed", "destination_not_public", "not_tls", "manager_denied"}
+)
+
+# The same host shapes as the template's `ip_literal` ACL: only digits and dots (also short forms such as
+# '10.1'), or an IPv6 literal with or without brackets. Hosts are compared lowercased.
+_IP_LITERAL = re.compile(r"[0-9.]+|\[?[0-9a-f:.]*:[0-9a-f:.]*\]?")
+
+_EXAMPLE_POLICY = '{"name": "default", "clients": ["10.0.0.0/8"], "allow": [".example.com"]}'
+_DOCUMENT_FIX = (
+    'use {"policies": [' + _EXAMPLE_POLICY + ']} or the flat form {"allowed_domains": ["example.com"]}'
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome for one request: which policy judged it, the decision, and the reason code logged with it.
+
+    ``policy`` is None when no policy applies (the client is outside EGRESS_CLIENT_CIDRS or in no policy).
+    ``reason`` is 'allowed' for an allowed request; for 'would_deny' it is the reason enforce mode would give."""
+
+    policy: str | None
+    decision: Decision
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What Squid saw at the start of a CONNECT tunnel it let through step 1: was it TLS, and the SNI."""
+
+    tls: bool = True
+    sni: str | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One validated policy. ``allow`` and ``deny`` are minimal, sorted lists in the allowlist grammar."""
+
+    name: str
+    clients: tuple[IPNetwork, ...]
+    mode: Mode = "enforce"
+    allow: Allowlist = field(default_factory=lambda: Allowlist(()))
+    deny: Allowlist = field(default_factory=lambda: Allowlist(()))
+
+    def contains(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.clients)
+
+    def host_reason(self, host: str) -> str | None:
+        """Why this policy's names refuse `host` (the HTTP host or CONNECT target), or None if they allow it.
+
+        The order is the rendered rules' order: an IP literal is never a name; `deny` wins over `allow`."""
+        if _is_ip_literal(host):
+            return "ip_literal"
+        if self.deny.allows(host):
+            return "domain_denied"
+        if self.allow.allows(host):
+            return None
+        return "domain_not_allowlisted"
+
+    def sni_reason(self, sni: str | None) -> str | None:
+        """Why this policy refuses a tunnel's TLS SNI, or None. A denied SNI gets the deny list's reason,
+        `domain_denied`, so that the reason always says which list to edit; the log line's `sni` field shows
+        that the refusal came from inside the tunnel."""
+        if sni is None or not sni.strip():
+            return "sni_missing"
+        if self.deny.allows(sni):
+            return "domain_denied"
+        if self.allow.allows(sni):
+            return None
+        return "sni_not_allowlisted"
+
+    def to_json(self) -> dict[str, object]:
+        """The normalised policy, as written back to a document (every key explicit)."""
+        return {
+            "name": self.name,
+            "clients": [str(network) for network in self.clients],
+            "mode": self.mode,
+            "allow": list(self.allow.entries),
+            "deny": list(self.deny.entries),
+        }
+
+
+@dataclass(frozen=True)
+class PolicyDocument:
+    """A validated allowlist value of either form.
+
+    ``flat`` is True for today's flat list (one policy 'default', enforce, clients = EGRESS_CLIENT_CIDRS).
+    ``client_cidrs`` is EGRESS_CLIENT_CIDRS, the gate every request passes before any policy."""
+
+    policies: tuple[Policy, ...]
+    client_cidrs: tuple[IPNetwork, ...]
+    flat: bool = False
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def allowlist(self) -> Allowlist:
+        """The flat list's Allowlist, for code that renders a single list. Raises ValueError for a document."""
+        if not self.flat:
+            raise ValueError("a policy document has no single allowlist; render its policies")
+        return self.policies[0].allow
+
+    @property
+    def entry_count(self) -> int:
+        return sum(len(policy.allow) + len(policy.deny) for policy in self.policies)
+
+    def policy(self, name: str) -> Policy | None:
+        return next((policy for policy in self.policies if policy.name == name), None)
+
+    def select(self, client_ip: str | IPAddress) -> Policy | None:
+        """The policy a client belongs to: None outside EGRESS_CLIENT_CIDRS or in no policy."""
+        address = _address(client_ip)
+        if not any(address in network for network in self.client_cidrs):
+            return None
+        return next((policy for policy in self.policies if policy.contains(address)), None)
+
+    def decide(
+        self,
+        client_ip: str | IPAddress,
+        host: str,
+        *,
+        port_allowed: bool = True,
+        destination_public: bool = True,
+        tunnel: Tunnel | None = None,
+    ) -> Verdict:
+        """The decision for one request, in the order the rendered Squid rules apply.
+
+        `host` is the HTTP host or the CONNECT target. The facts a pure model cannot know are arguments:
+        `port_allowed` (EGRESS_ALLOWED_PORTS for this kind of request), `destination_public` (the SSRF guard's
+        verdict on what the name resolves to, or on the literal), and `tunnel` (for a CONNECT that got past its
+        first checks: what the ClientHello showed). In report mode each reportable refusal is remembered and
+        the request goes on; the first one is the reason logged with 'would_deny'. Always-enforced checks after
+        it still refuse, so a report-mode name pointing at a private address is 'denied'."""
+        policy = self.select(client_ip)
+        if policy is None:
+            return Verdict(None, "denied", "client_not_allowed")
+        if not port_allowed:
+            return Verdict(policy.name, "denied", "port_not_allowed")
+        would_deny: str | None = None
+        reason = policy.host_reason(host)
+        if reason is not None:
+            if policy.mode == "enforce":
+                return Verdict(policy.name, "denied", reason)
+            would_deny = reason
+        if not destination_public:
+            return Verdict(policy.name, "denied", "destination_not_public")
+        if tunnel is not None:
+            if not tunnel.tls:
+                return Verdict(policy.name, "denied", "not_tls")
+            reason = policy.sni_reason(tunnel.sni)
+            if reason is not None:
+                if policy.mode == "enforce":
+                    return Verdict(policy.name, "denied", reason)
+                would_deny = would_deny or reason
+        if would_deny is not None:
+            return Verdict(policy.name, "would_deny", would_deny)
+        return Verdict(policy.name, "allowed", "allowed")
+
+    def to_json(self) -> dict[str, object]:
+        if self.flat:
+            return {"allowed_domains": list(self.allowlist.entries)}
+        return {"policies": [policy.to_json() for policy in self.policies]}
+
+    def to_value(self) -> str:
+        """The normalised value `allowlist push` writes: the flat list's JSON form (unchanged from before
+        policies existed), or a compact document (Secrets Manager holds at most 64 KiB)."""
+        if self.flat:
+            return json.dumps(self.to_json())
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    def diff(self, newer: PolicyDocument) -> PolicyDiff:
+        return PolicyDiff.between(self, newer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Diff
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """What changes in one policy (matched by name) from the old document to the new one."""
+
+    name: str
+    status: Literal["added", "removed", "changed"]
+    mode: tuple[str | None, str | None] = (None, None)  # (old, new) when it changes
+    clients: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (added, removed)
+    allow: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    deny: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+    @property
+    def added(self) -> int:
+        return len(self.clients[0]) + len(self.allow[0]) + len(self.deny[0])
+
+    @property
+    def removed(self) -> int:
+        return len(self.clients[1]) + len(self.allow[1]) + len(self.deny[1])
+
+    def lines(self) -> list[str]:
+        old_mode, new_mode = self.mode
+        if self.status == "added":
+            head = f"policy {self.name}: added (mode {new_mode})"
+        elif self.status == "removed":
+            head = f"policy {self.name}: removed"
+        elif old_mode != new_mode:
+            head = f"policy {self.name}: mode {old_mode} -> {new_mode}"
+        else:
+            head = f"policy {self.name}:"
+        lines = [head]
+        for kind, (added, removed) in (("client", self.clients), ("allow", self.allow), ("deny", self.deny)):
+            lines.extend(f"  + {kind} {item}" for item in added)
+            lines.extend(f"  - {kind} {item}" for item in removed)
+        return lines
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    """Per-policy changes between two documents, plus whether the order of the policies changed (the order
+    decides which policy a client lands in). Empty when the new value would change nothing."""
+
+    changes: tuple[PolicyChange, ...]
+    order: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (old, new) names when the order changes
+    form: tuple[str, str] | None = None  # ('flat', 'document') etc. when the form changes
+
+    @property
+    def added(self) -> int:
+        return sum(change.added for change in self.changes)
+
+    @property
+    def removed(self) -> int:
+        return sum(change.removed for change in self.changes)
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.order or self.form)
+
+    @classmethod
+    def between(cls, old: PolicyDocument, new: PolicyDocument) -> PolicyDiff:
+        old_by_name = {policy.name: policy for policy in old.policies}
+        new_by_name = {policy.name: policy for policy in new.policies}
+        changes: list[PolicyChange] = []
+        for policy in new.policies:
+            before = old_by_name.get(policy.name)
+            if before is None:
+                changes.append(PolicyChange(
+                    policy.name, "added", mode=(None, policy.mode),
+                    clients=(tuple(str(n) for n in policy.clients), ()),
+                    allow=(policy.allow.entries, ()), deny=(policy.deny.entries, ())))
+                continue
+            change = PolicyChange(
+                policy.name, "changed", mode=(before.mode, policy.mode),
+                clients=_set_diff([str(n) for n in before.clients], [str(n) for n in policy.clients]),
+                allow=before.allow.diff(policy.allow), deny=before.deny.diff(policy.deny))
+            if change.added or change.removed or before.mode != policy.mode:
+                changes.append(change)
+        for policy in old.policies:
+            if policy.name not in new_by_name:
+                changes.append(PolicyChange(
+                    policy.name, "removed", mode=(policy.mode, None),
+                    clients=((), tuple(str(n) for n in policy.clients)),
+                    allow=((), policy.allow.entries), deny=((), policy.deny.entries)))
+        old_order = tuple(name for name in old_by_name if name in new_by_name)
+        new_order = tuple(name for name in new_by_name if name in old_by_name)
+        order = (tuple(old_by_name), tuple(new_by_name)) if old_order != new_order else None
+        form = None
+        if old.flat != new.flat:
+            form = ("flat" if old.flat else "document", "flat" if new.flat else "document")
+        return cls(tuple(changes), order, form)
+
+    def lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.form is not None:
+            lines.append(f"form: {self.form[0]} list -> {self.form[1]}".replace("document list", "document"))
+        for change in self.changes:
+            lines.extend(change.lines())
+        if self.order is not None:
+            lines.append(f"order: {', '.join(self.order[0])} -> {', '.join(self.order[1])}")
+        return lines
+
+
+def _set_diff(old: Iterable[str], new: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    before, after = set(old), set(new)
+    return tuple(sorted(after - before)), tuple(sorted(before - after))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_policy_value(value: str, *, source: str, client_cidrs: Sequence[IPNetwork]) -> PolicyDocument:
+    """Parse an allowlist value of either form. Raises AllowlistError naming every problem.
+
+    A value whose JSON object has a 'policies' key is a policy document; anything else is handed to
+    :func:`parse_allowlist_value` unchanged, so flat lists keep every behaviour and message they had."""
+    _check_size(value, source)
+    gate = tuple(client_cidrs)
+    stripped = value.strip()
+    if stripped.startswith("{"):
+        try:
+            decoded = json.loads(stripped)
+        except ValueError:
+            decoded = None  # parse_allowlist_value explains the JSON error in its usual words
+        if isinstance(decoded, dict):
+            if "policies" in decoded:
+                return parse_policy_document(decoded, source=source, client_cidrs=gate)
+            if "allowed_domains" not in decoded:
+                raise AllowlistError([AllowlistProblem(
+                    entry=_truncate(stripped), why="has neither a 'policies' nor an 'allowed_domains' key",
+                    fix=_DOCUMENT_FIX)], source)
+    allowlist = parse_allowlist_value(value, source=source)
+    default = Policy(DEFAULT_POLICY, gate, "enforce", allowlist, Allowlist(()))
+    return PolicyDocument((default,), gate, flat=True, warnings=allowlist.warnings)
+
+
+def parse_policy_document(
+    decoded: object, *, source: str, client_cidrs: Sequence[IPNetwork]
+) -> PolicyDocument:
+    """Validate a decoded JSON policy document as a whole. Raises AllowlistError with every problem, each
+    named by its path ('policies[1].allow[3]') and with a suggested fix."""
+    problems: list[AllowlistProblem] = []
+    warnings: list[str] = []
+    gate = tuple(client_cidrs)
+    if not isinstance(decoded, dict):
+        raise AllowlistError([AllowlistProblem(
+            entry=_truncate(json.dumps(decoded)), why=f"is a JSON {_json_type(decoded)}, not an object",
+            fix=_DOCUMENT_FIX)], source)
+    for key in decoded:
+        if key != "policies":
+            problems.append(AllowlistProblem(
+                "", "is not a key of a policy document (it has only 'policies')",
+                "move it into a policy, or remove it", path=str(key)))
+    items = decoded.get("policies")
+    if not isinstance(items, list):
+        problems.append(AllowlistProblem(
+            "", f"is a JSON {_json_type(items)}, not a list", f"write a list of policies: [{_EXAMPLE_POLICY}]",
+            path="policies"))
+        raise AllowlistError(problems, source)
+    if not items:
+        warnings.append("policies: the document has no policy: every client is refused (client_not_allowed)")
+
+    policies: list[Policy] = []
+    names: dict[str, int] = {}
+    for index, item in enumerate(items):
+        policy = _parse_policy(item, index, names, problems, warnings)
+        if policy is not None:
+            policies.append(policy)
+    if problems:
+        raise AllowlistError(problems, source)
+
+    warnings.extend(_document_warnings(policies, gate))
+    if len(warnings) > MAX_WARNINGS:
+        hidden = len(warnings) - MAX_WARNINGS
+        warnings = warnings[:MAX_WARNINGS] + [f"... and {hidden} more warnings"]
+    return PolicyDocument(tuple(policies), gate, flat=False, warnings=tuple(warnings))
+
+
+def _parse_policy(
+    item: object, index: int, names: dict[str, int], problems: list[AllowlistProblem], warnings: list[str]
+) -> Policy | None:
+    """One policy, or None with its problems appended (every one, not just the first). `names` maps the names
+    seen so far to their index."""
+    path = f"policies[{index}]"
+    if not isinstance(item, dict):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(item)), f"is a JSON {_json_type(item)}, not an object",
+            f"write each policy as an object such as {_EXAMPLE_POLICY}", path=path))
+        return None
+    count = len(problems)
+    for key in item:
+        if key not in POLICY_KEYS:
+            close = difflib.get_close_matches(str(key), POLICY_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(AllowlistProblem(
+                "", f"has an unknown key {key!r}", f"{hint}a policy has only {', '.join(POLICY_KEYS)}",
+                path=path))
+
+    name = _parse_name(item.get("name"), f"{path}.name", problems)
+    if name is not None:
+        if name in names:
+            problems.append(AllowlistProblem(
+                name, f"is already the name of policies[{names[name]}]", "give each policy its own name",
+                path=f"{path}.name"))
+        else:
+            names[name] = index
+    label = f"{path} ({name})" if name else path
+
+    clients = _parse_clients(item.get("clients"), f"{path}.clients", "clients" in item, problems)
+
+    mode_value = item.get("mode", "enforce")
+    mode: Mode = "enforce"
+    if mode_value == "report":
+        mode = "report"
+    elif mode_value != "enforce":
+        folded = mode_value.strip().lower() if isinstance(mode_value, str) else None
+        fix = f"use '{folded}'" if folded in MODES else "use 'enforce' (refuse) or 'report' (log would_deny)"
+        shown = mode_value if isinstance(mode_value, str) else json.dumps(mode_value)
+        problems.append(AllowlistProblem(shown, "is not a mode", fix, path=f"{path}.mode"))
+
+    allow = _parse_list(item.get("allow", []), f"{path}.allow", problems, warnings)
+    deny = _parse_list(item.get("deny", []), f"{path}.deny", problems, warnings)
+    if len(problems) > count or name is None or clients is None or allow is None or deny is None:
+        return None
+
+    if not allow.entries:
+        refused = "would be refused (logged would_deny)" if mode == "report" else "is refused"
+        warnings.append(f"{label}: allow is empty: every request from its clients {refused}")
+    for entry in deny.entries:
+        if not allow.overlaps(entry):
+            warnings.append(
+                f"{deny.paths.get(entry, path + '.deny')} {entry!r}: no allow entry covers it, so it changes "
+                "nothing (requests not allowed are refused anyway); remove it")
+    for entry in allow.entries:
+        if deny.covers(entry):
+            warnings.append(
+                f"{allow.paths.get(entry, path + '.allow')} {entry!r} is entirely covered by the deny list, so "
+                "it allows nothing; remove it, or narrow the deny entry")
+    return Policy(name, clients, mode, allow, deny)
+
+
+def _parse_name(value: object, path: str, problems: list[AllowlistProblem]) -> str | None:
+    if value is None:
+        problems.append(AllowlistProblem(
+            "", "is missing", "give the policy a name such as \"ci-runners\" (it appears in every log line)",
+            path=path))
+        return None
+    if not isinstance(value, str):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(value)), f"is a JSON {_json_type(value)}, not a string",
+            "write the name as a string such as \"ci-runners\"", path=path))
+        return None
+    if POLICY_NAME.fullmatch(value):
+        return value
+    slug = re.sub(r"[^a-z0-9-]+", "-", value.strip().lower()).strip("-")[:32].rstrip("-")
+    fix = "names are 1-32 lowercase letters, digits and '-', starting with a letter or digit"
+    if slug and POLICY_NAME.fullmatch(slug):
+        fix = f"use '{slug}' ({fix})"
+    problems.append(AllowlistProblem(value, "is not a valid policy name", fix, path=path))
+    return None
+
+
+def _parse_clients(
+    value: object, path: str, present: bool, problems: list[AllowlistProblem]
+) -> tuple[IPNetwork, ...] | None:
+    if not present:
+        problems.append(AllowlistProblem(
+            "", "is missing", 'list the client networks, e.g. "clients": ["10.0.8.0/22"]', path=path))
+        return None
+    if not isinstance(value, list):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(value)), f"is a JSON {_json_type(value)}, not a list",
+            'write a list of CIDRs, e.g. ["10.0.8.0/22"]', path=path))
+        return None
+    if not value:
+        problems.append(AllowlistProblem(
+            "", "is empty, so the policy applies to nobody", "list its client networks, or remove the policy",
+            path=path))
+        return None
+    networks: list[IPNetwork] = []
+    ok = True
+    for index, raw in enumerate(value):
+        network = _parse_cidr(raw, f"{path}[{index}]", problems)
+        if network is None:
+            ok = False
+        else:
+            networks.append(network)
+    return tuple(networks) if ok else None
+
+
+def _parse_cidr(raw: object, path: str, problems: list[AllowlistProblem]) -> IPNetwork | None:
+    if not isinstance(raw, str):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(raw)), f"is a JSON {_json_type(raw)}, not a string",
+            'write each CIDR as a string, e.g. "10.0.8.0/22"', path=path))
+        return None
+    text = raw.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            fixed = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            problems.append(AllowlistProblem(
+                raw, f"is not an IPv4 or IPv6 CIDR ({exc})", 'write e.g. "10.0.8.0/22" or "fd00:1::/64"',
+                path=path))
+            return None
+        problems.append(AllowlistProblem(
+            raw, "has host bits set", f"use '{fixed}' (the network containing it)", path=path))
+        return None
+
+
+def _parse_list(
+    value: object, path: str, problems: list[AllowlistProblem], warnings: list[str]
+) -> Allowlist | None:
+    if not isinstance(value, list):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(value)), f"is a JSON {_json_type(value)}, not a list",
+            'write a list of entries, e.g. ["example.com", ".example.org"]', path=path))
+        return None
+    try:
+        parsed = parse_allowlist_items(value, path=path)
+    except AllowlistError as exc:
+        problems.extend(exc.problems)
+        return None
+    warnings.extend(parsed.warnings)
+    return parsed
+
+
+def _document_warnings(policies: Sequence[Policy], gate: tuple[IPNetwork, ...]) -> list[str]:
+    """Client networks that can never select their policy: outside EGRESS_CLIENT_CIDRS (refused before any
+    policy), or taken by earlier policies (the first match wins). A policy all of whose networks are like that
+    never applies."""
+    warnings: list[str] = []
+    earlier: list[tuple[IPNetwork, str]] = []
+    gate_text = ", ".join(map(str, gate))
+    for index, policy in enumerate(policies):
+        dead: list[str] = []
+        for position, network in enumerate(policy.clients):
+            where = f"policies[{index}].clients[{position}] '{network}'"
+            inside = [_smaller(network, allowed) for allowed in gate if _overlap(network, allowed)]
+            if not inside:
+                dead.append(f"{where} is outside EGRESS_CLIENT_CIDRS ({gate_text})")
+                continue
+            if not _covered(network, gate):
+                warnings.append(
+                    f"{where} is partly outside EGRESS_CLIENT_CIDRS ({gate_text}); those addresses are refused "
+                    "before any policy applies: widen EGRESS_CLIENT_CIDRS or narrow the CIDR")
+            earlier_networks = [other for other, _ in earlier]
+            if all(_covered(piece, earlier_networks) for piece in inside):
+                owners = sorted({name for other, name in earlier if _overlap(other, network)})
+                dead.append(f"{where} already belongs to earlier policies ({', '.join(owners)})")
+        if dead and len(dead) == len(policy.clients):
+            warnings.append(
+                f"policies[{index}] ({policy.name}) never applies: {'; '.join(dead)}; move it up, fix its "
+                "clients, or remove it")
+        else:
+            warnings.extend(
+                f"{note}, so it never selects {policy.name!r}; remove it, or move the policy up" for note in dead)
+        earlier.extend((network, policy.name) for network in policy.clients)
+    return warnings
+
+
+def _smaller(first: IPNetwork, second: IPNetwork) -> IPNetwork:
+    """The intersection of two overlapping CIDRs (one always contains the other)."""
+    return first if first.prefixlen >= second.prefixlen else second
+
+
+def _overlap(first: IPNetwork, second: IPNetwork) -> bool:
+    return first.version == second.version and first.overlaps(second)
+
+
+def _covered(network: IPNetwork, others: Iterable[IPNetwork]) -> bool:
+    """True if the union of `others` contains every address of `network`."""
+    remaining: list[IPNetwork] = [network]
+    for other in others:
+        if other.version != network.version:
+            continue
+        pieces: list[IPNetwork] = []
+        for piece in remaining:
+            if piece.subnet_of(other):  # type: ignore[arg-type]
+                continue
+            if other.subnet_of(piece):  # type: ignore[arg-type]
+                pieces.extend(piece.address_exclude(other))  # type: ignore[arg-type]
+            else:
+                pieces.append(piece)
+        remaining = pieces
+        if not remaining:
+            return True
+    return not remaining
+
+
+def _address(client_ip: str | IPAddress) -> IPAddress:
+    address = ipaddress.ip_address(client_ip) if isinstance(client_ip, str) else client_ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; policies are written in IPv4.
+        return address.ipv4_mapped
+    return address
+
+
+def _is_ip_literal(host: str) -> bool:
+    text = host.strip().lower()
+    return bool(text) and _IP_LITERAL.fullmatch(text) is not None
+
