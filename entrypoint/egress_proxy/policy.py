@@ -501,6 +501,11 @@ def _parse_name(value: object, path: str, problems: list[AllowlistProblem]) -> s
         return None
     if POLICY_NAME.fullmatch(value):
         return value
+    if not value.strip():
+        problems.append(AllowlistProblem(
+            "", "is empty", "give the policy a name such as \"ci-runners\" (it appears in every log line)",
+            path=path))
+        return None
     slug = re.sub(r"[^a-z0-9-]+", "-", value.strip().lower()).strip("-")[:32].rstrip("-")
     fix = "names are 1-32 lowercase letters, digits and '-', starting with a letter or digit"
     if slug and POLICY_NAME.fullmatch(slug):
