@@ -8,13 +8,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from . import __version__
-from .allowlist import Allowlist, AllowlistError, parse_allowlist, parse_allowlist_value
+from . import __version__, allowlist_cli
+from .allowlist import Allowlist, AllowlistError, AllowlistProblem
 from .metrics import manager_host, read_counters
+from .policy import PolicyDocument, parse_policy_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
-from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size, make_source
+from .sources import SourceUnavailable, check_size, make_source
 from .squid_conf import StatePaths, render
 from .squid_process import run_as_user
 from .supervisor import ExitCode, Supervisor
@@ -39,14 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("health", "Exit 0 when the proxy accepts connections and a config is loaded."),
     ):
         _add_setting_flags(commands.add_parser(name, help=help_text, description=help_text))
-    allowlist = commands.add_parser("allowlist", help="Manage the allowlist secret.")
-    actions = allowlist.add_subparsers(dest="action", required=True)
-    push = actions.add_parser("push", help="Validate FILE, then write it to the secret (only if valid).")
-    diff = actions.add_parser("diff", help="Show what pushing FILE would change in the secret.")
-    for sub in (push, diff):
-        sub.add_argument("file", type=Path, help="Allowlist file (one entry per line, # comments).")
-        sub.add_argument("--secret", required=True, help="Secret name or ARN.")
-    push.add_argument("--create", action="store_true", help="Create the secret if it does not exist.")
+    allowlist = commands.add_parser("allowlist", help="Manage the allowlist secret; learn a list from traffic.")
+    allowlist_cli.add_parsers(allowlist.add_subparsers(dest="action", required=True))
     return parser
 
 
@@ -63,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "allowlist":
-            return _allowlist_command(args)
+            return allowlist_cli.run(args)
         settings = _settings(args)
         if args.command == "run":
             return Supervisor(settings).run()
@@ -85,20 +79,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def _load_allowlist(settings: Settings) -> tuple[Allowlist, str]:
+def _load_document(settings: Settings) -> tuple[PolicyDocument, str]:
     source = make_source(settings)
     snapshot = source.read()
     check_size(snapshot, source.description)  # the same limits the supervisor applies
-    return parse_allowlist_value(snapshot.text, source=source.description), source.description
+    document = parse_policy_value(snapshot.text, source=source.description, client_cidrs=settings.client_cidrs)
+    return document, source.description
+
+
+def _load_allowlist(settings: Settings) -> tuple[Allowlist, str]:
+    document, description = _load_document(settings)
+    if not document.flat:
+        # Policy documents are validated (check) but not rendered to Squid yet.
+        raise AllowlistError([AllowlistProblem(
+            "", "is a policy document, which this version validates but does not render to Squid yet",
+            "use a flat list for now", path="policies")], description)
+    return document.allowlist, description
 
 
 def _check(settings: Settings) -> int:
-    allowlist, description = _load_allowlist(settings)
-    for warning in allowlist.warnings:
+    document, description = _load_document(settings)
+    for warning in document.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for entry in allowlist.entries:
-        print(entry)
-    print(f"ok: {len(allowlist)} entries from {description}", file=sys.stderr)
+    if document.flat:
+        for entry in document.allowlist.entries:
+            print(entry)
+        print(f"ok: {len(document.allowlist)} entries from {description}", file=sys.stderr)
+        return ExitCode.OK
+    # A document: print it normalised (every key explicit, lists minimal and sorted), ready to push.
+    print(json.dumps(document.to_json(), indent=2))
+    summary = ", ".join(f"{p.name} ({p.mode}, {len(p.clients)} client networks, {len(p.allow)} allow, "
+                        f"{len(p.deny)} deny)" for p in document.policies)
+    print(f"ok: {len(document.policies)} policies from {description}: {summary}", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -135,69 +147,6 @@ def _health(settings: Settings) -> int:
     print(f"healthy: {host}:{settings.port}, allowlist version {status.get('version')}, "
           f"{status.get('entries')} entries")
     return 0
-
-
-def _allowlist_command(args: argparse.Namespace) -> int:
-    try:
-        text = args.file.read_text(encoding="utf-8")
-    except OSError as exc:
-        _print_error(f"cannot read {args.file}: {exc.strerror}")
-        return ExitCode.BAD_CONFIG
-    try:
-        new = parse_allowlist(text, source=str(args.file))
-    except AllowlistError as exc:
-        _print_error(f"{exc}\nnothing was written to the secret")
-        return ExitCode.BAD_CONFIG
-    for warning in new.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    # What push writes: the JSON form, normalised. Secrets Manager refuses more than 64 KiB; say so up front
-    # (moto and LocalStack would even accept it, and the proxy would then reject it).
-    value = json.dumps({"allowed_domains": list(new.entries)})
-    try:
-        check_size(Snapshot(text=value, version="", size=len(value.encode()), max_bytes=MAX_SECRET_BYTES),
-                   f"secret {args.secret}")
-    except AllowlistError as exc:
-        _print_error(f"{exc}\nnothing was written to the secret")
-        return ExitCode.BAD_CONFIG
-    source = SecretSource(args.secret, poll_interval=0)
-    try:
-        current: Allowlist | None = parse_allowlist_value(source.read().text, source=f"secret {args.secret}")
-    except SourceUnavailable as exc:
-        if not (args.action == "push" and args.create and "ResourceNotFoundException" in str(exc)):
-            _print_error(str(exc))
-            return ExitCode.NO_SOURCE
-        current = None
-    except AllowlistError as exc:
-        # The secret holds an invalid value today (the proxy keeps its last good list): pushing repairs it.
-        print(f"note: the secret's current value is invalid, so everything counts as added: {exc}",
-              file=sys.stderr)
-        current = None
-    added, removed = current.diff(new) if current else (new.entries, ())
-    for entry in added:
-        print(f"+ {entry}")
-    for entry in removed:
-        print(f"- {entry}")
-    if args.action == "diff":
-        print(f"{len(added)} to add, {len(removed)} to remove", file=sys.stderr)
-        return ExitCode.OK
-    if current is not None and not added and not removed:
-        print("unchanged; nothing written", file=sys.stderr)
-        return ExitCode.OK
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        if current is None and args.create:
-            try:
-                source.client.create_secret(Name=args.secret, SecretString=value)
-            except source.client.exceptions.ResourceExistsException:
-                source.client.put_secret_value(SecretId=args.secret, SecretString=value)
-        else:
-            source.client.put_secret_value(SecretId=args.secret, SecretString=value)
-    except (ClientError, BotoCoreError) as exc:
-        _print_error(f"writing {args.secret} failed: {exc}")
-        return ExitCode.NO_SOURCE
-    print(f"wrote {len(new)} entries to {args.secret}", file=sys.stderr)
-    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,242 @@
+"""`egress-proxy allowlist push|diff|suggest`: the allowlist value (flat list or policy document) from the
+command line. cli.py owns the top-level parser and calls in here."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+from .allowlist import AllowlistError
+from .policy import IPNetwork, PolicyDocument, parse_policy_value
+from .settings import OPTIONS_BY_NAME
+from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size
+from .suggest import TrafficSummary, format_document, format_text, merge_into, parse_time, read_cloudwatch
+from .supervisor import ExitCode
+
+
+def add_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    push = actions.add_parser("push", help="Validate FILE, then write it to the secret (only if valid).")
+    diff = actions.add_parser("diff", help="Show what pushing FILE would change in the secret (per policy).")
+    for sub in (push, diff):
+        sub.add_argument("file", type=Path,
+                         help="Allowlist file: a flat list (one entry per line, # comments) or a JSON policy "
+                              "document {\"policies\": [...]}.")
+        sub.add_argument("--secret", required=True, help="Secret name or ARN.")
+    push.add_argument("--create", action="store_true", help="Create the secret if it does not exist.")
+
+    suggest = actions.add_parser(
+        "suggest", help="List the names refused (or that report mode would refuse) per policy, from access logs.",
+        description="Read the proxy's JSON access lines and print, per policy, the hosts that were denied or "
+                    "would_deny because they are not allowlisted, with request counts, grouped under their "
+                    "registrable domain, in the allowlist grammar.")
+    suggest.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                         help="Files of JSON access lines ('-' or none: stdin).")
+    suggest.add_argument("--log-group", help="Read from this CloudWatch Logs group instead (boto3).")
+    suggest.add_argument("--since", default="24h",
+                         help="With --log-group: start of the time range, a duration before now (30m, 24h, 7d) "
+                              "or an ISO 8601 time. Default: 24h.")
+    suggest.add_argument("--until", default="now", help="With --log-group: end of the time range. Default: now.")
+    suggest.add_argument("--min-requests", type=int, default=1, metavar="N",
+                         help="Leave out hosts refused fewer than N times. Default: 1.")
+    suggest.add_argument("--policy", metavar="NAME", help="Only this policy.")
+    suggest.add_argument("--json", action="store_true", help="Print JSON instead of the allowlist grammar.")
+    suggest.add_argument("--merge", type=Path, metavar="DOCUMENT",
+                         help="Print DOCUMENT (a flat list or policy document) with the suggestions added to each "
+                              "policy's allow list, validated and collapsed, instead of the list.")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "suggest":
+        return _suggest(args)
+    return _push_or_diff(args)
+
+
+def _error(message: str) -> None:
+    print(f"egress-proxy: error: {message}", file=sys.stderr)
+
+
+def _warn(warnings: tuple[str, ...] | list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def client_cidrs_from_env() -> tuple[IPNetwork, ...]:
+    """EGRESS_CLIENT_CIDRS (or its default): the clients of a flat list's 'default' policy, and the gate that
+    document warnings are checked against."""
+    option = OPTIONS_BY_NAME["client_cidrs"]
+    raw = os.environ.get(option.env, option.default)
+    networks: tuple[IPNetwork, ...] = option.parse(raw)
+    return networks
+
+
+def _push_or_diff(args: argparse.Namespace) -> int:
+    try:
+        gate = client_cidrs_from_env()
+    except ValueError as exc:  # the settings parser's error: why, and its fix
+        _error(f"EGRESS_CLIENT_CIDRS: {exc}; {getattr(exc, 'fix', '')}")
+        return ExitCode.BAD_CONFIG
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except OSError as exc:
+        _error(f"cannot read {args.file}: {exc.strerror}")
+        return ExitCode.BAD_CONFIG
+    try:
+        new = parse_policy_value(text, source=str(args.file), client_cidrs=gate)
+    except AllowlistError as exc:
+        _error(f"{exc}\nnothing was written to the secret")
+        return ExitCode.BAD_CONFIG
+    _warn(new.warnings)
+    # What push writes: the normalised value (a flat list keeps its JSON form). Secrets Manager refuses more
+    # than 64 KiB; say so up front (moto and LocalStack would even accept it, and the proxy would then reject it).
+    value = new.to_value()
+    try:
+        check_size(Snapshot(text=value, version="", size=len(value.encode()), max_bytes=MAX_SECRET_BYTES),
+                   f"secret {args.secret}")
+    except AllowlistError as exc:
+        _error(f"{exc}\nnothing was written to the secret")
+        return ExitCode.BAD_CONFIG
+    source = SecretSource(args.secret, poll_interval=0)
+    current: PolicyDocument | None
+    try:
+        current = parse_policy_value(source.read().text, source=f"secret {args.secret}", client_cidrs=gate)
+    except SourceUnavailable as exc:
+        if not (args.action == "push" and args.create and "ResourceNotFoundException" in str(exc)):
+            _error(str(exc))
+            return ExitCode.NO_SOURCE
+        current = None
+    except AllowlistError as exc:
+        # The secret holds an invalid value today (the proxy keeps its last good list): pushing repairs it.
+        print(f"note: the secret's current value is invalid, so everything counts as added: {exc}",
+              file=sys.stderr)
+        current = None
+    changed = _print_diff(current, new)
+    if args.action == "diff":
+        return ExitCode.OK
+    if current is not None and not changed:
+        print("unchanged; nothing written", file=sys.stderr)
+        return ExitCode.OK
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if current is None and args.create:
+            try:
+                source.client.create_secret(Name=args.secret, SecretString=value)
+            except source.client.exceptions.ResourceExistsException:
+                source.client.put_secret_value(SecretId=args.secret, SecretString=value)
+        else:
+            source.client.put_secret_value(SecretId=args.secret, SecretString=value)
+    except (ClientError, BotoCoreError) as exc:
+        _error(f"writing {args.secret} failed: {exc}")
+        return ExitCode.NO_SOURCE
+    if new.flat:
+        print(f"wrote {len(new.allowlist)} entries to {args.secret}", file=sys.stderr)
+    else:
+        print(f"wrote {len(new.policies)} policies ({new.entry_count} entries) to {args.secret}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _print_diff(current: PolicyDocument | None, new: PolicyDocument) -> bool:
+    """Print what changes; True if anything does."""
+    if current is None or (current.flat and new.flat):
+        # Flat to flat: the '+ entry' / '- entry' lines this command printed before documents existed.
+        if current is None and not new.flat:
+            lines = PolicyDocument((), new.client_cidrs).diff(new).lines()
+            for line in lines:
+                print(line)
+            print(f"{new.entry_count} to add, 0 to remove", file=sys.stderr)
+            return True
+        added, removed = current.allowlist.diff(new.allowlist) if current else (new.allowlist.entries, ())
+        for entry in added:
+            print(f"+ {entry}")
+        for entry in removed:
+            print(f"- {entry}")
+        print(f"{len(added)} to add, {len(removed)} to remove", file=sys.stderr)
+        return bool(added or removed)
+    diff = current.diff(new)
+    for line in diff.lines():
+        print(line)
+    print(f"{diff.added} to add, {diff.removed} to remove", file=sys.stderr)
+    return bool(diff)
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    if args.min_requests < 1:
+        _error(f"--min-requests {args.min_requests}: use a whole number of at least 1")
+        return ExitCode.BAD_CONFIG
+    merge_base: PolicyDocument | None = None
+    if args.merge is not None:
+        try:
+            merge_base = _read_merge_base(args.merge)
+        except AllowlistError as exc:
+            _error(str(exc))
+            return ExitCode.BAD_CONFIG
+        except OSError as exc:
+            _error(f"cannot read {args.merge}: {exc.strerror}")
+            return ExitCode.BAD_CONFIG
+    summary = TrafficSummary()
+    if args.log_group:
+        if args.files:
+            _error("give FILEs or --log-group, not both")
+            return ExitCode.BAD_CONFIG
+        now = dt.datetime.now(dt.UTC)
+        try:
+            start, end = parse_time(args.since, now), parse_time(args.until, now)
+        except ValueError as exc:
+            _error(str(exc))
+            return ExitCode.BAD_CONFIG
+        if start >= end:
+            _error(f"--since {args.since} is not before --until {args.until}")
+            return ExitCode.BAD_CONFIG
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for line in read_cloudwatch(args.log_group, start, end):
+                summary.add_line(line)
+        except (ClientError, BotoCoreError) as exc:
+            _error(f"reading CloudWatch Logs group {args.log_group} failed: {exc}")
+            return ExitCode.NO_SOURCE
+    else:
+        for path in args.files or [Path("-")]:
+            try:
+                if str(path) == "-":
+                    for line in sys.stdin:
+                        summary.add_line(line)
+                else:
+                    with path.open(encoding="utf-8", errors="replace") as stream:
+                        for line in stream:
+                            summary.add_line(line)
+            except OSError as exc:
+                _error(f"cannot read {path}: {exc.strerror}")
+                return ExitCode.BAD_CONFIG
+    print(summary.describe(), file=sys.stderr)
+    suggestions = summary.suggestions(min_requests=args.min_requests, policy=args.policy)
+    if merge_base is not None:
+        try:
+            merged, missing = merge_into(merge_base, suggestions)
+        except AllowlistError as exc:  # only if the merge itself is invalid (e.g. over a limit)
+            _error(str(exc))
+            return ExitCode.BAD_CONFIG
+        for name in missing:
+            print(f"warning: suggestions for policy {name!r} were not merged: {args.merge} has no such policy",
+                  file=sys.stderr)
+        _warn(merged.warnings)
+        sys.stdout.write(format_document(merged))
+        return ExitCode.OK
+    if args.json:
+        import json
+
+        print(json.dumps(summary.to_json(suggestions), indent=2))
+    else:
+        sys.stdout.write(format_text(suggestions))
+    if not suggestions:
+        print("nothing to suggest: no name was refused" + (
+            f" {args.min_requests} or more times" if args.min_requests > 1 else "")
+            + (f" under policy {args.policy!r}" if args.policy else ""), file=sys.stderr)
+    return ExitCode.OK
+
+
+def _read_merge_base(path: Path) -> PolicyDocument:
+    return parse_policy_value(path.read_text(encoding="utf-8"), source=str(path), client_cidrs=client_cidrs_from_env())
