@@ -202,6 +202,8 @@ def _suggest(args: argparse.Namespace) -> int:
         for path in args.files or [Path("-")]:
             try:
                 if str(path) == "-":
+                    if sys.stdin.isatty():
+                        print("reading access lines from stdin (end with Ctrl-D)", file=sys.stderr)
                     for line in sys.stdin:
                         summary.add_line(line)
                 else:
