@@ -687,3 +687,67 @@ def test_hundred_thousand_entries_parse() -> None:
     assert not allowlist.allows("host99999.svc3.example999.com")
     assert len(allowlist.warnings) == 100  # one per collapsed host, no summary
     assert all("covered by '.example5.com'" in w for w in allowlist.warnings)
+
+
+# --------------------------------------------------------------------------
+# Decoded JSON lists with paths (policy documents), coverage queries
+# --------------------------------------------------------------------------
+
+
+def test_parse_allowlist_items_names_items_by_path() -> None:
+    from egress_proxy.allowlist import parse_allowlist_items
+
+    allowlist = parse_allowlist_items(
+        ["b.example.com", ".example.com", "*.example.org"], path="policies[2].allow"
+    )
+    assert allowlist.entries == (".example.com", ".example.org")
+    assert allowlist.paths == {
+        ".example.com": "policies[2].allow[1]",
+        ".example.org": "policies[2].allow[2]",
+    }
+    assert allowlist.warnings == (
+        "policies[2].allow[2] '*.example.org' was read as '.example.org' (the domain and all "
+        "its subdomains); write '.example.org' to silence this warning",
+        "policies[2].allow[0] 'b.example.com' is already covered by '.example.com'; dropped",
+    )
+    with pytest.raises(AllowlistError) as info:
+        parse_allowlist_items(["ok.com", 7, "1.2.3.4"], path="policies[0].deny", source="doc")
+    assert [p.path for p in info.value.problems] == [
+        "policies[0].deny[1]",
+        "policies[0].deny[2]",
+    ]
+    assert str(info.value).splitlines()[0] == "2 problems in doc:"
+
+
+def test_parse_allowlist_items_empty_is_silent() -> None:
+    from egress_proxy.allowlist import parse_allowlist_items
+
+    assert parse_allowlist_items([], path="policies[0].deny").warnings == ()
+
+
+def test_problem_with_path_renders_path_first() -> None:
+    problem = AllowlistProblem("1.2.3.4", "is an IP address", IP_FIX, None, "policies[1].allow[3]")
+    assert str(problem) == f"policies[1].allow[3]: '1.2.3.4' is an IP address; {IP_FIX}"
+    bare = AllowlistProblem("", "is missing", "add it", path="policies[0].clients")
+    assert str(bare) == "policies[0].clients: is missing; add it"
+
+
+@pytest.mark.parametrize(
+    ("entries", "entry", "covers", "overlaps"),
+    [
+        ("a.example.com", "a.example.com", True, True),
+        ("a.example.com", "b.example.com", False, False),
+        (".example.com", "a.example.com", True, True),
+        (".example.com", ".a.example.com", True, True),
+        (".example.com", ".example.com", True, True),
+        ("a.example.com", ".example.com", False, True),
+        (".a.example.com", ".example.com", False, True),
+        ("example.com", ".example.com", False, True),
+        ("x.example.com", ".example.org", False, False),
+        ("notexample.com", ".example.com", False, False),
+    ],
+)
+def test_covers_and_overlaps(entries: str, entry: str, covers: bool, overlaps: bool) -> None:
+    allowlist = parse_allowlist(entries)
+    assert allowlist.covers(entry) is covers
+    assert allowlist.overlaps(entry) is overlaps
