@@ -39,6 +39,7 @@ from .allowlist import (
     parse_allowlist_items,
     parse_allowlist_value,
 )
+from .sni_helper import Malformed, host_name
 
 __all__ = [
     "ALWAYS_ENFORCED_REASONS",
@@ -66,12 +67,14 @@ POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 # Report mode turns exactly these refusals into 'would_deny' (they are about names, which is what an operator
 # learns from traffic). Everything else stays refused in every mode: report mode must never open the metadata
-# service, another port, or the proxy to strangers.
+# service, another port, or the proxy to strangers. A malformed SNI (two names, a NUL, an IP address) is a
+# fronting trick, not a name to learn, and an unanswered SNI check fails closed: both stay enforced too.
 REPORTABLE_REASONS = frozenset(
     {"domain_not_allowlisted", "domain_denied", "sni_not_allowlisted", "sni_missing", "ip_literal"}
 )
 ALWAYS_ENFORCED_REASONS = frozenset(
-    {"client_not_allowed", "port_not_allowed", "destination_not_public", "not_tls", "manager_denied"}
+    {"client_not_allowed", "port_not_allowed", "destination_not_public", "not_tls", "manager_denied",
+     "sni_malformed", "sni_unchecked"}
 )
 
 # The same host shapes as the template's `ip_literal` ACL: only digits and dots (also short forms such as
@@ -98,10 +101,14 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Tunnel:
-    """What Squid saw at the start of a CONNECT tunnel it let through step 1: was it TLS, and the SNI."""
+    """What Squid saw at the start of a CONNECT tunnel it let through step 1 (see sni_helper.py): was it TLS,
+    the SNI host name, whether the ClientHello was malformed beyond the name itself (more than one name or
+    server_name extension), and whether the SNI check answered at all."""
 
     tls: bool = True
     sni: str | None = None
+    malformed: bool = False
+    checked: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,16 @@ class Policy:
         return "domain_not_allowlisted"
 
     def sni_reason(self, sni: str | None) -> str | None:
-        """Why this policy refuses a tunnel's TLS SNI, or None. A denied SNI gets the deny list's reason,
-        `domain_denied`, so that the reason always says which list to edit; the log line's `sni` field shows
-        that the refusal came from inside the tunnel."""
-        if sni is None or not sni.strip():
+        """Why this policy refuses a tunnel's TLS SNI, or None; in sni_helper.py's order (missing, malformed,
+        then the lists). A denied SNI gets the deny list's reason, `domain_denied`, so that the reason always
+        says which list to edit; the log line's `sni` field shows that the refusal came from inside the
+        tunnel."""
+        if sni is None or not sni:
             return "sni_missing"
+        try:
+            host_name(sni.encode("utf-8", "surrogateescape"))
+        except Malformed:
+            return "sni_malformed"
         if self.deny.allows(sni):
             return "domain_denied"
         if self.allow.allows(sni):
@@ -218,7 +230,11 @@ class PolicyDocument:
         if tunnel is not None:
             if not tunnel.tls:
                 return Verdict(policy.name, "denied", "not_tls")
-            reason = policy.sni_reason(tunnel.sni)
+            if not tunnel.checked:
+                return Verdict(policy.name, "denied", "sni_unchecked")
+            reason = "sni_malformed" if tunnel.malformed else policy.sni_reason(tunnel.sni)
+            if reason in ALWAYS_ENFORCED_REASONS:
+                return Verdict(policy.name, "denied", str(reason))
             if reason is not None:
                 if policy.mode == "enforce":
                     return Verdict(policy.name, "denied", reason)

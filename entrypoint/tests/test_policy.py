@@ -417,7 +417,13 @@ def test_always_enforced_checks_hold_in_both_modes(document: PolicyDocument, cli
     ("10.1.2.3", "api.github.com", Tunnel(sni="gist.github.com"), Verdict("default", "denied", "domain_denied")),
     ("10.1.2.3", "api.github.com", Tunnel(sni="evil.example"), Verdict("default", "denied", "sni_not_allowlisted")),
     ("10.1.2.3", "api.github.com", Tunnel(sni=None), Verdict("default", "denied", "sni_missing")),
-    ("10.1.2.3", "api.github.com", Tunnel(sni="10.0.0.1"), Verdict("default", "denied", "sni_not_allowlisted")),
+    ("10.1.2.3", "api.github.com", Tunnel(sni="10.0.0.1"), Verdict("default", "denied", "sni_malformed")),
+    ("10.1.2.3", "api.github.com", Tunnel(sni="api.github.com\x00.evil.example"),
+     Verdict("default", "denied", "sni_malformed")),
+    ("10.1.2.3", "api.github.com", Tunnel(sni="api.github.com", malformed=True),
+     Verdict("default", "denied", "sni_malformed")),
+    ("10.1.2.3", "api.github.com", Tunnel(sni="api.github.com", checked=False),
+     Verdict("default", "denied", "sni_unchecked")),
     ("10.1.2.3", "api.github.com", Tunnel(tls=False), Verdict("default", "denied", "not_tls")),
     # report: SNI refusals become would_deny; not_tls stays enforced
     ("10.0.8.7", "api.github.com", Tunnel(sni="evil.example"),
@@ -426,6 +432,12 @@ def test_always_enforced_checks_hold_in_both_modes(document: PolicyDocument, cli
     ("10.0.8.7", "api.github.com", Tunnel(sni="gist.github.com"),
      Verdict("ci-runners", "would_deny", "domain_denied")),
     ("10.0.8.7", "api.github.com", Tunnel(tls=False), Verdict("ci-runners", "denied", "not_tls")),
+    # report: a malformed SNI is a fronting trick, not a name to learn; an unanswered check fails closed
+    ("10.0.8.7", "api.github.com", Tunnel(sni="10.0.0.1"), Verdict("ci-runners", "denied", "sni_malformed")),
+    ("10.0.8.7", "example.net", Tunnel(sni="pypi.org", malformed=True),
+     Verdict("ci-runners", "denied", "sni_malformed")),
+    ("10.0.8.7", "api.github.com", Tunnel(sni="pypi.org", checked=False),
+     Verdict("ci-runners", "denied", "sni_unchecked")),
     # report: the first refusal is the one logged (the CONNECT host's, before the SNI's)
     ("10.0.8.7", "example.net", Tunnel(sni=None), Verdict("ci-runners", "would_deny", "domain_not_allowlisted")),
 ])
