@@ -356,7 +356,8 @@ class PolicyDiff:
     def lines(self) -> list[str]:
         lines: list[str] = []
         if self.form is not None:
-            lines.append(f"form: {self.form[0]} list -> {self.form[1]}".replace("document list", "document"))
+            shown = {"flat": "flat list", "document": "document"}
+            lines.append(f"form: {shown[self.form[0]]} -> {shown[self.form[1]]}")
         for change in self.changes:
             lines.extend(change.lines())
         if self.order is not None:
