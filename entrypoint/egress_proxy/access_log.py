@@ -20,6 +20,7 @@ REASONS: dict[str, str] = {
     "port_not_allowed": "the destination port is not in EGRESS_ALLOWED_PORTS for this kind of request",
     "ip_literal": "the destination is an IP address; only allowlisted names are reachable",
     "domain_not_allowlisted": "the host is not on the allowlist",
+    "domain_denied": "the host (or the TLS SNI) is on the policy's deny list",
     "destination_not_public": "the host resolves to a private, loopback, link-local or metadata address",
     "sni_missing": "the TLS ClientHello carried no SNI, so the real destination cannot be checked",
     "sni_not_allowlisted": "the TLS SNI names a host that is not on the allowlist (domain fronting)",
@@ -68,6 +69,8 @@ FIELDS: tuple[Field, ...] = (
     Field("sni", "%#ssl::>sni", _text),
     Field("status", "%>Hs", _int),
     Field("reason", "%#{reason}note", _text),
+    Field("policy", "%#{policy}note", _text),
+    Field("would_deny", "%#{would_deny}note", _text),
     Field("squid_status", "%Ss", _text),
     Field("error", "%err_code", _text),
     Field("server_ip", "%<a", _text),
@@ -92,10 +95,16 @@ def parse_line(line: str) -> dict[str, Any]:
 
 
 def decide(record: dict[str, Any]) -> str:
-    """'allowed' or 'denied'. A transaction without a reason note never passed http_access (e.g. a malformed
-    request Squid rejected itself), so it counts as denied; its Squid error code says why."""
+    """'allowed', 'would_deny' or 'denied'. A report-mode policy lets a request through that enforce mode would
+    refuse: Squid notes that reason as ``would_deny``, and the line carries it as ``reason``. A transaction
+    without a reason note never passed http_access (e.g. a malformed request Squid rejected itself), so it
+    counts as denied; its Squid error code says why."""
     reason = record.get("reason")
+    would_deny = record.pop("would_deny", None)
     if reason == "allowed":
+        if would_deny:
+            record["reason"] = would_deny
+            return "would_deny"
         return "allowed"
     # A refused CONNECT is relayed through the loopback refusal responder (denier.py); that is not a server the
     # client reached, so don't report its address.
@@ -116,7 +125,7 @@ def is_noise(record: dict[str, Any]) -> bool:
     return (
         record.get("method") == "CONNECT"
         and record.get("squid_status") == "NONE_NONE"
-        and record.get("reason") == "allowed"
+        and record.get("decision") in {"allowed", "would_deny"}
         and record.get("status") == 200
     )
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, allowlist_cli
-from .allowlist import Allowlist, AllowlistError, AllowlistProblem
+from .allowlist import AllowlistError
 from .metrics import manager_host, read_counters
 from .policy import PolicyDocument, parse_policy_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
@@ -87,16 +87,6 @@ def _load_document(settings: Settings) -> tuple[PolicyDocument, str]:
     return document, source.description
 
 
-def _load_allowlist(settings: Settings) -> tuple[Allowlist, str]:
-    document, description = _load_document(settings)
-    if not document.flat:
-        # Policy documents are validated (check) but not rendered to Squid yet.
-        raise AllowlistError([AllowlistProblem(
-            "", "is a policy document, which this version validates but does not render to Squid yet",
-            "use a flat list for now", path="policies")], description)
-    return document.allowlist, description
-
-
 def _check(settings: Settings) -> int:
     document, description = _load_document(settings)
     for warning in document.warnings:
@@ -118,11 +108,16 @@ RENDER_DENIAL_PORT = 39128
 
 
 def _render(settings: Settings) -> int:
-    allowlist, _ = _load_allowlist(settings)
+    document, _ = _load_document(settings)
     # 'run' picks a free loopback port for its refusal responder at startup; show a placeholder here.
-    rendered = render(settings, allowlist, StatePaths(settings.state_dir), run_as=run_as_user(),
+    rendered = render(settings, document, StatePaths(settings.state_dir), run_as=run_as_user(),
                       denial_port=RENDER_DENIAL_PORT)
     sys.stdout.write(rendered.squid_conf)
+    # The list files the config reads, each under a comment naming where 'run' writes it.
+    for path, text in rendered.files(StatePaths(settings.state_dir)).items():
+        if path.suffix in {".allow", ".deny"}:
+            sys.stdout.write(f"\n# --- {path} ({text.count(chr(10))} entries)\n")
+            sys.stdout.write("".join(f"#   {line}\n" for line in text.splitlines()))
     return ExitCode.OK
 
 

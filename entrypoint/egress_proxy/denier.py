@@ -21,14 +21,17 @@ import threading
 from .access_log import REASONS
 
 _REASON_HEADER = re.compile(rb"^x-egress-reason:[ \t]*([a-z_]+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_POLICY_HEADER = re.compile(rb"^x-egress-policy:[ \t]*([a-z0-9][a-z0-9-]{0,31})[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _MAX_HEAD = 16 * 1024
 
 
-def refusal(reason: str) -> bytes:
+def refusal(reason: str, policy: str | None = None) -> bytes:
     explanation = REASONS.get(reason, REASONS["denied"])
+    policy_header = f"X-Egress-Policy: {policy}\r\n" if policy else ""
     return (
         "HTTP/1.1 403 Forbidden\r\n"
         f"X-Egress-Reason: {reason if reason in REASONS else 'denied'}\r\n"
+        f"{policy_header}"
         f"X-Egress-Explanation: {explanation}\r\n"
         "Content-Length: 0\r\n"
         "Connection: close\r\n\r\n"
@@ -38,6 +41,12 @@ def refusal(reason: str) -> bytes:
 def reason_from_head(head: bytes) -> str:
     match = _REASON_HEADER.search(head.replace(b"\r\n", b"\n"))
     return match.group(1).decode() if match else "denied"
+
+
+def policy_from_head(head: bytes) -> str | None:
+    """The judging policy's name (Squid adds the header; a client outside every policy has none)."""
+    match = _POLICY_HEADER.search(head.replace(b"\r\n", b"\n"))
+    return match.group(1).decode() if match else None
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -51,7 +60,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if not chunk:
                     return  # Squid's peer probe: connect and close
                 head += chunk
-            sock.sendall(refusal(reason_from_head(head)))
+            sock.sendall(refusal(reason_from_head(head), policy_from_head(head)))
         except OSError:
             return
 

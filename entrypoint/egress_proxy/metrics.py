@@ -53,6 +53,7 @@ SEED_COUNTERS: dict[str, StandardUnitType] = {
 PROXY_METRICS: dict[str, StandardUnitType] = {
     "requests.allowed": "Count",
     "requests.denied": "Count",
+    "requests.would_deny": "Count",
     "allowlist.entries": "Count",
     "reload.success": "Count",
     "reload.failure": "Count",
@@ -110,6 +111,7 @@ class ProxyTotals:
 
     allowed: int = 0
     denied: int = 0
+    would_deny: int = 0
     reload_success: int = 0
     reload_failure: int = 0
 
@@ -120,6 +122,7 @@ def proxy_values(previous: ProxyTotals, current: ProxyTotals, entries: int, load
     values = {
         "requests.allowed": counter_delta(previous.allowed, current.allowed),
         "requests.denied": counter_delta(previous.denied, current.denied),
+        "requests.would_deny": counter_delta(previous.would_deny, current.would_deny),
         "allowlist.entries": float(entries),
         "reload.success": counter_delta(previous.reload_success, current.reload_success),
         "reload.failure": counter_delta(previous.reload_failure, current.reload_failure),
@@ -195,6 +198,7 @@ class DecisionCounter:
         self._lock = threading.Lock()
         self._allowed = 0
         self._denied = 0
+        self._would_deny = 0
 
     def observe(self, record: Mapping[str, Any]) -> None:
         decision = record.get("decision")
@@ -203,10 +207,13 @@ class DecisionCounter:
                 self._allowed += 1
             elif decision == "denied":
                 self._denied += 1
+            elif decision == "would_deny":  # let through by a report-mode policy: neither allowed nor denied
+                self._would_deny += 1
 
-    def totals(self) -> tuple[int, int]:
+    def totals(self) -> tuple[int, int, int]:
+        """(allowed, denied, would_deny) so far."""
         with self._lock:
-            return self._allowed, self._denied
+            return self._allowed, self._denied, self._would_deny
 
 
 class ReloadStatsLike(Protocol):
@@ -340,9 +347,9 @@ class MetricsLoop:
 
     # --- one step ----------------------------------------------------------------------------------------------
     def _totals(self) -> ProxyTotals:
-        allowed, denied = self.decisions.totals()
+        allowed, denied, would_deny = self.decisions.totals()
         stats = self.stats()
-        return ProxyTotals(allowed, denied, stats.success, stats.failure)
+        return ProxyTotals(allowed, denied, would_deny, stats.success, stats.failure)
 
     def tick(self) -> None:
         """Sample, turn the sample into datums, publish what is pending (unless backing off)."""

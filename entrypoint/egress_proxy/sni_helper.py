@@ -1,14 +1,16 @@
-"""Squid external ACL helper: is the TLS ClientHello's SNI one valid, allowlisted host name?
+"""Squid external ACL helper: is the TLS ClientHello's SNI one valid host name that the client's policy allows?
 
-Squid runs this file (copied into the state dir) as ``python3 -I sni_helper.py ALLOWLIST_FILE`` and hands it, at
+Squid runs this file (copied into the state dir) as ``python3 -I sni_helper.py POLICY_DIR`` and hands it, at
 ``ssl_bump`` step 2, the raw ClientHello that it peeked at (``%>handshake``: the client's TLS records, base64,
-URL-quoted). It answers, per request line ``<channel-id> <handshake>``:
+URL-quoted) and the name of the policy that judges the client. It answers, per request line
+``<channel-id> <handshake> <policy>``:
 
 - ``<id> OK`` when the ClientHello carries exactly one ``server_name`` extension holding exactly one
-  ``host_name``, that name is a valid DNS host name (letters, digits, hyphens; not an IP address), and it is on
-  the allowlist;
-- ``<id> ERR sni_verdict=missing|malformed|not_allowlisted`` otherwise. Squid adds the ``sni_verdict`` pair to
-  the transaction's notes, and squid.conf.j2 turns it into the logged reason.
+  ``host_name``, that name is a valid DNS host name (letters, digits, hyphens; not an IP address), it is not on
+  the policy's deny list, and it is on its allow list;
+- ``<id> ERR sni_verdict=missing|malformed|denied|not_allowlisted`` otherwise. Squid adds the ``sni_verdict``
+  pair to the transaction's notes, and squid.conf.j2 turns it into the logged reason (or, in report mode, into
+  the ``would_deny`` note).
 
 Why parse the ClientHello here and not trust ``%ssl::>sni``: Squid reports one name (the first host_name of the
 last SNI extension, cut at a NUL byte). A ClientHello with two extensions, two names in one list, or
@@ -18,14 +20,16 @@ host name has no NUL; we refuse all of these as malformed.
 
 Standard library only, and self-contained: it runs under any python3 as Squid's unprivileged user. One process
 answers many lookups concurrently (``concurrency=`` in squid.conf); Squid restarts it on every reconfigure, so it
-always reads the active allowlist. The allowlist file is the rendered, validated list: ``example.com`` is that
-host, ``.example.com`` the domain and every subdomain (Squid's dstdomain semantics).
+always reads the active lists. POLICY_DIR holds ``<policy>.allow`` and ``<policy>.deny`` for every policy, the
+rendered, validated lists that Squid's dstdomain ACLs read too: ``example.com`` is that host, ``.example.com`` the
+domain and every subdomain.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import sys
 import urllib.parse
@@ -33,6 +37,7 @@ from collections.abc import Iterable
 
 MISSING = "missing"
 MALFORMED = "malformed"
+DENIED = "denied"
 NOT_ALLOWLISTED = "not_allowlisted"
 
 _HANDSHAKE_RECORD = 22
@@ -175,9 +180,9 @@ def allowlisted(name: str, allowed: frozenset[str]) -> bool:
     return any("." + ".".join(labels[i:]) in allowed for i in range(len(labels)))
 
 
-def verdict(handshake: str, allowed: frozenset[str]) -> str | None:
-    """None when the SNI passes; otherwise MISSING, MALFORMED or NOT_ALLOWLISTED. ``handshake`` is Squid's
-    ``%>handshake`` value as it arrives on the helper's stdin."""
+def verdict(handshake: str, allowed: frozenset[str], denied: frozenset[str] = frozenset()) -> str | None:
+    """None when the SNI passes; otherwise MISSING, MALFORMED, DENIED or NOT_ALLOWLISTED. ``handshake`` is
+    Squid's ``%>handshake`` value as it arrives on the helper's stdin."""
     if handshake in {"", "-"}:
         return MISSING
     try:
@@ -188,24 +193,40 @@ def verdict(handshake: str, allowed: frozenset[str]) -> str | None:
         name = host_name(names[0])
     except (Malformed, binascii.Error):
         return MALFORMED
+    if allowlisted(name, denied):
+        return DENIED
     return None if allowlisted(name, allowed) else NOT_ALLOWLISTED
 
 
-def answer(line: str, allowed: frozenset[str]) -> str:
-    channel, _, rest = line.strip().partition(" ")
-    handshake = rest.split(" ", 1)[0]
-    result = verdict(handshake, allowed)
+Lists = dict[str, tuple[frozenset[str], frozenset[str]]]
+
+
+def load_policies(directory: str) -> Lists:
+    """Every policy's (allow, deny) lists from POLICY_DIR's ``<name>.allow`` and ``<name>.deny`` files."""
+    lists: dict[str, dict[str, frozenset[str]]] = {}
+    for filename in sorted(os.listdir(directory)):
+        name, _, kind = filename.rpartition(".")
+        if kind in {"allow", "deny"}:
+            with open(os.path.join(directory, filename), encoding="utf-8") as handle:
+                lists.setdefault(name, {})[kind] = load_allowlist(handle)
+    empty: frozenset[str] = frozenset()
+    return {name: (kinds.get("allow", empty), kinds.get("deny", empty)) for name, kinds in lists.items()}
+
+
+def answer(line: str, policies: Lists) -> str:
+    channel, handshake, policy = (line.split() + ["", "", ""])[:3]
+    allowed, denied = policies.get(policy, (frozenset(), frozenset()))
+    result = verdict(handshake, allowed, denied)
     return f"{channel} OK" if result is None else f"{channel} ERR sni_verdict={result}"
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: sni_helper.py ALLOWLIST_FILE", file=sys.stderr)
+        print("usage: sni_helper.py POLICY_DIR", file=sys.stderr)
         return 2
-    with open(argv[1], encoding="utf-8") as handle:
-        allowed = load_allowlist(handle)
+    policies = load_policies(argv[1])
     for line in sys.stdin:
-        sys.stdout.write(answer(line, allowed) + "\n")
+        sys.stdout.write(answer(line, policies) + "\n")
         sys.stdout.flush()
     return 0
 

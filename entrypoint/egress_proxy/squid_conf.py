@@ -1,4 +1,4 @@
-"""Render squid.conf and its companion files from settings + allowlist. Pure: returns text, writes nothing.
+"""Render squid.conf and its companion files from settings + a policy document. Pure: returns text, writes nothing.
 
 The Squid knowledge lives in ``templates/squid.conf.j2``; this module only prepares its inputs.
 """
@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
+from .policy import REPORTABLE_REASONS, Policy, PolicyDocument
 from .settings import IPNetwork, Settings
 
 # Destinations refused after DNS resolution unless exempted by EGRESS_ALLOW_DESTINATIONS: "this" network,
@@ -75,8 +77,13 @@ class StatePaths:
         return self.conf_dir / "squid.conf"
 
     @property
-    def allowlist(self) -> Path:
-        return self.conf_dir / "allowlist.txt"
+    def policy_dir(self) -> Path:
+        return self.conf_dir / "policies"
+
+    def policy_list(self, policy: str, kind: str) -> Path:
+        """One policy's ``allow`` or ``deny`` list, one entry a line, read by Squid (dstdomain) and the SNI
+        helper alike."""
+        return self.policy_dir / f"{policy}.{kind}"
 
     @property
     def candidate_dir(self) -> Path:
@@ -135,10 +142,11 @@ class _CandidatePaths(StatePaths):
 @dataclass(frozen=True)
 class RenderedConfig:
     squid_conf: str
-    allowlist_text: str
+    lists: dict[tuple[str, str], str]  # (policy name, "allow" | "deny") -> the list file's text
 
     def files(self, paths: StatePaths) -> dict[Path, str]:
-        return {paths.allowlist: self.allowlist_text, paths.squid_conf: self.squid_conf}
+        listed = {paths.policy_list(name, kind): text for (name, kind), text in self.lists.items()}
+        return {**listed, paths.squid_conf: self.squid_conf}
 
 
 def _environment() -> jinja2.Environment:
@@ -150,23 +158,33 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def flat_document(allowlist: Allowlist, settings: Settings) -> PolicyDocument:
+    """The flat list as the one policy it stands for: 'default', enforce, clients = EGRESS_CLIENT_CIDRS."""
+    return PolicyDocument(policies=(Policy("default", settings.client_cidrs, "enforce", allowlist),),
+                          client_cidrs=settings.client_cidrs, flat=True)
+
+
 def render(
-    settings: Settings, allowlist: Allowlist, paths: StatePaths, *, run_as: str | None, denial_port: int
+    settings: Settings, document: PolicyDocument, paths: StatePaths, *, run_as: str | None, denial_port: int
 ) -> RenderedConfig:
-    """Render the config for ``allowlist``. ``run_as`` is the user Squid drops to when started as root;
+    """Render the config for ``document``. ``run_as`` is the user Squid drops to when started as root;
     ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py)."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
+    policies = _rendered_policies(document, paths)
     context = {
         "version": __version__,
-        "entry_count": len(allowlist.entries),
+        "entry_count": document.entry_count,
         "listen": f"{listen_text}:{settings.port}",
         "paths": paths,
         "certgen": CERTGEN,
         "run_as": run_as,
         "drain_seconds": _squid_seconds(settings.drain_seconds),
         "dns_servers": [str(ip) for ip in settings.dns_servers],
-        "client_cidrs": [str(net) for net in settings.client_cidrs] or ["none"],
+        "client_cidrs": [str(net) for net in settings.client_cidrs] or [NO_ADDRESS],
+        "policies": policies,
+        "policy_clients": [cidr for policy in policies for cidr in policy["clients"]] or [NO_ADDRESS],
+        "reportable_reasons": sorted(REPORTABLE_REASONS),
         "allowed_ports": settings.allowed_ports,
         "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],
         "reasons": list(REASONS),
@@ -177,9 +195,45 @@ def render(
         "python": PYTHON,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
-    # Squid reads an empty ACL file as "matches nothing", which is what an empty allowlist means.
-    allowlist_text = "".join(entry + "\n" for entry in sorted(allowlist.entries, key=squid_domain_order))
-    return RenderedConfig(squid_conf=squid_conf, allowlist_text=allowlist_text)
+    # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.
+    lists = {(policy.name, kind): _list_text(getattr(policy, kind))
+             for policy in document.policies for kind in ("allow", "deny")}
+    return RenderedConfig(squid_conf=squid_conf, lists=lists)
+
+
+# A source address no TCP client has (IPv4 broadcast): stands in for an empty client list, which Squid rejects.
+NO_ADDRESS = "255.255.255.255/32"
+
+
+def _rendered_policies(document: PolicyDocument, paths: StatePaths) -> list[dict[str, Any]]:
+    """The policies as the template needs them, each with the clients it really judges: its own CIDRs minus those
+    of every earlier policy (a client belongs to the first policy that contains it), so that the rendered rules
+    can name one policy's clients without repeating "and not an earlier policy's". A policy left with no clients
+    never applies (the document's warnings say so) and is not rendered."""
+    rendered: list[dict[str, Any]] = []
+    earlier: list[IPNetwork] = []
+    for policy in document.policies:
+        own: list[IPNetwork] = list(policy.clients)
+        for taken in earlier:
+            own = [piece for net in own for piece in _subtract(net, taken)]
+        earlier += policy.clients
+        if own:
+            rendered.append({
+                "name": policy.name,
+                "mode": policy.mode,
+                "clients": [str(net) for net in sorted(own, key=_network_order)],
+                "allow": paths.policy_list(policy.name, "allow"),
+                "deny": paths.policy_list(policy.name, "deny"),
+            })
+    return rendered
+
+
+def _list_text(entries: Allowlist) -> str:
+    return "".join(entry + "\n" for entry in sorted(entries.entries, key=squid_domain_order))
+
+
+def _network_order(net: IPNetwork) -> tuple[int, int, int]:
+    return net.version, int(net.network_address), net.prefixlen
 
 
 def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
@@ -194,7 +248,7 @@ def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
     holes = list(exempt) + [_nat64(net) for net in _ipv4(exempt)]
     for hole in holes:
         private = [piece for net in private for piece in _subtract(net, hole)]
-    return sorted(private, key=lambda net: (net.version, net.network_address, net.prefixlen)) or [
+    return sorted(private, key=_network_order) or [
         ipaddress.ip_network("192.0.2.1/32")
     ]
 

@@ -20,9 +20,10 @@ from enum import IntEnum
 from types import FrameType
 from typing import Any, TextIO
 
-from .allowlist import Allowlist, AllowlistError, parse_allowlist_value
+from .allowlist import AllowlistError
 from .denier import Denier
 from .metrics import DecisionCounter, MetricsLoop, manager_host
+from .policy import PolicyDocument, parse_policy_value
 from .settings import Settings
 from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
 from .squid_conf import RenderedConfig, StatePaths, default_error_page, render, service_name
@@ -115,38 +116,38 @@ class ConfigApplier:
         self.user = user
         self.denial_port = denial_port
         self.active: RenderedConfig | None = None
-        self.active_allowlist: Allowlist | None = None
+        self.active_document: PolicyDocument | None = None
         self.stats = ReloadStats()
         self.status_written = 0.0  # monotonic time of the last status.json write
 
-    def build(self, snapshot: Snapshot, source: str) -> tuple[Allowlist, RenderedConfig]:
+    def build(self, snapshot: Snapshot, source: str) -> tuple[PolicyDocument, RenderedConfig]:
         """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError.
 
         Whole-update rejection: one bad entry (or an oversized or malformed value) rejects the update, and
         the error lists every bad entry. Skipping bad entries would silently apply a policy nobody wrote."""
         check_size(snapshot, source)
-        allowlist = parse_allowlist_value(snapshot.text, source=source)
-        rendered = render(self.settings, allowlist, self.paths, run_as=self.user, denial_port=self.denial_port)
+        document = parse_policy_value(snapshot.text, source=source, client_cidrs=self.settings.client_cidrs)
+        rendered = render(self.settings, document, self.paths, run_as=self.user, denial_port=self.denial_port)
         if rendered == self.active:
-            return allowlist, rendered
+            return document, rendered
         candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
-        candidate = render(self.settings, allowlist, candidate_paths, run_as=self.user,
+        candidate = render(self.settings, document, candidate_paths, run_as=self.user,
                            denial_port=self.denial_port)
         for path, text in candidate.files(candidate_paths).items():
             atomic_write(path, text)
         for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
             self.logger.event("warning", "squid_parse_warning", warning)
-        return allowlist, rendered
+        return document, rendered
 
-    def activate(self, allowlist: Allowlist, rendered: RenderedConfig, snapshot: Snapshot) -> None:
-        # The allowlist file first, then squid.conf: Squid reads both only when told to reconfigure.
+    def activate(self, document: PolicyDocument, rendered: RenderedConfig, snapshot: Snapshot) -> None:
+        # The list files first, then squid.conf: Squid reads them only when told to reconfigure.
         for path, text in rendered.files(self.paths).items():
             atomic_write(path, text)
         self.active = rendered
-        self.active_allowlist = allowlist
+        self.active_document = document
         self.stats.loaded_at = time.time()
         self.stats.version = snapshot.version
-        self.stats.entries = len(allowlist)
+        self.stats.entries = document.entry_count
         self.write_status()
 
     def write_status(self) -> None:
@@ -172,11 +173,11 @@ class ConfigApplier:
         self.status_written = time.monotonic()
 
 
-def _log_warnings(logger: Logger, allowlist: Allowlist) -> None:
-    for warning in allowlist.warnings[:50]:
+def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
+    for warning in document.warnings[:50]:
         logger.event("warning", "allowlist_warning", warning)
-    if len(allowlist.warnings) > 50:
-        logger.event("warning", "allowlist_warning", f"... and {len(allowlist.warnings) - 50} more warnings")
+    if len(document.warnings) > 50:
+        logger.event("warning", "allowlist_warning", f"... and {len(document.warnings) - 50} more warnings")
 
 
 class Supervisor:
@@ -245,15 +246,15 @@ class Supervisor:
             return ExitCode.BAD_CONFIG
         try:
             prepare_state_dir(self.paths, error_page=error_page, user=self.user)
-            allowlist, rendered = self.applier.build(snapshot, self.source.description)
+            document, rendered = self.applier.build(snapshot, self.source.description)
         except AllowlistError as exc:
             self.logger.event("error", "startup_failed", str(exc), source=self.source.description)
             return ExitCode.BAD_CONFIG
         except SquidError as exc:
             self.logger.event("error", "startup_failed", str(exc))
             return ExitCode.SQUID_FAILED
-        _log_warnings(self.logger, allowlist)
-        self.applier.activate(allowlist, rendered, snapshot)
+        _log_warnings(self.logger, document)
+        self.applier.activate(document, rendered, snapshot)
         self._seen_version = snapshot.version
         self.denier.start()
         LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line, self.decisions.observe))
@@ -266,9 +267,9 @@ class Supervisor:
             self.squid.stop(grace=5)
             return ExitCode.SQUID_FAILED
         self.logger.event("info", "started", f"proxy listening on {self.settings.listen_address}:"
-                          f"{self.settings.port} with {len(allowlist)} allowlist entries",
-                          version=snapshot.version, entries=len(allowlist), source=self.source.description,
-                          pid=self.squid.pid)
+                          f"{self.settings.port} with {document.entry_count} allowlist entries",
+                          version=snapshot.version, entries=document.entry_count, policies=len(document.policies),
+                          source=self.source.description, pid=self.squid.pid)
         if self.settings.metrics:  # its own daemon thread; CloudWatch trouble never reaches this loop
             MetricsLoop(self.settings, self.logger, lambda: self.applier.stats, self.decisions).start()
         return self._loop()
@@ -343,37 +344,40 @@ class Supervisor:
         """Validate, render, parse-check, swap and reconfigure. The ``reloaded`` line is logged when Squid
         confirms (see _check_pending); the loop stays responsive meanwhile."""
         started = time.monotonic()
-        previous = self.applier.active_allowlist
+        previous = self.applier.active_document
         self._seen_version = snapshot.version
         try:
-            allowlist, rendered = self.applier.build(snapshot, self.source.description)
+            document, rendered = self.applier.build(snapshot, self.source.description)
         except (AllowlistError, SquidError) as exc:
             self.applier.stats.failure += 1
             self.applier.stats.last_error = str(exc)
             self.applier.stats.rejected_version = snapshot.version
             self.applier.write_status()
-            bad = [problem.entry for problem in exc.problems[:20]] if isinstance(exc, AllowlistError) else []
+            bad = ([problem.path or problem.entry for problem in exc.problems[:20]]
+                   if isinstance(exc, AllowlistError) else [])
             self.logger.event("error", "reload_rejected", f"rejected allowlist version {snapshot.version}; "
                               f"version {self.applier.stats.version} keeps serving: {exc}",
                               version=snapshot.version, active_version=self.applier.stats.version,
                               bad_entries=bad, source=self.source.description)
             return False
-        _log_warnings(self.logger, allowlist)
+        _log_warnings(self.logger, document)
         self.applier.stats.rejected_version = None
         if rendered == self.applier.active:
             self.applier.stats.version = snapshot.version
             self.applier.stats.skipped += 1
             self.applier.write_status()
             self.logger.event("info", "reload_skipped", "allowlist source changed but the rendered config did "
-                              "not; Squid was not reconfigured", version=snapshot.version, entries=len(allowlist))
+                              "not; Squid was not reconfigured", version=snapshot.version,
+                              entries=document.entry_count)
             return True
-        added, removed = previous.diff(allowlist) if previous else (allowlist.entries, ())
-        self.applier.activate(allowlist, rendered, snapshot)
+        change = previous.diff(document) if previous else None
+        added, removed = (change.added, change.removed) if change else (document.entry_count, 0)
+        self.applier.activate(document, rendered, snapshot)
         with self._accepting_lock:
             self._accepting_workers = 0
         self.squid.reconfigure()
-        self._pending = _PendingReload(snapshot=snapshot, added=len(added), removed=len(removed),
-                                       entries=len(allowlist), started=started,
+        self._pending = _PendingReload(snapshot=snapshot, added=added, removed=removed,
+                                       entries=document.entry_count, started=started,
                                        deadline=time.monotonic() + CONFIRM_TIMEOUT)
         return True
 

@@ -103,11 +103,12 @@ def test_counter_rates_reject_a_non_positive_interval() -> None:
 
 
 def test_proxy_values_counts_per_interval_and_gauges() -> None:
-    values = proxy_values(ProxyTotals(allowed=5, denied=2, reload_success=1, reload_failure=0),
-                          ProxyTotals(allowed=9, denied=2, reload_success=2, reload_failure=1),
+    values = proxy_values(ProxyTotals(allowed=5, denied=2, would_deny=1, reload_success=1, reload_failure=0),
+                          ProxyTotals(allowed=9, denied=2, would_deny=4, reload_success=2, reload_failure=1),
                           entries=42, loaded_at=1000.0, now=1030.5)
     assert values == {
-        "requests.allowed": 4, "requests.denied": 0, "allowlist.entries": 42, "reload.success": 1,
+        "requests.allowed": 4, "requests.denied": 0, "requests.would_deny": 3, "allowlist.entries": 42,
+        "reload.success": 1,
         "reload.failure": 1, "config.age_seconds": 30.5,
     }
     assert "config.age_seconds" not in proxy_values(ProxyTotals(), ProxyTotals(), 0, None, 5.0)
@@ -175,7 +176,7 @@ def test_decision_counter_is_thread_safe() -> None:
 
     def work() -> None:
         for i in range(10_000):
-            counter.observe({"decision": "allowed" if i % 4 else "denied"})
+            counter.observe({"decision": ("denied", "would_deny", "allowed", "allowed")[i % 4]})
         counter.observe({"type": "access", "unparsed": "x"})
 
     threads = [threading.Thread(target=work) for _ in range(4)]
@@ -183,7 +184,7 @@ def test_decision_counter_is_thread_safe() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert counter.totals() == (4 * 7500, 4 * 2500)
+    assert counter.totals() == (4 * 5000, 4 * 2500, 4 * 2500)
 
 
 # --- the loop, with fakes -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ module in, OK/ERR out; and its host-name matching agrees with the policy module'
 from __future__ import annotations
 
 import base64
+import json
 import random
 import ssl
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 
 from egress_proxy import sni_helper
 from egress_proxy.allowlist import parse_allowlist
+from egress_proxy.policy import parse_policy_value
 from egress_proxy.settings import load_settings
-from egress_proxy.squid_conf import StatePaths, render, sni_helper_script
+from egress_proxy.squid_conf import StatePaths, flat_document, render, sni_helper_script
 
 ENTRIES = "b.example.com z.aaa.net .example.org .deep.sub.example.net xn--bcher-kva.example"
 
@@ -37,16 +39,21 @@ def _as_squid_sends(hello: bytes) -> str:
     return urllib.parse.quote(base64.b64encode(hello).decode(), safe="")
 
 
-def _ask(tmp_path: Path, entries: str, handshakes: list[str]) -> list[str]:
-    allowlist = parse_allowlist(entries)
-    rendered = render(load_settings({}, {}), allowlist, StatePaths(tmp_path), run_as=None, denial_port=1)
-    listing = tmp_path / "allowlist.txt"
-    listing.write_text(rendered.allowlist_text)
+def _ask(tmp_path: Path, entries: str, handshakes: list[str], deny: str = "", policy: str = "default") -> list[str]:
+    settings = load_settings({}, {})
+    document = parse_policy_value(json.dumps({"policies": [
+        {"name": "default", "clients": ["127.0.0.0/8"], "allow": entries.split(), "deny": deny.split()},
+        {"name": "other", "clients": ["10.0.0.0/8"], "allow": [".other.example"]},
+    ]}), source="test", client_cidrs=settings.client_cidrs)
+    paths = StatePaths(tmp_path)
+    for path, text in render(settings, document, paths, run_as=None, denial_port=1).files(paths).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     script = tmp_path / "sni_helper.py"
     script.write_text(sni_helper_script())
-    lines = "".join(f"{channel} {handshake}\n" for channel, handshake in enumerate(handshakes))
-    result = subprocess.run([sys.executable, "-I", str(script), str(listing)], input=lines, capture_output=True,
-                            text=True, timeout=60)
+    lines = "".join(f"{channel} {handshake} {policy}\n" for channel, handshake in enumerate(handshakes))
+    result = subprocess.run([sys.executable, "-I", str(script), str(paths.policy_dir)], input=lines,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     answers = result.stdout.splitlines()
     assert [answer.split(" ", 1)[0] for answer in answers] == [str(i) for i in range(len(handshakes))]
@@ -78,7 +85,6 @@ def test_answers_real_client_hellos(tmp_path: Path, sni: str | None, expected: s
     ("handshake", "expected"),
     [
         ("-", "ERR sni_verdict=missing"),
-        ("", "ERR sni_verdict=missing"),
         ("not*base64", "ERR sni_verdict=malformed"),
         (base64.b64encode(b"GET / HTTP/1.1\r\n\r\n").decode(), "ERR sni_verdict=malformed"),
         (base64.b64encode(b"\x16\x03\x01\x00\x05\x01\x00").decode(), "ERR sni_verdict=malformed"),  # truncated
@@ -103,13 +109,25 @@ def test_host_name_normalises_case_and_one_trailing_dot() -> None:
     assert sni_helper.host_name(b"WWW.Example.ORG.") == "www.example.org"
 
 
+def test_deny_wins_and_policies_are_separate(tmp_path: Path) -> None:
+    hellos = [_as_squid_sends(_client_hello(name)) for name in ("www.example.org", "gist.example.org",
+                                                                "a.other.example")]
+    assert _ask(tmp_path, ENTRIES, hellos, deny="gist.example.org") == [
+        "OK", "ERR sni_verdict=denied", "ERR sni_verdict=not_allowlisted"]
+    assert _ask(tmp_path, ENTRIES, hellos, policy="other") == [
+        "ERR sni_verdict=not_allowlisted", "ERR sni_verdict=not_allowlisted", "OK"]
+    assert _ask(tmp_path, ENTRIES, hellos, policy="unknown") == ["ERR sni_verdict=not_allowlisted"] * 3
+
+
 def test_agrees_with_the_policy_module() -> None:
     rng = random.Random(7)
     labels = ["a", "b", "example", "org", "com", "net", "sub", "deep", "evil", "aaa", "z"]
     hosts = [".".join(rng.choice(labels) for _ in range(rng.randint(2, 5))) for _ in range(3000)]
     allowlist = parse_allowlist(ENTRIES)
-    rendered = render(load_settings({}, {}), allowlist, StatePaths(Path("/unused")), run_as=None, denial_port=1)
-    allowed = sni_helper.load_allowlist(rendered.allowlist_text.splitlines())
+    settings = load_settings({}, {})
+    rendered = render(settings, flat_document(allowlist, settings), StatePaths(Path("/unused")), run_as=None,
+                      denial_port=1)
+    allowed = sni_helper.load_allowlist(rendered.lists[("default", "allow")].splitlines())
     expected = [allowlist.allows(host) for host in hosts]
     assert expected.count(True) > 20  # the sample exercises both answers
     assert [sni_helper.allowlisted(host, allowed) for host in hosts] == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 from pathlib import Path
 
@@ -10,21 +11,24 @@ import pytest
 
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
+from egress_proxy.policy import parse_policy_value
 from egress_proxy.settings import load_settings
 from egress_proxy.squid_conf import (
     PRIVATE_DESTINATIONS,
     StatePaths,
     default_error_page,
+    flat_document,
     forbidden_destinations,
     render,
 )
-from egress_proxy.squid_process import SquidError, parse_check, prepare_state_dir
+from egress_proxy.squid_process import SquidError, atomic_write, parse_check, prepare_state_dir
 
 
 def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexact.example.org") -> str:
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
     paths = StatePaths(settings.state_dir)
-    return render(settings, parse_allowlist(entries), paths, run_as="proxy", denial_port=39999).squid_conf
+    return render(settings, flat_document(parse_allowlist(entries), settings), paths, run_as="proxy",
+                  denial_port=39999).squid_conf
 
 
 def test_render_is_deterministic() -> None:
@@ -33,21 +37,24 @@ def test_render_is_deterministic() -> None:
 
 def test_allowlist_text_is_minimal_and_sorted() -> None:
     settings = load_settings({}, {})
-    rendered = render(settings, parse_allowlist("b.example.com .example.com a.example.org"),
+    rendered = render(settings, flat_document(parse_allowlist("b.example.com .example.com a.example.org"), settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
-    assert rendered.allowlist_text == ".example.com\na.example.org\n"
+    assert rendered.lists[("default", "allow")] == ".example.com\na.example.org\n"
+    assert rendered.lists[("default", "deny")] == ""
 
 
 def test_allowlist_text_is_in_squids_label_order() -> None:
     # Labels compared from the right, as Squid's splay tree does, so its inserts stay at the tree's edge.
-    rendered = render(load_settings({}, {}), parse_allowlist("a.example.org b.example.com z.aaa.net"),
+    settings = load_settings({}, {})
+    rendered = render(settings, flat_document(parse_allowlist("a.example.org b.example.com z.aaa.net"), settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
-    assert rendered.allowlist_text == "b.example.com\nz.aaa.net\na.example.org\n"
+    assert rendered.lists[("default", "allow")] == "b.example.com\nz.aaa.net\na.example.org\n"
 
 
 def test_policy_directives() -> None:
     conf = _render({"EGRESS_ALLOW_DESTINATIONS": "10.1.2.0/24", "EGRESS_DNS_SERVERS": "9.9.9.9"})
-    assert 'acl allowlisted_host dstdomain -n "/srv/state/conf/allowlist.txt"' in conf
+    assert 'acl policy_default_allow dstdomain -n "/srv/state/conf/policies/default.allow"' in conf
+    assert 'acl policy_default_deny dstdomain -n "/srv/state/conf/policies/default.deny"' in conf
     assert "dns_nameservers 9.9.9.9" in conf
     assert "exempt_destination" not in conf  # one ACL: "dst" matches when ANY address of an answer matches
     assert "http_access deny forbidden_destination reason_destination_not_public" in conf
@@ -56,10 +63,10 @@ def test_policy_directives() -> None:
     assert "connect-fail-limit=2147483647 name=denier" in conf
     assert "never_direct allow refused_connect" in conf
     assert "ssl_bump peek step1 reason_allowed" in conf
-    assert "ssl_bump splice step2 sni_ok" in conf
-    assert "acl sni_ok external sni_check" in conf  # not a second, ssl::server_name copy of the list
+    assert "ssl_bump splice step2 policy_default policy_default_sni" in conf
+    assert "acl policy_default_sni external sni_check default" in conf  # not an ssl::server_name copy of the list
     assert not [line for line in conf.splitlines() if line.startswith("acl") and "ssl::server_name" in line]
-    assert " %>handshake " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/allowlist.txt" in conf
+    assert " %>handshake " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/policies" in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
     for network in PRIVATE_DESTINATIONS:
@@ -126,19 +133,52 @@ def test_specific_listen_address_may_read_the_cache_manager() -> None:
 def test_candidate_paths_point_at_candidate_dir() -> None:
     paths = StatePaths(Path("/srv/state"))
     candidate = paths.in_dir(paths.candidate_dir)
-    assert candidate.allowlist == Path("/srv/state/candidate/allowlist.txt")
+    assert candidate.policy_list("default", "allow") == Path("/srv/state/candidate/policies/default.allow")
     assert candidate.cert == paths.cert  # only the config files move
 
 
+POLICY_DOCUMENT = json.dumps({"policies": [
+    {"name": "ci-runners", "clients": ["10.0.8.0/22", "fd00:8::/64"], "mode": "report",
+     "allow": [".github.com", "pypi.org"], "deny": ["gist.github.com"]},
+    {"name": "default", "clients": ["10.0.0.0/8"], "allow": [".amazonaws.com"]},
+    {"name": "empty", "clients": ["192.168.0.0/16"]},
+]})
+
+
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
-def test_rendered_config_passes_squid_parse(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", [".example.com", POLICY_DOCUMENT], ids=["flat", "document"])
+def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str) -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
     paths = StatePaths(tmp_path)
     prepare_state_dir(paths, error_page=default_error_page(), user=None)
-    rendered = render(settings, parse_allowlist(".example.com"), paths, run_as=None, denial_port=39999)
+    document = parse_policy_value(value, source="test", client_cidrs=settings.client_cidrs)
+    rendered = render(settings, document, paths, run_as=None, denial_port=39999)
     for path, text in rendered.files(paths).items():
-        path.write_text(text)
+        atomic_write(path, text)
     assert parse_check("squid", paths.squid_conf) == []  # no errors, no unexpected warnings
+
+
+def test_policies_render_in_document_order_with_disjoint_clients() -> None:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state"})
+    document = parse_policy_value(POLICY_DOCUMENT, source="test", client_cidrs=settings.client_cidrs)
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    # A client belongs to the first policy containing it: 'default' judges 10/8 minus ci-runners' 10.0.8.0/22.
+    assert "acl policy_ci-runners src 10.0.8.0/22 fd00:8::/64\n" in conf
+    default_src = next(line for line in conf.splitlines() if line.startswith("acl policy_default src "))
+    networks = [ipaddress.ip_network(cidr) for cidr in default_src.split()[3:]]
+    assert not any(net.overlaps(ipaddress.ip_network("10.0.8.0/22")) for net in networks)
+    assert sum(net.num_addresses for net in networks) == 2**24 - 2**10
+    # Enforce refuses; report notes the reason and goes on (the rule never matches: !all).
+    assert "http_access deny policy_default policy_default_deny reason_domain_denied" in conf
+    assert ("http_access deny policy_ci-runners !ip_literal policy_ci-runners_deny would_domain_denied !all"
+            in conf)
+    assert conf.index("policy_ci-runners !ip_literal") < conf.index("policy_default policy_default_deny")
+    # The SSRF guard comes after the name checks and is never relaxed by report mode.
+    assert conf.index("would_domain_not_allowlisted !all") < conf.index(
+        "http_access deny forbidden_destination reason_destination_not_public")
+    assert ("ssl_bump splice step2 policy_ci-runners sni_verdict_not_allowlisted tunnel_would_sni_not_allowlisted"
+            in conf)
+    assert "splice step2 policy_default sni_verdict" not in conf  # enforce: no splice without an OK
 
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")

@@ -1163,15 +1163,15 @@ def read_body(
 
 
 def connect_tunnel(
-    proxy: tuple[str, int], target: str, port: int, timeout: float = 5.0
+    proxy: tuple[str, int], target: str, port: int, timeout: float = 5.0, *, source: str | None = None
 ) -> tuple[socket.socket, int, bytes]:
-    """Open a CONNECT tunnel through ``proxy`` to ``target:port``.
+    """Open a CONNECT tunnel through ``proxy`` to ``target:port``, from the loopback address ``source`` if given.
 
     Returns ``(sock, status_code, header_bytes)``; ``header_bytes`` is the
     status line plus headers through the blank line, and nothing beyond it
     has been read.  The socket keeps ``timeout``.  Caller closes."""
     authority = _hostport(target, port)
-    sock = socket.create_connection(proxy, timeout=timeout)
+    sock = socket.create_connection(proxy, timeout=timeout, source_address=(source, 0) if source else None)
     try:
         sock.sendall(
             f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
