@@ -2,8 +2,10 @@
 (which puts it in a private network namespace first); it refuses to run where more than loopback exists.
 
 Sections: throughput (curl), connections (new HTTPS/HTTP connections: latency and rate), http (wrk requests/s),
-scale (allowlist size: reload time, Squid RSS, latency), supervisor (its CPU and RSS idle and under load).
-Writes bench/results/<date>.json; bench/report.py turns it into <date>.md and the PNG plots.
+scale (allowlist size: reload time, Squid RSS, latency), supervisor (its CPU and RSS idle and under load),
+sni (issue 12: the SNI helper's cost, against the code before issue 12 run side by side from EGRESS_BENCH_OLD_TREE),
+policies (issue 14: 50 policies x 1,000 entries against one 50,000-entry list and against a single policy).
+Writes bench/results/<date>.json (<date>-<sections>.json with --only); bench/report.py turns it into .md and plots.
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ from typing import Any
 
 import benchenv
 import clients
+import policy_bench
 import report
-from benchenv import ORIGIN_NAME, CpuWindow, Proxy, World, proc_stat
+from benchenv import ORIGIN_NAME, PROXY_PORT, CpuWindow, Proxy, World, proc_stat
 from clients import Target, percentile
+from policy_bench import (
+    ENTRIES_PER_POLICY,
+    LAST_POLICY_CLIENT,
+    OLD_TREE,
+    POLICY_COUNT,
+    background_busy,
+    document_text,
+    helper_cost,
+    loadavg,
+    policy_name,
+)
 
 RESULTS = benchenv.ROOT / "bench" / "results"
-SECTIONS = ("throughput", "connections", "http", "supervisor", "scale")
+SECTIONS = ("throughput", "connections", "http", "supervisor", "scale", "sni", "policies")
 SCALE_SIZES = (100, 10_000, 100_000)
 
 
@@ -90,16 +104,91 @@ def summarize(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(samples), 3)}
 
 
+def interleave(targets: dict[str, Target], count: int, block: int = 50, warmup: int = 20
+               ) -> dict[str, list[float]]:
+    """``count`` samples of each target, taken in blocks that take turns (the order rotates each block), so drift
+    on a noisy machine hits every target alike."""
+    for target in targets.values():  # warm-up: DNS cache, SNI helper cache (before issue 12), page cache
+        clients.latencies(target, warmup)
+    names = list(targets)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    while len(out[names[0]]) < count:
+        n = min(block, count - len(out[names[0]]))
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            out[name] += clients.latencies(targets[name], n)
+        turn += 1
+    return out
+
+
 def interleaved_latencies(kind: str, cacert: str, count: int, block: int = 50) -> dict[str, list[float]]:
     """Direct and proxied samples in alternating blocks, so drift on a noisy machine hits both alike."""
-    out: dict[str, list[float]] = {"direct": [], "proxy": []}
-    for via in (False, True):  # warm-up: DNS cache, SNI helper cache, page cache
-        clients.latencies(Target(kind, via, cacert), 20)
-    while len(out["proxy"]) < count:
-        n = min(block, count - len(out["proxy"]))
-        out["direct"] += clients.latencies(Target(kind, False, cacert), n)
-        out["proxy"] += clients.latencies(Target(kind, True, cacert), n)
+    return interleave({"direct": Target(kind, False, cacert), "proxy": Target(kind, True, cacert)}, count, block)
+
+
+def proxy_cpu_ns(proxy: Proxy) -> dict[int, tuple[str, int]]:
+    """CPU nanoseconds used so far by each process of the proxy, with its role: the supervisor, Squid (the
+    coordinator and its workers), or Squid's helpers (the SNI checker, the certificate generator)."""
+    out = {}
+    for pid in (proxy.pid, proxy.squid_pid, *benchenv.descendants(proxy.squid_pid)):
+        role = "supervisor" if pid == proxy.pid else "squid" if benchenv.comm(pid) == "squid" else "helpers"
+        out[pid] = (role, benchenv.cpu_ns([pid]))
     return out
+
+
+def cpu_us_per_request(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], requests: int
+                       ) -> dict[str, float]:
+    """Per role and in total. A process that started in between counts in full; one that exited is lost."""
+    used = {"supervisor": 0, "squid": 0, "helpers": 0}
+    for pid, (role, ns) in after.items():
+        used[role] += ns - before.get(pid, (role, 0))[1]
+    out = {role: round(ns / requests / 1000, 1) for role, ns in used.items()}
+    out["total"] = round(sum(used.values()) / requests / 1000, 1)
+    return out
+
+
+def compared_latencies(targets: dict[str, Target], proxies: dict[str, Proxy], rounds: int, count: int,
+                       baseline: str, candidate: str) -> dict[str, Any]:
+    """``rounds`` independent interleaved measurements of every target (one of them "direct"; ``proxies`` names
+    the proxy behind each other target). Per round: each target's p50, its p50 minus direct's, ``candidate``'s
+    p50 minus ``baseline``'s, and each proxy's CPU per request (every one of its processes; it serves nothing
+    else meanwhile). Then the medians over the rounds, whose spread (min, max) shows how noisy the machine was.
+    Blocks are short (5 requests) so that the targets share the machine's drift closely."""
+    per_round = []
+    pooled: dict[str, list[float]] = {name: [] for name in targets}
+    for target in targets.values():
+        clients.latencies(target, 20)  # warm-up, outside the CPU windows
+    for _ in range(rounds):
+        window = CpuWindow({}).start()
+        cpu_before = {name: proxy_cpu_ns(proxy) for name, proxy in proxies.items()}
+        samples = interleave(targets, count, block=5, warmup=0)
+        cpu_after = {name: proxy_cpu_ns(proxy) for name, proxy in proxies.items()}
+        busy = window.stop()["machine_busy_percent"]
+        cpu_us = {name: cpu_us_per_request(cpu_before[name], cpu_after[name], count) for name in proxies}
+        p50 = {name: percentile(values, 50) for name, values in samples.items()}
+        per_round.append({"p50_ms": {name: round(v, 3) for name, v in p50.items()},
+                          "added_p50_ms": {name: round(p50[name] - p50["direct"], 3) for name in targets
+                                           if name != "direct"},
+                          "difference_p50_ms": round(p50[candidate] - p50[baseline], 3),
+                          "proxy_cpu_us_per_request": cpu_us,
+                          "machine_busy_percent": busy})
+        for name, values in samples.items():
+            pooled[name] += values
+    differences = [r["difference_p50_ms"] for r in per_round]
+    cpu_differences = [r["proxy_cpu_us_per_request"][candidate]["total"] -
+                       r["proxy_cpu_us_per_request"][baseline]["total"] for r in per_round]
+    return {"rounds": per_round, "count_per_round": count, "baseline": baseline, "candidate": candidate,
+            "pooled": {name: summarize(values) for name, values in pooled.items()},
+            "added_p50_ms": {name: round(statistics.median(r["added_p50_ms"][name] for r in per_round), 3)
+                             for name in targets if name != "direct"},
+            "difference_p50_ms": round(statistics.median(differences), 3),
+            "difference_p50_ms_range": [min(differences), max(differences)],
+            "proxy_cpu_us_per_request": {name: {role: round(statistics.median(
+                r["proxy_cpu_us_per_request"][name][role] for r in per_round), 1)
+                for role in ("supervisor", "squid", "helpers", "total")} for name in proxies},
+            "proxy_cpu_difference_us": round(statistics.median(cpu_differences), 1),
+            "proxy_cpu_difference_us_range": [round(min(cpu_differences), 1), round(max(cpu_differences), 1)],
+            "machine_busy_percent_median": statistics.median(r["machine_busy_percent"] for r in per_round)}
 
 
 # --- sections --------------------------------------------------------------------------------------------
@@ -142,7 +231,7 @@ def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float
         rates: dict[str, Any] = {}
         for via in (False, True):
             window = CpuWindow(proxy.groups()).start()
-            rate = clients.connection_rate(Target(kind, via, cacert), rate_seconds, workers)
+            rate: dict[str, Any] = {**clients.connection_rate(Target(kind, via, cacert), rate_seconds, workers)}
             rate["cpu"] = window.stop()
             rates["proxy" if via else "direct"] = rate
         squid_share = rates["proxy"]["cpu"]["squid"]["cpu_percent"] / 100
@@ -199,18 +288,19 @@ def bench_supervisor(proxy: Proxy, idle_seconds: float, load_seconds: float) -> 
 
 
 def time_render_and_parse(text: str, proxy: Proxy) -> dict[str, float]:
-    """The reload's parts, timed separately in this process: allowlist policy, render, ``squid -k parse``."""
-    from egress_proxy.allowlist import parse_allowlist_value
+    """The reload's parts, timed separately in this process: validation (the allowlist or document policy),
+    render, ``squid -k parse``."""
+    from egress_proxy.policy import parse_policy_value
     from egress_proxy.settings import load_settings
     from egress_proxy.squid_conf import StatePaths, render
 
     settings = load_settings({}, proxy.env)
     paths = StatePaths(proxy.state_dir)
     started = time.monotonic()
-    allowlist = parse_allowlist_value(text, source="bench")
+    document = parse_policy_value(text, source="bench", client_cidrs=settings.client_cidrs)
     policy = time.monotonic() - started
     started = time.monotonic()
-    render(settings, allowlist, paths, run_as="proxy", denial_port=39999)
+    render(settings, document, paths, run_as="proxy", denial_port=39999)
     rendered = time.monotonic() - started
     # The candidate the supervisor just parse-checked and activated is in the state dir; parse it again.
     started = time.monotonic()
@@ -225,7 +315,7 @@ def parse_profile(workdir: Path, proxy: Proxy) -> dict[str, float]:
     with one ACL, with both ACLs the template uses, and with the entries sorted the way Squid compares them."""
     from egress_proxy.squid_conf import StatePaths
 
-    active = StatePaths(proxy.state_dir).allowlist
+    active = StatePaths(proxy.state_dir).policy_list("default", "allow")
     entries = [line for line in active.read_text().splitlines() if line]
     by_reversed_labels = workdir / "allowlist-sorted.txt"
     by_reversed_labels.write_text("\n".join(sorted(entries, key=lambda e: e.lstrip(".").split(".")[::-1])) + "\n")
@@ -263,7 +353,7 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
         memory = proxy.squid_memory()
         _, sup_rss = proc_stat(proxy.pid)
         parts = time_render_and_parse(text, proxy)
-        latency = {}
+        latency: dict[str, dict[str, Any]] = {}
         for kind in ("https", "http"):
             samples = interleaved_latencies(kind, cacert, count)
             latency[kind] = {"direct": summarize(samples["direct"]), "proxy": summarize(samples["proxy"])}
@@ -282,6 +372,144 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
             f"Squid RSS {row['squid_rss_mb']} MB, https added p50 {latency['https']['added_p50_ms']} ms, "
             f"http added p50 {latency['http']['added_p50_ms']} ms; probe during reload: {row['probe_during_reload']}")
     return {"sizes": rows}
+
+
+def reload_to(proxy: Proxy, allowlist: Path, text: str, entries: int) -> dict[str, Any]:
+    """Write ``text`` as the allowlist value, wait for the supervisor's ``reloaded`` event (validate, render,
+    parse-check, reconfigure, every worker accepting again), then time the parts in this process."""
+    mark = proxy.mark()
+    started = time.monotonic()
+    write_atomic(allowlist, text)
+    event = proxy.wait_event(lambda e: e.get("event") in {"reloaded", "reload_rejected"}, timeout=180, start=mark)
+    wall = time.monotonic() - started
+    if event["event"] != "reloaded":
+        raise RuntimeError(f"reload rejected: {event.get('message')}")
+    if event.get("entries") != entries:
+        raise RuntimeError(f"expected {entries} active entries, the supervisor reports {event.get('entries')}")
+    return {"reload_s": round(event["duration_ms"] / 1000, 3), "confirmed": event["confirmed"],
+            "write_to_event_s": round(wall, 3), **time_render_and_parse(text, proxy)}
+
+
+def bench_policies(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, reps: int, rounds: int, count: int,
+                   lookups: int) -> dict[str, Any]:
+    """Issue 14's scale and speed targets. (a) reload time of 50 policies x 1,000 entries against one 50,000-entry
+    flat list, alternating (ABBA) on the same proxy; (b) latency of a client in the LAST of 50 policies against the
+    same client and list as a single policy, on a second proxy, interleaved with direct; (c) a probe through the
+    proxy during every reload of (a): refused or failed requests."""
+    total = POLICY_COUNT * ENTRIES_PER_POLICY
+    forms = {"flat": lambda g: allowlist_text(total, g),
+             "policies": lambda g: document_text(range(POLICY_COUNT), ENTRIES_PER_POLICY, g)}
+    result: dict[str, Any] = {"policies": POLICY_COUNT, "entries_per_policy": ENTRIES_PER_POLICY,
+                              "flat_entries": total, "client": LAST_POLICY_CLIENT,
+                              "background_busy_percent_before": background_busy(), "loadavg_before": loadavg()}
+    generation = 100
+    reloads: list[dict[str, Any]] = []
+    # The probe's client is in the last policy, and in the flat list's "default" (all of 127.0.0.0/8): every one
+    # of its requests must be a 200, before, during and after each reload.
+    with clients.Probe(target=Target("http", True, source=LAST_POLICY_CLIENT)) as probe:
+        for rep in range(reps):
+            for form in ("flat", "policies") if rep % 2 == 0 else ("policies", "flat"):
+                generation += 1
+                row = {"form": form, "rep": rep, **reload_to(proxy, allowlist, forms[form](generation), total)}
+                reloads.append(row)
+                log(f"  {form}: reload {row['reload_s']} s (policy {row['policy_s']} s, render {row['render_s']} s, "
+                    f"squid -k parse {row['squid_parse_s']} s)")
+        if reloads[-1]["form"] != "policies":  # (b) needs the document active
+            generation += 1
+            reloads.append({"form": "policies", "rep": reps, **reload_to(
+                proxy, allowlist, forms["policies"](generation), total)})
+    document_reloads = sum(1 for r in reloads if r["form"] == "policies")
+    by_rep = {(r["rep"], r["form"]): r for r in reloads}
+    ratios = [by_rep[(rep, "policies")]["reload_s"] / by_rep[(rep, "flat")]["reload_s"] for rep in range(reps)]
+    median_of = {form: {key: round(statistics.median(r[key] for r in reloads if r["form"] == form and
+                                                     r["rep"] < reps), 3)
+                        for key in ("reload_s", "policy_s", "render_s", "squid_parse_s")} for form in forms}
+    result["reload"] = {"runs": reloads, "median": median_of, "pair_ratios": [round(r, 3) for r in ratios],
+                        "ratio": round(statistics.median(ratios), 3)}
+    result["probe_during_reloads"] = {**probe.summary(), "reloads": len(reloads),
+                                      "document_reloads": document_reloads}
+    log(f"  reload ratio (policies / flat, median of {reps} pairs): {result['reload']['ratio']}; probe during "
+        f"{len(reloads)} reloads: {result['probe_during_reloads']}")
+
+    single_file = workdir / "single-policy.json"
+    single_file.write_text(document_text(range(POLICY_COUNT - 1, POLICY_COUNT), ENTRIES_PER_POLICY, generation))
+    single = Proxy(workdir, single_file, port=PROXY_PORT + 1, name="state-single-policy").start()
+    try:
+        latency = {}
+        for kind in ("https", "http"):
+            targets = {"direct": Target(kind, False, cacert, source=LAST_POLICY_CLIENT),
+                       "policies_50": Target(kind, True, cacert, source=LAST_POLICY_CLIENT),
+                       "policy_1": Target(kind, True, cacert, PROXY_PORT + 1, LAST_POLICY_CLIENT)}
+            latency[kind] = compared_latencies(targets, {"policies_50": proxy, "policy_1": single}, rounds, count,
+                                               baseline="policy_1", candidate="policies_50")
+            log(f"  {kind}: added p50 with 50 policies {latency[kind]['added_p50_ms']['policies_50']} ms, with one "
+                f"{latency[kind]['added_p50_ms']['policy_1']} ms; difference {latency[kind]['difference_p50_ms']} ms "
+                f"(rounds: {[r['difference_p50_ms'] for r in latency[kind]['rounds']]}); proxy CPU per request "
+                f"{latency[kind]['proxy_cpu_us_per_request']} us")
+        hello = policy_bench.client_hello(cacert)
+        result["sni_helper"] = {
+            "policies_50": helper_cost(proxy.state_dir, policy_name(POLICY_COUNT - 1), hello, lookups),
+            "policy_1": helper_cost(single.state_dir, policy_name(POLICY_COUNT - 1), hello, lookups)}
+        log(f"  SNI helper: {result['sni_helper']}")
+    finally:
+        single.stop()
+    result["latency"] = latency
+    result["background_busy_percent_after"] = background_busy()
+    result["loadavg_after"] = loadavg()
+    return result
+
+
+def bench_sni(workdir: Path, cacert: str, rounds: int, count: int, lookups: int) -> dict[str, Any]:
+    """Issue 12's cost: the proxy now (the SNI helper parses every ClientHello, no cache) against the code before
+    issue 12 (commit dc871fe, checked out at EGRESS_BENCH_OLD_TREE: an awk helper cached per SNI), both running
+    now on their own ports with the same flat list, interleaved with direct."""
+    if not (OLD_TREE / "entrypoint" / "egress_proxy").is_dir():
+        raise RuntimeError(f"no old tree at {OLD_TREE}: git worktree add {OLD_TREE} dc871fe (or set "
+                           "EGRESS_BENCH_OLD_TREE)")
+    result: dict[str, Any] = {"old_tree": str(OLD_TREE), "old_commit": old_commit(),
+                              "background_busy_percent_before": background_busy(), "loadavg_before": loadavg()}
+    allowlist = workdir / "sni-allowlist.txt"
+    allowlist.write_text(allowlist_text(100, 0))
+    now = Proxy(workdir, allowlist, port=PROXY_PORT + 2, name="state-now")
+    # PYTHONPATH comes before the venv's editable finder, so this supervisor runs the old package.
+    before = Proxy(workdir, allowlist, {"PYTHONPATH": str(OLD_TREE / "entrypoint")}, port=PROXY_PORT + 3,
+                   name="state-before-issue12")
+    try:
+        now.start()
+        before.start()
+        helpers = {}
+        for name, proxy in (("now", now), ("before_issue12", before)):
+            conf = (proxy.state_dir / "conf" / "squid.conf").read_text()
+            helpers[name] = [line for line in conf.splitlines() if line.startswith("external_acl_type")]
+        if "%>handshake" not in " ".join(helpers["now"]) or "%>handshake" in " ".join(helpers["before_issue12"]):
+            raise RuntimeError(f"not the two versions expected: {helpers}")
+        result["helpers"] = helpers
+        latency = {}
+        for kind in ("https", "http"):
+            targets = {"direct": Target(kind, False, cacert), "now": Target(kind, True, cacert, PROXY_PORT + 2),
+                       "before_issue12": Target(kind, True, cacert, PROXY_PORT + 3)}
+            latency[kind] = compared_latencies(targets, {"now": now, "before_issue12": before}, rounds, count,
+                                               baseline="before_issue12", candidate="now")
+            log(f"  {kind}: added p50 now {latency[kind]['added_p50_ms']['now']} ms, before issue 12 "
+                f"{latency[kind]['added_p50_ms']['before_issue12']} ms; difference "
+                f"{latency[kind]['difference_p50_ms']} ms (rounds: "
+                f"{[r['difference_p50_ms'] for r in latency[kind]['rounds']]}); proxy CPU per request "
+                f"{latency[kind]['proxy_cpu_us_per_request']} us")
+        result["latency"] = latency
+        result["sni_helper"] = helper_cost(now.state_dir, "default", policy_bench.client_hello(cacert), lookups)
+        log(f"  SNI helper: {result['sni_helper']}")
+    finally:
+        before.stop()
+        now.stop()
+    result["background_busy_percent_after"] = background_busy()
+    result["loadavg_after"] = loadavg()
+    return result
+
+
+def old_commit() -> str:
+    out = subprocess.run(["git", "-C", str(OLD_TREE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def reload_under_load_results() -> dict[str, Any] | None:
@@ -303,6 +531,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
     parser.add_argument("--output", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--name", help="results file name without .json (default: the date, plus the sections "
+                        "when not all of them run)")
     args = parser.parse_args()
     if not benchenv.isolated():
         print("refusing to run outside a private network namespace with only loopback: use bench/run",
@@ -314,7 +544,7 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     results: dict[str, Any] = {
         "date": date, "started": datetime.datetime.now().isoformat(timespec="seconds"), "quick": quick,
-        "machine": machine(), "sections": sections,
+        "machine": machine(), "sections": sections, "niceness": os.nice(0), "loadavg_at_start": loadavg(),
     }
     # Other work on the machine skews everything; record how busy it was before we started.
     before = benchenv.machine_busy()
@@ -356,14 +586,25 @@ def main() -> int:
         if "scale" in sections:
             log("allowlist scale")
             results["scale"] = bench_scale(proxy, workdir, allowlist, cacert, count=100 if quick else 300)
+        if "sni" in sections:
+            log("SNI helper (issue 12): now vs before, same run")
+            results["sni"] = bench_sni(workdir, cacert, rounds=2 if quick else 7, count=100 if quick else 300,
+                                       lookups=500 if quick else 5000)
+        if "policies" in sections:
+            log(f"policies (issue 14): {POLICY_COUNT} x {ENTRIES_PER_POLICY:,} entries")
+            results["policies"] = bench_policies(proxy, workdir, allowlist, cacert, reps=2 if quick else 4,
+                                                 rounds=2 if quick else 7, count=100 if quick else 300,
+                                                 lookups=500 if quick else 5000)
     finally:
         if proxy:
             proxy.stop()
         world.stop()
-    results["reload_under_load"] = reload_under_load_results()
+    if set(sections) - {"sni", "policies"}:  # the flat-list reload figures belong with the other sections
+        results["reload_under_load"] = reload_under_load_results()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"{date}.json"
+    name = args.name or (date if args.only is None else "-".join([date, *sections]))
+    out = args.output / f"{name}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     log(f"wrote {out}")
     report.write(out)

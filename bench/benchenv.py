@@ -136,6 +136,25 @@ def group_stat(pids: list[int]) -> tuple[float, int]:
     return cpu, rss
 
 
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time in nanoseconds used so far by every thread of these processes, from the scheduler's own
+    accounting (/proc/<pid>/task/<tid>/schedstat): exact, where /proc/<pid>/stat counts 10 ms ticks. Processes and
+    threads that have exited count as zero."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                    total += int(handle.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
 class CpuWindow:
     """CPU used by groups of processes between start() and stop(), as a share of one core; plus the whole
     machine's busy share (100% = every core busy), which tells whether a run was CPU-bound."""
@@ -208,15 +227,17 @@ class Proxy:
     """``egress-proxy run`` as a subprocess. Its stdout is read by a thread that only counts access lines (so
     logging costs what it would cost in production, and our memory does not grow) and keeps supervisor events."""
 
-    def __init__(self, workdir: Path, allowlist_file: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.state_dir = workdir / "state"
+    def __init__(self, workdir: Path, allowlist_file: Path, extra_env: dict[str, str] | None = None, *,
+                 port: int = PROXY_PORT, name: str = "state") -> None:
+        self.state_dir = workdir / name
+        self.port = port
         venv_bin = Path(os.environ.get("EGRESS_VENV", sys.prefix)) / "bin"
         self.command = [str(venv_bin / "egress-proxy"), "run"]
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EGRESS_") and "proxy" not in k.lower()},
             "EGRESS_STATE_DIR": str(self.state_dir),
             "EGRESS_LISTEN_ADDRESS": PROXY_HOST,
-            "EGRESS_PORT": str(PROXY_PORT),
+            "EGRESS_PORT": str(port),
             "EGRESS_METRICS": "off",
             "EGRESS_DRAIN_SECONDS": "1",
             "EGRESS_DNS_SERVERS": "127.0.0.1",
@@ -258,7 +279,7 @@ class Proxy:
         if started.get("event") != "started":
             raise RuntimeError("proxy failed to start:\n" + "\n".join(self.tail))
         self.squid_pid = int(started["pid"])
-        wait_for_port(PROXY_HOST, PROXY_PORT)
+        wait_for_port(PROXY_HOST, self.port)
         return self
 
     def _read(self) -> None:

@@ -94,6 +94,8 @@ class Target:
     kind: str  # "https" or "http"
     via_proxy: bool
     cacert: str = ""
+    proxy_port: int = PROXY_PORT  # another proxy on the same host (an older version, another config)
+    source: str = ""  # bind the client to this loopback address (policies pick clients by source address)
 
 
 def _read_response(sock: socket.socket | ssl.SSLSocket) -> bytes:
@@ -136,7 +138,7 @@ class Requester:
             self.ctx = ssl.create_default_context(cafile=target.cacert)
             # No session cache on the server either: each connection is a full handshake.
         if target.via_proxy:
-            self.address = (PROXY_HOST, PROXY_PORT)
+            self.address = (PROXY_HOST, target.proxy_port)
         else:
             self.address = (ORIGIN_IP, 443 if target.kind == "https" else 80)
         if target.kind == "http":
@@ -145,10 +147,11 @@ class Requester:
         else:
             self.request = f"GET /small HTTP/1.1\r\nHost: {ORIGIN_NAME}\r\nConnection: close\r\n\r\n".encode()
         self.connect_line = f"CONNECT {ORIGIN_NAME}:443 HTTP/1.1\r\nHost: {ORIGIN_NAME}:443\r\n\r\n".encode()
+        self.source_address = (target.source, 0) if target.source else None
 
     def once(self) -> float:
         started = time.perf_counter()
-        sock = socket.create_connection(self.address, timeout=10)
+        sock = socket.create_connection(self.address, timeout=10, source_address=self.source_address)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.target.kind == "https":
@@ -219,10 +222,11 @@ class Probe:
     """A background client making one plain HTTP request through the proxy every ``interval`` seconds, each on a
     new connection: how long does a reload keep new requests waiting, and does it refuse any?"""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, target: Target | None = None) -> None:
         import threading
 
         self.interval = interval
+        self.target = target or Target("http", True)
         self.samples: list[float] = []
         self.failures: list[str] = []
         self.failed_at: list[float] = []
@@ -230,7 +234,7 @@ class Probe:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        requester = Requester(Target("http", True))
+        requester = Requester(self.target)
         while not self._stop.is_set():
             started = time.perf_counter()
             try:

@@ -84,6 +84,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
                         f"{_fmt(lat['https']['proxy']['p50_ms'], 2)} / {_fmt(lat['http']['proxy']['p50_ms'], 2)}",
                         f"+{lat['https']['added_p50_ms']:.2f} / +{lat['http']['added_p50_ms']:.2f} ms", "flat",
                         "-"))
+    out += sni_rows(data.get("sni")) + policy_rows(data.get("policies"))
     sup = data.get("supervisor")
     if sup:
         out.append(("Supervisor CPU (% of a core), idle / under load", "",
@@ -93,6 +94,132 @@ def rows(data: dict[str, Any]) -> list[Row]:
                     f"{sup['idle']['supervisor']['rss_mb']} / {sup['load']['supervisor']['rss_mb']}", "", "-", "-"))
         out.append(("Squid CPU (% of a core), idle / under load", "",
                     f"{sup['idle']['squid']['cpu_percent']} / {sup['load']['squid']['cpu_percent']}", "", "-", "-"))
+    return out
+
+
+def _compared(label: str, lat: dict[str, Any], names: tuple[str, str], target_ms: float | None) -> Row:
+    """One latency comparison of bench.compared_latencies: p50s pooled over the rounds; the added p50 and the
+    difference are medians of the per-round figures."""
+    candidate, baseline = names
+    rounds = lat["rounds"]
+    low, high = lat["difference_p50_ms_range"]
+    diff = lat["difference_p50_ms"]
+    return (label, _fmt(lat["pooled"]["direct"]["p50_ms"], 2),
+            f"{_fmt(lat['pooled'][candidate]['p50_ms'], 2)} / {_fmt(lat['pooled'][baseline]['p50_ms'], 2)}",
+            f"+{lat['added_p50_ms'][candidate]:.2f} / +{lat['added_p50_ms'][baseline]:.2f} ms; difference "
+            f"**{diff:+.3f} ms** (median of {len(rounds)} rounds, range {low:+.2f} to {high:+.2f})",
+            "-" if target_ms is None else f"difference <= +{target_ms:g} ms",
+            "-" if target_ms is None else _met(diff <= target_ms))
+
+
+def _cpu(label: str, lat: dict[str, Any], names: tuple[str, str]) -> Row:
+    candidate, baseline = names
+    cpu = lat["proxy_cpu_us_per_request"]
+    low, high = lat["proxy_cpu_difference_us_range"]
+    parts = ", ".join(f"{role} {cpu[candidate][role] - cpu[baseline][role]:+.0f}"
+                      for role in ("squid", "helpers", "supervisor"))
+    return (label, "", f"{cpu[candidate]['total']:.0f} / {cpu[baseline]['total']:.0f}",
+            f"{lat['proxy_cpu_difference_us']:+.0f} us (range {low:+.0f} to {high:+.0f}; {parts})", "-", "-")
+
+
+def _helper(label: str, helper: dict[str, Any]) -> Row:
+    return (label, "", f"{helper['sequential_us']['p50']:.0f} / {helper['pipelined_us_per_lookup']:.0f}",
+            f"start {helper['startup_ms']:.0f} ms with {helper['lists_entries']:,} list entries"
+            + (f" ({helper['stale_lists_entries']:,} of them stale)" if helper.get("stale_lists_entries") else ""),
+            "-", "-")
+
+
+def sni_rows(sni: dict[str, Any] | None) -> list[Row]:
+    if not sni:
+        return []
+    names = ("now", "before_issue12")
+    lat = sni["latency"]
+    return [
+        _compared("New HTTPS connection + GET, p50 (ms): now / before issue 12 (same run)", lat["https"], names, 0.2),
+        _compared("New plain HTTP connection + GET, p50 (ms): now / before issue 12", lat["http"], names, None),
+        _cpu("Proxy CPU per new HTTPS connection (us): now / before issue 12", lat["https"], names),
+        _cpu("Proxy CPU per new plain HTTP connection (us): now / before issue 12", lat["http"], names),
+        _helper("SNI helper on a real ClientHello (us per lookup): one at a time / 64 in flight", sni["sni_helper"]),
+    ]
+
+
+def policy_rows(pol: dict[str, Any] | None) -> list[Row]:
+    if not pol:
+        return []
+    names = ("policies_50", "policy_1")
+    shape = f"{pol['policies']} x {pol['entries_per_policy']:,}"
+    reload = pol["reload"]
+    median = reload["median"]
+    probe = pol["probe_during_reloads"]
+    lat = pol["latency"]
+    return [
+        (f"Reload, {shape} policies / one {pol['flat_entries']:,}-entry list: render + parse + reconfigure (s)", "",
+         f"{median['policies']['reload_s']:.2f} / {median['flat']['reload_s']:.2f}",
+         f"ratio {reload['ratio']:.2f} (median of {len(reload['pair_ratios'])} pairs)", "ratio <= 1.5",
+         _met(reload["ratio"] <= 1.5)),
+        (f"  of which validation / render / squid -k parse (s), {shape} policies", "",
+         " / ".join(f"{median['policies'][k]:.2f}" for k in ("policy_s", "render_s", "squid_parse_s")), "", "-", "-"),
+        (f"  of which validation / render / squid -k parse (s), {pol['flat_entries']:,}-entry list", "",
+         " / ".join(f"{median['flat'][k]:.2f}" for k in ("policy_s", "render_s", "squid_parse_s")), "", "-", "-"),
+        ("Probe through the proxy during the reloads: failed; longest wait", "",
+         f"{probe['failed']} of {probe['requests'] + probe['failed']}; {probe['max_ms']:.0f} ms",
+         f"{probe['reloads']} reloads, {probe['document_reloads']} to a document", "0 refused",
+         _met(probe["failed"] == 0)),
+        _compared(f"New HTTPS connection + GET, p50 (ms): client in the last of {pol['policies']} policies / a single "
+                  "policy", lat["https"], names, 0.1),
+        _compared(f"New plain HTTP connection + GET, p50 (ms): last of {pol['policies']} policies / a single policy",
+                  lat["http"], names, 0.1),
+        _cpu(f"Proxy CPU per new HTTPS connection (us): {pol['policies']} policies / 1", lat["https"], names),
+        _cpu(f"Proxy CPU per new plain HTTP connection (us): {pol['policies']} policies / 1", lat["http"], names),
+        _helper(f"SNI helper with {shape} policy lists (us per lookup): one at a time / 64 in flight",
+                pol["sni_helper"]["policies_50"]),
+    ]
+
+
+def noise_line(data: dict[str, Any]) -> str:
+    """How busy the shared machine was around the sni and policies sections (their proxies idle), and during
+    their latency rounds (including our own load)."""
+    parts = []
+    for key in ("sni", "policies"):
+        section = data.get(key)
+        if not section:
+            continue
+        busy = [r["machine_busy_percent"] for kind in ("https", "http") for r in section["latency"][kind]["rounds"]]
+        parts.append(f"{key}: other work kept {section['background_busy_percent_before']}% (before) and "
+                     f"{section['background_busy_percent_after']}% (after) of both cores busy while the bench "
+                     f"idled; load average {section['loadavg_before'][0]} -> {section['loadavg_after'][0]}; during "
+                     f"the latency rounds the machine was {min(busy)}-{max(busy)}% busy")
+    return "; ".join(parts)
+
+
+def round_table(data: dict[str, Any]) -> list[str]:
+    out = []
+    for key, names in (("sni", ("now", "before_issue12")), ("policies", ("policies_50", "policy_1"))):
+        section = data.get(key)
+        if not section:
+            continue
+        candidate, baseline = names
+        out += [f"Rounds of `{key}` (each: {section['latency']['https']['count_per_round']} requests per route, "
+                "interleaved in blocks of 5):", "",
+                f"| kind | round | direct p50 | {candidate} p50 | {baseline} p50 | difference (ms) | "
+                f"CPU {candidate} / {baseline} (us) | machine busy % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for kind in ("https", "http"):
+            for i, r in enumerate(section["latency"][kind]["rounds"], start=1):
+                cpu = r["proxy_cpu_us_per_request"]
+                out.append(f"| {kind} | {i} | {r['p50_ms']['direct']:.3f} | {r['p50_ms'][candidate]:.3f} | "
+                           f"{r['p50_ms'][baseline]:.3f} | {r['difference_p50_ms']:+.3f} | "
+                           f"{cpu[candidate]['total']:.0f} / {cpu[baseline]['total']:.0f} | "
+                           f"{r['machine_busy_percent']} |")
+        out.append("")
+    pol = data.get("policies")
+    if pol:
+        out += ["Reloads of `policies` (ABBA order; each row: the supervisor's reloaded event, then the parts timed "
+                "again in the bench process):", "",
+                "| rep | form | reload (s) | write -> event (s) | validation (s) | render (s) | squid -k parse (s) |",
+                "|---:|---|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['rep']} | {r['form']} | {r['reload_s']} | {r['write_to_event_s']} | {r['policy_s']} | "
+                f"{r['render_s']} | {r['squid_parse_s']} |" for r in pol["reload"]["runs"]]
+        out.append("")
     return out
 
 
@@ -202,10 +329,13 @@ def markdown(data: dict[str, Any], images: list[Path]) -> str:
     if data.get("supervisor"):
         noise += (f" While the proxy sat idle, the machine was {data['supervisor']['idle']['machine_busy_percent']}% "
                   "busy with other work: a measure of how noisy this run was.")
+    if data.get("sni") or data.get("policies"):
+        noise += (f" Niceness {data.get('niceness', 0)}. How noisy it was: {noise_line(data)}. The spread of "
+                  "the per-round figures below is the honest error bar.")
     parts = [f"# egress-proxy benchmark, {data['date']}", "", machine_line(data) + "." + noise, "",
              "All traffic on loopback in a private network namespace: curl, wrk and a Python client -> (Squid) -> "
              "nginx on 127.0.0.2. Direct and proxied figures come from the same run, interleaved.", "",
-             table(data), ""]
+             table(data), "", *round_table(data)]
     http = data.get("http")
     if http:
         parts += ["Proxy CPU during the wrk runs (% of one core): "
