@@ -2,6 +2,8 @@
 
     python bench/report.py bench/results/2026-11-27.json            # .md + plots next to the JSON
     python bench/report.py bench/results/2026-11-27.json --readme   # also refresh README's Performance table
+    python bench/report.py RUN1.json RUN2.json RUN3.json --summary bench/results/2026-12-02-policies
+                                                                    # headline figures per run, and their medians
 """
 
 from __future__ import annotations
@@ -395,7 +397,7 @@ def write(json_path: Path) -> Path:
     images = plots(data, stem)
     md = json_path.with_suffix(".md")
     md.write_text(markdown(data, images))
-    print(f"wrote {md} and {', '.join(p.name for p in images)}")
+    print(f"wrote {md}" + (f" and {', '.join(p.name for p in images)}" if images else ""))
     return md
 
 
@@ -413,14 +415,97 @@ def update_readme(json_path: Path, readme: Path = ROOT / "README.md") -> None:
     print(f"updated the Performance table in {readme}")
 
 
+# The headline figures of the sni and policies sections: (label, path into a run's JSON, target test or None).
+HEADLINES: list[tuple[str, tuple[str, ...], Any]] = [
+    ("issue 12: new HTTPS connection, added p50 now minus before (ms)",
+     ("sni", "latency", "https", "difference_p50_ms"), lambda v: v <= 0.2),
+    ("issue 12: new plain HTTP connection, added p50 now minus before (ms)",
+     ("sni", "latency", "http", "difference_p50_ms"), None),
+    ("issue 12: proxy CPU per new HTTPS connection, now minus before (us)",
+     ("sni", "latency", "https", "proxy_cpu_difference_us"), None),
+    ("issue 12: of which the SNI helper (us)",
+     ("sni", "latency", "https", "proxy_cpu_us_per_request", "now", "helpers"), None),
+    ("issue 12: SNI helper, one lookup at a time over a pipe, p50 (us)",
+     ("sni", "sni_helper", "sequential_us", "p50"), None),
+    ("issue 12: SNI helper, 64 lookups in flight (us per lookup)", ("sni", "sni_helper", "pipelined_us_per_lookup"),
+     None),
+    ("issue 14: reload time, 50 x 1,000 policies / 50,000-entry list (ratio)", ("policies", "reload", "ratio"),
+     lambda v: v <= 1.5),
+    ("issue 14: reload of the 50-policy document (s)", ("policies", "reload", "median", "policies", "reload_s"), None),
+    ("issue 14: reload of the 50,000-entry list (s)", ("policies", "reload", "median", "flat", "reload_s"), None),
+    ("issue 14: probe requests failed during reloads", ("policies", "probe_during_reloads", "failed"),
+     lambda v: v == 0),
+    ("issue 14: new HTTPS connection, added p50 last of 50 policies minus single policy (ms)",
+     ("policies", "latency", "https", "difference_p50_ms"), lambda v: v <= 0.1),
+    ("issue 14: new plain HTTP connection, the same (ms)", ("policies", "latency", "http", "difference_p50_ms"),
+     lambda v: v <= 0.1),
+    ("issue 14: proxy CPU per new HTTPS connection, 50 policies minus 1 (us)",
+     ("policies", "latency", "https", "proxy_cpu_difference_us"), None),
+    ("issue 14: proxy CPU per new plain HTTP connection, 50 policies minus 1 (us)",
+     ("policies", "latency", "http", "proxy_cpu_difference_us"), None),
+    ("noise: other work, % of both cores busy before the sni section", ("sni", "background_busy_percent_before"),
+     None),
+    ("noise: other work, % of both cores busy before the policies section",
+     ("policies", "background_busy_percent_before"), None),
+    ("noise: 1-minute load average at the start", ("loadavg_at_start", "0"), None),
+]
+
+
+def _get(data: Any, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if isinstance(data, list):
+            data = data[int(key)]
+        elif isinstance(data, dict) and key in data:
+            data = data[key]
+        else:
+            return None
+    return float(data)
+
+
+def summary(runs: list[Path], out: Path) -> None:
+    """Several runs of the sni and policies sections: each headline figure per run, and the median over runs."""
+    import statistics
+
+    datas = [json.loads(path.read_text()) for path in runs]
+    headlines: dict[str, Any] = {}
+    lines = ["| figure | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " | median | target met |",
+             "|---|" + "---:|" * (len(runs) + 1) + "---|"]
+    for label, path, target in HEADLINES:
+        values = [_get(d, path) for d in datas]
+        present = [v for v in values if v is not None]
+        if not present:
+            continue
+        median = statistics.median(present)
+        headlines[label] = {"runs": values, "median": median}
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:g}" for v in values)
+                     + f" | {median:g} | {'-' if target is None else _met(bool(target(median)))} |")
+    text = "\n".join(lines)
+    out.with_suffix(".json").write_text(json.dumps({"runs": [p.name for p in runs], "headlines": headlines},
+                                                   indent=1) + "\n")
+    m = datas[0]["machine"]
+    intro = (f"# egress-proxy benchmark, {datas[0]['date']}: policies (issue 14) and the SNI helper (issue 12)\n\n"
+             f"{len(runs)} runs of `nice -n {datas[0].get('niceness', 0)} bench/run --only sni --only policies` on "
+             f"{m['nproc']} CPUs ({m['cpu_model']}), {m['squid']}, shared with other engineers' test suites. Each "
+             "run's own report: " + ", ".join(f"[{p.stem}]({p.with_suffix('.md').name})" for p in runs) + ".\n")
+    out.with_suffix(".md").write_text(intro + "\n" + text + "\n")
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="a bench/results/<date>.json")
+    parser.add_argument("results", type=Path, nargs="+", help="a bench/results/<date>.json (several: --summary)")
     parser.add_argument("--readme", action="store_true", help="also refresh the README's Performance table")
+    parser.add_argument("--summary", type=Path, help="write the headline figures of several sni/policies runs, per "
+                        "run and their median, to SUMMARY.md and SUMMARY.json")
     args = parser.parse_args()
-    write(args.results)
+    if args.summary:
+        summary(args.results, args.summary)
+        return
+    for path in args.results:
+        write(path)
     if args.readme:
-        update_readme(args.results)
+        update_readme(args.results[-1])
 
 
 if __name__ == "__main__":
