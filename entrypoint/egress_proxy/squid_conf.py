@@ -184,6 +184,9 @@ def render(
         "client_cidrs": [str(net) for net in settings.client_cidrs] or [NO_ADDRESS],
         "policies": policies,
         "policy_clients": [cidr for policy in policies for cidr in policy["clients"]] or [NO_ADDRESS],
+        "report_clients": [cidr for policy in policies if policy["mode"] == "report"
+                           for cidr in policy["clients"]] or [NO_ADDRESS],
+        "report_policies": any(policy["mode"] == "report" for policy in policies),
         "reportable_reasons": sorted(REPORTABLE_REASONS),
         "allowed_ports": settings.allowed_ports,
         "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],

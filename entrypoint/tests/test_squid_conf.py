@@ -63,10 +63,10 @@ def test_policy_directives() -> None:
     assert "connect-fail-limit=2147483647 name=denier" in conf
     assert "never_direct allow refused_connect" in conf
     assert "ssl_bump peek step1 reason_allowed" in conf
-    assert "ssl_bump splice step2 policy_default policy_default_sni" in conf
-    assert "acl policy_default_sni external sni_check default" in conf  # not an ssl::server_name copy of the list
+    assert "ssl_bump splice step2 sni_ok" in conf
+    assert "acl sni_ok external sni_check" in conf  # not an ssl::server_name copy of the list
     assert not [line for line in conf.splitlines() if line.startswith("acl") and "ssl::server_name" in line]
-    assert " %>handshake " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/policies" in conf
+    assert " %>handshake %{policy}note " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/policies" in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
     for network in PRIVATE_DESTINATIONS:
@@ -169,16 +169,21 @@ def test_policies_render_in_document_order_with_disjoint_clients() -> None:
     assert not any(net.overlaps(ipaddress.ip_network("10.0.8.0/22")) for net in networks)
     assert sum(net.num_addresses for net in networks) == 2**24 - 2**10
     # Enforce refuses; report notes the reason and goes on (the rule never matches: !all).
-    assert "http_access deny policy_default policy_default_deny reason_domain_denied" in conf
-    assert ("http_access deny policy_ci-runners !ip_literal policy_ci-runners_deny would_domain_denied !all"
+    assert ("http_access deny policy_default policy_default_named policy_default_deny reason_domain_denied"
             in conf)
-    assert conf.index("policy_ci-runners !ip_literal") < conf.index("policy_default policy_default_deny")
+    assert "http_access deny policy_default !policy_default_allow refused_by_host" in conf
+    assert ("http_access deny policy_ci-runners policy_ci-runners_named policy_ci-runners_deny "
+            "would_domain_denied !all" in conf)
+    assert ("ssl_bump splice step1 policy_ci-runners !policy_ci-runners_deny !policy_ci-runners_allow "
+            "tunnel_would_refuse_by_host !all" in conf)
+    assert conf.index("policy_ci-runners_named") < conf.index("policy_default_named policy_default_deny")
     # The SSRF guard comes after the name checks and is never relaxed by report mode.
-    assert conf.index("would_domain_not_allowlisted !all") < conf.index(
+    assert conf.index("would_refuse_by_host !all") < conf.index(
         "http_access deny forbidden_destination reason_destination_not_public")
-    assert ("ssl_bump splice step2 policy_ci-runners sni_verdict_not_allowlisted tunnel_would_sni_not_allowlisted"
-            in conf)
-    assert "splice step2 policy_default sni_verdict" not in conf  # enforce: no splice without an OK
+    assert "ssl_bump splice step2 report_clients sni_verdict_not_allowlisted tunnel_would_sni_not_allowlisted" in conf
+    assert "acl report_clients src 10.0.8.0/22 fd00:8::/64\n" in conf  # enforce clients: no splice without an OK
+    # Two rules per policy and phase: the cost a client in the last of many policies pays.
+    assert len([line for line in conf.splitlines() if line.startswith("http_access deny policy_")]) == 2 * 3
 
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")

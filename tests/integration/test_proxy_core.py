@@ -224,6 +224,7 @@ def test_https_without_sni_refused(proxy: ProxyRunner, tls_origin: TlsOrigin, ca
 
 def test_non_tls_stream_inside_connect_refused(proxy: ProxyRunner, raw_server: RawTcpServer) -> None:
     mark = proxy.mark()
+    connections = raw_server.connections  # other tests splice real ClientHellos to this server
     sock, status, _ = connect_tunnel(PROXY, "raw.test", 443)
     assert status == 200
     sock.sendall(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n")
@@ -235,7 +236,8 @@ def test_non_tls_stream_inside_connect_refused(proxy: ProxyRunner, raw_server: R
         pass
     sock.close()
     assert b"SSH-2.0" not in reply
-    assert raw_server.received == b"", "non-TLS bytes must never be tunnelled to the destination"
+    assert b"Host: raw.test" not in raw_server.received, "non-TLS bytes must never be tunnelled to the destination"
+    assert raw_server.connections == connections
     record = proxy.access(mark, host="raw.test", method="CONNECT")
     assert record["decision"] == "denied" and record["reason"] == "not_tls"
 
