@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CDK app: `cdk synth|deploy [-c capacity=fargate|ec2] [-c eipPoolSize=4] [-c imageUri=...]`."""
+"""CDK app: `cdk synth|deploy [-c capacity=fargate|ec2] [-c arch=x86_64|arm64] [-c eipPoolSize=4] [-c imageUri=...]`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def build_app(app: cdk.App) -> EgressProxyStack:
     """Compose the app; tests call this with their own App(outdir=..., context=...)."""
     node = app.node
     context = {key: node.try_get_context(key)
-               for key in ("capacity", "eipPoolSize", "imageUri", "drainSeconds", "imageAssetDir")}
+               for key in ("capacity", "eipPoolSize", "imageUri", "drainSeconds", "imageAssetDir", "arch",
+                           "nlbIdleTimeoutSeconds")}
     config = InfraConfig.from_context(context)
     stack = EgressProxyStack(
         app, node.try_get_context(STACK_NAME_CONTEXT) or "EgressProxy", config=config,

@@ -28,6 +28,12 @@ DEFAULT_EIP_POOL_SIZE = 4
 #: needs (a replacement task needs a fresh instance, and a fresh instance needs a free EIP).
 MIN_EIP_POOL_SIZE = 3
 MAX_EIP_POOL_SIZE = 20
+#: The NLB's TCP idle timeout: AWS's default, and the range AWS accepts for the listener attribute
+#: tcp.idle_timeout.seconds (Elastic Load Balancing User Guide for NLBs, "Connection idle timeout").
+#: Issue 17 will make the proxy's own tunnel idle timeout a setting; this one should then match it.
+DEFAULT_NLB_IDLE_TIMEOUT_SECONDS = 350
+MIN_NLB_IDLE_TIMEOUT_SECONDS = 60
+MAX_NLB_IDLE_TIMEOUT_SECONDS = 6000
 
 
 class CapacityMode(str, Enum):
@@ -35,6 +41,22 @@ class CapacityMode(str, Enum):
 
     FARGATE = "fargate"
     EC2 = "ec2"
+
+
+class Architecture(str, Enum):
+    """CPU architecture of the tasks: the image, the Fargate runtime platform, the AMI and instance types."""
+
+    X86_64 = "x86_64"
+    ARM64 = "arm64"
+
+    @property
+    def docker_platform(self) -> str:
+        return "linux/amd64" if self is Architecture.X86_64 else "linux/arm64"
+
+
+#: Spellings accepted for `-c arch=...` (Docker says amd64, ECS says X86_64, uname says x86_64/aarch64).
+_ARCH_ALIASES = {"x86_64": Architecture.X86_64, "amd64": Architecture.X86_64, "x86-64": Architecture.X86_64,
+                 "arm64": Architecture.ARM64, "aarch64": Architecture.ARM64, "graviton": Architecture.ARM64}
 
 
 class ConfigError(ValueError):
@@ -52,6 +74,9 @@ class InfraConfig:
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
     #: The Docker build context when building the image; tests point it at a scratch directory.
     image_asset_dir: Path = REPO_ROOT
+    #: Built for, and run on, this architecture whatever the machine running `cdk deploy` is.
+    arch: Architecture = Architecture.X86_64
+    nlb_idle_timeout_seconds: int = DEFAULT_NLB_IDLE_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         if not MIN_EIP_POOL_SIZE <= self.eip_pool_size <= MAX_EIP_POOL_SIZE:
@@ -63,6 +88,12 @@ class InfraConfig:
             raise ConfigError(
                 f"drainSeconds={self.drain_seconds}: use 0..{MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS} "
                 f"(ECS stopTimeout = drain + {STOP_TIMEOUT_MARGIN_SECONDS} s must stay <= {MAX_STOP_TIMEOUT_SECONDS} s)"
+            )
+        if not MIN_NLB_IDLE_TIMEOUT_SECONDS <= self.nlb_idle_timeout_seconds <= MAX_NLB_IDLE_TIMEOUT_SECONDS:
+            raise ConfigError(
+                f"nlbIdleTimeoutSeconds={self.nlb_idle_timeout_seconds}: use {MIN_NLB_IDLE_TIMEOUT_SECONDS}.."
+                f"{MAX_NLB_IDLE_TIMEOUT_SECONDS} (the range the NLB accepts; AWS's default is "
+                f"{DEFAULT_NLB_IDLE_TIMEOUT_SECONDS})"
             )
         if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
             raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
@@ -79,6 +110,9 @@ class InfraConfig:
             capacity = CapacityMode(raw_capacity)
         except ValueError:
             raise ConfigError(f"capacity={raw_capacity!r}: use 'fargate' or 'ec2'") from None
+        raw_arch = str(context.get("arch") or Architecture.X86_64.value).strip().lower()
+        if raw_arch not in _ARCH_ALIASES:
+            raise ConfigError(f"arch={raw_arch!r}: use 'x86_64' (alias amd64) or 'arm64' (Graviton)")
         image_uri = str(context.get("imageUri") or "").strip() or None
         asset_dir = context.get("imageAssetDir")
         return cls(
@@ -87,6 +121,8 @@ class InfraConfig:
             image_uri=image_uri,
             drain_seconds=_as_int(context, "drainSeconds", DEFAULT_DRAIN_SECONDS),
             image_asset_dir=Path(asset_dir).resolve() if asset_dir else REPO_ROOT,
+            arch=_ARCH_ALIASES[raw_arch],
+            nlb_idle_timeout_seconds=_as_int(context, "nlbIdleTimeoutSeconds", DEFAULT_NLB_IDLE_TIMEOUT_SECONDS),
         )
 
 

@@ -1,14 +1,13 @@
-"""EC2 mode: a pool of Elastic IPs that instances claim at boot, so the proxies' egress IPs are fixed.
+"""EC2 mode: a pool of Elastic IPs, one per instance, so that the proxies' egress IPs are fixed.
 
-Why race-free: the seed's user data listed the pool, picked an address that looked free and associated it
-with AllowReassociation on, so two instances booting together could pick the same address and the second
-silently stole it. Here every association uses AllowReassociation=false: EC2 then refuses to associate an
-address that is already associated (Resource.AlreadyAssociated), which makes the AssociateAddress call itself
-the lock. An instance lists the unassociated pool addresses, tries them in random order (so simultaneous
-boots rarely collide at all), moves on to the next one when it loses, and re-lists with a jittered back-off
-until it wins. A terminated instance's association disappears with it, which returns the address to the pool.
-An instance that cannot get an address within a few minutes powers off, and the Auto Scaling group replaces
-it, rather than proxying from an IP nobody allow-listed.
+Who associates: the launch lifecycle hook's Lambda function (ec2_lifecycle.EipClaimHook, code in
+lambda_src/claim_eip.py), never the instance. Every association uses AllowReassociation=false: EC2 then refuses
+an address that is already associated (Resource.AlreadyAssociated), which makes AssociateAddress itself the
+lock, so simultaneous launches never share or steal an address. A terminated instance's association
+disappears with it, which returns the address to the pool.
+
+The instance only waits, in its user data and before the ECS agent starts, until instance metadata shows one
+of the pool's addresses as its public IPv4 address. It needs neither the AWS CLI nor any EC2 permission.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from constructs import Construct
 
 #: Tag on the pool's addresses, and on the instances/ENIs allowed to take them; the value is the stack name.
 POOL_TAG_KEY = "egress-proxy:eip-pool"
-#: Attempts (each re-listing the pool) before the instance gives up and powers off; about 5 minutes.
-MAX_ATTEMPTS = 60
+#: IMDS polls, 5 s apart, before the instance gives up and powers off: the hook's heartbeat (5 min) plus a minute.
+MAX_ATTEMPTS = 72
 
 
 class ElasticIpPool(Construct):
@@ -51,12 +50,13 @@ class ElasticIpPool(Construct):
             for resource_type in ("instance", "network-interface")
         ]
 
-    def grant_associate(self, role: iam.IRole) -> None:
+    def grant_associate(self, role: iam.IRole | None) -> None:
         """As tight as EC2 allows: associate only pool-tagged addresses with pool-tagged instances/ENIs.
 
         DescribeAddresses has no resource-level permissions, so it needs "*" (the caller suppresses that
-        finding together with the ECS agent's). No Disassociate/Release: the association ends with the instance.
+        finding). No Disassociate/Release: the association ends with the instance.
         """
+        assert role is not None
         stack = Stack.of(self)
         tag_condition = {"StringEquals": {f"aws:ResourceTag/{POOL_TAG_KEY}": self.pool_tag_value}}
         arns = {
@@ -78,48 +78,36 @@ class ElasticIpPool(Construct):
                    "as EC2 allows for them.",
         )], apply_to_children=True)
 
-    def boot_script(self) -> list[str]:
-        """User-data lines that claim one pool address for this instance before the ECS agent starts.
+    def wait_script(self) -> list[str]:
+        """User-data lines (their output reaches the console log): wait until this instance egresses from a pool address, before the ECS agent starts.
 
-        The ECS-optimized AMI starts the agent after cloud-init's user data, so the proxy never runs from a
-        temporary address. The instance launches with an auto-assigned public IP only to reach the EC2 API.
+        The ECS-optimized AMI starts the agent after cloud-init's user data (which is also what lets user
+        data write /etc/ecs/ecs.config), so no task runs before this returns. IMDS `public-ipv4` is the
+        associated Elastic IP once there is one (Amazon EC2 User Guide, "Instance metadata categories").
+        No address after MAX_ATTEMPTS x 5 s: the lifecycle hook has abandoned the launch anyway; power off
+        rather than join the cluster with an address nobody allow-listed.
         """
-        pool = self.pool_tag_value
+        pool_ips = Fn.join(" ", self.public_ips)
         return [
-            "# --- claim one Elastic IP from the pool (race-free: AllowReassociation=false is the lock) ---",
+            "# --- wait for a pool Elastic IP (the launch lifecycle hook's function associates it) ---",
             "set -uo pipefail",
+            Fn.join("", ['POOL_IPS=" ', pool_ips, ' "']),
             'IMDS_TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token '
-            '-H "X-aws-ec2-metadata-token-ttl-seconds: 600")',
-            'imds() { curl -sS -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" '
-            '"http://169.254.169.254/latest/meta-data/$1"; }',
-            "INSTANCE_ID=$(imds instance-id)",
-            "export AWS_DEFAULT_REGION=$(imds placement/region)",
-            "command -v aws >/dev/null || dnf install -y -q awscli-2",
-            f"POOL_FILTER='Name=tag:{POOL_TAG_KEY},Values={pool}'",
-            'CLAIMED=""',
+            '-H "X-aws-ec2-metadata-token-ttl-seconds: 21600")',
+            'PUBLIC_IP=""',
             f"for attempt in $(seq 1 {MAX_ATTEMPTS}); do",
-            "  # Already holding one (user data re-run after a reboot)? Keep it.",
-            '  CLAIMED=$(aws ec2 describe-addresses --filters "$POOL_FILTER" '
-            '"Name=instance-id,Values=$INSTANCE_ID" --query "Addresses[0].AllocationId" --output text)',
-            '  if [ -n "$CLAIMED" ] && [ "$CLAIMED" != "None" ]; then break; fi',
-            '  CLAIMED=""',
-            '  FREE=$(aws ec2 describe-addresses --filters "$POOL_FILTER" '
-            '--query "Addresses[?AssociationId==null].AllocationId" --output text | tr -s "\\t " "\\n" | shuf)',
-            "  for ALLOCATION in $FREE; do",
-            '    if aws ec2 associate-address --instance-id "$INSTANCE_ID" --allocation-id "$ALLOCATION" '
-            "--no-allow-reassociation >/dev/null; then",
-            '      CLAIMED=$ALLOCATION; break',
-            "    fi",
-            '    echo "egress-proxy: $ALLOCATION was taken by another instance, trying the next one" >&2',
-            "  done",
-            '  if [ -n "$CLAIMED" ]; then break; fi',
-            "  sleep $((2 + RANDOM % 5))",
+            '  PUBLIC_IP=$(curl -sf -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" '
+            'http://169.254.169.254/latest/meta-data/public-ipv4 || true)',
+            '  case "$POOL_IPS" in *" $PUBLIC_IP "*) [ -n "$PUBLIC_IP" ] && break ;; esac',
+            '  PUBLIC_IP=""',
+            "  sleep 5",
             "done",
-            'if [ -z "$CLAIMED" ]; then',
-            '  echo "egress-proxy: no free Elastic IP in the pool; powering off so the Auto Scaling group '
-            'replaces this instance" >&2',
+            'if [ -z "$PUBLIC_IP" ]; then',
+            f'  echo "egress-proxy: no Elastic IP of the pool after {MAX_ATTEMPTS * 5} s (see the claim '
+            'function\'s log); powering off instead of proxying from an address nobody allow-listed" '
+            '>&2',
             "  shutdown -h now",
             "  exit 1",
             "fi",
-            'echo "egress-proxy: this instance egresses from Elastic IP allocation $CLAIMED"',
+            'echo "egress-proxy: this instance egresses from Elastic IP $PUBLIC_IP"',
         ]

@@ -8,8 +8,9 @@ from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
-from egress_proxy_infra import subnets
 from aws_cdk import CfnParameter
+
+from egress_proxy_infra import subnets
 
 
 class ProxyLoadBalancer(Construct):
@@ -29,6 +30,7 @@ class ProxyLoadBalancer(Construct):
         proxy_port: int,
         target_type: elbv2.TargetType,
         deregistration_delay: Duration,
+        idle_timeout_seconds: int,
     ) -> None:
         super().__init__(scope, id)
         self._proxy_port = proxy_port
@@ -72,6 +74,11 @@ class ProxyLoadBalancer(Construct):
         )
         self.listener = self.load_balancer.add_listener(
             "Listener", port=proxy_port, protocol=elbv2.Protocol.TCP, default_target_groups=[self.target_group])
+        # The NLB silently forgets a TCP flow idle for this long (350 s unless set; Elastic Load Balancing, Network
+        # Load Balancers, "Listeners": tcp.idle_timeout.seconds, 60-6000). Set explicitly so it can be matched
+        # with the proxy's own tunnel idle timeout (issue 17).
+        self.listener.node.default_child.add_property_override("ListenerAttributes", [
+            {"Key": "tcp.idle_timeout.seconds", "Value": str(idle_timeout_seconds)}])
 
     def admit(self, proxy_security_group: ec2.ISecurityGroup) -> None:
         """Let this NLB (clients and health checks) reach the proxies on the proxy port, and nothing else."""

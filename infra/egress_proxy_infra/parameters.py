@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aws_cdk import CfnCondition, CfnParameter, CfnRule, CfnRuleAssertion, Fn, Stack
 
-from egress_proxy_infra.config import CapacityMode, InfraConfig
+from egress_proxy_infra.config import Architecture, CapacityMode, InfraConfig
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
@@ -23,13 +23,27 @@ METRICS_NAMESPACE_PATTERN = r"^(?!AWS/)[0-9A-Za-z.\-_/#:]{1,255}$"
 #: Values CloudWatch Logs accepts for RetentionInDays.
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
                       2922, 3288, 3653)
-#: Latest ECS-optimized Amazon Linux 2023 AMI, resolved by CloudFormation at deploy time.
-ECS_AL2023_AMI_SSM_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/recommended/image_id"
+#: Latest ECS-optimized Amazon Linux 2023 AMI per architecture, resolved by CloudFormation at deploy time
+#: (Amazon ECS Developer Guide, "Retrieving Amazon ECS-optimized Linux AMI metadata").
+ECS_AL2023_AMI_SSM_PARAMETERS = {
+    Architecture.X86_64: "/aws/service/ecs/optimized-ami/amazon-linux-2023/recommended/image_id",
+    Architecture.ARM64: "/aws/service/ecs/optimized-ami/amazon-linux-2023/arm64/recommended/image_id",
+}
+ECS_AL2023_AMI_SSM_PARAMETER = ECS_AL2023_AMI_SSM_PARAMETERS[Architecture.X86_64]
+#: Instance types of the architecture: Intel/AMD, or Graviton (the "g" after the generation digit).
+DEFAULT_INSTANCE_TYPES = {Architecture.X86_64: "t3.small", Architecture.ARM64: "t4g.small"}
+INSTANCE_TYPE_PATTERNS = {
+    Architecture.X86_64: r"^(?![a-z]+[0-9]g)[a-z][a-z0-9-]*\.[a-z0-9]+$",
+    Architecture.ARM64: r"^[a-z]+[0-9]g[a-z0-9-]*\.[a-z0-9]+$",
+}
 
-DEFAULT_ALLOWED_DOMAINS = ".amazonaws.com"
+#: Empty: an empty allowlist (see allowlist_secret.py and the README's "Which allowlist by default").
+DEFAULT_ALLOWED_DOMAINS = ""
 DEFAULT_CLIENT_CIDR = "172.31.0.0/16"
 DEFAULT_PROXY_PORT = 3128
-DEFAULT_INSTANCE_TYPE = "t3.small"
+DEFAULT_INSTANCE_TYPE = DEFAULT_INSTANCE_TYPES[Architecture.X86_64]
+#: Denied requests (all proxies together) per 5 minutes above which the DeniedRequestsSurge alarm fires.
+DEFAULT_DENIED_REQUESTS_THRESHOLD = 500
 DEFAULT_LOG_RETENTION_DAYS = 90
 DEFAULT_METRICS_NAMESPACE = "Proxy"
 DEFAULT_RELOAD_INTERVAL_SECONDS = 30
@@ -52,6 +66,13 @@ class ProxyParameters:
     log_retention_days: CfnParameter
     metrics_namespace: CfnParameter
     reload_interval_seconds: CfnParameter
+    enable_vpc_endpoints: CfnParameter
+    vpc_endpoint_route_table_ids: CfnParameter
+    alarm_email: CfnParameter
+    denied_requests_alarm_threshold: CfnParameter
+    use_vpc_endpoints: CfnCondition
+    use_s3_gateway_endpoint: CfnCondition
+    has_alarm_email: CfnCondition
     instance_type: CfnParameter | None = None
     ami_id: CfnParameter | None = None
     key_name: CfnParameter | None = None
@@ -73,10 +94,11 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
     task_limit = max_tasks_limit(config)
 
     allowed_domains = CfnParameter(
-        stack, "AllowedDomains", type="String", default=DEFAULT_ALLOWED_DOMAINS, min_length=1,
+        stack, "AllowedDomains", type="String", default=DEFAULT_ALLOWED_DOMAINS,
         description="Comma-separated domains the proxy allows; a leading dot also allows subdomains "
-                    "(e.g. .amazonaws.com,example.org). Seeds the allowlist secret; later changes can go "
-                    "straight to the secret (egress-proxy allowlist push) without a stack update.",
+                    "(e.g. .example.org,api.partner.example). Empty (the default) denies everything: the "
+                    "proxy's own AWS calls do not go through it. Seeds the allowlist secret; later changes can go straight to the secret "
+                    "(egress-proxy allowlist push) without a stack update.",
     )
     dns_servers = CfnParameter(
         stack, "DnsServers", type="String", default="", allowed_pattern=DNS_SERVERS_PATTERN,
@@ -134,6 +156,39 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         description="How often the proxies poll the allowlist secret; changes apply without dropping connections.",
     )
 
+    enable_vpc_endpoints = CfnParameter(
+        stack, "EnableVpcEndpoints", type="String", default="false", allowed_values=["true", "false"],
+        description="true: create interface endpoints (Secrets Manager, CloudWatch, CloudWatch Logs, ECR api and "
+                    "dkr) with private DNS in PrivateSubnetIds. The VPC must have DNS hostnames and DNS support "
+                    "on, and no such endpoints yet.",
+    )
+    vpc_endpoint_route_table_ids = CfnParameter(
+        stack, "VpcEndpointRouteTableIds", type="CommaDelimitedList", default="",
+        description="With EnableVpcEndpoints: route tables for an S3 gateway endpoint (limited to this account's "
+                    "buckets and ECR's image layers), e.g. the public subnets' and the clients'. Empty: none.",
+    )
+    alarm_email = CfnParameter(
+        stack, "AlarmEmail", type="String", default="",
+        allowed_pattern=r"^$|^[^\s@]+@[^\s@]+\.[^\s@]+$", constraint_description="empty, or one email address",
+        description="Optional email address subscribed to the alarm topic (confirm the subscription email).",
+    )
+    denied_threshold = CfnParameter(
+        stack, "DeniedRequestsAlarmThreshold", type="Number", default=DEFAULT_DENIED_REQUESTS_THRESHOLD,
+        min_value=1,
+        description="Denied requests (all proxies) per 5 minutes above which the DeniedRequestsSurge alarm fires.",
+    )
+    use_vpc_endpoints = CfnCondition(
+        stack, "UseVpcEndpoints", expression=Fn.condition_equals(enable_vpc_endpoints.value_as_string, "true"))
+    use_s3_gateway_endpoint = CfnCondition(
+        stack, "UseS3GatewayEndpoint", expression=Fn.condition_and(
+            use_vpc_endpoints,
+            Fn.condition_not(Fn.condition_equals(
+                Fn.join("", vpc_endpoint_route_table_ids.value_as_list), ""))))
+    has_alarm_email = CfnCondition(
+        stack, "HasAlarmEmail", expression=Fn.condition_not(Fn.condition_equals(alarm_email.value_as_string, "")))
+
+    _min_not_above_max(stack, min_capacity=min_capacity, max_capacity=max_capacity, task_limit=task_limit)
+
     # The console validates these before anything is created: both subnet lists must be in the chosen VPC.
     CfnRule(
         stack, "SubnetsInVpc",
@@ -146,17 +201,19 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
 
     instance_type = ami_id = key_name = has_key_name = None
     if ec2_mode:
+        arch = config.arch
         instance_type = CfnParameter(
-            stack, "InstanceType", type="String", default=DEFAULT_INSTANCE_TYPE,
-            allowed_pattern=r"^[a-z][a-z0-9-]*\.[a-z0-9]+$",
-            constraint_description="an EC2 instance type such as t3.small",
-            description="EC2 instance type of the proxies (one proxy per instance).",
+            stack, "InstanceType", type="String", default=DEFAULT_INSTANCE_TYPES[arch],
+            allowed_pattern=INSTANCE_TYPE_PATTERNS[arch],
+            constraint_description=f"an EC2 instance type for {arch.value} such as {DEFAULT_INSTANCE_TYPES[arch]} "
+                                   "(synthesize with -c arch=arm64 for Graviton types, x86_64 otherwise)",
+            description=f"EC2 instance type of the proxies (one proxy per instance; {arch.value}).",
         )
         ami_id = CfnParameter(
             stack, "AmiId", type="AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>",
-            default=ECS_AL2023_AMI_SSM_PARAMETER,
-            description="SSM parameter holding the ECS-optimized AMI; the default follows the latest Amazon "
-                        "Linux 2023 release.",
+            default=ECS_AL2023_AMI_SSM_PARAMETERS[arch],
+            description=f"SSM parameter holding the ECS-optimized AMI ({arch.value}); the default follows the "
+                        "latest Amazon Linux 2023 release.",
         )
         key_name = CfnParameter(
             stack, "KeyName", type="String", default="",
@@ -173,8 +230,34 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         public_subnet_ids=public_subnet_ids, private_subnet_ids=private_subnet_ids, client_cidr=client_cidr,
         min_capacity=min_capacity, max_capacity=max_capacity, log_retention_days=log_retention_days,
         metrics_namespace=metrics_namespace, reload_interval_seconds=reload_interval,
-        instance_type=instance_type, ami_id=ami_id, key_name=key_name, has_key_name=has_key_name,
+        enable_vpc_endpoints=enable_vpc_endpoints, vpc_endpoint_route_table_ids=vpc_endpoint_route_table_ids,
+        alarm_email=alarm_email, denied_requests_alarm_threshold=denied_threshold,
+        use_vpc_endpoints=use_vpc_endpoints, use_s3_gateway_endpoint=use_s3_gateway_endpoint,
+        has_alarm_email=has_alarm_email, instance_type=instance_type, ami_id=ami_id, key_name=key_name, has_key_name=has_key_name,
     )
+
+
+def _min_not_above_max(stack: Stack, *, min_capacity: CfnParameter, max_capacity: CfnParameter,
+                       task_limit: int) -> None:
+    """A template Rule: MinCapacity <= MaxCapacity, checked before anything is created.
+
+    Rule conditions have no comparison operator, only Fn::Equals, Fn::Contains, Fn::Not, Fn::Or, ... (AWS
+    CloudFormation User Guide, "Rules"), but both values are small whole numbers with known bounds, so each
+    possible MinCapacity m gets an assertion "MinCapacity != m or MaxCapacity in {m..limit}". Without it, a
+    MinCapacity above MaxCapacity would fail halfway, at the scalable target.
+    """
+    assertions = [
+        CfnRuleAssertion(
+            assert_=Fn.condition_or(
+                Fn.condition_not(Fn.condition_equals(min_capacity.value_as_string, str(minimum))),
+                Fn.condition_contains([str(m) for m in range(minimum, task_limit + 1)],
+                                      max_capacity.value_as_string)),
+            assert_description=f"MaxCapacity must be at least MinCapacity ({minimum}).",
+        )
+        for minimum in range(MIN_TASKS + 1, task_limit + 1)
+    ]
+    if assertions:
+        CfnRule(stack, "MinCapacityNotAboveMaxCapacity", assertions=assertions)
 
 
 def _add_console_groups(stack: Stack, *, ec2_mode: bool) -> None:
@@ -188,9 +271,11 @@ def _add_console_groups(stack: Stack, *, ec2_mode: bool) -> None:
                 {"Label": {"default": "Proxy"}, "Parameters": proxy},
                 {"Label": {"default": "Network"},
                  "Parameters": ["VpcId", "PublicSubnetIds", "PrivateSubnetIds", "ClientCidr"]},
+                {"Label": {"default": "Private AWS endpoints"},
+                 "Parameters": ["EnableVpcEndpoints", "VpcEndpointRouteTableIds"]},
                 {"Label": {"default": "Scaling and operations"},
                  "Parameters": ["MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
-                                "ReloadIntervalSeconds"]},
+                                "ReloadIntervalSeconds", "AlarmEmail", "DeniedRequestsAlarmThreshold"]},
             ],
         },
     }

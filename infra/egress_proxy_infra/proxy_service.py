@@ -10,23 +10,77 @@ from __future__ import annotations
 from typing import Any
 
 import jsii
-from aws_cdk import Aws, CfnCondition, CfnParameter, Duration, Fn
+from aws_cdk import AspectPriority, Aspects, Aws, CfnCondition, CfnParameter, Duration, Fn, IAspect, Tags
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_iam as iam
 from cdk_nag import NagPackSuppression, NagSuppressions
-from constructs import Construct
+from constructs import Construct, IConstruct
 
 from egress_proxy_infra import subnets
-from egress_proxy_infra.eip_pool import ElasticIpPool
-from egress_proxy_infra.proxy_task import CONTAINER_NAME, ProxyTask
+from egress_proxy_infra.ec2_lifecycle import EipClaimHook, ScaleInProtectionRelease
+from egress_proxy_infra.eip_pool import POOL_TAG_KEY, ElasticIpPool
+from egress_proxy_infra.proxy_task import ALLOWED_CONNECT_PORTS, ALLOWED_HTTP_PORTS, PROXY_UID, ProxyTask
 
 #: Average service CPU that target tracking holds.
 CPU_TARGET_PERCENT = 60
 #: Time a new task gets before failing NLB health checks count against it.
 HEALTH_CHECK_GRACE = Duration.seconds(60)
+
+
+#: Instance metadata. Security groups never filter it (nor the Amazon DNS server, nor the ECS agent's
+#: 169.254.170.2), so uid-level iptables on the instance is what keeps the proxy container away from it.
+IMDS_ADDRESS = "169.254.169.254"
+IMDS_BLOCK_UNIT = "egress-proxy-imds-block.service"
+#: Inserted first in OUTPUT: packets from the proxy's uid to IMDS are rejected (a fast "connection refused"
+#: rather than a timeout). Task credentials still come from the ECS agent at 169.254.170.2.
+IMDS_BLOCK_RULE = (f"/usr/sbin/iptables -w -I OUTPUT 1 -d {IMDS_ADDRESS}/32 -m owner --uid-owner {PROXY_UID} "
+                   "-j REJECT")
+
+
+def restrict_egress(security_group: ec2.SecurityGroup) -> None:
+    """Out: the proxy's allowed destination ports (the EGRESS_ALLOWED_PORTS the task sets) and DNS, nothing else.
+
+    AWS API calls (Secrets Manager, CloudWatch, ECR, the ECS and SSM agents) use 443, which is already here.
+    DNS is for DnsServers; the VPC's own resolver, like IMDS, is not subject to security groups (Amazon VPC
+    User Guide, "Security group rules": traffic to and from the Amazon DNS server is not filtered).
+    """
+    anywhere = ec2.Peer.any_ipv4()
+    for port in sorted({*ALLOWED_HTTP_PORTS, *ALLOWED_CONNECT_PORTS}):
+        security_group.add_egress_rule(anywhere, ec2.Port.tcp(port), f"Proxied traffic and AWS APIs (tcp/{port})")
+    security_group.add_egress_rule(anywhere, ec2.Port.udp(53), "DNS (DnsServers)")
+    security_group.add_egress_rule(anywhere, ec2.Port.tcp(53), "DNS over TCP (DnsServers)")
+
+
+def imds_block_script() -> list[str]:
+    """User-data lines: a boot-time unit that keeps uid PROXY_UID away from IMDS, before Docker and ECS start.
+
+    A unit, not a one-off command, so that a reboot (which does not re-run user data) keeps the rule.
+    Fail closed: without the rule the instance powers off rather than run the proxy next to the instance
+    role's credentials.
+    """
+    return [
+        "# --- the proxy's uid may not reach instance metadata (and so the instance role's credentials) ---",
+        f"cat > /etc/systemd/system/{IMDS_BLOCK_UNIT} <<'UNIT'",
+        "[Unit]",
+        f"Description=egress-proxy: uid {PROXY_UID} may not reach instance metadata ({IMDS_ADDRESS})",
+        "Before=docker.service ecs.service",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        f"ExecStart={IMDS_BLOCK_RULE}",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "UNIT",
+        f"if ! {{ systemctl daemon-reload && systemctl enable --now {IMDS_BLOCK_UNIT}; }}; then",
+        f'  echo "egress-proxy: could not block uid {PROXY_UID} from {IMDS_ADDRESS} (systemctl status '
+        f'{IMDS_BLOCK_UNIT}); powering off" >&2',
+        "  shutdown -h now",
+        "  exit 1",
+        "fi",
+    ]
 
 
 def _deployment_settings() -> dict[str, Any]:
@@ -66,9 +120,10 @@ class FargateProxyService(Construct):
     ) -> None:
         super().__init__(scope, id)
         self.security_group = ec2.SecurityGroup(
-            self, "SecurityGroup", vpc=cluster.vpc, allow_all_outbound=True,
-            description="egress-proxy tasks: in from the proxy load balancer only; out to the internet",
+            self, "SecurityGroup", vpc=cluster.vpc, allow_all_outbound=False,
+            description="egress-proxy tasks: in from the proxy load balancer only; out on the proxy ports and DNS",
         )
+        restrict_egress(self.security_group)
         self.service = ecs.FargateService(
             self, "Service", cluster=cluster, task_definition=task.task_definition,
             assign_public_ip=True, security_groups=[self.security_group],
@@ -80,6 +135,18 @@ class FargateProxyService(Construct):
             self.service.node.default_child, "NetworkConfiguration.AwsvpcConfiguration.Subnets", public_subnet_ids)
         self.service.attach_to_network_target_group(target_group)
         _scale_on_cpu(self.service, min_capacity=min_capacity, max_capacity=max_capacity)
+
+
+@jsii.implements(IAspect)
+class _DependOnCapacityProviderAssociation:
+    """Make the ECS service depend on the cluster's AWS::ECS::ClusterCapacityProviderAssociations."""
+
+    def __init__(self, service: ecs.CfnService) -> None:
+        self._service = service
+
+    def visit(self, node: IConstruct) -> None:
+        if isinstance(node, ecs.CfnClusterCapacityProviderAssociations):
+            self._service.add_resource_dependency(node)
 
 
 @jsii.implements(ec2.IMachineImage)
@@ -116,12 +183,13 @@ class Ec2ProxyService(Construct):
         super().__init__(scope, id)
         vpc = cluster.vpc
         self.security_group = ec2.SecurityGroup(
-            self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description="egress-proxy instances: in from the proxy load balancer only; out to the internet",
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
+            description="egress-proxy instances: in from the proxy load balancer only; out on the proxy ports and DNS",
         )
+        restrict_egress(self.security_group)
         self.instance_role = iam.Role(
             self, "InstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-            description="egress-proxy instance: ECS agent, SSM Session Manager, claim a pool Elastic IP",
+            description="egress-proxy instance: ECS agent and SSM Session Manager only",
             managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
         )
         NagSuppressions.add_resource_suppressions(self.instance_role, [NagPackSuppression(
@@ -130,10 +198,12 @@ class Ec2ProxyService(Construct):
             reason="Session Manager is the recommended way into the instances (instead of SSH); this is "
                    "AWS's maintained minimal policy for it.",
         )])
-        eip_pool.grant_associate(self.instance_role)
+        # The instance role gets no EC2 permission: the lifecycle hook's function associates the address.
+        self.eip_claim = EipClaimHook(self, "EipClaim", eip_pool=eip_pool)
 
         user_data = ec2.UserData.for_linux()
-        user_data.add_commands(*eip_pool.boot_script())
+        user_data.add_commands(*imds_block_script())
+        user_data.add_commands(*eip_pool.wait_script())
         # Host-networked tasks get task-role credentials only when the agent is told to serve them.
         user_data.add_commands("echo ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST=true >> /etc/ecs/ecs.config")
 
@@ -144,8 +214,9 @@ class Ec2ProxyService(Construct):
             user_data=user_data,
             role=self.instance_role,
             security_group=self.security_group,
-            # A public IP only to reach the EC2 API at boot; the pool's Elastic IP replaces it.
-            associate_public_ip_address=True,
+            # No temporary public address: the instance's only public address is the pool's Elastic IP, which
+            # the lifecycle hook associates while the instance waits (it needs the internet for nothing before).
+            associate_public_ip_address=False,
             require_imdsv2=True,
             detailed_monitoring=True,
             block_devices=[ec2.BlockDevice(
@@ -167,6 +238,14 @@ class Ec2ProxyService(Construct):
         )
         cfn_asg = self.auto_scaling_group.node.default_child
         subnets.override_with_list(cfn_asg, "VPCZoneIdentifier", public_subnet_ids)
+        cfn_asg.add_property_override("LifecycleHookSpecificationList", [self.eip_claim.hook_specification()])
+        # The functions' IAM conditions recognise this group by the pool tag.
+        Tags.of(self.auto_scaling_group).add(POOL_TAG_KEY, eip_pool.pool_tag_value, apply_to_launched_instances=False)
+        # Create: the addresses and the claim path exist before the first launch. Delete: the instances are gone
+        # before the addresses are released (otherwise CloudFormation releases addresses still in use).
+        for address in eip_pool.addresses:
+            self.auto_scaling_group.node.add_dependency(address)
+        self.auto_scaling_group.node.add_dependency(self.eip_claim)
         NagSuppressions.add_resource_suppressions(self.auto_scaling_group, [NagPackSuppression(
             id="AwsSolutions-AS3",
             reason="Scaling is driven by the ECS capacity provider and watched through the dashboard and "
@@ -181,10 +260,12 @@ class Ec2ProxyService(Construct):
         cluster.add_asg_capacity_provider(self.capacity_provider)
         NagSuppressions.add_resource_suppressions(self.instance_role, [NagPackSuppression(
             id="AwsSolutions-IAM5", applies_to=["Resource::*", "Action::ecs:Submit*"],
-            reason="CDK's ECS agent policy: ecs:Submit* is limited to this cluster's ARN. Actions without resource-level permissions: ec2:DescribeAddresses (listing the Elastic IP "
-                   "pool at boot) and the ECS agent's ecs:DiscoverPollEndpoint/ecs:Poll/ecs:StartTelemetrySession/"
-                   "ecr:GetAuthorizationToken and friends.",
+            reason="CDK's ECS agent policy: ecs:Submit* is limited to this cluster's ARN; the agent's "
+                   "ecs:DiscoverPollEndpoint, ecs:Poll, ecs:StartTelemetrySession and ecr:GetAuthorizationToken "
+                   "have no resource-level permissions.",
         )], apply_to_children=True)
+        self.scale_in_protection_release = ScaleInProtectionRelease(
+            self, "ScaleInProtectionRelease", group=self.auto_scaling_group, pool_tag_value=eip_pool.pool_tag_value)
 
         self.service = ecs.Ec2Service(
             self, "Service", cluster=cluster, task_definition=task.task_definition,
@@ -194,6 +275,13 @@ class Ec2ProxyService(Construct):
             placement_strategies=[ecs.PlacementStrategy.spread_across(ecs.BuiltInAttributes.AVAILABILITY_ZONE)],
             **_deployment_settings(),
         )
+        # Create: a service whose capacity provider is not yet associated with the cluster fails ("capacity
+        # provider ... not associated"). Delete: the service (and its tasks) go before the association, and
+        # before the release of scale-in protection, which then runs with no task left to re-protect an instance.
+        # The association only appears during synthesis (the cluster's own aspect creates it), hence an aspect.
+        Aspects.of(cluster).add(_DependOnCapacityProviderAssociation(self.service.node.default_child),
+                                priority=AspectPriority.READONLY)
+        self.service.node.add_dependency(self.scale_in_protection_release)
         self.service.attach_to_network_target_group(target_group)
         _scale_on_cpu(self.service, min_capacity=min_capacity, max_capacity=max_capacity)
 

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import Duration, IgnoreMode, RemovalPolicy, Stack, Token
+from aws_cdk import Aws, Duration, IgnoreMode, RemovalPolicy, Stack, Token
 from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
@@ -15,6 +16,7 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
+from egress_proxy_infra.config import Architecture
 
 CONTAINER_NAME = "proxy"
 #: Fargate task size; Squid is light, and CPU target tracking adds tasks before one saturates.
@@ -23,6 +25,21 @@ FARGATE_MEMORY_MIB = 1024
 #: EC2 reservation (one task per instance, so this only has to fit on the smallest sensible instance).
 EC2_CPU = 1024
 EC2_MEMORY_RESERVATION_MIB = 512
+
+#: The image's user (container/Dockerfile: USER 13:13, Debian's `proxy`); Squid's workers run as it too.
+PROXY_UID = 13
+#: Destination ports the proxy allows (EGRESS_ALLOWED_PORTS); the security group's egress follows them.
+ALLOWED_HTTP_PORTS = (80,)
+ALLOWED_CONNECT_PORTS = (443,)
+#: The image's state directory (EGRESS_STATE_DIR): rendered config, pid file, log FIFOs, the throwaway
+#: ssl-bump key and the helpers.
+STATE_DIR = "/var/lib/egress-proxy"
+#: With a read-only root filesystem, the only writable paths: the state directory, and Squid's SMP IPC
+#: sockets (Debian's squid uses /run/squid for them; /dev/shm, Squid's shared memory, is the runtime's tmpfs).
+#: container/Dockerfile declares both as VOLUMEs owned by the proxy user, so ECS copies them, with that
+#: ownership, into the task's empty volumes (Amazon ECS Developer Guide, "Bind mounts": without it a Fargate
+#: bind mount is root-owned, mode 0755, which uid 13 could not write).
+WRITABLE_PATHS = {"state": STATE_DIR, "squid-run": "/run/squid"}
 
 _ECR_URI = re.compile(
     r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/(?P<repo>[^:@]+)"
@@ -53,7 +70,12 @@ class ProxyEnvironment:
             "EGRESS_METRICS": "on",
             "EGRESS_METRICS_NAMESPACE": self.metrics_namespace,
             "EGRESS_METRICS_INTERVAL": "60",
-            "EGRESS_STATE_DIR": "/tmp/egress-proxy",
+            "EGRESS_STATE_DIR": STATE_DIR,
+            "EGRESS_ALLOWED_PORTS": ",".join([*(f"http:{p}" for p in ALLOWED_HTTP_PORTS),
+                                              *(f"connect:{p}" for p in ALLOWED_CONNECT_PORTS)]),
+            # boto3 then never asks instance metadata for the region (which the EC2 instances block for uid 13).
+            "AWS_REGION": Aws.REGION,
+            "AWS_DEFAULT_REGION": Aws.REGION,
         }
 
 
@@ -78,15 +100,21 @@ def asset_excludes(asset_dir: Path) -> list[str]:
     return [*patterns, f"!{DOCKERFILE}", f"!{DOCKERFILE}.dockerignore"]
 
 
-def container_image(scope: Construct, *, image_uri: str | None, asset_dir: Path) -> ecs.ContainerImage:
+def container_image(scope: Construct, *, image_uri: str | None, asset_dir: Path,
+                    arch: Architecture = Architecture.X86_64) -> ecs.ContainerImage:
     """The image: built from container/Dockerfile as an asset, or an existing image.
 
+    The asset is built for `arch` explicitly: left to itself, Docker builds for the machine running
+    `cdk deploy`, and an arm64 image built on an ARM laptop fails on x86_64 tasks with "exec format error".
     ECR URIs go through from_ecr_repository so the execution role is granted pull on that repository only;
-    other registries (public images) need no grant.
+    other registries (public images) need no grant. An existing image must be built for `arch` too.
     """
     if image_uri is None:
+        platform = (ecr_assets.Platform.LINUX_AMD64 if arch is Architecture.X86_64
+                    else ecr_assets.Platform.LINUX_ARM64)
         return ecs.ContainerImage.from_asset(
-            str(asset_dir), file=DOCKERFILE, ignore_mode=IgnoreMode.DOCKER, exclude=asset_excludes(asset_dir))
+            str(asset_dir), file=DOCKERFILE, ignore_mode=IgnoreMode.DOCKER, exclude=asset_excludes(asset_dir),
+            platform=platform)
     match = _ECR_URI.match(image_uri)
     if match:
         repository = ecr.Repository.from_repository_attributes(
@@ -115,6 +143,7 @@ class ProxyTask(Construct):
         allowlist: AllowlistSecret,
         log_retention_days: int,
         stop_timeout: Duration,
+        arch: Architecture = Architecture.X86_64,
     ) -> None:
         super().__init__(scope, id)
 
@@ -147,7 +176,8 @@ class ProxyTask(Construct):
                 task_role=self.task_role,
                 runtime_platform=ecs.RuntimePlatform(
                     operating_system_family=ecs.OperatingSystemFamily.LINUX,
-                    cpu_architecture=ecs.CpuArchitecture.X86_64),
+                    cpu_architecture=(ecs.CpuArchitecture.X86_64 if arch is Architecture.X86_64
+                                      else ecs.CpuArchitecture.ARM64)),
             )
             cpu, memory_reservation = None, None
         else:
@@ -176,8 +206,13 @@ class ProxyTask(Construct):
             # The supervisor drains for EGRESS_DRAIN_SECONDS after SIGTERM; SIGKILL only after a margin.
             stop_timeout=stop_timeout,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="proxy", log_group=self.log_group),
-            readonly_root_filesystem=False,
+            # Read-only image; the proxy writes only to the WRITABLE_PATHS volumes.
+            readonly_root_filesystem=True,
         )
+        for name, path in WRITABLE_PATHS.items():
+            # No host path: a fresh, task-private directory that lives as long as the task.
+            self.task_definition.add_volume(name=name)
+            self.container.add_mount_points(ecs.MountPoint(container_path=path, source_volume=name, read_only=False))
         NagSuppressions.add_resource_suppressions(self.task_definition, [NagPackSuppression(
             id="AwsSolutions-ECS2",
             reason="The EGRESS_* variables are non-secret settings (port, CIDR, namespace, the allowlist "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import CfnOutput, DefaultStackSynthesizer, Duration, Fn, Stack, Token
+from aws_cdk import Aws, CfnOutput, DefaultStackSynthesizer, Duration, Fn, Stack, Token
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
@@ -15,10 +15,11 @@ from egress_proxy_infra.allowlist_secret import AllowlistSecret
 from egress_proxy_infra.config import CapacityMode, InfraConfig
 from egress_proxy_infra.eip_pool import ElasticIpPool
 from egress_proxy_infra.load_balancer import ProxyLoadBalancer
-from egress_proxy_infra.monitoring import ProxyMonitoring
+from egress_proxy_infra.monitoring import AlarmTopic, ProxyMonitoring
 from egress_proxy_infra.parameters import ProxyParameters, define_parameters
 from egress_proxy_infra.proxy_service import Ec2ProxyService, FargateProxyService
 from egress_proxy_infra.proxy_task import ProxyEnvironment, ProxyTask, container_image
+from egress_proxy_infra.vpc_endpoints import VpcEndpoints, interface_hostnames
 
 #: Never through the proxy: instance metadata (IMDS) and the ECS task metadata/credentials endpoint.
 NO_PROXY = "localhost,127.0.0.1,169.254.169.254,169.254.170.2"
@@ -50,11 +51,14 @@ class EgressProxyStack(Stack):
             # awsvpc tasks register by IP; host-networked tasks by instance.
             target_type=elbv2.TargetType.INSTANCE if ec2_mode else elbv2.TargetType.IP,
             deregistration_delay=Duration.seconds(config.drain_seconds),
+            idle_timeout_seconds=config.nlb_idle_timeout_seconds,
         )
 
         task = ProxyTask(
             self, "ProxyTask", fargate=not ec2_mode,
-            image=container_image(self, image_uri=config.image_uri, asset_dir=config.image_asset_dir),
+            image=container_image(self, image_uri=config.image_uri, asset_dir=config.image_asset_dir,
+                                  arch=config.arch),
+            arch=config.arch,
             environment=ProxyEnvironment(
                 proxy_port=port, allowlist_secret_arn=allowlist.secret_arn,
                 dns_servers=params.dns_servers.value_as_string, client_cidr=params.client_cidr.value_as_string,
@@ -86,10 +90,25 @@ class EgressProxyStack(Stack):
                 max_capacity=params.max_capacity,
             )
         load_balancer.admit(proxies.security_group)
+        self.proxies = proxies
 
+        VpcEndpoints(
+            self, "VpcEndpoints", vpc_id=params.vpc_id.value_as_string,
+            private_subnet_ids=params.private_subnet_ids, route_table_ids=params.vpc_endpoint_route_table_ids,
+            client_cidr=params.client_cidr.value_as_string, proxy_security_group=proxies.security_group,
+            use_vpc_endpoints=params.use_vpc_endpoints, use_s3_gateway_endpoint=params.use_s3_gateway_endpoint,
+        )
+
+        self.alarm_topic = AlarmTopic(self, "Alarms", email=params.alarm_email.value_as_string,
+                                      has_email=params.has_alarm_email)
+        ec2_proxies = proxies if isinstance(proxies, Ec2ProxyService) else None
         ProxyMonitoring(
             self, "Monitoring", namespace=params.metrics_namespace.value_as_string, service=proxies.service,
             load_balancer=load_balancer.load_balancer, target_group=load_balancer.target_group,
+            alarm_topic=self.alarm_topic.topic,
+            denied_requests_threshold=params.denied_requests_alarm_threshold.value_as_number,
+            eip_claim=ec2_proxies.eip_claim if ec2_proxies else None,
+            auto_scaling_group=ec2_proxies.auto_scaling_group if ec2_proxies else None,
         )
 
         self._outputs(params=params, load_balancer=load_balancer, task=task, allowlist=allowlist,
@@ -124,7 +143,17 @@ class EgressProxyStack(Stack):
         CfnOutput(self, "AllowlistSecretArn", value=allowlist.secret_arn,
                   description="Secret with the allowlist; update it (or egress-proxy allowlist push) to change "
                               "the allowlist without a stack update.")
+        # With the endpoints, clients reach those AWS APIs directly (private DNS), not through the proxy.
+        endpoint_hosts = Fn.condition_if(params.use_vpc_endpoints.logical_id,
+                                         Fn.join("", [",", Fn.join(",", interface_hostnames())]), "").to_string()
+        s3_hosts = Fn.condition_if(params.use_s3_gateway_endpoint.logical_id,
+                                   Fn.join("", [",.s3.", Aws.REGION, ".amazonaws.com"]), "").to_string()
         CfnOutput(self, "ProxyExportCommand",
                   value=Fn.join("", ["export http_proxy=", proxy_url, " https_proxy=", proxy_url,
-                                     " no_proxy=", NO_PROXY]),
+                                     " no_proxy=", NO_PROXY, endpoint_hosts, s3_hosts]),
                   description="Paste into a Linux shell to use the proxy.")
+        CfnOutput(self, "AlarmTopicArn", value=self.alarm_topic.topic.topic_arn,
+                  description="SNS topic every alarm notifies; subscribe to it (or set AlarmEmail).")
+        if isinstance(self.proxies, Ec2ProxyService):
+            CfnOutput(self, "AutoScalingGroupName", value=self.proxies.auto_scaling_group.auto_scaling_group_name,
+                      description="Auto Scaling group of the proxy instances (for an instance refresh).")

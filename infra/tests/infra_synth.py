@@ -74,8 +74,13 @@ class Synth:
             return list(csv.DictReader(handle))
 
 
+#: cdk.json's context: the pinned feature flags and the defaults the `cdk` CLI passes to app.py.
+CDK_JSON_CONTEXT: dict[str, Any] = json.loads((INFRA_DIR / "cdk.json").read_text())["context"]
+
+
 def synthesize(outdir: Path, context: dict[str, Any]) -> Synth:
-    app = cdk.App(outdir=str(outdir), context=context)
+    """Synthesize as `cdk synth -c ...` would: cdk.json's context, overridden by the test's."""
+    app = cdk.App(outdir=str(outdir), context={**CDK_JSON_CONTEXT, **context})
     stack = cdk_app_module.build_app(app)
     assembly = app.synth()
     artifact = assembly.get_stack_artifact(stack.artifact_id)
