@@ -28,6 +28,7 @@ class AllowlistSecret(Construct):
         # A JSON document, because Secrets Manager takes no empty SecretString.
         is_empty = CfnCondition(self, "AllowedDomainsIsEmpty",
                                 expression=Fn.condition_equals(allowed_domains, ""))
+        is_empty.override_logical_id("AllowedDomainsIsEmpty")
         value = Fn.condition_if(is_empty.logical_id, EMPTY_ALLOWLIST, allowed_domains).to_string()
         self.secret = secretsmanager.Secret(
             self, "Secret",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from egress_proxy_infra.config import CapacityMode, ConfigError, InfraConfig
+from egress_proxy_infra.config import Architecture, CapacityMode, ConfigError, InfraConfig
 
 
 def test_defaults_are_fargate_with_a_pool_of_four_and_a_30s_drain() -> None:
@@ -26,7 +26,22 @@ def test_cli_strings_are_parsed() -> None:
     ({"eipPoolSize": "2"}, "eipPoolSize"),
     ({"eipPoolSize": "many"}, "eipPoolSize"),
     ({"drainSeconds": "106"}, "drainSeconds"),  # stopTimeout = drain + 15 must stay <= 120
+    ({"arch": "sparc"}, "arch"),
+    ({"nlbIdleTimeoutSeconds": "30"}, "nlbIdleTimeoutSeconds"),  # the NLB accepts 60..6000
+    ({"nlbIdleTimeoutSeconds": "6001"}, "nlbIdleTimeoutSeconds"),
 ])
 def test_bad_context_is_refused_with_a_fix(context: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         InfraConfig.from_context(context)
+
+
+@pytest.mark.parametrize(("value", "arch"), [("x86_64", Architecture.X86_64), ("AMD64", Architecture.X86_64),
+                                             ("arm64", Architecture.ARM64), ("aarch64", Architecture.ARM64)])
+def test_arch_spellings(value: str, arch: Architecture) -> None:
+    assert InfraConfig.from_context({"arch": value}).arch is arch
+
+
+def test_defaults_build_for_x86_64_with_the_nlb_default_idle_timeout() -> None:
+    config = InfraConfig.from_context({})
+    assert config.arch is Architecture.X86_64 and config.arch.docker_platform == "linux/amd64"
+    assert config.nlb_idle_timeout_seconds == 350

@@ -1,8 +1,8 @@
-"""EC2 mode: the Elastic IP pool, its IAM scoping, the launch template and the race-free boot script.
+"""EC2 mode: the Elastic IP pool, who may associate it, the launch template, the group's lifecycle hook, and
+the instance's boot script (run for real in bash against a fake instance-metadata service).
 
-The boot script is exercised for real (bash) against a fake `aws` CLI that implements the one EC2 semantic
-the design relies on: AssociateAddress with AllowReassociation=false fails when the address is already
-associated. Several "instances" boot at once to show that no address is ever taken twice.
+The claim itself (several launches racing for fewer addresses) is run against moto_server in
+test_lambda_handlers.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from infra_synth import Synth
 
 POOL_TAG = "egress-proxy:eip-pool"
 STACK_NAME = "proxy-stack"
+POOL_IPS = ["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"]
+TAG_CONDITION = {"StringEquals": {f"aws:ResourceTag/{POOL_TAG}": {"Ref": "AWS::StackName"}}}
 
 
 def test_eips_carry_the_pool_tag(ec2: Synth) -> None:
@@ -31,24 +32,50 @@ def test_eips_carry_the_pool_tag(ec2: Synth) -> None:
         assert {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}} in eip["Properties"]["Tags"]
 
 
-def test_instance_role_may_associate_only_pool_addresses(ec2: Synth) -> None:
-    (policy,) = [p for k, p in ec2.resources("AWS::IAM::Policy").items() if "InstanceRole" in k]
-    statements = policy["Properties"]["PolicyDocument"]["Statement"]
-    associate = [s for s in statements if "ec2:AssociateAddress" in json.dumps(s["Action"])]
-    assert len(associate) == 1
-    (statement,) = associate
-    assert statement["Action"] == "ec2:AssociateAddress"
-    assert statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{POOL_TAG}": {"Ref": "AWS::StackName"}}}
-    kinds = sorted(json.dumps(r).split(":")[-1].rstrip('"]}') for r in statement["Resource"])
+def _statements(synth: Synth, name_part: str) -> list[dict[str, Any]]:
+    (policy,) = [p for k, p in synth.resources("AWS::IAM::Policy").items() if name_part in k]
+    return list(policy["Properties"]["PolicyDocument"]["Statement"])
+
+
+def test_only_the_claim_function_may_associate_and_only_pool_addresses(ec2: Synth) -> None:
+    statements = _statements(ec2, "EipClaimFunctionRole")
+    (associate,) = [s for s in statements if s["Action"] == "ec2:AssociateAddress"]
+    assert associate["Condition"] == TAG_CONDITION
+    kinds = sorted(json.dumps(r).split(":")[-1].rstrip('"]}') for r in associate["Resource"])
     assert kinds == ["elastic-ip/*", "instance/*", "network-interface/*"]
     (describe,) = [s for s in statements if s["Action"] == "ec2:DescribeAddresses"]
     assert describe["Resource"] == "*"
+    (complete,) = [s for s in statements if s["Action"] == "autoscaling:CompleteLifecycleAction"]
+    assert complete["Condition"] == TAG_CONDITION
+    assert "autoScalingGroup:*:autoScalingGroupName/*" in json.dumps(complete["Resource"])
     every_action = json.dumps([s["Action"] for s in statements])
-    for forbidden in ("DisassociateAddress", "ReleaseAddress", "AllocateAddress", "ec2:*"):
+    for forbidden in ("DisassociateAddress", "ReleaseAddress", "AllocateAddress", "ec2:*", "autoscaling:*"):
         assert forbidden not in every_action
-    # The task role gets none of it.
-    (task_policy,) = [p for k, p in ec2.resources("AWS::IAM::Policy").items() if "TaskRole" in k]
-    assert "ec2:" not in json.dumps(task_policy)
+    # Least privilege at run time: neither the instances nor the tasks get any EC2 permission.
+    for holder in ("InstanceRole", "TaskRole"):
+        assert "ec2:" not in json.dumps(_statements(ec2, holder)), holder
+
+
+def test_the_teardown_function_may_only_unprotect_the_pool_group(ec2: Synth) -> None:
+    statements = _statements(ec2, "ScaleInProtectionReleaseFunctionRole")
+    actions = sorted(a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
+    assert [a for a in actions if not a.startswith("logs:")] == [
+        "autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceProtection"]
+    (unprotect,) = [s for s in statements if s["Action"] == "autoscaling:SetInstanceProtection"]
+    assert unprotect["Condition"] == TAG_CONDITION
+    _, asg = ec2.only("AWS::AutoScaling::AutoScalingGroup")
+    # The group carries the tag the conditions test, not propagated to instances (they get it from the template).
+    assert {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}, "PropagateAtLaunch": False} in asg["Properties"]["Tags"]
+
+
+def test_functions_log_only_to_their_own_log_groups(ec2: Synth) -> None:
+    for name_part in ("EipClaimFunctionRole", "ScaleInProtectionReleaseFunctionRole"):
+        (statement,) = [s for s in _statements(ec2, name_part) if "logs:PutLogEvents" in json.dumps(s)]
+        log_group, attribute = statement["Resource"]["Fn::GetAtt"]
+        assert ec2.data["Resources"][log_group]["Type"] == "AWS::Logs::LogGroup" and attribute == "Arn"
+        assert name_part.replace("Role", "Logs") in log_group
+    for role in [k for k in ec2.resources("AWS::IAM::Role") if "Function" in k]:
+        assert "ManagedPolicyArns" not in ec2.data["Resources"][role]["Properties"]
 
 
 def test_launch_template(ec2: Synth) -> None:
@@ -59,7 +86,8 @@ def test_launch_template(ec2: Synth) -> None:
     assert data["KeyName"] == {"Fn::If": ["HasKeyName", {"Ref": "KeyName"}, {"Ref": "AWS::NoValue"}]}
     assert data["MetadataOptions"]["HttpTokens"] == "required"
     (nic,) = data["NetworkInterfaces"]
-    assert nic["AssociatePublicIpAddress"] is True  # to reach the EC2 API before the EIP is claimed
+    # No temporary public address: the pool's Elastic IP is the instance's only one.
+    assert nic["AssociatePublicIpAddress"] is False
     proxy_sg = [k for k in ec2.resources("AWS::EC2::SecurityGroup") if k.startswith("Proxies")][0]
     assert nic["Groups"] == [{"Fn::GetAtt": [proxy_sg, "GroupId"]}]
     assert all(d["Ebs"]["Encrypted"] for d in data["BlockDeviceMappings"])
@@ -75,160 +103,121 @@ def test_auto_scaling_group_spans_the_public_subnets_and_never_outgrows_the_pool
     assert asg["Properties"]["NewInstancesProtectedFromScaleIn"] is True
 
 
+def test_launch_lifecycle_hook_is_on_the_group_and_abandons_when_unanswered(ec2: Synth) -> None:
+    _, asg = ec2.only("AWS::AutoScaling::AutoScalingGroup")
+    (hook,) = asg["Properties"]["LifecycleHookSpecificationList"]
+    hook_name = {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, "claim-eip"]]}
+    assert hook == {"LifecycleHookName": hook_name, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+                    "DefaultResult": "ABANDON", "HeartbeatTimeout": 300}
+    assert not ec2.resources("AWS::AutoScaling::LifecycleHook")  # a separate hook could miss the first launches
+    (rule,) = [r for k, r in ec2.resources("AWS::Events::Rule").items() if "EipClaim" in k]
+    assert rule["Properties"]["EventPattern"] == {
+        "source": ["aws.autoscaling"], "detail-type": ["EC2 Instance-launch Lifecycle Action"],
+        "detail": {"LifecycleHookName": [hook_name]}}
+    (target,) = rule["Properties"]["Targets"]
+    claim_function = [k for k in ec2.resources("AWS::Lambda::Function") if "EipClaim" in k][0]
+    assert target["Arn"] == {"Fn::GetAtt": [claim_function, "Arn"]}
+    assert target["RetryPolicy"]["MaximumRetryAttempts"] == 2
+    # The function outlasts its attempts, and the hook outlasts the function.
+    _, function = next((k, f) for k, f in ec2.resources("AWS::Lambda::Function").items() if "EipClaim" in k)
+    assert function["Properties"]["Timeout"] < hook["HeartbeatTimeout"]
+
+
 # --- the boot script, run for real ---------------------------------------------------------------------
 
 def render_user_data(ec2: Synth, ecs_config: Path) -> str:
     _, template = ec2.only("AWS::EC2::LaunchTemplate")
     parts = template["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
+    eips = sorted(ec2.resources("AWS::EC2::EIP"))
     tokens = {json.dumps({"Ref": "AWS::StackName"}): STACK_NAME}
-    text = "".join(p if isinstance(p, str) else tokens.get(json.dumps(p), "test-cluster") for p in parts)
+    tokens.update({json.dumps({"Ref": eip}): ip for eip, ip in zip(eips, POOL_IPS)})
+
+    def render(part: Any) -> str:
+        if isinstance(part, str):
+            return part
+        if "Fn::Join" in part:
+            separator, items = part["Fn::Join"]
+            return str(separator).join(render(item) for item in items)
+        return tokens.get(json.dumps(part), "test-cluster")
+
+    text = "".join(render(p) for p in parts)
     return text.replace("/etc/ecs/ecs.config", str(ecs_config))
 
 
-def test_user_data_claims_an_address_before_joining_the_cluster(ec2: Synth, tmp_path: Path) -> None:
+def test_user_data_waits_for_a_pool_address_before_joining_the_cluster(ec2: Synth, tmp_path: Path) -> None:
     script = render_user_data(ec2, tmp_path / "ecs.config")
-    assert "--no-allow-reassociation" in script and "shuf" in script
-    assert script.index("associate-address") < script.index("ECS_CLUSTER=test-cluster")
+    assert f'POOL_IPS=" {" ".join(POOL_IPS)} "' in script
+    assert script.index("meta-data/public-ipv4") < script.index("ECS_CLUSTER=test-cluster")
     assert "ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST=true" in script
+    # Nothing to install and no AWS API to call: the minimal ECS AMI has what this needs (curl, systemd).
+    for absent in ("dnf ", "yum ", "aws ec2", "associate-address"):
+        assert absent not in script, absent
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-FAKE_AWS = textwrap.dedent('''\
-    #!{python}
-    """A fake `aws ec2` with AssociateAddress's real semantics, state in a JSON file under a lock."""
-    import fcntl, json, os, sys, time
-    state_path = os.environ["FAKE_EC2_STATE"]
-    args = sys.argv[1:]
-    def opt(name):
-        """Every value after `name` up to the next option (the CLI takes several filters after one --filters)."""
-        if name not in args:
-            return []
-        values = []
-        for a in args[args.index(name) + 1:]:
-            if a.startswith("--"):
-                break
-            values.append(a)
-        return values
-    with open(state_path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        state = json.load(open(state_path))
-        if args[:2] == ["ec2", "describe-addresses"]:
-            filters = dict(f.split(",Values=", 1) for f in opt("--filters"))
-            rows = [a for a in state["addresses"]
-                    if all(a["Tags"].get(k[len("Name=tag:"):]) == v for k, v in filters.items() if k.startswith("Name=tag:"))
-                    and ("Name=instance-id" not in filters or a["InstanceId"] == filters["Name=instance-id"])]
-            query = opt("--query")[0]
-            if query == "Addresses[0].AllocationId":
-                print(rows[0]["AllocationId"] if rows else "None")
-            else:
-                print("\\t".join(a["AllocationId"] for a in rows if a["InstanceId"] is None))
-        elif args[:2] == ["ec2", "associate-address"]:
-            assert "--no-allow-reassociation" in args, "reassociation must be refused"
-            (alloc,), (instance,) = opt("--allocation-id"), opt("--instance-id")
-            (address,) = [a for a in state["addresses"] if a["AllocationId"] == alloc]
-            if address["InstanceId"] is not None:
-                print("An error occurred (Resource.AlreadyAssociated)", file=sys.stderr)
-                sys.exit(254)
-            address["InstanceId"] = instance
-            state["log"].append([alloc, instance])
-            json.dump(state, open(state_path, "w"))
-        else:
-            sys.exit("unexpected: " + " ".join(args))
-    time.sleep(0.05)  # widen the window between listing and associating, to make instances collide
-''')
-
 FAKE_CURL = textwrap.dedent('''\
     #!/bin/sh
+    # Instance metadata: the public IPv4 address is whatever $FAKE_IMDS_DIR/public-ipv4 holds (404 when absent).
     case "$*" in
       *api/token*) echo token ;;
-      *instance-id*) echo "$FAKE_INSTANCE_ID" ;;
-      *placement/region*) echo eu-west-1 ;;
+      *public-ipv4*) [ -s "$FAKE_IMDS_DIR/public-ipv4" ] && cat "$FAKE_IMDS_DIR/public-ipv4" || exit 22 ;;
       *) exit 22 ;;
     esac
 ''')
 
 
-def _install_fakes(bin_dir: Path, marker_dir: Path) -> None:
+@pytest.fixture()
+def boot(ec2: Synth, tmp_path: Path) -> Any:
+    if shutil.which("bash") is None:
+        pytest.fail("the boot-script tests need bash")
+    bin_dir, imds = tmp_path / "bin", tmp_path / "imds"
     bin_dir.mkdir()
+    imds.mkdir()
     fakes = {
-        "aws": FAKE_AWS.format(python=sys.executable),
         "curl": FAKE_CURL,
-        "sleep": "#!/bin/sh\nexit 0\n",
-        "shutdown": f'#!/bin/sh\ntouch "{marker_dir}/shutdown-$FAKE_INSTANCE_ID"\n',
+        # Each "sleep" is one poll interval gone by: on the third, the hook's function associates an address.
+        "sleep": f'#!/bin/sh\necho x >> "{tmp_path}/polls"\n'
+                 f'[ "$(wc -l < "{tmp_path}/polls")" -ge 3 ] && [ -n "$FAKE_ASSOCIATE" ] && '
+                 f'echo "$FAKE_ASSOCIATE" > "{imds}/public-ipv4"\nexit 0\n',
+        "shutdown": f'#!/bin/sh\ntouch "{tmp_path}/powered-off"\n',
+        "systemctl": f'#!/bin/sh\necho "$*" >> "{tmp_path}/systemctl.log"\n',
     }
     for name, body in fakes.items():
-        path = bin_dir / name
-        path.write_text(body)
-        path.chmod(path.stat().st_mode | stat.S_IXUSR)
-
-
-def _boot(script: Path, bin_dir: Path, state: Path, instance_ids: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    env_base = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_EC2_STATE": str(state)}
-    procs = [subprocess.Popen(["bash", str(script)], env={**env_base, "FAKE_INSTANCE_ID": i},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in instance_ids]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
-
-
-def _state(addresses: int) -> dict[str, Any]:
-    pool = [{"AllocationId": f"eipalloc-{i}", "InstanceId": None, "Tags": {POOL_TAG: STACK_NAME}}
-            for i in range(addresses)]
-    foreign = {"AllocationId": "eipalloc-foreign", "InstanceId": None, "Tags": {POOL_TAG: "another-stack"}}
-    return {"addresses": [*pool, foreign], "log": []}
-
-
-@pytest.fixture()
-def boot_env(ec2: Synth, tmp_path: Path) -> tuple[Path, Path, Path]:
-    if shutil.which("shuf") is None or shutil.which("bash") is None:
-        pytest.skip("needs bash and coreutils shuf")
-    bin_dir, marker_dir = tmp_path / "bin", tmp_path / "markers"
-    marker_dir.mkdir()
-    _install_fakes(bin_dir, marker_dir)
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    script_text = render_user_data(ec2, tmp_path / "ecs.config")
+    # The unit file goes to a scratch directory instead of /etc/systemd/system.
+    script_text = script_text.replace("/etc/systemd/system/", f"{tmp_path}/")
     script = tmp_path / "user-data.sh"
-    # Few attempts: `sleep` is a no-op here, and the pool is either big enough or clearly exhausted.
-    script.write_text(render_user_data(ec2, tmp_path / "ecs.config").replace("$(seq 1 60)", "$(seq 1 5)"))
-    return script, bin_dir, marker_dir
+    script.write_text(script_text)
+
+    def run(associate: str | None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_IMDS_DIR": str(imds),
+               "FAKE_ASSOCIATE": associate or ""}
+        return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+
+    return run
 
 
-def test_simultaneous_boots_each_get_a_different_address(boot_env: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    script, bin_dir, markers = boot_env
-    state = tmp_path / "ec2.json"
-    state.write_text(json.dumps(_state(addresses=4)))
-    instances = [f"i-{n}" for n in range(4)]
-    results = _boot(script, bin_dir, state, instances)
-    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
-    final = json.loads(state.read_text())
-    holders = {a["AllocationId"]: a["InstanceId"] for a in final["addresses"]}
-    assert sorted(v for k, v in holders.items() if k != "eipalloc-foreign") == instances
-    assert holders["eipalloc-foreign"] is None  # never touches another stack's pool
-    assert len(final["log"]) == 4  # one association per address: nothing was stolen or re-done
-    assert not list(markers.iterdir())
-    assert all("ECS_CLUSTER=test-cluster" in (tmp_path / "ecs.config").read_text() for _ in results)
-
-
-def test_an_instance_without_a_free_address_powers_off(boot_env: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    script, bin_dir, markers = boot_env
-    state = tmp_path / "ec2.json"
-    state.write_text(json.dumps(_state(addresses=2)))
-    results = _boot(script, bin_dir, state, ["i-a", "i-b", "i-c"])
-    final = json.loads(state.read_text())
-    assert len(final["log"]) == 2 and len({alloc for alloc, _ in final["log"]}) == 2
-    losers = [r for r in results if r.returncode != 0]
-    assert len(losers) == 1 and "no free Elastic IP" in losers[0].stderr
-    assert len(list(markers.glob("shutdown-*"))) == 1
-    # The loser never joined the cluster.
-    assert (tmp_path / "ecs.config").read_text().count("ECS_CLUSTER=") == 2
-
-
-def test_a_rebooted_instance_keeps_its_address(boot_env: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    script, bin_dir, _ = boot_env
-    state = tmp_path / "ec2.json"
-    initial = _state(addresses=3)
-    initial["addresses"][1]["InstanceId"] = "i-again"
-    state.write_text(json.dumps(initial))
-    (result,) = _boot(script, bin_dir, state, ["i-again"])
+def test_instance_joins_the_cluster_once_its_pool_address_appears(boot: Any, tmp_path: Path) -> None:
+    result = boot(POOL_IPS[2])
     assert result.returncode == 0, result.stderr
-    assert json.loads(state.read_text())["log"] == []
+    assert f"egresses from Elastic IP {POOL_IPS[2]}" in result.stdout
+    assert "ECS_CLUSTER=test-cluster" in (tmp_path / "ecs.config").read_text()
+    assert not (tmp_path / "powered-off").exists()
+    assert "enable --now egress-proxy-imds-block.service" in (tmp_path / "systemctl.log").read_text()
+
+
+def test_an_address_outside_the_pool_is_not_enough(boot: Any, tmp_path: Path) -> None:
+    result = boot("203.0.113.9")  # e.g. an auto-assigned address: never proxy from it
+    assert result.returncode != 0
+    assert "no Elastic IP of the pool" in result.stderr and "powering off" in result.stderr
+    assert (tmp_path / "powered-off").exists()
+    assert not (tmp_path / "ecs.config").exists()
+
+
+def test_no_address_at_all_powers_off_with_a_clear_console_line(boot: Any, tmp_path: Path) -> None:
+    result = boot(None)
+    assert result.returncode != 0
+    assert "egress-proxy: no Elastic IP of the pool after 360 s" in result.stderr
+    assert (tmp_path / "powered-off").exists() and not (tmp_path / "ecs.config").exists()

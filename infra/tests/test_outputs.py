@@ -9,7 +9,7 @@ import pytest
 from infra_synth import Synth
 
 COMMON = {"ProxyDnsName", "ProxyPort", "ProxyEgressIps", "AccessLogGroup", "ProxySecurityGroup",
-          "LoadBalancerSecurityGroup", "AllowlistSecretArn", "ProxyExportCommand"}
+          "LoadBalancerSecurityGroup", "AllowlistSecretArn", "ProxyExportCommand", "AlarmTopicArn"}
 
 
 def _logical_id(synth: Synth, type_: str, name_part: str = "") -> str:
@@ -24,7 +24,7 @@ def test_fargate_outputs(fargate: Synth) -> None:
 
 def test_ec2_outputs_list_the_pool(ec2: Synth) -> None:
     outputs = ec2.data["Outputs"]
-    assert set(outputs) == COMMON | {f"EgressIp{i}" for i in range(1, 5)}
+    assert set(outputs) == COMMON | {f"EgressIp{i}" for i in range(1, 5)} | {"AutoScalingGroupName"}
     eips = sorted(ec2.resources("AWS::EC2::EIP"))
     assert len(eips) == 4
     refs = [outputs[f"EgressIp{i}"]["Value"] for i in range(1, 5)]
@@ -49,7 +49,8 @@ def test_common_outputs_point_at_the_right_resources(synth: Synth) -> None:
     nlb = _logical_id(synth, "AWS::ElasticLoadBalancingV2::LoadBalancer")
     assert outputs["ProxyDnsName"]["Value"] == {"Fn::GetAtt": [nlb, "DNSName"]}
     assert outputs["ProxyPort"]["Value"] == {"Ref": "ProxyPort"}
-    assert outputs["AccessLogGroup"]["Value"] == {"Ref": _logical_id(synth, "AWS::Logs::LogGroup")}
+    assert outputs["AccessLogGroup"]["Value"] == {"Ref": _logical_id(synth, "AWS::Logs::LogGroup", "AccessLogs")}
+    assert outputs["AlarmTopicArn"]["Value"] == {"Ref": _logical_id(synth, "AWS::SNS::Topic")}
     assert outputs["AllowlistSecretArn"]["Value"] == {"Ref": _logical_id(synth, "AWS::SecretsManager::Secret")}
     # The seed's output held a literal string; ours is the proxies' real security group.
     proxy_sg = _logical_id(synth, "AWS::EC2::SecurityGroup", "Proxies")
@@ -62,8 +63,10 @@ def test_export_command_sets_proxies_and_keeps_metadata_endpoints_direct(synth: 
     value = synth.data["Outputs"]["ProxyExportCommand"]["Value"]
     parts = value["Fn::Join"][1]
     nlb = _logical_id(synth, "AWS::ElasticLoadBalancingV2::LoadBalancer")
+    # The Fn::If parts add the VPC endpoints' names when they exist (test_hardening.py); here they do not.
     rendered = "".join(p if isinstance(p, str) else
-                       ("<DNS>" if p == {"Fn::GetAtt": [nlb, "DNSName"]} else f"<{json.dumps(p)}>") for p in parts)
+                       ("<DNS>" if p == {"Fn::GetAtt": [nlb, "DNSName"]} else
+                        "" if "Fn::If" in p else f"<{json.dumps(p)}>") for p in parts)
     rendered = rendered.replace('<{"Ref": "ProxyPort"}>', "<PORT>")
     assert rendered.startswith("export ")
     assert "http_proxy=http://<DNS>:<PORT>" in rendered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,8 @@ from infra_synth import Synth
 
 COMMON = {"AllowedDomains", "DnsServers", "ProxyPort", "VpcId", "PublicSubnetIds", "PrivateSubnetIds",
           "ClientCidr", "MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
-          "ReloadIntervalSeconds"}
+          "ReloadIntervalSeconds", "EnableVpcEndpoints", "VpcEndpointRouteTableIds", "AlarmEmail",
+          "DeniedRequestsAlarmThreshold"}
 EC2_ONLY = {"InstanceType", "AmiId", "KeyName"}
 
 
@@ -24,7 +26,9 @@ def test_ec2_parameters_add_instance_type_ami_and_key(ec2: Synth) -> None:
 
 def test_parameter_types_and_defaults(synth: Synth) -> None:
     p = synth.data["Parameters"]
-    assert p["AllowedDomains"]["Type"] == "String" and p["AllowedDomains"]["MinLength"] == 1
+    assert p["AllowedDomains"]["Type"] == "String" and p["AllowedDomains"]["Default"] == ""
+    assert p["AlarmEmail"]["Default"] == "" and p["VpcEndpointRouteTableIds"]["Type"] == "CommaDelimitedList"
+    assert p["DeniedRequestsAlarmThreshold"]["Default"] == 500
     assert p["DnsServers"]["Default"] == ""
     assert p["ProxyPort"] == {**p["ProxyPort"], "Type": "Number", "Default": 3128}
     assert p["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
@@ -88,3 +92,63 @@ def test_console_groups_cover_every_parameter(synth: Synth) -> None:
     groups = synth.data["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
     grouped = [name for group in groups for name in group["Parameters"]]
     assert sorted(grouped) == sorted(synth.data["Parameters"])
+
+
+@pytest.mark.parametrize(("value", "ok"), [("", True), ("ops@example.com", True), ("a.b+alarms@sub.example.org", True),
+                                           ("not-an-email", False), ("a@b", False), ("a @b.c", False)])
+def test_alarm_email_pattern(synth: Synth, value: str, ok: bool) -> None:
+    assert bool(re.search(synth.data["Parameters"]["AlarmEmail"]["AllowedPattern"], value)) is ok
+
+
+def _evaluate(condition: Any, values: dict[str, str]) -> bool:
+    """The rule functions this template uses, evaluated as CloudFormation does (on the parameters' strings)."""
+    (function, args), = condition.items()
+    if function == "Fn::Or":
+        return any(_evaluate(a, values) for a in args)
+    if function == "Fn::Not":
+        return not _evaluate(args[0], values)
+    if function == "Fn::Equals":
+        left, right = (values[a["Ref"]] if isinstance(a, dict) else a for a in args)
+        return bool(left == right)
+    if function == "Fn::Contains":
+        candidates, needle = args
+        return values[needle["Ref"]] in candidates
+    raise AssertionError(f"unexpected rule function {function}")
+
+
+def test_min_capacity_above_max_capacity_fails_at_launch(synth: Synth) -> None:
+    """Every (MinCapacity, MaxCapacity) pair the parameters admit: the rule passes exactly when min <= max."""
+    params = synth.data["Parameters"]
+    rule = synth.data["Rules"]["MinCapacityNotAboveMaxCapacity"]
+    assert "RuleCondition" not in rule  # always checked
+    low = params["MinCapacity"]["MinValue"]
+    high = params["MaxCapacity"]["MaxValue"]
+    assert params["MinCapacity"]["MaxValue"] == high
+    for minimum in range(low, high + 1):
+        for maximum in range(params["MaxCapacity"]["MinValue"], high + 1):
+            values = {"MinCapacity": str(minimum), "MaxCapacity": str(maximum)}
+            passed = all(_evaluate(a["Assert"], values) for a in rule["Assertions"])
+            assert passed is (minimum <= maximum), values
+    assert all("MaxCapacity must be at least MinCapacity" in a["AssertDescription"] for a in rule["Assertions"])
+
+
+def test_arm64_synthesizes_graviton_defaults(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from infra_synth import ECR_IMAGE, synthesize
+    synth = synthesize(tmp_path_factory.mktemp("arm64-ec2"), {"capacity": "ec2", "imageUri": ECR_IMAGE,
+                                                             "arch": "arm64"})
+    p = synth.data["Parameters"]
+    assert p["AmiId"]["Default"] == "/aws/service/ecs/optimized-ami/amazon-linux-2023/arm64/recommended/image_id"
+    assert p["InstanceType"]["Default"] == "t4g.small"
+    pattern = p["InstanceType"]["AllowedPattern"]
+    for ok in ("t4g.small", "c7gn.large", "m8g.xlarge", "r7gd.2xlarge"):
+        assert re.fullmatch(pattern, ok), ok
+    for wrong in ("t3.small", "c6i.large", "m7a.large"):
+        assert not re.fullmatch(pattern, wrong), wrong
+
+
+def test_x86_instance_types_refuse_graviton(ec2: Synth) -> None:
+    pattern = ec2.data["Parameters"]["InstanceType"]["AllowedPattern"]
+    for ok in ("t3.small", "c6i.large", "m7a.large", "c6in.xlarge", "g5.xlarge"):
+        assert re.fullmatch(pattern, ok), ok
+    for wrong in ("t4g.small", "c7gn.large", "m8g.xlarge"):
+        assert not re.fullmatch(pattern, wrong), wrong

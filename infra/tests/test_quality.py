@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aws_cdk.assertions import Annotations, Match
@@ -125,3 +126,58 @@ def test_real_build_context_stages_only_what_the_dockerfile_uses(fargate_repo_as
     for never in (".git", "infra", "tests"):
         assert not (staged / never).exists(), never
     assert cfn_lint(fargate_repo_asset.template_path) == []
+
+
+# --- feature flags, toolchain, build platform ------------------------------------------------------------
+
+def _jsii_package_file(name: str) -> Any:
+    """A file of the aws-cdk-lib npm package that the Python wheel embeds (its jsii tarball)."""
+    import tarfile
+
+    import aws_cdk
+    (tarball,) = (Path(aws_cdk.__file__).parent / "_jsii").glob("aws-cdk-lib@*.jsii.tgz")
+    with tarfile.open(tarball) as archive:
+        member = archive.extractfile(f"package/{name}")
+        assert member is not None
+        return json.loads(member.read())
+
+
+def test_every_recommended_feature_flag_is_pinned_in_cdk_json() -> None:
+    """The CLI's `cdk flags` counts unset flags; new projects get these recommended values (`cdk init`)."""
+    recommended = _jsii_package_file("recommended-feature-flags.json")
+    context = json.loads((Path(__file__).resolve().parents[1] / "cdk.json").read_text())["context"]
+    assert {flag: context.get(flag) for flag in recommended} == recommended
+
+
+def test_readme_node_requirement_matches_aws_cdk_lib() -> None:
+    engines = _jsii_package_file("package.json")["engines"]["node"]
+    assert engines == ">= 20.0.0"
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "Node.js 22 or 24" in readme and "engines" in readme and ">= 20" in readme
+
+
+@pytest.mark.parametrize(("arch", "platform", "cpu"), [("x86_64", "linux/amd64", "X86_64"),
+                                                       ("arm64", "linux/arm64", "ARM64")])
+def test_image_asset_is_built_for_the_task_platform(arch: str, platform: str, cpu: str,
+                                                     tmp_path_factory: pytest.TempPathFactory,
+                                                     asset_build_context: Path) -> None:
+    from infra_synth import synthesize
+    synth = synthesize(tmp_path_factory.mktemp(f"asset-{arch}"),
+                       {"capacity": "fargate", "imageAssetDir": str(asset_build_context), "arch": arch})
+    manifest = json.loads(next(synth.outdir.glob("*.assets.json")).read_text())
+    (image,) = manifest["dockerImages"].values()
+    assert image["source"]["platform"] == platform
+    _, task = synth.only("AWS::ECS::TaskDefinition")
+    assert task["Properties"]["RuntimePlatform"] == {"CpuArchitecture": cpu, "OperatingSystemFamily": "LINUX"}
+    assert cfn_lint(synth.template_path) == []
+
+
+def test_nlb_tcp_idle_timeout_is_explicit_and_configurable(fargate: Synth,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    from infra_synth import PUBLIC_IMAGE, synthesize
+    _, listener = fargate.only("AWS::ElasticLoadBalancingV2::Listener")
+    assert listener["Properties"]["ListenerAttributes"] == [{"Key": "tcp.idle_timeout.seconds", "Value": "350"}]
+    synth = synthesize(tmp_path_factory.mktemp("idle"), {"capacity": "fargate", "imageUri": PUBLIC_IMAGE,
+                                                         "nlbIdleTimeoutSeconds": "900"})
+    _, listener = synth.only("AWS::ElasticLoadBalancingV2::Listener")
+    assert listener["Properties"]["ListenerAttributes"] == [{"Key": "tcp.idle_timeout.seconds", "Value": "900"}]

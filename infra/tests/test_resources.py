@@ -59,7 +59,9 @@ def test_rolling_deployment_with_circuit_breaker_rollback(synth: Synth) -> None:
     assert config["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
     assert config["MinimumHealthyPercent"] == 100
     assert config["MaximumPercent"] == 200
-    assert service["Properties"]["DeploymentController"] == {"Type": "ECS"}
+    # The pinned flag @aws-cdk/aws-ecs:disableExplicitDeploymentControllerForCircuitBreaker leaves the
+    # controller implicit; ECS's default is the rolling (ECS) controller the circuit breaker works with.
+    assert service["Properties"].get("DeploymentController", {"Type": "ECS"}) == {"Type": "ECS"}
     assert service["Properties"]["HealthCheckGracePeriodSeconds"] == 60
     assert "DesiredCount" not in service["Properties"]  # owned by autoscaling, not reset by stack updates
     (lb,) = service["Properties"]["LoadBalancers"]
@@ -125,7 +127,10 @@ def test_container_environment_is_the_contract(synth: Synth) -> None:
         "EGRESS_METRICS": "on",
         "EGRESS_METRICS_NAMESPACE": {"Ref": "MetricsNamespace"},
         "EGRESS_METRICS_INTERVAL": "60",
-        "EGRESS_STATE_DIR": "/tmp/egress-proxy",
+        "EGRESS_STATE_DIR": "/var/lib/egress-proxy",
+        "EGRESS_ALLOWED_PORTS": "http:80,connect:443",
+        "AWS_REGION": {"Ref": "AWS::Region"},
+        "AWS_DEFAULT_REGION": {"Ref": "AWS::Region"},
     }
 
 
@@ -135,7 +140,7 @@ def test_container_health_check_stop_timeout_and_logs(synth: Synth) -> None:
     assert container["HealthCheck"]["Command"] == ["CMD-SHELL", "egress-proxy health"]
     # Drain, then a margin before SIGKILL; ECS caps stopTimeout at 120 s.
     assert DRAIN_SECONDS < container["StopTimeout"] <= 120
-    log_group = synth.only("AWS::Logs::LogGroup")[0]
+    (log_group,) = [k for k in synth.resources("AWS::Logs::LogGroup") if "AccessLogs" in k]
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
     assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": log_group}
     (mapping,) = container["PortMappings"]
@@ -156,21 +161,24 @@ def test_ec2_task_uses_host_networking(ec2: Synth) -> None:
 
 
 def test_log_group_retention_is_the_parameter(synth: Synth) -> None:
-    _, log_group = synth.only("AWS::Logs::LogGroup")
+    (log_group,) = [g for k, g in synth.resources("AWS::Logs::LogGroup").items() if "AccessLogs" in k]
     assert log_group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
     assert log_group["DeletionPolicy"] == "Retain"
 
 
 def test_allowlist_secret_is_created_from_allowed_domains(synth: Synth) -> None:
     _, secret = synth.only("AWS::SecretsManager::Secret")
-    assert secret["Properties"]["SecretString"] == {"Ref": "AllowedDomains"}
+    assert secret["Properties"]["SecretString"]["Fn::If"][2] == {"Ref": "AllowedDomains"}
 
 
 # --- security groups -----------------------------------------------------------------------------------
 
 def _all_ingress(synth: Synth) -> list[tuple[str, dict[str, Any]]]:
+    """Ingress of the proxy path (the optional VPC endpoints' group is checked in test_hardening.py)."""
     rules = []
     for logical_id, group in synth.resources("AWS::EC2::SecurityGroup").items():
+        if logical_id.startswith("VpcEndpoints"):
+            continue
         rules += [(logical_id, rule) for rule in group["Properties"].get("SecurityGroupIngress", [])]
     for rule in synth.resources("AWS::EC2::SecurityGroupIngress").values():
         rules.append((rule["Properties"]["GroupId"]["Fn::GetAtt"][0], rule["Properties"]))
@@ -207,7 +215,7 @@ def test_task_role_reads_only_the_secret_and_puts_only_its_namespace(synth: Synt
     secret = synth.only("AWS::SecretsManager::Secret")[0]
     statements = _policy_statements(synth, "TaskRole")
     assert statements == [
-        {"Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"], "Effect": "Allow",
+        {"Action": ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"], "Effect": "Allow",
          "Resource": {"Ref": secret}},
         {"Action": "cloudwatch:PutMetricData", "Effect": "Allow", "Resource": "*",
          "Condition": {"StringEquals": {"cloudwatch:namespace": {"Ref": "MetricsNamespace"}}}},
@@ -268,4 +276,46 @@ def test_alarm_on_high_cpu(synth: Synth) -> None:
     (alarm,) = [a for a in _alarms(synth).values() if a.get("MetricName") == "CPUUtilization"]
     assert alarm["Namespace"] == "AWS/ECS"
     assert alarm["ComparisonOperator"] == "GreaterThanThreshold" and alarm["Threshold"] == 85
-    assert len(_alarms(synth)) == 3
+
+
+def test_alarm_on_a_surge_of_denied_requests(synth: Synth) -> None:
+    (alarm,) = [a for a in _alarms(synth).values() if "requests.denied" in json.dumps(a.get("Metrics", ""))]
+    assert alarm["Threshold"] == {"Ref": "DeniedRequestsAlarmThreshold"}
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    (query,) = alarm["Metrics"]
+    assert query["Period"] == 300 and 'SELECT SUM(\\"requests.denied\\")' in json.dumps(query["Expression"])
+
+
+def test_every_alarm_notifies_the_topic(synth: Synth) -> None:
+    topic = synth.only("AWS::SNS::Topic")[0]
+    alarms = _alarms(synth)
+    assert len(alarms) == (6 if synth.mode == "ec2" else 4)
+    for name, alarm in alarms.items():
+        assert alarm["AlarmActions"] == [{"Ref": topic}], name
+    (subscription,) = synth.resources("AWS::SNS::Subscription").values()
+    assert subscription["Condition"] == "HasAlarmEmail"
+    assert subscription["Properties"] == {"TopicArn": {"Ref": topic}, "Protocol": "email",
+                                          "Endpoint": {"Ref": "AlarmEmail"}}
+    # The topic refuses unencrypted publishing (aws:SecureTransport).
+    (policy,) = synth.resources("AWS::SNS::TopicPolicy").values()
+    assert "aws:SecureTransport" in json.dumps(policy)
+
+
+def test_ec2_alarms_on_pool_exhaustion_claim_errors_and_failed_launches(ec2: Synth) -> None:
+    alarms = _alarms(ec2)
+    (exhausted,) = [a for a in alarms.values() if a.get("MetricName") == "eip.pool_exhausted"]
+    assert exhausted["Namespace"] == {"Ref": "MetricsNamespace"} and exhausted["Threshold"] == 1
+    (metric_filter,) = ec2.resources("AWS::Logs::MetricFilter").values()
+    claim_logs = [k for k in ec2.resources("AWS::Logs::LogGroup") if "EipClaim" in k][0]
+    assert metric_filter["Properties"]["LogGroupName"] == {"Ref": claim_logs}
+    assert metric_filter["Properties"]["FilterPattern"] == '"egress-proxy: no free Elastic IP in pool"'
+    (errors,) = [a for a in alarms.values() if a.get("MetricName") == "Errors"]
+    claim_function = [k for k in ec2.resources("AWS::Lambda::Function") if "EipClaim" in k][0]
+    assert errors["Namespace"] == "AWS/Lambda" and errors["Dimensions"] == [
+        {"Name": "FunctionName", "Value": {"Ref": claim_function}}]
+    (launch_rule,) = [r for k, r in ec2.resources("AWS::Events::Rule").items() if "LaunchUnsuccessful" in k]
+    asg = ec2.only("AWS::AutoScaling::AutoScalingGroup")[0]
+    assert launch_rule["Properties"]["EventPattern"] == {
+        "source": ["aws.autoscaling"], "detail-type": ["EC2 Instance Launch Unsuccessful"],
+        "detail": {"AutoScalingGroupName": [{"Ref": asg}]}}
+    assert launch_rule["Properties"]["Targets"][0]["Arn"] == {"Ref": ec2.only("AWS::SNS::Topic")[0]}
