@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
-
 from egress_proxy_infra import EgressProxyStack, InfraConfig
 
 STACK_NAME_CONTEXT = "stackName"

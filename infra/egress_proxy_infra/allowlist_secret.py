@@ -8,7 +8,6 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
-
 #: The allowlist secret's value when AllowedDomains is empty (the proxy accepts this JSON form).
 EMPTY_ALLOWLIST = '{"allowed_domains": []}'
 

@@ -8,10 +8,11 @@ the size of the Elastic IP pool, the image source and the drain time that severa
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 #: The repository root: the Docker build context for the proxy image (container/Dockerfile lives there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,14 +37,14 @@ MIN_NLB_IDLE_TIMEOUT_SECONDS = 60
 MAX_NLB_IDLE_TIMEOUT_SECONDS = 6000
 
 
-class CapacityMode(str, Enum):
+class CapacityMode(StrEnum):
     """Where the proxy tasks run."""
 
     FARGATE = "fargate"
     EC2 = "ec2"
 
 
-class Architecture(str, Enum):
+class Architecture(StrEnum):
     """CPU architecture of the tasks: the image, the Fargate runtime platform, the AMI and instance types."""
 
     X86_64 = "x86_64"
@@ -103,7 +104,7 @@ class InfraConfig:
         return self.drain_seconds + STOP_TIMEOUT_MARGIN_SECONDS
 
     @classmethod
-    def from_context(cls, context: Mapping[str, Any]) -> "InfraConfig":
+    def from_context(cls, context: Mapping[str, Any]) -> InfraConfig:
         """Build from CDK context values; `-c` values arrive as strings, cdk.json values may be typed."""
         raw_capacity = str(context.get("capacity") or CapacityMode.FARGATE.value).strip().lower()
         try:

@@ -25,6 +25,7 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
 from egress_proxy_infra.eip_pool import POOL_TAG_KEY, ElasticIpPool
+from egress_proxy_infra.l1 import l1
 
 #: CloudFormation's limit for inline (ZipFile) Lambda code (AWS::Lambda::Function Code, ZipFile).
 INLINE_CODE_LIMIT = 4096
@@ -62,8 +63,8 @@ def _function(scope: Construct, id: str, *, module: str, description: str, timeo
     log_group.grant_write(role)
     # CDK makes the function depend on the whole role construct; the role itself is already implied by the
     # Fn::GetAtt of its ARN (cfn-lint W3005), so keep only the policy, which must exist before the first call.
-    policy = role.node.find_child("DefaultPolicy").node.default_child
-    function.node.default_child.add_override("DependsOn", [Stack.of(scope).get_logical_id(policy)])
+    policy = l1(role.node.find_child("DefaultPolicy"))
+    l1(function).add_override("DependsOn", [Stack.of(scope).get_logical_id(policy)])
     return function, log_group
 
 
@@ -79,8 +80,10 @@ class EipClaimHook(Construct):
             description="egress-proxy: associate a pool Elastic IP with each launching proxy instance",
             environment={"POOL_TAG_KEY": POOL_TAG_KEY, "POOL_TAG_VALUE": eip_pool.pool_tag_value},
         )
-        eip_pool.grant_associate(self.function.role)
-        self._grant_complete(self.function.role, pool_tag_value=eip_pool.pool_tag_value)
+        role = self.function.role
+        assert role is not None
+        eip_pool.grant_associate(role)
+        self._grant_complete(role, pool_tag_value=eip_pool.pool_tag_value)
 
         # Lifecycle actions reach EventBridge without any notification target on the hook
         # (Amazon EC2 Auto Scaling User Guide, "Use EventBridge to handle Auto Scaling events").

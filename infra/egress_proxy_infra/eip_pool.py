@@ -79,7 +79,9 @@ class ElasticIpPool(Construct):
         )], apply_to_children=True)
 
     def wait_script(self) -> list[str]:
-        """User-data lines (their output reaches the console log): wait until this instance egresses from a pool address, before the ECS agent starts.
+        """User-data lines: wait, before the ECS agent starts, until this instance egresses from a pool address.
+
+        Their output reaches the console log.
 
         The ECS-optimized AMI starts the agent after cloud-init's user data (which is also what lets user
         data write /etc/ecs/ecs.config), so no task runs before this returns. IMDS `public-ipv4` is the

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration
+from aws_cdk import CfnParameter, Duration
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
-from aws_cdk import CfnParameter
-
 from egress_proxy_infra import subnets
+from egress_proxy_infra.l1 import l1
 
 
 class ProxyLoadBalancer(Construct):
@@ -27,7 +26,7 @@ class ProxyLoadBalancer(Construct):
         vpc: ec2.IVpc,
         private_subnet_ids: CfnParameter,
         client_cidr: str,
-        proxy_port: int,
+        proxy_port: float,
         target_type: elbv2.TargetType,
         deregistration_delay: Duration,
         idle_timeout_seconds: int,
@@ -52,7 +51,7 @@ class ProxyLoadBalancer(Construct):
             vpc_subnets=subnets.placeholder_selection(self, "PrivateSubnet", private_subnet_ids),
             security_groups=[self.security_group],
         )
-        cfn_lb = self.load_balancer.node.default_child
+        cfn_lb = l1(self.load_balancer)
         subnets.override_with_list(cfn_lb, "Subnets", private_subnet_ids)
         cfn_lb.add_property_deletion_override("SubnetMappings")
         NagSuppressions.add_resource_suppressions(self.load_balancer, [NagPackSuppression(
@@ -77,7 +76,7 @@ class ProxyLoadBalancer(Construct):
         # The NLB silently forgets a TCP flow idle for this long (350 s unless set; Elastic Load Balancing, Network
         # Load Balancers, "Listeners": tcp.idle_timeout.seconds, 60-6000). Set explicitly so it can be matched
         # with the proxy's own tunnel idle timeout (issue 17).
-        self.listener.node.default_child.add_property_override("ListenerAttributes", [
+        l1(self.listener).add_property_override("ListenerAttributes", [
             {"Key": "tcp.idle_timeout.seconds", "Value": str(idle_timeout_seconds)}])
 
     def admit(self, proxy_security_group: ec2.ISecurityGroup) -> None:

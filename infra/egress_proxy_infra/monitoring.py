@@ -62,10 +62,10 @@ class ProxyMonitoring(Construct):
         self, scope: Construct, id: str, *,
         namespace: str,
         service: ecs.BaseService,
-        load_balancer: elbv2.INetworkLoadBalancer,
-        target_group: elbv2.INetworkTargetGroup,
+        load_balancer: elbv2.NetworkLoadBalancer,
+        target_group: elbv2.NetworkTargetGroup,
         alarm_topic: sns.ITopic,
-        denied_requests_threshold: int,
+        denied_requests_threshold: float,
         eip_claim: EipClaimHook | None = None,
         auto_scaling_group: autoscaling.IAutoScalingGroup | None = None,
     ) -> None:

@@ -7,8 +7,9 @@ names and the synthesized template can be launched from the CloudFormation conso
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from aws_cdk import CfnCondition, CfnParameter, CfnRule, CfnRuleAssertion, Fn, Stack
+from aws_cdk import CfnCondition, CfnParameter, CfnRule, CfnRuleAssertion, Fn, ICfnConditionExpression, Stack
 
 from egress_proxy_infra.config import Architecture, CapacityMode, InfraConfig
 
@@ -97,7 +98,8 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         stack, "AllowedDomains", type="String", default=DEFAULT_ALLOWED_DOMAINS,
         description="Comma-separated domains the proxy allows; a leading dot also allows subdomains "
                     "(e.g. .example.org,api.partner.example). Empty (the default) denies everything: the "
-                    "proxy's own AWS calls do not go through it. Seeds the allowlist secret; later changes can go straight to the secret "
+                    "proxy's own AWS calls do not go through it. Seeds the allowlist secret; later changes can "
+                    "go straight to the secret "
                     "(egress-proxy allowlist push) without a stack update.",
     )
     dns_servers = CfnParameter(
@@ -181,7 +183,8 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         stack, "UseVpcEndpoints", expression=Fn.condition_equals(enable_vpc_endpoints.value_as_string, "true"))
     use_s3_gateway_endpoint = CfnCondition(
         stack, "UseS3GatewayEndpoint", expression=Fn.condition_and(
-            use_vpc_endpoints,
+            # A CfnCondition is a condition expression ({"Condition": name}); jsii's typing does not say so.
+            cast(ICfnConditionExpression, use_vpc_endpoints),
             Fn.condition_not(Fn.condition_equals(
                 Fn.join("", vpc_endpoint_route_table_ids.value_as_list), ""))))
     has_alarm_email = CfnCondition(
@@ -233,7 +236,8 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         enable_vpc_endpoints=enable_vpc_endpoints, vpc_endpoint_route_table_ids=vpc_endpoint_route_table_ids,
         alarm_email=alarm_email, denied_requests_alarm_threshold=denied_threshold,
         use_vpc_endpoints=use_vpc_endpoints, use_s3_gateway_endpoint=use_s3_gateway_endpoint,
-        has_alarm_email=has_alarm_email, instance_type=instance_type, ami_id=ami_id, key_name=key_name, has_key_name=has_key_name,
+        has_alarm_email=has_alarm_email, instance_type=instance_type, ami_id=ami_id, key_name=key_name,
+        has_key_name=has_key_name,
     )
 
 

@@ -22,6 +22,7 @@ from constructs import Construct, IConstruct
 from egress_proxy_infra import subnets
 from egress_proxy_infra.ec2_lifecycle import EipClaimHook, ScaleInProtectionRelease
 from egress_proxy_infra.eip_pool import POOL_TAG_KEY, ElasticIpPool
+from egress_proxy_infra.l1 import l1
 from egress_proxy_infra.proxy_task import ALLOWED_CONNECT_PORTS, ALLOWED_HTTP_PORTS, PROXY_UID, ProxyTask
 
 #: Average service CPU that target tracking holds.
@@ -101,7 +102,7 @@ def _scale_on_cpu(service: ecs.BaseService, *, min_capacity: CfnParameter, max_c
         "CpuTargetTracking", target_utilization_percent=CPU_TARGET_PERCENT,
         scale_out_cooldown=Duration.seconds(60), scale_in_cooldown=Duration.seconds(300),
     )
-    target = scaling.node.find_child("Target").node.default_child
+    target = l1(scaling.node.find_child("Target"))
     target.add_property_override("MinCapacity", min_capacity.value_as_number)
     target.add_property_override("MaxCapacity", max_capacity.value_as_number)
 
@@ -132,7 +133,7 @@ class FargateProxyService(Construct):
             **_deployment_settings(),
         )
         subnets.override_with_list(
-            self.service.node.default_child, "NetworkConfiguration.AwsvpcConfiguration.Subnets", public_subnet_ids)
+            l1(self.service), "NetworkConfiguration.AwsvpcConfiguration.Subnets", public_subnet_ids)
         self.service.attach_to_network_target_group(target_group)
         _scale_on_cpu(self.service, min_capacity=min_capacity, max_capacity=max_capacity)
 
@@ -224,7 +225,7 @@ class Ec2ProxyService(Construct):
                 volume=ec2.BlockDeviceVolume.ebs(30, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3),
             )],
         )
-        cfn_template = self.launch_template.node.default_child
+        cfn_template = l1(self.launch_template)
         cfn_template.add_property_override(
             "LaunchTemplateData.KeyName",
             Fn.condition_if(has_key_name.logical_id, key_name.value_as_string, Aws.NO_VALUE))
@@ -236,7 +237,7 @@ class Ec2ProxyService(Construct):
             # Never more instances than addresses: an instance without an address powers itself off.
             min_capacity=0, max_capacity=len(eip_pool.addresses),
         )
-        cfn_asg = self.auto_scaling_group.node.default_child
+        cfn_asg = l1(self.auto_scaling_group)
         subnets.override_with_list(cfn_asg, "VPCZoneIdentifier", public_subnet_ids)
         cfn_asg.add_property_override("LifecycleHookSpecificationList", [self.eip_claim.hook_specification()])
         # The functions' IAM conditions recognise this group by the pool tag.
@@ -279,7 +280,7 @@ class Ec2ProxyService(Construct):
         # provider ... not associated"). Delete: the service (and its tasks) go before the association, and
         # before the release of scale-in protection, which then runs with no task left to re-protect an instance.
         # The association only appears during synthesis (the cluster's own aspect creates it), hence an aspect.
-        Aspects.of(cluster).add(_DependOnCapacityProviderAssociation(self.service.node.default_child),
+        Aspects.of(cluster).add(_DependOnCapacityProviderAssociation(l1(self.service, ecs.CfnService)),
                                 priority=AspectPriority.READONLY)
         self.service.node.add_dependency(self.scale_in_protection_release)
         self.service.attach_to_network_target_group(target_group)

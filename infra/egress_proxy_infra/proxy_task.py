@@ -17,6 +17,7 @@ from constructs import Construct
 
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
 from egress_proxy_infra.config import Architecture
+from egress_proxy_infra.l1 import l1
 
 CONTAINER_NAME = "proxy"
 #: Fargate task size; Squid is light, and CPU target tracking adds tasks before one saturates.
@@ -51,7 +52,7 @@ _ECR_URI = re.compile(
 class ProxyEnvironment:
     """Values behind the container's EGRESS_* variables (tokens from parameters are fine)."""
 
-    proxy_port: int
+    proxy_port: float
     allowlist_secret_arn: str
     dns_servers: str
     client_cidr: str
@@ -141,7 +142,7 @@ class ProxyTask(Construct):
         image: ecs.ContainerImage,
         environment: ProxyEnvironment,
         allowlist: AllowlistSecret,
-        log_retention_days: int,
+        log_retention_days: float,
         stop_timeout: Duration,
         arch: Architecture = Architecture.X86_64,
     ) -> None:
@@ -153,7 +154,7 @@ class ProxyTask(Construct):
             removal_policy=RemovalPolicy.RETAIN,
         )
         # Retention comes from a parameter, which the L2's enum cannot take.
-        self.log_group.node.default_child.add_property_override("RetentionInDays", log_retention_days)
+        l1(self.log_group).add_property_override("RetentionInDays", log_retention_days)
 
         self.task_role = iam.Role(
             self, "TaskRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),

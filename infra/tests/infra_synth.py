@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 INFRA_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(INFRA_DIR))
 
@@ -34,10 +32,9 @@ _tripwire.chmod(_tripwire.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_
 os.environ["PATH"] = f"{_TRIPWIRE_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ["CDK_DOCKER"] = str(_tripwire)
 
+import app as cdk_app_module  # noqa: E402
 import aws_cdk as cdk  # noqa: E402  (after the environment above)
 from aws_cdk.assertions import Template  # noqa: E402
-
-import app as cdk_app_module  # noqa: E402
 
 ECR_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/egress-proxy:1.0.0"
 PUBLIC_IMAGE = "public.ecr.aws/example/egress-proxy:1.0.0"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from egress_proxy_infra.config import Architecture, CapacityMode, ConfigError, InfraConfig
 
 

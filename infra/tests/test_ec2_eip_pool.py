@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from infra_synth import Synth
 
 POOL_TAG = "egress-proxy:eip-pool"
@@ -65,7 +63,8 @@ def test_the_teardown_function_may_only_unprotect_the_pool_group(ec2: Synth) -> 
     assert unprotect["Condition"] == TAG_CONDITION
     _, asg = ec2.only("AWS::AutoScaling::AutoScalingGroup")
     # The group carries the tag the conditions test, not propagated to instances (they get it from the template).
-    assert {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}, "PropagateAtLaunch": False} in asg["Properties"]["Tags"]
+    tag = {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}, "PropagateAtLaunch": False}
+    assert tag in asg["Properties"]["Tags"]
 
 
 def test_functions_log_only_to_their_own_log_groups(ec2: Synth) -> None:
@@ -130,7 +129,7 @@ def render_user_data(ec2: Synth, ecs_config: Path) -> str:
     parts = template["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
     eips = sorted(ec2.resources("AWS::EC2::EIP"))
     tokens = {json.dumps({"Ref": "AWS::StackName"}): STACK_NAME}
-    tokens.update({json.dumps({"Ref": eip}): ip for eip, ip in zip(eips, POOL_IPS)})
+    tokens.update({json.dumps({"Ref": eip}): ip for eip, ip in zip(eips, POOL_IPS, strict=True)})
 
     def render(part: Any) -> str:
         if isinstance(part, str):

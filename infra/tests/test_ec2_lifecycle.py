@@ -15,7 +15,6 @@ from typing import Any
 import botocore.session
 import pytest
 from botocore.validate import validate_parameters
-
 from infra_synth import Synth
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -106,7 +105,7 @@ def _readme_refresh_command() -> list[str]:
 
 def test_readme_instance_refresh_is_valid_and_replaces_protected_instances_one_at_a_time() -> None:
     args = _readme_refresh_command()
-    options = dict(zip(args[::2], args[1::2]))
+    options = dict(zip(args[::2], args[1::2], strict=True))
     preferences = json.loads(options["--preferences"].strip("'"))
     # Valid against the AutoScaling API model that botocore ships (the CLI validates the same way).
     model = botocore.session.get_session().get_service_model("autoscaling")

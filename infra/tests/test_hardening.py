@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from infra_synth import Synth
 
 REPO = Path(__file__).resolve().parents[2]

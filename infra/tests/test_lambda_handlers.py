@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from aws_emulator import client, lifecycle_action_recorder, response_recorder, serve_moto
 from egress_proxy_infra.lambda_src import claim_eip, release_protection
 from infra_synth import Synth
@@ -262,4 +261,5 @@ def test_handlers_fit_inline_and_are_shipped_verbatim(ec2: Synth) -> None:
     for module in ("claim_eip", "release_protection"):
         imports = {line.split()[1].split(".")[0] for line in inline_source(module).splitlines()
                    if line.startswith(("import ", "from "))}
-        assert imports <= {"os", "random", "time", "typing", "boto3", "botocore", "json", "urllib"}, imports
+        runtime = {"os", "random", "time", "typing", "collections", "json", "urllib", "boto3", "botocore"}
+        assert imports <= runtime, imports

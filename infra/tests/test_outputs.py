@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from infra_synth import Synth
 
 COMMON = {"ProxyDnsName", "ProxyPort", "ProxyEgressIps", "AccessLogGroup", "ProxySecurityGroup",

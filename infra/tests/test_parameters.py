@@ -6,7 +6,6 @@ import re
 from typing import Any
 
 import pytest
-
 from infra_synth import Synth
 
 COMMON = {"AllowedDomains", "DnsServers", "ProxyPort", "VpcId", "PublicSubnetIds", "PrivateSubnetIds",

@@ -12,7 +12,6 @@ import pytest
 from aws_cdk.assertions import Annotations, Match
 from cfnlint.api import lint_file
 from cfnlint.config import ManualArgs
-
 from infra_synth import DOCKER_TRIPWIRE_LOG, Synth
 
 VARIANTS = ["fargate", "ec2", "fargate_asset"]

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from aws_cdk.assertions import Match
-
 from infra_synth import Synth
 
 DRAIN_SECONDS = 30

@@ -7,7 +7,8 @@ launches never share or steal one. No address within the attempts: ABANDON, and 
 import os
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import boto3
 from botocore.exceptions import ClientError
