@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import idna
 from publicsuffixlist import PublicSuffixList
 
+from .errors import ExitCode
+
 __all__ = [
     "MAX_PROBLEMS_SHOWN",
     "MAX_VALUE_BYTES",
@@ -103,6 +105,7 @@ class AllowlistError(ValueError):
     product rule: a half-applied allowlist is a silent policy change.
     """
 
+    exit_code = ExitCode.BAD_CONFIG
     problems: tuple[AllowlistProblem, ...]
     source: str
 

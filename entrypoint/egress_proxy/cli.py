@@ -7,17 +7,22 @@ import http.client
 import json
 import os
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Sequence
+from types import TracebackType
 
 from . import __version__, allowlist_cli
 from .allowlist import AllowlistError
+from .errors import ExitCode, describe_os_error, exit_code_of
 from .metrics import manager_host, read_counters
 from .policy import PolicyDocument, parse_policy_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import SourceUnavailable, check_size, make_source
 from .squid_conf import StatePaths, render
 from .squid_process import run_as_user
-from .supervisor import ExitCode, Supervisor
+from .supervisor import Supervisor
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     cli = {option.name: getattr(args, option.name, None) for option in OPTIONS}
-    return load_settings(cli, os.environ)
+    # health reads a running proxy's state; the others need an allowlist.
+    return load_settings(cli, os.environ, require_source=args.command != "health")
 
 
 def _print_error(message: str) -> None:
     print(f"egress-proxy: error: {message}", file=sys.stderr)
 
 
+def _json_error(message: str, code: ExitCode) -> None:
+    """``run`` writes JSON lines only, errors included (so ``docker compose logs proxy | jq`` always works)."""
+    print(json.dumps({"type": "supervisor", "time": round(time.time(), 3), "level": "error",
+                      "event": "startup_failed", "message": message, "exit_code": int(code)},
+                     separators=(",", ":")), flush=True)
+
+
+def _json_excepthooks() -> None:
+    """A bug in ``run`` still logs one JSON line (with the traceback as a field), never raw text."""
+
+    def report(kind: str, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        print(json.dumps({"type": "supervisor", "time": round(time.time(), 3), "level": "error", "event": kind,
+                          "message": f"{exc_type.__name__}: {exc}", "traceback": text},
+                         separators=(",", ":")), file=sys.stderr, flush=True)
+
+    sys.excepthook = lambda t, e, tb: report("crashed", t, e, tb)
+    threading.excepthook = lambda args: report("thread_crashed", args.exc_type, args.exc_value or args.exc_type(),
+                                               args.exc_traceback)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        _json_excepthooks()
     try:
         if args.command == "allowlist":
             return allowlist_cli.run(args)
@@ -67,15 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(settings)
         if args.command == "health":
             return _health(settings)
-    except SettingsError as exc:
-        _print_error(str(exc))
-        return ExitCode.BAD_CONFIG
-    except AllowlistError as exc:
-        _print_error(str(exc))
-        return ExitCode.BAD_CONFIG
-    except SourceUnavailable as exc:
-        _print_error(str(exc))
-        return ExitCode.NO_SOURCE
+    except (SettingsError, AllowlistError, SourceUnavailable, OSError) as exc:
+        # The one place an error becomes an exit code (errors.exit_code_of).
+        code = exit_code_of(exc) or ExitCode.BAD_CONFIG
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        if args.command == "run":
+            _json_error(message, code)
+        else:
+            _print_error(message)
+        return code
     raise AssertionError(args.command)
 
 
@@ -127,10 +156,10 @@ def _health(settings: Settings) -> int:
         status = json.loads(paths.status.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         print(f"unhealthy: no status at {paths.status} (is 'egress-proxy run' running with this state dir?)")
-        return 1
+        return ExitCode.UNHEALTHY
     if not status.get("config_loaded"):
         print("unhealthy: no config loaded")
-        return 1
+        return ExitCode.UNHEALTHY
     host = manager_host(settings)
     try:
         # A real HTTP answer from Squid's cache manager, not just a TCP accept: a wedged Squid whose kernel
@@ -138,10 +167,10 @@ def _health(settings: Settings) -> int:
         read_counters(host, settings.port, timeout=3)
     except (OSError, http.client.HTTPException) as exc:
         print(f"unhealthy: Squid on {host}:{settings.port} did not answer: {exc}")
-        return 1
+        return ExitCode.UNHEALTHY
     print(f"healthy: {host}:{settings.port}, allowlist version {status.get('version')}, "
           f"{status.get('entries')} entries")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ then ``EGRESS_*`` environment variables, then defaults) into one frozen ``Settin
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .errors import ExitCode
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -26,6 +29,8 @@ DEFAULT_CLIENT_CIDRS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,12
 
 class SettingsError(ValueError):
     """A setting has a bad value. ``str()`` names the setting (flag and env var) and suggests a fix."""
+
+    exit_code = ExitCode.BAD_CONFIG
 
     def __init__(self, name: str, value: str, why: str, fix: str) -> None:
         self.name = name
@@ -187,7 +192,7 @@ def _namespace(raw: str) -> str:
     return value
 
 
-# --- the declaration --------------------------------------------------------------------------------------
+# --- the declaration: one dataclass field per setting, with its parser, default and help -------------------
 
 
 @dataclass(frozen=True)
@@ -207,137 +212,71 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("port", _port, "3128", "TCP port the proxy listens on.", "PORT"),
-    Option(
-        "listen_address",
-        _listen_address,
-        "0.0.0.0",
-        "Address the proxy listens on (0.0.0.0 = all IPv4 interfaces; tests use 127.0.0.1).",
-        "IP",
-    ),
-    Option(
-        "allowed_domains",
-        _optional_text,
-        "",
-        "Inline allowlist, comma-separated (the seed's form): 'example.com' is that host, "
-        "'.example.com' the domain and every subdomain.",
-        "LIST",
-    ),
-    Option("allowlist_file", _optional_path, "", "Allowlist file: one entry per line, '#' comments.", "PATH"),
-    Option(
-        "allowlist_secret",
-        _optional_text,
-        "",
-        "AWS Secrets Manager secret (name or ARN) holding the allowlist: comma-separated or "
-        'JSON {"allowed_domains": [...]}.',
-        "ID",
-    ),
-    Option(
-        "dns_servers",
-        _ips,
-        "",
-        "DNS servers for every lookup, comma-separated IPs (e.g. a filtering resolver such as Quad9); "
-        "empty uses the system resolver (/etc/resolv.conf).",
-        "IPS",
-    ),
-    Option(
-        "client_cidrs",
-        _client_cidrs,
-        DEFAULT_CLIENT_CIDRS,
-        "Client networks allowed to use the proxy, comma-separated CIDRs.",
-        "CIDRS",
-    ),
-    Option(
-        "allowed_ports",
-        _allowed_ports,
-        "http:80,connect:443",
-        "Destination ports: http:PORT for plain HTTP, connect:PORT for HTTPS tunnels, PORT for both.",
-        "PORTS",
-    ),
-    Option(
-        "allow_destinations",
-        _cidrs,
-        "",
-        "CIDRs exempt from the private/loopback/link-local/metadata destination deny (SSRF guard), "
-        "e.g. 10.1.2.0/24 for an internal service. Empty: no exemption.",
-        "CIDRS",
-    ),
-    Option(
-        "error_page",
-        _optional_path,
-        "",
-        "HTML template for the Access Denied page (Squid error-page codes such as %H and "
-        "@Squid{%{reason}note} are expanded). Empty: the built-in page.",
-        "PATH",
-    ),
-    Option(
-        "state_dir",
-        _path,
-        "/var/lib/egress-proxy",
-        "Directory for the rendered config, the throwaway ssl-bump key and log FIFOs.",
-        "DIR",
-    ),
-    Option(
-        "reload_interval",
-        _positive_float,
-        "30",
-        "Seconds between Secrets Manager polls (with +-10% jitter). A file source is checked every second.",
-        "SECONDS",
-    ),
-    Option(
-        "drain_seconds",
-        _non_negative_float,
-        "30",
-        "On SIGTERM, how long open connections may finish before Squid closes them.",
-        "SECONDS",
-    ),
-    Option("metrics", _bool, "on", "Publish Squid counters and proxy metrics to CloudWatch (on/off).", "on|off"),
-    Option("metrics_namespace", _namespace, "Proxy", "CloudWatch namespace for the metrics.", "NAMESPACE"),
-    Option("metrics_interval", _positive_float, "60", "Seconds between metrics publications.", "SECONDS"),
-    Option(
-        "instance_id",
-        _optional_text,
-        "",
-        "Value of the ProxyInstance metric dimension. Empty: the ECS task id from the task metadata "
-        "endpoint, else the host name.",
-        "NAME",
-    ),
-    Option(
-        "workers",
-        _workers,
-        "2",
-        "Squid worker processes (2-32). At least 2: in Squid's SMP mode a coordinator holds the listening "
-        "socket, so new connections queue instead of being refused while the workers reconfigure.",
-        "N",
-    ),
-    Option("squid_binary", _text, "squid", "The Squid executable (Debian's squid-openssl).", "PATH"),
-)
-
-OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+def _option(parse: Callable[[str], Any], default: str, help: str, metavar: str = "VALUE") -> Any:
+    """A ``Settings`` field that carries its own parser, raw default, help and metavar (the name is the field's)."""
+    return field(metadata={"parse": parse, "default": default, "help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class Settings:
-    port: int
-    listen_address: IPAddress
-    allowed_domains: str | None
-    allowlist_file: Path | None
-    allowlist_secret: str | None
-    dns_servers: tuple[IPAddress, ...]
-    client_cidrs: tuple[IPNetwork, ...]
-    allowed_ports: AllowedPorts
-    allow_destinations: tuple[IPNetwork, ...]
-    error_page: Path | None
-    state_dir: Path
-    reload_interval: float
-    drain_seconds: float
-    metrics: bool
-    metrics_namespace: str
-    metrics_interval: float
-    instance_id: str | None
-    workers: int
-    squid_binary: str
+    """Every setting, declared once: ``OPTIONS`` (flags, env names, README table) is derived from these fields."""
+
+    port: int = _option(_port, "3128", "TCP port the proxy listens on.", "PORT")
+    listen_address: IPAddress = _option(
+        _listen_address, "0.0.0.0",
+        "Address the proxy listens on (0.0.0.0 = all IPv4 interfaces; tests use 127.0.0.1).", "IP")
+    allowed_domains: str | None = _option(
+        _optional_text, "",
+        "Inline allowlist, comma-separated (the seed's form): 'example.com' is that host, "
+        "'.example.com' the domain and every subdomain.", "LIST")
+    allowlist_file: Path | None = _option(
+        _optional_path, "", "Allowlist file: one entry per line, '#' comments.", "PATH")
+    allowlist_secret: str | None = _option(
+        _optional_text, "",
+        "AWS Secrets Manager secret (name or ARN) holding the allowlist: comma-separated or "
+        'JSON {"allowed_domains": [...]}.', "ID")
+    dns_servers: tuple[IPAddress, ...] = _option(
+        _ips, "",
+        "DNS servers for every lookup, comma-separated IPs (e.g. a filtering resolver such as Quad9); "
+        "empty uses the system resolver (/etc/resolv.conf).", "IPS")
+    client_cidrs: tuple[IPNetwork, ...] = _option(
+        _client_cidrs, DEFAULT_CLIENT_CIDRS, "Client networks allowed to use the proxy, comma-separated CIDRs.",
+        "CIDRS")
+    allowed_ports: AllowedPorts = _option(
+        _allowed_ports, "http:80,connect:443",
+        "Destination ports: http:PORT for plain HTTP, connect:PORT for HTTPS tunnels, PORT for both.", "PORTS")
+    allow_destinations: tuple[IPNetwork, ...] = _option(
+        _cidrs, "",
+        "CIDRs exempt from the private/loopback/link-local/metadata destination deny (SSRF guard), "
+        "e.g. 10.1.2.0/24 for an internal service. Empty: no exemption.", "CIDRS")
+    error_page: Path | None = _option(
+        _optional_path, "",
+        "HTML template for the Access Denied page (Squid error-page codes such as %H and "
+        "@Squid{%{reason}note} are expanded). Empty: the built-in page.", "PATH")
+    state_dir: Path = _option(
+        _path, "/var/lib/egress-proxy",
+        "Directory for the rendered config, the throwaway ssl-bump key and log FIFOs.", "DIR")
+    reload_interval: float = _option(
+        _positive_float, "30",
+        "Seconds between Secrets Manager polls (with +-10% jitter). A file source is checked every second.",
+        "SECONDS")
+    drain_seconds: float = _option(
+        _non_negative_float, "30", "On SIGTERM, how long open connections may finish before Squid closes them.",
+        "SECONDS")
+    metrics: bool = _option(
+        _bool, "on", "Publish Squid counters and proxy metrics to CloudWatch (on/off).", "on|off")
+    metrics_namespace: str = _option(_namespace, "Proxy", "CloudWatch namespace for the metrics.", "NAMESPACE")
+    metrics_interval: float = _option(
+        _positive_float, "60", "Seconds between metrics publications.", "SECONDS")
+    instance_id: str | None = _option(
+        _optional_text, "",
+        "Value of the ProxyInstance metric dimension. Empty: the ECS task id from the task metadata "
+        "endpoint, else the host name.", "NAME")
+    workers: int = _option(
+        _workers, "2",
+        "Squid worker processes (2-32). At least 2: in Squid's SMP mode a coordinator holds the listening "
+        "socket, so new connections queue instead of being refused while the workers reconfigure.", "N")
+    squid_binary: str = _option(_text, "squid", "The Squid executable (Debian's squid-openssl).", "PATH")
 
     @property
     def source_kind(self) -> str:
@@ -349,33 +288,96 @@ class Settings:
         return "inline"
 
 
-assert [f.name for f in fields(Settings)] == [o.name for o in OPTIONS], "Settings and OPTIONS must match"
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(name=f.name, parse=f.metadata["parse"], default=f.metadata["default"], help=f.metadata["help"],
+           metavar=f.metadata["metavar"])
+    for f in fields(Settings)
+)
+OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+OPTIONS_BY_ENV: dict[str, Option] = {option.env: option for option in OPTIONS}
 
 SOURCE_OPTIONS = ("allowed_domains", "allowlist_file", "allowlist_secret")
 
+# EGRESS_* variables that configure the repository's own tooling (scripts/test, scripts/build-image, the
+# container tests, bench/), not the proxy. A developer may have them exported; they are not typos.
+TOOLING_ENV = frozenset({
+    "EGRESS_VENV", "EGRESS_IMAGE", "EGRESS_BASE_IMAGE", "EGRESS_BUILD_CACHE", "EGRESS_BUILD_CA_BUNDLE",
+    "EGRESS_CONTAINER_RUNTIME", "EGRESS_TEST_IMAGE", "EGRESS_BENCH_NETNS",
+})
 
-def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
-    """CLI value if given, else ``EGRESS_<NAME>``, else the default. Raises SettingsError."""
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Every ``EGRESS_*`` variable that is no setting, with the closest setting's name (or None)."""
+    unknown: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in OPTIONS_BY_ENV or name in TOOLING_ENV:
+            continue
+        # Compare without the shared prefix, which would make every name look close to every other.
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], [o.name.upper() for o in OPTIONS], n=1,
+                                          cutoff=0.6)
+        unknown.append((name, ENV_PREFIX + close[0] if close else None))
+    return unknown
+
+
+class UnknownSettingError(SettingsError):
+    """An ``EGRESS_*`` variable that is no setting: most likely a typo that would otherwise be ignored."""
+
+    def __init__(self, unknown: list[tuple[str, str | None]]) -> None:
+        parts = [f"{name} (did you mean {close}?)" if close else name for name, close in unknown]
+        ValueError.__init__(
+            self,
+            f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(parts)}: no setting has "
+            "that name; fix the name or unset it (every setting is listed by 'egress-proxy run --help')",
+        )
+        self.name, self.value, self.why, self.fix = unknown[0][0], "", "unknown", "fix the name"
+
+
+class NoSourceError(SettingsError):
+    """``run`` (and ``check``/``render``) was given no allowlist source at all."""
+
+    def __init__(self) -> None:
+        ValueError.__init__(
+            self,
+            "no allowlist source is set; give exactly one of EGRESS_ALLOWLIST_FILE (--allowlist-file PATH), "
+            "EGRESS_ALLOWLIST_SECRET (--allowlist-secret ID) or EGRESS_ALLOWED_DOMAINS (--allowed-domains LIST; "
+            "set it to an empty value to deny everything on purpose)",
+        )
+        self.name, self.value, self.why, self.fix = "allowed_domains", "", "no source", "set one source"
+
+
+def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
+                  require_source: bool = False) -> Settings:
+    """CLI value if given, else ``EGRESS_<NAME>``, else the default. Raises SettingsError: for a bad value, an
+    unknown ``EGRESS_*`` variable, more than one allowlist source, or (``require_source``) none at all."""
+    unknown = unknown_env(environ)
+    if unknown:
+        raise UnknownSettingError(unknown)
     values: dict[str, Any] = {}
     raw_by_name: dict[str, str] = {}
+    given: set[str] = set()  # set by a flag or a variable, even to an empty value
     for option in OPTIONS:
         raw = cli.get(option.name)
         if raw is None:
             raw = environ.get(option.env)
         if raw is None:
             raw = option.default
+        else:
+            given.add(option.name)
         raw_by_name[option.name] = raw
         try:
             values[option.name] = option.parse(raw)
         except _Bad as bad:
             raise SettingsError(option.name, raw, bad.why, bad.fix) from None
-    given = [name for name in SOURCE_OPTIONS if values[name]]
-    if len(given) > 1:
-        names = ", ".join(OPTIONS_BY_NAME[name].env for name in given)
+    sources = [name for name in SOURCE_OPTIONS if values[name]]
+    if len(sources) > 1:
+        names = ", ".join(OPTIONS_BY_NAME[name].env for name in sources)
         raise SettingsError(
-            given[1],
-            raw_by_name[given[1]],
+            sources[1],
+            raw_by_name[sources[1]],
             f"more than one allowlist source is set ({names})",
             "set exactly one of EGRESS_ALLOWED_DOMAINS, EGRESS_ALLOWLIST_FILE, EGRESS_ALLOWLIST_SECRET",
         )
+    # An explicitly empty EGRESS_ALLOWED_DOMAINS is a deliberate deny-everything list; nothing set at all is not.
+    if require_source and not sources and "allowed_domains" not in given:
+        raise NoSourceError()
     return Settings(**values)

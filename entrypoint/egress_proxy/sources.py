@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .allowlist import AllowlistError, AllowlistProblem
+from .errors import ExitCode
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -29,6 +30,8 @@ _RACY_SECONDS = 2.0
 
 class SourceUnavailable(RuntimeError):
     """The source could not be read right now (missing file, network, throttling, access denied)."""
+
+    exit_code = ExitCode.NO_SOURCE
 
 
 @dataclass(frozen=True)

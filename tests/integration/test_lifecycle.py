@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,7 +41,10 @@ def test_bad_allowlist_at_startup_exits_2_naming_the_entry(public_tmp: Path) -> 
 def test_bad_setting_exits_2_naming_the_setting() -> None:
     result = _run_cli("run", env={"EGRESS_CLIENT_CIDRS": "10.0.0.1/8"})
     assert result.returncode == 2
-    assert "EGRESS_CLIENT_CIDRS" in result.stderr and "10.0.0.0/8" in result.stderr
+    # run writes JSON lines only, errors included
+    error = json.loads(result.stdout)
+    assert error["event"] == "startup_failed" and error["exit_code"] == 2
+    assert "EGRESS_CLIENT_CIDRS" in error["message"] and "10.0.0.0/8" in error["message"]
 
 
 def test_missing_allowlist_file_exits_4(public_tmp: Path) -> None:

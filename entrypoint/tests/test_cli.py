@@ -1,0 +1,65 @@
+"""The CLI in-process: exit codes come from one mapping, and errors name what to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from egress_proxy.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("EGRESS_"):
+            monkeypatch.delenv(name)
+
+
+def test_check_prints_the_normalised_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--allowed-domains", "B.example.com, .example.org"]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == [".example.org", "b.example.com"] and "ok: 2 entries" in out.err
+
+
+def test_check_without_a_source_exits_2_naming_the_three_ways(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "EGRESS_ALLOWLIST_FILE" in err and "EGRESS_ALLOWLIST_SECRET" in err and "EGRESS_ALLOWED_DOMAINS" in err
+
+
+def test_run_without_a_source_exits_2_with_a_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    out = capsys.readouterr()
+    record = json.loads(out.out)
+    assert record["event"] == "startup_failed" and record["exit_code"] == 2
+    assert "EGRESS_ALLOWLIST_SECRET" in record["message"] and out.err == ""
+
+
+def test_unknown_variable_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EGRESS_ALLOWLIST_FLIE", "/tmp/x")
+    assert main(["check", "--allowed-domains", "a.example.com"]) == 2
+    assert "did you mean EGRESS_ALLOWLIST_FILE?" in capsys.readouterr().err
+
+
+def test_missing_file_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--allowlist-file", str(tmp_path / "nope.txt")]) == 4
+    assert "nope.txt" in capsys.readouterr().err
+
+
+def test_bad_entry_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--allowed-domains", "example.com:443"]) == 2
+    assert "example.com:443" in capsys.readouterr().err
+
+
+def test_health_without_status_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "--state-dir", str(tmp_path)]) == 1
+    assert "unhealthy: no status" in capsys.readouterr().out
+
+
+def test_render_uses_the_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "--allowed-domains", ".example.com", "--state-dir", str(tmp_path)]) == 0
+    assert str(tmp_path / "conf" / "allowlist.txt") in capsys.readouterr().out
