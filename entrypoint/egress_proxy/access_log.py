@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import squid_strings as strings
+
 # Reason codes. "allowed" is the only allowing one; every other reason is a denial.
 # Keep this tuple in sync with the README's table; the template generates one annotate ACL per entry.
 REASONS: dict[str, str] = {
@@ -120,11 +122,11 @@ def is_noise(record: dict[str, Any]) -> bool:
     - the interim record Squid writes when an allowed CONNECT switches from peeking to splicing: the tunnel's
       own TCP_TUNNEL record follows when it closes, with the bytes and the duration, and is the canonical one.
     A CONNECT refused at the SNI step has only the interim record, so that one is kept."""
-    if record.get("method") is None and not record.get("bytes_in") and record.get("error") == "ERR_CLIENT_GONE":
+    if record.get("method") is None and not record.get("bytes_in") and record.get("error") == strings.ERR_CLIENT_GONE:
         return True
     return (
         record.get("method") == "CONNECT"
-        and record.get("squid_status") == "NONE_NONE"
+        and record.get("squid_status") == strings.STATUS_NONE
         and record.get("decision") in {"allowed", "would_deny"}
         and record.get("status") == 200
     )

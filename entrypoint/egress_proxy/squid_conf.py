@@ -21,6 +21,7 @@ from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
 from .policy import REPORTABLE_REASONS, Policy, PolicyDocument
 from .settings import IPNetwork, Settings
+from .squid_strings import CERTGEN
 
 # Destinations refused after DNS resolution unless exempted by EGRESS_ALLOW_DESTINATIONS: "this" network,
 # RFC 1918, CGNAT, loopback, link-local (169.254.169.254 IMDS, 169.254.170.2 ECS task metadata), IETF
@@ -54,7 +55,6 @@ PRIVATE_DESTINATIONS: tuple[IPNetwork, ...] = tuple(
 # inside this prefix too.
 NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
-CERTGEN = "/usr/lib/squid/security_file_certgen"
 # The SNI helper's interpreter. It needs only the standard library, but it runs as Squid's unprivileged user, who
 # may not reach the supervisor's own interpreter (a pyenv build under /root, say), so the system python3 comes
 # first. -I (isolated mode) in the template: no user site, no PYTHON* variables.

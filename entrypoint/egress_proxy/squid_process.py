@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from . import access_log
-from .squid_conf import CERTGEN, StatePaths, sni_helper_script
+from .squid_conf import StatePaths, sni_helper_script
+from .squid_strings import CERTGEN
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
 SQUID_USER = "proxy"  # Debian's squid user; Squid drops to it when started as root

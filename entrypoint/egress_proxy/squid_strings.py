@@ -1,0 +1,52 @@
+"""Squid 5.7's own strings, in one place beside the template: what it logs, its command-line flags, its cache
+manager URLs and its result and error codes. Everything else refers to these names, so an upgrade of Squid that
+changes a string is one edit here (and the integration suite says which).
+
+Pure constants: no I/O, no imports from the package.
+"""
+
+from __future__ import annotations
+
+# --- command line -----------------------------------------------------------------------------------------
+# Foreground, but with SMP (a master, a coordinator and the workers); -N would mean one process and no
+# coordinator, and then every reconfigure closes the listening port for a moment.
+FLAG_FOREGROUND = "--foreground"
+FLAG_SERVICE_NAME = "-n"
+FLAG_CONFIG = "-f"
+PARSE_ARGS = ("-k", "parse")
+CERTGEN = "/usr/lib/squid/security_file_certgen"
+IPC_DIR = "/var/run/squid"  # compiled into Debian's Squid: SMP mode's IPC sockets live here
+
+# --- cache.log --------------------------------------------------------------------------------------------
+# Each worker logs "Accepting HTTP Socket connections at ..." when it has (re)loaded its config.
+ACCEPTING_MARKERS = ("Accepting", "connections at")
+STARTING_MARKER = "Starting Squid Cache"
+# `squid -k parse` output: lines with these words are errors.
+PARSE_ERROR_MARKERS = ("FATAL", "ERROR", "Bungled")
+PARSE_WARNING_MARKER = "WARNING"
+# Deliberate: "via off" (an egress proxy should not announce itself to the destinations).
+EXPECTED_PARSE_WARNINGS = ("HTTP requires the use of Via",)
+
+
+def is_accepting(line: str) -> bool:
+    return all(marker in line for marker in ACCEPTING_MARKERS)
+
+
+def strip_timestamp(line: str) -> str:
+    """``"2026/11/27 10:00:00| WARNING: ..."`` -> ``"WARNING: ..."``."""
+    head, sep, tail = line.partition("| ")
+    return tail if sep and head[:4].isdigit() else line
+
+
+# --- cache manager ----------------------------------------------------------------------------------------
+MANAGER_COUNTERS_PATH = "/squid-internal-mgr/counters"
+
+# --- access log result codes (%Ss) and error codes (%err_code) ---------------------------------------------
+STATUS_NONE = "NONE_NONE"  # the interim record of a CONNECT switching from peeking to splicing
+STATUS_TUNNEL = "TCP_TUNNEL"
+STATUS_DENIED = "TCP_DENIED"
+ERR_CLIENT_GONE = "ERR_CLIENT_GONE"  # the client closed before sending a request
+ERR_CONNECT_FAIL = "ERR_CONNECT_FAIL"
+ERR_DNS_FAIL = "ERR_DNS_FAIL"
+ERR_READ_TIMEOUT = "ERR_READ_TIMEOUT"
+ERR_PROTOCOL_UNKNOWN = "ERR_PROTOCOL_UNKNOWN"  # on_unsupported_protocol: not TLS inside a CONNECT
