@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from .allowlist import AllowlistError
+from .errors import ExitCode
 from .policy import IPNetwork, PolicyDocument, parse_policy_value
 from .settings import OPTIONS_BY_NAME
 from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size
 from .suggest import TrafficSummary, format_document, format_text, merge_into, parse_time, read_cloudwatch
-from .supervisor import ExitCode
 
 
 def add_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

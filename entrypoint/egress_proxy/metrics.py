@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .settings import Settings
+from .squid_strings import MANAGER_COUNTERS_PATH
 
 if TYPE_CHECKING:
     from mypy_boto3_cloudwatch.client import CloudWatchClient
@@ -243,7 +244,7 @@ def read_counters(host: str, port: int, timeout: float = 5.0) -> str:
     """GET /squid-internal-mgr/counters straight from Squid (not through any proxy from the environment)."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        connection.request("GET", "/squid-internal-mgr/counters", headers={"Connection": "close"})
+        connection.request("GET", MANAGER_COUNTERS_PATH, headers={"Connection": "close"})
         response = connection.getresponse()
         body = response.read().decode("utf-8", errors="replace")
     finally:
@@ -318,8 +319,17 @@ class MetricsLoop:
         self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """End the thread, then flush the partial interval since the last sample (the supervisor calls this
+        after Squid has exited and the access log is drained, so every decision is counted)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            self.sample(final=True)
+            self.publish()
+        except Exception as exc:  # never let a metrics bug turn a clean stop into a crash
+            self.logger.event("error", "metrics_error", f"final metrics flush failed: {type(exc).__name__}: {exc}")
 
     def baseline(self) -> None:
         """Squid was just started by us, so every counter is zero now: the first interval counts everything."""
@@ -356,12 +366,20 @@ class MetricsLoop:
         self.sample()
         self.publish()
 
-    def sample(self) -> None:
+    def sample(self, final: bool = False) -> None:
+        """``final``: the last, partial interval; Squid may be gone, so without its counters our own counts
+        (decisions, reloads) are still published."""
         now, wall = self.clock(), self.wall()
         totals = self._totals()
         try:
             counters = parse_counters(self._read())
         except (OSError, ValueError) as exc:
+            if final and self._previous is not None and now > self._previous.at:
+                stats = self.stats()
+                own = proxy_values(self._previous.totals, totals, stats.entries, stats.loaded_at, wall)
+                timestamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
+                self._queue(build_datums(own, self.instance or socket.gethostname(), timestamp))
+                return
             # Keep the previous sample as the baseline: the next good read covers the whole gap.
             if not self._read_failing:
                 self.logger.event("warning", "metrics_read_failed",

@@ -6,12 +6,12 @@ import contextlib
 import datetime
 import os
 import pwd
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from . import access_log
+from . import squid_strings as strings
+from .errors import ExitCode
 from .squid_conf import StatePaths, sni_helper_script
 from .squid_strings import CERTGEN
 
@@ -31,6 +33,8 @@ SQUID_USER = "proxy"  # Debian's squid user; Squid drops to it when started as r
 
 class SquidError(RuntimeError):
     """Squid refused a config or failed to start. The message is one line, fit for a log."""
+
+    exit_code = ExitCode.SQUID_FAILED
 
 
 def run_as_user() -> str | None:
@@ -84,7 +88,7 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
         _chown_to(fifo, user)
 
 
-IPC_DIR = Path("/var/run/squid")  # compiled into Debian's Squid: SMP mode's IPC sockets live here
+IPC_DIR = Path(strings.IPC_DIR)
 SHM_DIR = Path("/dev/shm")
 
 
@@ -168,71 +172,134 @@ def _install_error_pages(paths: StatePaths, error_page: str) -> None:
 def parse_check(squid_binary: str, conf: Path) -> list[str]:
     """``squid -k parse`` on a config. Returns its warnings; raises SquidError with the first error line."""
     try:
-        result = subprocess.run([squid_binary, "-k", "parse", "-f", str(conf)], capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run([squid_binary, *strings.PARSE_ARGS, strings.FLAG_CONFIG, str(conf)],
+                                capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise SquidError(f"Squid not found ({squid_binary!r}); install Debian's squid-openssl "
                          "or set EGRESS_SQUID_BINARY") from None
     lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-    problems = [line for line in lines if "FATAL" in line or "ERROR" in line or "Bungled" in line]
+    problems = [line for line in lines if any(marker in line for marker in strings.PARSE_ERROR_MARKERS)]
     if result.returncode != 0 or problems:
         detail = problems[0] if problems else (lines[-1] if lines else f"exit code {result.returncode}")
-        raise SquidError(f"squid -k parse rejected {conf}: {_strip_timestamp(detail)}")
-    return [_strip_timestamp(line) for line in lines if "WARNING" in line and not _expected_warning(line)]
-
-
-def _expected_warning(line: str) -> bool:
-    # "via off" is deliberate: an egress proxy should not announce itself to the destinations.
-    return "HTTP requires the use of Via" in line
-
-
-def _strip_timestamp(line: str) -> str:
-    # "2026/11/27 10:00:00| WARNING: ..." -> "WARNING: ..."
-    head, sep, tail = line.partition("| ")
-    return tail if sep and head[:4].isdigit() else line
+        raise SquidError(f"squid -k parse rejected {conf}: {strings.strip_timestamp(detail)}")
+    return [strings.strip_timestamp(line) for line in lines
+            if strings.PARSE_WARNING_MARKER in line
+            and not any(expected in line for expected in strings.EXPECTED_PARSE_WARNINGS)]
 
 
 LogSink = Callable[[str], None]
 
 
 class LogRelay:
-    """Reads a FIFO Squid writes to and hands each line to ``sink``. Opened read-write so it never sees EOF
-    when Squid closes and reopens its logs on reconfigure."""
+    """Reads a file descriptor (a FIFO Squid writes to, or a pipe from Squid's stderr) in its own thread and
+    hands each line to ``sink``.
 
-    def __init__(self, fifo: Path, sink: LogSink) -> None:
-        self._fd = os.open(fifo, os.O_RDWR)
+    A FIFO is opened read-write, so the relay never sees EOF when Squid closes and reopens its logs on
+    reconfigure. So ``stop()`` cannot wait for EOF: it is called after Squid has exited (no writer is left),
+    and the thread then reads what is still buffered in the pipe and returns. No line written before Squid
+    exited is lost."""
+
+    def __init__(self, name: str, sink: LogSink, *, fifo: Path | None = None, fd: int | None = None) -> None:
+        self.name = name
+        self._fifo = fifo
+        self._fd = fd
         self._sink = sink
-        self._thread = threading.Thread(target=self._run, name=f"relay-{fifo.name}", daemon=True)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._fd is None:
+            assert self._fifo is not None
+            self._fd = os.open(self._fifo, os.O_RDWR | os.O_NONBLOCK)
+        os.set_blocking(self._fd, False)
+        self._thread = threading.Thread(target=self._run, name=f"relay-{self.name}", daemon=True)
         self._thread.start()
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain and join: call once nothing writes any more (Squid has exited)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _run(self) -> None:
-        with os.fdopen(self._fd, "r", encoding="utf-8", errors="replace", buffering=1) as stream:
-            for line in stream:
-                if line.strip():
-                    self._sink(line)
+        assert self._fd is not None
+        pending = b""
+        try:
+            while True:
+                stopping = self._stopping.is_set()  # read before draining: a set flag means no writer is left
+                readable, _, _ = select.select([self._fd], [], [], 0.2)
+                chunk = b""
+                if readable:
+                    try:
+                        chunk = os.read(self._fd, 65536)
+                    except BlockingIOError:
+                        chunk = b""
+                if chunk:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        self._emit(line)
+                    continue
+                if readable and not chunk and self._fifo is None:
+                    break  # a pipe's EOF: the writer (Squid's stderr) is gone
+                if stopping:
+                    break
+        finally:
+            if pending:
+                self._emit(pending)
+            os.close(self._fd)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace")
+        if line.strip():
+            try:
+                self._sink(line)
+            except Exception:  # a bad line must not end the relay: every later line would be lost
+                pass
 
 
 class SquidProcess:
     """Squid 5 in SMP mode in the foreground, as our child: a master (our child) with a coordinator and the
-    workers as its kids. ``--foreground`` rather than ``-N``, because -N means one process and no coordinator,
-    and then every reconfigure closes the listening port for a moment."""
+    workers as its kids, all in a process group of their own (so a terminal's Ctrl-C reaches only us, and we
+    forward it).
+
+    Squid never outlives us. PR_SET_PDEATHSIG cannot do it: the kernel clears it when Squid's master changes
+    its effective user (measured: a SIGKILLed parent left master and kids serving), and it would miss the
+    kids anyway. Instead a watchdog (``sh``, started right after
+    Squid) blocks reading a pipe whose only writer is this process; when we die, by any means, the kernel
+    closes it, the read returns and the watchdog SIGKILLs Squid's process group. (dash's kill takes
+    `-9 -PGID`, not `-KILL -- -PGID`.)"""
 
     def __init__(self, squid_binary: str, conf: Path, service: str) -> None:
         self.squid_binary = squid_binary
         self.conf = conf
         self.service = service
         self.process: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # our end of the watchdog's pipe
 
-    def start(self) -> None:
+    def start(self, output: int | None = None) -> None:
+        """``output``: a pipe's write end for Squid's stdout and stderr (None: ours)."""
         try:
             self.process = subprocess.Popen(
-                [self.squid_binary, "--foreground", "-n", self.service, "-f", str(self.conf)],
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # our signals are forwarded explicitly, never doubled by the terminal
+                [self.squid_binary, strings.FLAG_FOREGROUND, strings.FLAG_SERVICE_NAME, self.service,
+                 strings.FLAG_CONFIG, str(self.conf)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output is not None else None,
+                start_new_session=True,
             )
         except FileNotFoundError:
             raise SquidError(f"Squid not found ({self.squid_binary!r}); install Debian's squid-openssl "
                              "or set EGRESS_SQUID_BINARY") from None
+        read_end, self._lifeline = os.pipe()  # both close-on-exec: only the watchdog gets the read end, as stdin
+        try:
+            self._watchdog = subprocess.Popen(
+                ["sh", "-c", 'read _ignored; kill -9 -"$1" 2>/dev/null', "egress-proxy-watchdog",
+                 str(self.process.pid)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
 
     @property
     def pid(self) -> int | None:
@@ -246,19 +313,26 @@ class SquidProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGHUP)
 
-    def stop(self, grace: float) -> int | None:
-        """SIGTERM lets Squid drain for shutdown_lifetime; SIGKILL after ``grace`` seconds."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM: Squid stops accepting and drains for shutdown_lifetime."""
+        if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL whatever is left; release the watchdog."""
+        if self.process is None:
+            return None
+        self.terminate()
         try:
-            code = self.process.wait(timeout=grace)
+            code: int | None = self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             code = None
         self.kill_leftovers()
-        return code if code is not None else self.process.wait()
+        if code is None:
+            code = self.process.wait()
+        self._release_watchdog()
+        return code
 
     def kill_leftovers(self) -> None:
         """SIGKILL whatever is left of Squid's process group (kids and helpers of a master that died), so a
@@ -267,20 +341,14 @@ class SquidProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
 
-
-def wait_until_listening(host: str, port: int, process: SquidProcess, timeout: float) -> None:
-    """Block until Squid accepts TCP on the port, or raise SquidError if it died or took too long."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = process.poll()
-        if code is not None:
-            raise SquidError(f"Squid exited with code {code} during startup (see the cache_log lines above)")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise SquidError(f"Squid did not accept connections on {host}:{port} within {timeout:.0f} s")
+    def _release_watchdog(self) -> None:
+        # Closing our end lets the watchdog kill an (already empty) group and exit.
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._watchdog is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=5)
 
 
 def access_sink(write: Callable[[str], None],

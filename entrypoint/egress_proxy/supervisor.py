@@ -1,27 +1,42 @@
-"""The supervisor loop: source -> allowlist policy -> render -> parse-check -> atomic swap -> reconfigure.
+"""The supervisor: one loop over one event queue, performing what ``loop.step`` decides.
 
-Starts Squid once and never restarts it for an allowlist change: ``squid -k reconfigure`` keeps open tunnels
-and keep-alive connections. A rejected update leaves the last good config serving. Signals and the child's
-exit are handled in one place: the main loop.
+Flow: source -> allowlist policy -> render -> parse-check -> atomic swap -> reconfigure. Squid is started once
+and never restarted for an allowlist change: ``squid -k reconfigure`` keeps open tunnels and keep-alive
+connections. A rejected update leaves the last good config serving.
+
+The loop thread only waits for events, calls the pure ``loop.step`` and performs the actions it returns. Slow
+I/O (the source, e.g. Secrets Manager; the candidate's ``squid -k parse``) runs in a worker thread that posts
+its result as an event; signals arrive through ``signal.set_wakeup_fd`` on the same queue, so a handler never
+takes a lock. The components (worker, refusal responder, log relays, Squid, metrics) have start() and stop();
+the supervisor stops them in reverse order of start once Squid has exited, so the relays drain every line
+Squid wrote and the metrics flush their partial interval.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import queue
 import random
+import resource
+import select
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
-from types import FrameType
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
+from . import loop
+from . import squid_strings as strings
 from .allowlist import AllowlistError
 from .denier import Denier
+from .errors import ExitCode, describe_os_error, exit_code_of
 from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .policy import PolicyDocument, parse_policy_value
 from .settings import Settings
@@ -36,16 +51,7 @@ from .squid_process import (
     parse_check,
     prepare_state_dir,
     run_as_user,
-    wait_until_listening,
 )
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    BAD_CONFIG = 2  # bad settings or allowlist
-    SQUID_FAILED = 3  # Squid failed to start or to parse the config
-    NO_SOURCE = 4  # no allowlist source reachable at startup
-    SQUID_DIED = 5  # Squid exited unexpectedly
 
 
 class Logger:
@@ -66,9 +72,6 @@ class Logger:
         self.write_line(json.dumps(record, separators=(",", ":"), default=str))
 
 
-# How long Squid may take to confirm a reconfigure ("Accepting ... connections at" in cache.log). The loop
-# keeps handling signals and Squid's exit meanwhile; it only holds back the next source poll.
-CONFIRM_TIMEOUT = 30.0
 
 
 @dataclass
@@ -91,18 +94,6 @@ class ReloadStats:
         if self.loaded_at is None:
             return None
         return max(0.0, (time.time() if now is None else now) - self.loaded_at)
-
-
-@dataclass
-class _PendingReload:
-    """A reconfigure sent to Squid and not yet confirmed in its cache.log."""
-
-    snapshot: Snapshot
-    added: int
-    removed: int
-    entries: int
-    started: float  # monotonic, when the change was picked up
-    deadline: float  # monotonic
 
 
 class ConfigApplier:
@@ -180,62 +171,178 @@ def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
         logger.event("warning", "allowlist_warning", f"... and {len(document.warnings) - 50} more warnings")
 
 
+# --- the event queue ---------------------------------------------------------------------------------------
+
+
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """A Python-level handler must exist (else the default action kills us); the wakeup fd does the work."""
+
+
+class EventQueue:
+    """One queue for every event: threads post with ``post``; signals arrive as their number written by the
+    C-level handler to the wakeup pipe (``signal.set_wakeup_fd``), so no handler ever takes a lock."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._posted: deque[loop.Event] = deque()  # append/popleft are atomic: no lock needed
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in self.SIGNALS:
+            signal.signal(signum, _ignore_signal)
+
+    def close(self) -> None:
+        """Stop waking up. The handlers stay: a SIGTERM while the components stop (or the process exits) is
+        answered by the stop already under way, not by the default action, which would lose the exit code."""
+        signal.set_wakeup_fd(-1)
+
+    def post(self, event: loop.Event) -> None:
+        self._posted.append(event)
+        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+            os.write(self._write, b"\0")
+
+    def wait(self, timeout: float) -> tuple[list[int], list[loop.Event]]:
+        """Signals received and events posted, waiting up to ``timeout`` seconds for the first."""
+        if not self._posted:
+            with contextlib.suppress(InterruptedError):
+                select.select([self._read], [], [], timeout)
+        signums: list[int] = []
+        while True:
+            try:
+                data = os.read(self._read, 4096)
+            except BlockingIOError:
+                break
+            signums.extend(byte for byte in data if byte)
+            if len(data) < 4096:
+                break
+        events: list[loop.Event] = []
+        while self._posted:
+            events.append(self._posted.popleft())
+        return signums, events
+
+
+# --- components ----------------------------------------------------------------------------------------------
+
+
+class Component(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Worker:
+    """One thread for slow I/O: runs each job and posts the event it returns. A daemon thread, and never joined
+    for long: a job hung in a Secrets Manager call must not hold up a shutdown."""
+
+    name = "worker"
+
+    def __init__(self, post: Callable[[loop.Event], None]) -> None:
+        self._post = post
+        self._jobs: queue.Queue[Callable[[], loop.Event] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Callable[[], loop.Event]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=0.5)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._post(job())
+
+
+class _Named:
+    """Adapts an object with start()/stop() under a name (the denier, a relay, the metrics, Squid)."""
+
+    def __init__(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
+        self.name = name
+        self._start = start
+        self._stop = stop
+
+    def start(self) -> None:
+        self._start()
+
+    def stop(self) -> None:
+        self._stop()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A source value that passed policy, render and ``squid -k parse``."""
+
+    snapshot: Snapshot
+    document: PolicyDocument
+    rendered: RenderedConfig
+    added: int
+    removed: int
+    started: float  # monotonic, when the worker started building it
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one (Squid inherits it: each tunnel holds two fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+# --- the supervisor ----------------------------------------------------------------------------------------
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, stream: TextIO | None = None,
-                 source: Source | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, stream: TextIO | None = None, source: Source | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.logger = Logger(stream or sys.stdout)
         self.paths = StatePaths(settings.state_dir)
         self.user = run_as_user()
         self.source = source or make_source(settings)
-        # Bound now (so the rendered config knows its port), served from run() before Squid starts.
-        self.denier = Denier()
-        self.applier = ConfigApplier(settings, self.paths, self.logger, self.user, denial_port=self.denier.port)
-        self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf, service_name(self.paths))
         self.clock = clock
-        self._wake = threading.Event()
-        self._stop_signal: int | None = None
-        # Each worker logs "Accepting ... connections at" when it has (re)loaded; a reload is taken when all have.
-        self._accepting_workers = 0
-        self._accepting_lock = threading.Lock()
-        self._backoff = 0.0
+        self.events = EventQueue()
         self.decisions = DecisionCounter()  # access-log decisions, for the metrics
-        # The last source version processed, applied or rejected: a rejected value is not retried (nor its
-        # error re-logged) until the source moves again. stats.version stays the ACTIVE version.
-        self._seen_version: str | None = None
-        self._pending: _PendingReload | None = None
+        self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf, service_name(self.paths))
+        self.config = loop.LoopConfig(poll_interval=self.source.poll_interval, workers=settings.workers,
+                                      drain_seconds=settings.drain_seconds)
+        self.denier: Denier | None = None
+        self.applier: ConfigApplier | None = None
+        self.metrics: MetricsLoop | None = None
+        self.worker = Worker(self.events.post)
+        self._components: list[Component] = []  # started ones, in start order
+        self._pending: Candidate | None = None  # the reconfigure Squid has not confirmed yet
 
-    # --- signals -----------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            self._stop_signal = signum
-        self._wake.set()
-
-    def _install_signal_handlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, self._on_signal)
-
-    # --- logs --------------------------------------------------------------------------------------
-    def _cache_log_line(self, line: str) -> None:
-        text = line.rstrip("\n")
-        if text.endswith(f"TCP connection to 127.0.0.1/{self.denier.port} failed"):
-            # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
-            # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
-            return
-        if "Accepting" in text and "connections at" in text:
-            with self._accepting_lock:
-                self._accepting_workers += 1
-            self._wake.set()
-        self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
-
-    # --- main --------------------------------------------------------------------------------------
+    # --- main ------------------------------------------------------------------------------------------
     def run(self) -> int:
-        self._install_signal_handlers()
+        """Start, loop until the state machine finishes, stop every component. Returns the exit code."""
+        self.events.install_signals()
         try:
-            snapshot = self.source.read()
-        except SourceUnavailable as exc:
-            self.logger.event("error", "startup_failed", f"no allowlist source reachable at startup: {exc}")
-            return ExitCode.NO_SOURCE
+            code = self._prepare()
+            if code is None:
+                code = self._loop()
+        finally:
+            self._stop_components()
+            self.events.close()
+        return int(code)
+
+    def _prepare(self) -> ExitCode | None:
+        """The quick local steps before the loop: fd budget, state dir, refusal responder, worker."""
+        soft, hard = raise_fd_limit()
+        # Each spliced tunnel holds two fds in a Squid worker (client + server); every worker gets the limit.
+        self.logger.event("info", "fd_budget", f"open-files limit {soft} (hard {hard}): about {soft // 2} "
+                          f"concurrent tunnels per Squid worker", nofile_soft=soft, nofile_hard=hard,
+                          tunnels_per_worker=soft // 2, workers=self.settings.workers)
         try:
             error_page = (self.settings.error_page.read_text(encoding="utf-8") if self.settings.error_page
                           else default_error_page())
@@ -246,172 +353,248 @@ class Supervisor:
             return ExitCode.BAD_CONFIG
         try:
             prepare_state_dir(self.paths, error_page=error_page, user=self.user)
-            document, rendered = self.applier.build(snapshot, self.source.description)
-        except AllowlistError as exc:
-            self.logger.event("error", "startup_failed", str(exc), source=self.source.description)
-            return ExitCode.BAD_CONFIG
+            self.denier = Denier()  # bound now, so the rendered config knows its port
         except SquidError as exc:
             self.logger.event("error", "startup_failed", str(exc))
             return ExitCode.SQUID_FAILED
-        _log_warnings(self.logger, document)
-        self.applier.activate(document, rendered, snapshot)
-        self._seen_version = snapshot.version
-        self.denier.start()
-        LogRelay(self.paths.access_fifo, access_sink(self.logger.write_line, self.decisions.observe))
-        LogRelay(self.paths.cache_fifo, self._cache_log_line)
-        try:
-            self.squid.start()
-            wait_until_listening(manager_host(self.settings), self.settings.port, self.squid, timeout=60)
-        except SquidError as exc:
-            self.logger.event("error", "startup_failed", str(exc))
-            self.squid.stop(grace=5)
-            return ExitCode.SQUID_FAILED
-        self.logger.event("info", "started", f"proxy listening on {self.settings.listen_address}:"
-                          f"{self.settings.port} with {document.entry_count} allowlist entries",
-                          version=snapshot.version, entries=document.entry_count, policies=len(document.policies),
-                          source=self.source.description, pid=self.squid.pid)
-        if self.settings.metrics:  # its own daemon thread; CloudWatch trouble never reaches this loop
-            MetricsLoop(self.settings, self.logger, lambda: self.applier.stats, self.decisions).start()
-        return self._loop()
+        except OSError as exc:
+            self.logger.event("error", "startup_failed",
+                              f"cannot prepare the state dir {self.paths.state}: {describe_os_error(exc)}; "
+                              "make EGRESS_STATE_DIR a writable directory", exit_code=int(ExitCode.STARTUP_IO))
+            return ExitCode.STARTUP_IO
+        self.applier = ConfigApplier(self.settings, self.paths, self.logger, self.user,
+                                     denial_port=self.denier.port)
+        self._start(self.worker)
+        self._start(_Named("denier", self.denier.start, self.denier.stop))
+        # Started (as a thread) only once Squid serves; registered here so that it stops after the relays have
+        # drained Squid's last lines, and its final flush counts them.
+        self._start(_Named("metrics", lambda: None, self._stop_metrics))
+        return None
 
-    def _next_poll_delay(self) -> float:
-        base = self.source.poll_interval
-        # +-10% jitter so a fleet of proxies does not poll Secrets Manager in step.
-        return max(0.2, base * random.uniform(0.9, 1.1)) + self._backoff
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
 
-    def _loop(self) -> int:
-        next_poll = self.clock() + self._next_poll_delay()
+    def _start(self, component: Component) -> None:
+        component.start()
+        self._components.append(component)
+
+    def _stop_components(self) -> None:
+        """Reverse order of start. Squid is stopped first (it is the last started), then the relays drain
+        what it wrote, then the metrics flush, the refusal responder closes and the worker is let go."""
+        while self._components:
+            component = self._components.pop()
+            try:
+                component.stop()
+            except Exception as exc:  # one failing stop must not keep the others from stopping
+                self.logger.event("error", "stop_failed", f"stopping {component.name} failed: "
+                                  f"{type(exc).__name__}: {exc}")
+
+    def _loop(self) -> ExitCode:
+        state, actions = loop.initial(self.config, self.clock())
         while True:
-            # While a reconfigure is pending, the cache.log relay wakes us when Squid confirms it.
-            if self._pending is not None:
-                timeout = 0.05 if self._all_workers_accepting() else 0.5
-            else:
-                timeout = max(0.0, min(1.0, next_poll - self.clock()))
-            self._wake.wait(timeout=timeout)
-            self._wake.clear()
-            if self._stop_signal is not None:
-                return self._shutdown()
+            for action in actions:
+                follow_up = self._perform(action)
+                if follow_up is not None:
+                    self.events.post(follow_up)
+            if state.exit_code is not None:
+                return state.exit_code
+            signums, events = self.events.wait(loop.next_wakeup(state, self.config, self.clock()))
+            batch: list[loop.Event] = [loop.SignalReceived(s) for s in signums if s != signal.SIGCHLD]
+            batch += events
             code = self.squid.poll()
-            if code is not None:
-                self.logger.event("error", "squid_died", f"Squid exited unexpectedly with code {code}",
-                                  exit_code=code)
-                self.squid.kill_leftovers()
-                return ExitCode.SQUID_DIED
-            if self._pending is not None:
-                self._check_pending()  # the source is not polled until Squid has taken the last change
-                continue
-            if self.clock() >= next_poll:
-                self.poll_source()
-                next_poll = self.clock() + self._next_poll_delay()
-            if time.monotonic() - self.applier.status_written >= 10:
-                self.applier.write_status()  # keeps config_age_seconds fresh for readers of status.json
+            if code is not None and not any(isinstance(e, loop.SquidExited) for e in batch):
+                if not self._squid_exit_reported:
+                    self._squid_exit_reported = True
+                    batch.append(loop.SquidExited(code))
+            batch.append(loop.Tick())
+            actions = []
+            for event in batch:
+                state, more = loop.step(state, event, self.clock(), self.config)
+                actions += more
 
-    def _shutdown(self) -> int:
-        name = signal.Signals(self._stop_signal or signal.SIGTERM).name
-        self.logger.event("info", "stopping", f"{name} received: draining for up to "
-                          f"{self.settings.drain_seconds:g} s", drain_seconds=self.settings.drain_seconds)
-        code = self.squid.stop(grace=self.settings.drain_seconds + 10)
-        self.logger.event("info", "stopped", f"Squid stopped with code {code}", exit_code=code)
-        return ExitCode.OK
+    _squid_exit_reported = False
 
-    def poll_source(self) -> None:
-        """One watch step: cheap change check, then fetch + apply. Never raises."""
-        try:
-            if not self.source.changed(self._seen_version):
-                self._source_back()
-                return
-            snapshot = self.source.read()
-        except SourceUnavailable as exc:
-            # Keep serving the last good config; back off (added to the poll interval) up to 5 minutes.
-            self._backoff = min(300.0, max(1.0, self._backoff * 2))
-            self.logger.event("warning", "source_unavailable", f"{exc}; still serving version "
-                              f"{self.applier.stats.version}", retry_in=round(self.source.poll_interval
-                                                                              + self._backoff, 1),
+    # --- performing actions --------------------------------------------------------------------------------
+    def _perform(self, action: loop.Action) -> loop.Event | None:
+        assert self.applier is not None
+        if isinstance(action, loop.Log):
+            self.logger.event(action.level, action.event, action.message, **dict(action.fields))
+        elif isinstance(action, loop.PollSource):
+            self.worker.submit(functools.partial(self._poll_source, action.known_version))
+        elif isinstance(action, loop.BuildCandidate):
+            self.worker.submit(functools.partial(self._build, action.payload))
+        elif isinstance(action, loop.StartSquid):
+            return self._start_squid(action.payload)
+        elif isinstance(action, loop.Activate):
+            self._activate(action.payload)
+        elif isinstance(action, loop.SkipUnchanged):
+            self._skip(action.payload)
+        elif isinstance(action, loop.Reject):
+            self._reject(action.version, action.error, action.payload)
+        elif isinstance(action, loop.ReloadDone):
+            self._reload_done(action.confirmed)
+        elif isinstance(action, loop.SourceUnavailableNow):
+            self.logger.event("warning", "source_unavailable", f"{action.error}; still serving version "
+                              f"{self.applier.stats.version}", retry_in=action.retry_in,
                               version=self.applier.stats.version)
-            return
-        self._source_back()
-        if snapshot.version == self._seen_version:
-            return
-        self.apply(snapshot)
-
-    def _source_back(self) -> None:
-        if self._backoff:
+        elif isinstance(action, loop.SourceBack):
             self.logger.event("info", "source_available", f"{self.source.description} is reachable again",
                               version=self.applier.stats.version)
-        self._backoff = 0.0
+        elif isinstance(action, loop.ProbePort):
+            return loop.PortProbed(self._port_accepts())
+        elif isinstance(action, loop.Serving):
+            self._serving()
+        elif isinstance(action, loop.StopSquid):
+            self.squid.terminate()
+        elif isinstance(action, loop.KillSquid):
+            self.squid.kill_leftovers()
+        elif isinstance(action, loop.WriteStatus):
+            self.applier.write_status()
+        elif isinstance(action, loop.Finish):
+            pass  # the loop returns; run() stops the components
+        return None
 
-    def apply(self, snapshot: Snapshot) -> bool:
-        """Validate, render, parse-check, swap and reconfigure. The ``reloaded`` line is logged when Squid
-        confirms (see _check_pending); the loop stays responsive meanwhile."""
+    # --- in the worker thread ------------------------------------------------------------------------------
+    def _poll_source(self, known_version: str | None) -> loop.Event:
+        """Cheap change check, then the value. Never raises."""
+        jitter = random.uniform(0.9, 1.1)  # so a fleet of proxies does not poll Secrets Manager in step
+        try:
+            if known_version is not None and not self.source.changed(known_version):
+                return loop.SourcePolled(jitter=jitter)
+            snapshot = self.source.read()
+        except SourceUnavailable as exc:
+            return loop.SourcePolled(error=str(exc), jitter=jitter)
+        except Exception as exc:  # a bug in a source must not end the worker
+            return loop.SourcePolled(error=f"{type(exc).__name__}: {exc}", jitter=jitter)
+        return loop.SourcePolled(version=snapshot.version, payload=snapshot, jitter=jitter)
+
+    def _build(self, snapshot: Snapshot) -> loop.Event:
+        assert self.applier is not None
         started = time.monotonic()
         previous = self.applier.active_document
-        self._seen_version = snapshot.version
         try:
             document, rendered = self.applier.build(snapshot, self.source.description)
         except (AllowlistError, SquidError) as exc:
-            self.applier.stats.failure += 1
-            self.applier.stats.last_error = str(exc)
-            self.applier.stats.rejected_version = snapshot.version
-            self.applier.write_status()
-            bad = ([problem.path or problem.entry for problem in exc.problems[:20]]
-                   if isinstance(exc, AllowlistError) else [])
-            self.logger.event("error", "reload_rejected", f"rejected allowlist version {snapshot.version}; "
-                              f"version {self.applier.stats.version} keeps serving: {exc}",
-                              version=snapshot.version, active_version=self.applier.stats.version,
-                              bad_entries=bad, source=self.source.description)
-            return False
-        _log_warnings(self.logger, document)
-        self.applier.stats.rejected_version = None
-        if rendered == self.applier.active:
-            self.applier.stats.version = snapshot.version
-            self.applier.stats.skipped += 1
-            self.applier.write_status()
-            self.logger.event("info", "reload_skipped", "allowlist source changed but the rendered config did "
-                              "not; Squid was not reconfigured", version=snapshot.version,
-                              entries=document.entry_count)
-            return True
+            code = exit_code_of(exc) or ExitCode.BAD_CONFIG
+            return loop.CandidateBuilt(snapshot.version, payload=exc, error=str(exc), error_code=code)
+        except OSError as exc:
+            return loop.CandidateBuilt(snapshot.version, error=f"cannot write the candidate config: "
+                                       f"{describe_os_error(exc)}", error_code=ExitCode.STARTUP_IO)
         change = previous.diff(document) if previous else None
         added, removed = (change.added, change.removed) if change else (document.entry_count, 0)
-        self.applier.activate(document, rendered, snapshot)
-        with self._accepting_lock:
-            self._accepting_workers = 0
+        candidate = Candidate(snapshot, document, rendered, added, removed, started)
+        return loop.CandidateBuilt(snapshot.version, payload=candidate,
+                                   unchanged=rendered == self.applier.active)
+
+    # --- on the loop thread --------------------------------------------------------------------------------
+    def _start_squid(self, candidate: Candidate) -> loop.Event | None:
+        assert self.applier is not None
+        _log_warnings(self.logger, candidate.document)
+        self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+        self._start(LogRelay("access", access_sink(self.logger.write_line, self.decisions.observe),
+                             fifo=self.paths.access_fifo))
+        self._start(LogRelay("cache", self._cache_log_line, fifo=self.paths.cache_fifo))
+        output_read, output_write = os.pipe()
+        self._start(LogRelay("squid-output", self._squid_output_line, fd=output_read))
+        try:
+            self._start(_Named("squid", functools.partial(self.squid.start, output=output_write),
+                               functools.partial(self.squid.stop, grace=5)))
+        except SquidError as exc:
+            self.logger.event("error", "startup_failed", str(exc))
+            return loop.SquidExited(None)
+        finally:
+            os.close(output_write)  # Squid holds it now: the relay sees EOF when the last Squid process is gone
+        return None
+
+    def _serving(self) -> None:
+        assert self.applier is not None
+        stats = self.applier.stats
+        self.logger.event("info", "started", f"proxy listening on {self.settings.listen_address}:"
+                          f"{self.settings.port} with {stats.entries} allowlist entries",
+                          version=stats.version, entries=stats.entries, policies=self._policies(),
+                          source=self.source.description, pid=self.squid.pid)
+        if self.settings.metrics:  # its own thread; CloudWatch trouble never reaches this loop
+            applier = self.applier
+            self.metrics = MetricsLoop(self.settings, self.logger, lambda: applier.stats, self.decisions)
+            self.metrics.start()  # now: Squid's counters are zero, the first baseline
+
+    def _policies(self) -> int:
+        document = self.applier.active_document if self.applier else None
+        return len(document.policies) if document else 0
+
+    def _activate(self, candidate: Candidate) -> None:
+        assert self.applier is not None
+        _log_warnings(self.logger, candidate.document)
+        self.applier.stats.rejected_version = None
+        self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+        self._pending = candidate
         self.squid.reconfigure()
-        self._pending = _PendingReload(snapshot=snapshot, added=added, removed=removed,
-                                       entries=document.entry_count, started=started,
-                                       deadline=time.monotonic() + CONFIRM_TIMEOUT)
-        return True
+
+    def _skip(self, candidate: Candidate) -> None:
+        assert self.applier is not None
+        _log_warnings(self.logger, candidate.document)
+        stats = self.applier.stats
+        stats.rejected_version = None
+        stats.version = candidate.snapshot.version
+        stats.skipped += 1
+        self.applier.write_status()
+        self.logger.event("info", "reload_skipped", "allowlist source changed but the rendered config did "
+                          "not; Squid was not reconfigured", version=candidate.snapshot.version,
+                          entries=candidate.document.entry_count)
+
+    def _reject(self, version: str, error: str, cause: object) -> None:
+        assert self.applier is not None
+        stats = self.applier.stats
+        stats.failure += 1
+        stats.last_error = error
+        stats.rejected_version = version
+        self.applier.write_status()
+        bad = ([problem.path or problem.entry for problem in cause.problems[:20]]
+               if isinstance(cause, AllowlistError) else [])
+        self.logger.event("error", "reload_rejected", f"rejected allowlist version {version}; "
+                          f"version {stats.version} keeps serving: {error}", version=version,
+                          active_version=stats.version, bad_entries=bad, source=self.source.description)
+
+    def _reload_done(self, confirmed: bool) -> None:
+        assert self.applier is not None
+        candidate, self._pending = self._pending, None
+        if candidate is None:
+            return
+        self.applier.stats.success += 1
+        self.applier.write_status()
+        elapsed_ms = round((time.monotonic() - candidate.started) * 1000, 1)
+        version = candidate.snapshot.version
+        self.logger.event(
+            "info" if confirmed else "warning",
+            "reloaded",
+            f"allowlist version {version} active: +{candidate.added} -{candidate.removed} entries "
+            f"({candidate.document.entry_count} total) in {elapsed_ms} ms"
+            + ("" if confirmed else f"; Squid did not confirm within {self.config.confirm_timeout:g} s"),
+            version=version, added=candidate.added, removed=candidate.removed, entries=candidate.document.entry_count,
+            duration_ms=elapsed_ms, confirmed=confirmed,
+        )
 
     def _port_accepts(self) -> bool:
+        # A TCP connection that sends nothing is not logged by Squid (see access_log.is_noise).
         try:
-            with socket.create_connection((manager_host(self.settings), self.settings.port), timeout=0.5):
+            with socket.create_connection((manager_host(self.settings), self.settings.port), timeout=0.2):
                 return True
         except OSError:
             return False
 
-    def _all_workers_accepting(self) -> bool:
-        with self._accepting_lock:
-            return self._accepting_workers >= self.settings.workers
+    # --- log relays (their own threads) ---------------------------------------------------------------------
+    def _cache_log_line(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if self.denier is not None and text.endswith(f"TCP connection to 127.0.0.1/{self.denier.port} failed"):
+            # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
+            # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
+            return
+        if strings.is_accepting(text):
+            self.events.post(loop.WorkerAccepting())
+        self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
 
-    def _check_pending(self) -> None:
-        pending = self._pending
-        if pending is None:
-            return
-        # Every worker must have logged "Accepting ... connections at", and the port must accept a TCP connection
-        # (one that sends nothing, which is not logged): a worker logs that line just before it listens again.
-        confirmed = self._all_workers_accepting() and self._port_accepts()
-        if not confirmed and time.monotonic() < pending.deadline:
-            return
-        self._pending = None
-        self.applier.stats.success += 1
-        self.applier.write_status()
-        elapsed_ms = round((time.monotonic() - pending.started) * 1000, 1)
-        version = pending.snapshot.version
-        self.logger.event(
-            "info" if confirmed else "warning",
-            "reloaded",
-            f"allowlist version {version} active: +{pending.added} -{pending.removed} entries "
-            f"({pending.entries} total) in {elapsed_ms} ms"
-            + ("" if confirmed else f"; Squid did not confirm within {CONFIRM_TIMEOUT:g} s"),
-            version=version, added=pending.added, removed=pending.removed, entries=pending.entries,
-            duration_ms=elapsed_ms, confirmed=confirmed,
-        )
+    def _squid_output_line(self, line: str) -> None:
+        # Squid's own stdout/stderr (e.g. its startup "WARNING: BCP 177 violation"): JSON like everything else.
+        self.logger.write_line(json.dumps({"type": "cache_log", "stream": "stderr",
+                                           "message": line.rstrip("\n")}, separators=(",", ":")))

@@ -1,0 +1,391 @@
+"""The supervisor's decisions as one pure function: ``step(state, event, now) -> (state, actions)``.
+
+The supervisor (supervisor.py) owns the I/O: it turns signals, worker results, Squid's log and Squid's exit
+into events, calls ``step`` and performs the actions it returns. Everything that decides (startup order,
+backoff, dedupe of source versions, the reload confirmation and its timeout, SIGHUP, the drain and its
+deadline, exit codes) is here, so unit tests drive it with a fake clock and no Squid.
+
+Phases: STARTING (first source read and build, in a worker) -> LAUNCHING (Squid started, waiting until it
+accepts) -> RUNNING -> DRAINING (SIGTERM/SIGINT: Squid drains) -> DONE (``exit_code`` set).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from .errors import ExitCode
+
+
+class Phase(Enum):
+    STARTING = "starting"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    DRAINING = "draining"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    poll_interval: float  # the source's: 1 s for a file, EGRESS_RELOAD_INTERVAL for a secret
+    workers: int  # Squid workers; each confirms a reconfigure in cache.log
+    drain_seconds: float
+    confirm_timeout: float = 30.0  # how long Squid may take to confirm a reconfigure
+    launch_timeout: float = 60.0  # how long Squid may take to accept its first connection
+    kill_margin: float = 10.0  # SIGKILL this long after the drain should have ended
+    max_backoff: float = 300.0
+    probe_every: float = 0.1  # port probe cadence while launching or confirming
+    status_every: float = 10.0  # status.json refresh (config_age_seconds)
+
+
+# --- events (what happened) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (the loop wakes at least once a second and at every deadline)."""
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    signum: int
+
+
+@dataclass(frozen=True)
+class SourcePolled:
+    """A worker's answer to PollSource: ``version`` of a new value (``payload`` carries it), or unchanged
+    (``version`` None, no error), or ``error``. ``jitter`` (around 1.0) spreads a fleet's polls."""
+
+    version: str | None = None
+    payload: Any = None
+    error: str | None = None
+    jitter: float = 1.0
+
+
+@dataclass(frozen=True)
+class CandidateBuilt:
+    """A worker's answer to BuildCandidate: validated, rendered and parse-checked, or ``error`` (with the
+    exit code it would mean at startup)."""
+
+    version: str
+    payload: Any = None
+    unchanged: bool = False  # renders to exactly the active config
+    error: str | None = None
+    error_code: ExitCode = ExitCode.BAD_CONFIG
+
+
+@dataclass(frozen=True)
+class WorkerAccepting:
+    """A Squid worker logged "Accepting ... connections at" (it has (re)loaded its config)."""
+
+
+@dataclass(frozen=True)
+class PortProbed:
+    accepts: bool
+
+
+@dataclass(frozen=True)
+class SquidExited:
+    code: int | None
+
+
+Event = Tick | SignalReceived | SourcePolled | CandidateBuilt | WorkerAccepting | PortProbed | SquidExited
+
+# --- actions (what to do) ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    event: str
+    message: str
+    fields: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PollSource:
+    known_version: str | None
+
+
+@dataclass(frozen=True)
+class BuildCandidate:
+    payload: Any
+
+
+@dataclass(frozen=True)
+class StartSquid:
+    payload: Any  # the candidate to activate first
+
+
+@dataclass(frozen=True)
+class Activate:
+    payload: Any  # write the files, then reconfigure
+
+
+@dataclass(frozen=True)
+class SkipUnchanged:
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Reject:
+    version: str
+    error: str
+    payload: Any = None  # the error itself, for its details (e.g. the bad entries)
+
+
+@dataclass(frozen=True)
+class ReloadDone:
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class SourceUnavailableNow:
+    error: str
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class SourceBack:
+    pass
+
+
+@dataclass(frozen=True)
+class ProbePort:
+    pass
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Squid accepts connections: log ``started``, start the metrics."""
+
+
+@dataclass(frozen=True)
+class StopSquid:
+    pass
+
+
+@dataclass(frozen=True)
+class KillSquid:
+    pass
+
+
+@dataclass(frozen=True)
+class WriteStatus:
+    pass
+
+
+@dataclass(frozen=True)
+class Finish:
+    code: ExitCode
+
+
+Action = (Log | PollSource | BuildCandidate | StartSquid | Activate | SkipUnchanged | Reject | ReloadDone
+          | SourceUnavailableNow | SourceBack | ProbePort | Serving | StopSquid | KillSquid | WriteStatus | Finish)
+
+# --- state ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A reconfigure sent to Squid and not yet confirmed."""
+
+    version: str
+    deadline: float
+    accepting: int = 0  # workers that logged "Accepting" since the reconfigure
+
+
+@dataclass(frozen=True)
+class LoopState:
+    phase: Phase = Phase.STARTING
+    busy: bool = False  # a PollSource or BuildCandidate is out in the worker
+    next_poll: float = 0.0
+    poll_now: bool = False  # SIGHUP arrived while busy or confirming: poll as soon as free
+    backoff: float = 0.0
+    seen_version: str | None = None  # last version applied OR rejected: neither is processed twice
+    pending: Pending | None = None
+    probe_at: float | None = None  # next port probe (launching, or confirming a reload)
+    deadline: float | None = None  # launching: give up; draining: SIGKILL Squid
+    status_at: float = 0.0
+    exit_code: ExitCode | None = None
+
+
+def initial(config: LoopConfig, now: float) -> tuple[LoopState, list[Action]]:
+    """The first step: read the source (in the worker)."""
+    return LoopState(phase=Phase.STARTING, busy=True, next_poll=now), [PollSource(known_version=None)]
+
+
+def next_wakeup(state: LoopState, config: LoopConfig, now: float) -> float:
+    """Seconds until the loop must tick again (at most 1 s, so the clock never drifts far)."""
+    times = [now + 1.0]
+    if state.phase is Phase.RUNNING:
+        times.append(state.status_at)
+        if not state.busy and state.pending is None:
+            times.append(state.next_poll)
+    if state.probe_at is not None:
+        times.append(state.probe_at)
+    if state.deadline is not None:
+        times.append(state.deadline)
+    if state.pending is not None:
+        times.append(state.pending.deadline)
+    return max(0.0, min(times) - now)
+
+
+def _fields(**values: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(values.items())
+
+
+def _finish(state: LoopState, code: ExitCode) -> tuple[LoopState, list[Action]]:
+    return replace(state, phase=Phase.DONE, exit_code=code, probe_at=None, deadline=None), [Finish(code)]
+
+
+def step(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    """One decision. Pure: the same state, event and time always give the same result."""
+    if state.phase is Phase.DONE:
+        return state, []
+    if isinstance(event, SignalReceived):
+        return _on_signal(state, event.signum, now, config)
+    if isinstance(event, SquidExited):
+        return _on_squid_exit(state, event.code)
+    if state.phase is Phase.STARTING:
+        return _starting(state, event, now, config)
+    if state.phase is Phase.LAUNCHING:
+        return _launching(state, event, now, config)
+    if state.phase is Phase.DRAINING:
+        if isinstance(event, Tick) and state.deadline is not None and now >= state.deadline:
+            return replace(state, deadline=None), [
+                Log("warning", "drain_timeout", "Squid did not stop within the drain time; killing it"),
+                KillSquid(),
+            ]
+        return state, []  # worker results and reload confirmations no longer matter
+    return _running(state, event, now, config)
+
+
+def _on_signal(state: LoopState, signum: int, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    if signum in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(signum).name
+        if state.phase is Phase.DRAINING:
+            return state, [Log("info", "stopping", f"{name} received again: already draining")]
+        if state.phase is Phase.STARTING:  # Squid never started: nothing to drain
+            state, actions = _finish(state, ExitCode.OK)
+            return state, [Log("info", "stopped", f"{name} received before Squid started; exiting"), *actions]
+        state = replace(state, phase=Phase.DRAINING, pending=None, probe_at=None,
+                        deadline=now + config.drain_seconds + config.kill_margin)
+        return state, [
+            Log("info", "stopping", f"{name} received: draining for up to {config.drain_seconds:g} s",
+                _fields(signal=name, drain_seconds=config.drain_seconds)),
+            StopSquid(),
+        ]
+    if signum == signal.SIGHUP:
+        if state.phase is not Phase.RUNNING:
+            return state, [Log("info", "hup_ignored", f"SIGHUP received while {state.phase.value}; ignored")]
+        log = Log("info", "hup", "SIGHUP received: polling the allowlist source now")
+        if state.busy or state.pending is not None:
+            return replace(state, poll_now=True), [log]
+        return replace(state, busy=True, poll_now=False), [log, PollSource(state.seen_version)]
+    return state, []
+
+
+def _on_squid_exit(state: LoopState, code: int | None) -> tuple[LoopState, list[Action]]:
+    if state.phase is Phase.DRAINING:
+        state, actions = _finish(state, ExitCode.OK)
+        return state, [Log("info", "stopped", f"Squid stopped with code {code}", _fields(exit_code=code)), *actions]
+    if state.phase is Phase.LAUNCHING:
+        state, actions = _finish(state, ExitCode.SQUID_FAILED)
+        return state, [Log("error", "startup_failed", f"Squid exited with code {code} during startup "
+                           "(see the cache_log lines above)", _fields(exit_code=code)), *actions]
+    state, actions = _finish(state, ExitCode.SQUID_DIED)
+    return state, [Log("error", "squid_died", f"Squid exited unexpectedly with code {code}",
+                       _fields(exit_code=code)), *actions]
+
+
+def _starting(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    if isinstance(event, SourcePolled):
+        if event.error is not None or event.version is None:
+            state, actions = _finish(state, ExitCode.NO_SOURCE)
+            return state, [Log("error", "startup_failed", f"no allowlist source reachable at startup: "
+                               f"{event.error or 'no value'}"), *actions]
+        return replace(state, seen_version=event.version), [BuildCandidate(event.payload)]
+    if isinstance(event, CandidateBuilt):
+        if event.error is not None:
+            state, actions = _finish(state, event.error_code)
+            return state, [Log("error", "startup_failed", event.error), *actions]
+        state = replace(state, phase=Phase.LAUNCHING, busy=False, probe_at=now + config.probe_every,
+                        deadline=now + config.launch_timeout)
+        return state, [StartSquid(event.payload)]
+    return state, []
+
+
+def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    if isinstance(event, PortProbed):
+        if event.accepts:
+            state = replace(state, phase=Phase.RUNNING, probe_at=None, deadline=None,
+                            next_poll=now + config.poll_interval, status_at=now + config.status_every)
+            return state, [Serving()]
+        return replace(state, probe_at=now + config.probe_every), []
+    if isinstance(event, Tick):
+        if state.deadline is not None and now >= state.deadline:
+            state, actions = _finish(state, ExitCode.SQUID_FAILED)
+            return state, [Log("error", "startup_failed", f"Squid did not accept connections within "
+                               f"{config.launch_timeout:g} s"), KillSquid(), *actions]
+        if state.probe_at is not None and now >= state.probe_at:
+            return replace(state, probe_at=None), [ProbePort()]
+    return state, []
+
+
+def _schedule_poll(state: LoopState, now: float, config: LoopConfig, jitter: float) -> LoopState:
+    next_poll = now if state.poll_now else now + max(0.2, config.poll_interval * jitter) + state.backoff
+    return replace(state, busy=False, poll_now=False, next_poll=next_poll)
+
+
+def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    actions: list[Action] = []
+    if isinstance(event, SourcePolled):
+        if event.error is not None:
+            backoff = min(config.max_backoff, max(1.0, state.backoff * 2))
+            state = _schedule_poll(replace(state, backoff=backoff), now, config, event.jitter)
+            return state, [SourceUnavailableNow(event.error, retry_in=round(state.next_poll - now, 1))]
+        if state.backoff:
+            actions.append(SourceBack())
+            state = replace(state, backoff=0.0)
+        if event.version is None or event.version == state.seen_version:
+            return _schedule_poll(state, now, config, event.jitter), actions
+        return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.payload)]
+    if isinstance(event, CandidateBuilt):
+        state = _schedule_poll(state, now, config, 1.0)
+        if event.error is not None:
+            return state, [Reject(event.version, event.error, event.payload)]
+        if event.unchanged:
+            return state, [SkipUnchanged(event.payload)]
+        pending = Pending(version=event.version, deadline=now + config.confirm_timeout)
+        return replace(state, pending=pending), [Activate(event.payload)]
+    if isinstance(event, WorkerAccepting):
+        if state.pending is None:
+            return state, []
+        pending = replace(state.pending, accepting=state.pending.accepting + 1)
+        if pending.accepting >= config.workers:
+            # A worker logs "Accepting" just before it listens again: the port must accept too.
+            return replace(state, pending=pending, probe_at=None), [ProbePort()]
+        return replace(state, pending=pending), []
+    if isinstance(event, PortProbed):
+        if state.pending is None:
+            return state, []
+        if event.accepts:
+            return replace(state, pending=None, probe_at=None), [ReloadDone(confirmed=True)]
+        return replace(state, probe_at=now + config.probe_every), []
+    # Tick
+    if state.pending is not None:
+        if now >= state.pending.deadline:
+            return replace(state, pending=None, probe_at=None), [ReloadDone(confirmed=False)]
+        if state.probe_at is not None and now >= state.probe_at:
+            return replace(state, probe_at=None), [ProbePort()]
+        return state, []
+    if now >= state.status_at:
+        state = replace(state, status_at=now + config.status_every)
+        actions.append(WriteStatus())
+    if not state.busy and (state.poll_now or now >= state.next_poll):
+        state = replace(state, busy=True, poll_now=False)
+        actions.append(PollSource(state.seen_version))
+    return state, actions

@@ -1,0 +1,254 @@
+"""The supervisor's decisions (loop.step), driven with a fake clock: startup, backoff, dedupe, SIGHUP, the
+reload confirmation and its timeout, the drain and its deadline, and the exit codes."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from egress_proxy import loop
+from egress_proxy.errors import ExitCode
+
+CONFIG = loop.LoopConfig(poll_interval=30.0, workers=2, drain_seconds=5.0)
+
+
+class Driver:
+    """Feeds events at fake times and keeps the actions."""
+
+    def __init__(self, config: loop.LoopConfig = CONFIG) -> None:
+        self.config = config
+        self.now = 1000.0
+        self.state, self.actions = loop.initial(config, self.now)
+
+    def feed(self, event: loop.Event, at: float | None = None) -> list[loop.Action]:
+        if at is not None:
+            self.now = at
+        self.state, actions = loop.step(self.state, event, self.now, self.config)
+        self.actions = actions
+        return actions
+
+    def advance(self, seconds: float) -> list[loop.Action]:
+        return self.feed(loop.Tick(), at=self.now + seconds)
+
+    def running(self, version: str = "v1") -> Driver:
+        self.feed(loop.SourcePolled(version=version, payload="snap"))
+        self.feed(loop.CandidateBuilt(version, payload="cand"))
+        self.feed(loop.PortProbed(True), at=self.now + 0.5)
+        assert self.state.phase is loop.Phase.RUNNING
+        return self
+
+
+def kinds(actions: list[loop.Action]) -> list[str]:
+    return [type(action).__name__ for action in actions]
+
+
+def logged(actions: list[loop.Action]) -> list[str]:
+    return [action.event for action in actions if isinstance(action, loop.Log)]
+
+
+# --- startup -------------------------------------------------------------------------------------------------
+
+
+def test_startup_reads_builds_starts_and_waits_for_the_port() -> None:
+    driver = Driver()
+    assert kinds(driver.actions) == ["PollSource"]
+    assert kinds(driver.feed(loop.SourcePolled(version="v1", payload="snap"))) == ["BuildCandidate"]
+    assert kinds(driver.feed(loop.CandidateBuilt("v1", payload="cand"))) == ["StartSquid"]
+    assert driver.state.phase is loop.Phase.LAUNCHING
+    assert kinds(driver.advance(0.1)) == ["ProbePort"]
+    assert kinds(driver.feed(loop.PortProbed(False))) == []
+    assert kinds(driver.advance(0.1)) == ["ProbePort"]
+    assert kinds(driver.feed(loop.PortProbed(True))) == ["Serving"]
+    assert driver.state.phase is loop.Phase.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("event", "code"),
+    [
+        (loop.SourcePolled(error="secret not found"), ExitCode.NO_SOURCE),
+        (loop.SourcePolled(version=None), ExitCode.NO_SOURCE),
+    ],
+)
+def test_no_source_at_startup_exits_4(event: loop.Event, code: ExitCode) -> None:
+    driver = Driver()
+    actions = driver.feed(event)
+    assert driver.state.exit_code is code and kinds(actions)[-1] == "Finish"
+    assert logged(actions) == ["startup_failed"]
+
+
+@pytest.mark.parametrize("code", [ExitCode.BAD_CONFIG, ExitCode.SQUID_FAILED])
+def test_rejected_candidate_at_startup_exits_with_its_code(code: ExitCode) -> None:
+    driver = Driver()
+    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
+    driver.feed(loop.CandidateBuilt("v1", error="bad entry", error_code=code))
+    assert driver.state.exit_code is code
+
+
+def test_squid_exiting_while_launching_exits_3() -> None:
+    driver = Driver()
+    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
+    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    driver.feed(loop.SquidExited(1))
+    assert driver.state.exit_code is ExitCode.SQUID_FAILED
+
+
+def test_squid_never_listening_is_killed_and_exits_3() -> None:
+    driver = Driver()
+    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
+    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    actions = driver.advance(CONFIG.launch_timeout + 1)
+    assert "KillSquid" in kinds(actions) and driver.state.exit_code is ExitCode.SQUID_FAILED
+
+
+def test_sigterm_while_the_first_read_hangs_exits_0_at_once() -> None:
+    driver = Driver()  # PollSource is out in the worker and never answers
+    actions = driver.feed(loop.SignalReceived(signal.SIGTERM))
+    assert driver.state.exit_code is ExitCode.OK and kinds(actions)[-1] == "Finish"
+    # A late answer changes nothing.
+    assert driver.feed(loop.SourcePolled(version="v1", payload="snap")) == []
+
+
+# --- polling, dedupe, backoff --------------------------------------------------------------------------------
+
+
+def test_polls_after_the_interval_with_jitter_and_dedupes_versions() -> None:
+    driver = Driver().running()
+    assert "PollSource" not in kinds(driver.advance(29))
+    assert kinds(driver.advance(1.5))[-1:] == ["PollSource"]
+    poll = driver.actions[-1]
+    assert isinstance(poll, loop.PollSource) and poll.known_version == "v1"
+    # The same version again (e.g. a file rewritten with identical content): nothing to build.
+    assert kinds(driver.feed(loop.SourcePolled(version="v1", payload="snap", jitter=1.1))) == []
+    assert driver.state.next_poll == pytest.approx(driver.now + 33.0)
+    assert "PollSource" not in kinds(driver.advance(32.9))
+
+
+def test_backoff_doubles_to_the_cap_and_resets_when_the_source_is_back() -> None:
+    driver = Driver().running()
+    backoffs = []
+    for _ in range(12):
+        driver.feed(loop.Tick(), at=driver.state.next_poll)
+        actions = driver.feed(loop.SourcePolled(error="timeout"))
+        assert kinds(actions) == ["SourceUnavailableNow"]
+        backoffs.append(driver.state.backoff)
+    assert backoffs[:4] == [1.0, 2.0, 4.0, 8.0] and backoffs[-1] == CONFIG.max_backoff
+    retry = driver.actions[0]
+    assert isinstance(retry, loop.SourceUnavailableNow) and retry.retry_in == CONFIG.poll_interval + 300
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    assert kinds(driver.feed(loop.SourcePolled())) == ["SourceBack"]
+    assert driver.state.backoff == 0.0
+
+
+def test_a_rejected_version_is_not_rebuilt() -> None:
+    driver = Driver().running()
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    assert kinds(driver.feed(loop.SourcePolled(version="v2", payload="snap2"))) == ["BuildCandidate"]
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", error="bad"))) == ["Reject"]
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    assert kinds(driver.feed(loop.SourcePolled(version="v2", payload="snap2"))) == []
+
+
+def test_an_identical_render_is_skipped_without_reconfigure() -> None:
+    driver = Driver().running()
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    driver.feed(loop.SourcePolled(version="v2", payload="snap2"))
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", payload="cand", unchanged=True))) == ["SkipUnchanged"]
+    assert driver.state.pending is None
+
+
+# --- reload confirmation -------------------------------------------------------------------------------------
+
+
+def reloading(driver: Driver) -> Driver:
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    driver.feed(loop.SourcePolled(version="v2", payload="snap2"))
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", payload="cand2"))) == ["Activate"]
+    return driver
+
+
+def test_reload_is_confirmed_when_every_worker_accepts_and_the_port_answers() -> None:
+    driver = reloading(Driver().running())
+    assert kinds(driver.feed(loop.WorkerAccepting())) == []  # one of two workers
+    assert kinds(driver.feed(loop.WorkerAccepting())) == ["ProbePort"]
+    assert kinds(driver.feed(loop.PortProbed(False))) == []
+    assert kinds(driver.advance(CONFIG.probe_every)) == ["ProbePort"]
+    actions = driver.feed(loop.PortProbed(True))
+    assert actions == [loop.ReloadDone(confirmed=True)] and driver.state.pending is None
+
+
+def test_reload_confirm_times_out_and_polling_resumes() -> None:
+    config = loop.LoopConfig(poll_interval=30.0, workers=2, drain_seconds=5.0, confirm_timeout=100.0)
+    driver = reloading(Driver(config).running())
+    # No poll while Squid has not taken the last change, however long that takes.
+    assert "PollSource" not in kinds(driver.advance(config.poll_interval + 1))
+    assert driver.advance(config.confirm_timeout) == [loop.ReloadDone(confirmed=False)]
+    assert "PollSource" in kinds(driver.advance(0.1))
+
+
+# --- SIGHUP --------------------------------------------------------------------------------------------------
+
+
+def test_sighup_polls_now() -> None:
+    driver = Driver().running()
+    actions = driver.feed(loop.SignalReceived(signal.SIGHUP), at=driver.now + 1)
+    assert logged(actions) == ["hup"] and kinds(actions)[-1] == "PollSource"
+
+
+def test_sighup_while_busy_polls_again_right_after() -> None:
+    driver = Driver().running()
+    driver.feed(loop.Tick(), at=driver.state.next_poll)  # a poll is out
+    assert "PollSource" not in kinds(driver.feed(loop.SignalReceived(signal.SIGHUP)))
+    driver.feed(loop.SourcePolled(), at=driver.now + 0.5)
+    assert driver.state.next_poll == driver.now
+    assert "PollSource" in kinds(driver.advance(0.01))
+
+
+def test_sighup_during_a_reload_polls_once_it_is_confirmed() -> None:
+    driver = reloading(Driver().running())
+    driver.feed(loop.SignalReceived(signal.SIGHUP))
+    assert "PollSource" not in kinds(driver.advance(0.1))
+    driver.feed(loop.WorkerAccepting())
+    driver.feed(loop.WorkerAccepting())
+    driver.feed(loop.PortProbed(True))
+    assert "PollSource" in kinds(driver.advance(0.01))
+
+
+# --- stopping ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_drains_then_exits_0_when_squid_exits(signum: int) -> None:
+    driver = Driver().running()
+    actions = driver.feed(loop.SignalReceived(signum))
+    assert kinds(actions) == ["Log", "StopSquid"] and driver.state.phase is loop.Phase.DRAINING
+    # A second signal does not cut the drain short; source results are ignored now.
+    assert kinds(driver.feed(loop.SignalReceived(signum))) == ["Log"]
+    assert driver.feed(loop.SourcePolled(version="v9", payload="x")) == []
+    actions = driver.feed(loop.SquidExited(0), at=driver.now + 3)
+    assert logged(actions) == ["stopped"] and driver.state.exit_code is ExitCode.OK
+
+
+def test_drain_deadline_kills_squid() -> None:
+    driver = Driver().running()
+    driver.feed(loop.SignalReceived(signal.SIGTERM))
+    assert "KillSquid" not in kinds(driver.advance(CONFIG.drain_seconds + 1))
+    assert "KillSquid" in kinds(driver.advance(CONFIG.kill_margin))
+    driver.feed(loop.SquidExited(-9))
+    assert driver.state.exit_code is ExitCode.OK
+
+
+def test_squid_dying_while_running_exits_5() -> None:
+    driver = Driver().running()
+    actions = driver.feed(loop.SquidExited(-9))
+    assert logged(actions) == ["squid_died"] and driver.state.exit_code is ExitCode.SQUID_DIED
+    assert driver.feed(loop.Tick()) == []  # done is done
+
+
+def test_next_wakeup_is_at_most_a_second_and_honours_deadlines() -> None:
+    driver = Driver().running()
+    assert loop.next_wakeup(driver.state, CONFIG, driver.now) == pytest.approx(1.0)
+    driver.feed(loop.SignalReceived(signal.SIGTERM))
+    later = driver.state.deadline
+    assert later is not None
+    assert loop.next_wakeup(driver.state, CONFIG, later - 0.25) == pytest.approx(0.25)
