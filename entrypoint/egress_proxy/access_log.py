@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ def parse_line(line: str) -> dict[str, Any]:
     for field, raw in zip(FIELDS, parts, strict=True):
         record[field.name] = field.convert(raw)
     record["decision"] = decide(record)
+    client_view(record)
     return record
 
 
@@ -113,7 +115,27 @@ def decide(record: dict[str, Any]) -> str:
     record["server_ip"] = None
     if reason is None:
         record["reason"] = "invalid_request" if record.get("error") else "denied"
+    if record.get("method") == "CONNECT" and record.get("squid_status") == strings.STATUS_TUNNEL:
+        # Squid "tunnelled" the refused CONNECT to the refusal responder, whose 403 the client got: say so.
+        record["squid_status"] = strings.STATUS_DENIED
     return "denied"
+
+
+def client_view(record: dict[str, Any]) -> None:
+    """Make ``status`` what the client saw for an allowed CONNECT.
+
+    On this ssl-bump port Squid answers every allowed CONNECT with ``200 Connection established`` before it
+    connects anywhere (it needs the ClientHello first). ``%>Hs`` then holds what Squid would have answered,
+    not what it sent: 500 for a tunnel that the origin (or Squid's idle timeout) closed first, though the
+    client had a working tunnel and its data; 503 when the origin could not be reached, though the client got
+    200 and then a closed connection. The client saw 200 in every case; an unreachable origin is named in
+    ``error`` instead (Squid gives no error code there)."""
+    if record.get("method") != "CONNECT" or record.get("decision") != "allowed":
+        return
+    squid_status = record.get("status") or 0
+    if squid_status >= 500 and record.get("squid_status") != strings.STATUS_TUNNEL and not record.get("error"):
+        record["error"] = strings.ERR_CONNECT_FAIL
+    record["status"] = 200
 
 
 def is_noise(record: dict[str, Any]) -> bool:
@@ -129,7 +151,30 @@ def is_noise(record: dict[str, Any]) -> bool:
         and record.get("squid_status") == strings.STATUS_NONE
         and record.get("decision") in {"allowed", "would_deny"}
         and record.get("status") == 200
+        and record.get("error") is None  # an unreachable origin's CONNECT is its only record
     )
+
+
+class ConnectionFollowUps:
+    """Drops the record Squid adds after an allowed CONNECT whose origin was unreachable: on the same client
+    connection, with no method and no host, for the ClientHello bytes it had read. Counted as its own
+    transaction it would be a second line for one connection, and a denial (no reason note) nobody made."""
+
+    def __init__(self, remember: int = 4096) -> None:
+        self._failed: OrderedDict[tuple[Any, Any], None] = OrderedDict()
+        self._remember = remember
+
+    def is_follow_up(self, record: dict[str, Any]) -> bool:
+        key = (record.get("client_ip"), record.get("client_port"))
+        if record.get("method") == "CONNECT" and record.get("error") == strings.ERR_CONNECT_FAIL:
+            self._failed[key] = None
+            while len(self._failed) > self._remember:
+                self._failed.popitem(last=False)
+            return False
+        if record.get("method") is None and record.get("host") is None and key in self._failed:
+            del self._failed[key]
+            return True
+        return False
 
 
 def to_json(record: dict[str, Any]) -> str:

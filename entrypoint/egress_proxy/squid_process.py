@@ -355,9 +355,11 @@ def access_sink(write: Callable[[str], None],
                 observe: Callable[[dict[str, Any]], None] | None = None) -> LogSink:
     """Parse, drop noise, write as JSON; ``observe`` (the metrics' decision counter) sees every logged record."""
 
+    follow_ups = access_log.ConnectionFollowUps()
+
     def sink(line: str) -> None:
         record = access_log.parse_line(line)
-        if not access_log.is_noise(record):
+        if not access_log.is_noise(record) and not follow_ups.is_follow_up(record):
             write(access_log.to_json(record))
             if observe is not None:
                 observe(record)
