@@ -203,6 +203,7 @@ class LoopState:
     busy: bool = False  # a PollSource or BuildCandidate is out in the worker
     next_poll: float = 0.0
     poll_now: bool = False  # SIGHUP arrived while busy or confirming: poll as soon as free
+    hup_poll: bool = False  # the poll out in the worker answers a SIGHUP: say so if it finds nothing new
     backoff: float = 0.0
     seen_version: str | None = None  # last version applied OR rejected: neither is processed twice
     pending: Pending | None = None
@@ -284,7 +285,7 @@ def _on_signal(state: LoopState, signum: int, now: float, config: LoopConfig) ->
         log = Log("info", "hup", "SIGHUP received: polling the allowlist source now")
         if state.busy or state.pending is not None:
             return replace(state, poll_now=True), [log]
-        return replace(state, busy=True, poll_now=False), [log, PollSource(state.seen_version)]
+        return replace(state, busy=True, poll_now=False, hup_poll=True), [log, PollSource(state.seen_version)]
     return state, []
 
 
@@ -337,12 +338,13 @@ def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -
 
 def _schedule_poll(state: LoopState, now: float, config: LoopConfig, jitter: float) -> LoopState:
     next_poll = now if state.poll_now else now + max(0.2, config.poll_interval * jitter) + state.backoff
-    return replace(state, busy=False, poll_now=False, next_poll=next_poll)
+    return replace(state, busy=False, next_poll=next_poll)
 
 
 def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
     actions: list[Action] = []
     if isinstance(event, SourcePolled):
+        answers_hup, state = state.hup_poll, replace(state, hup_poll=False)
         if event.error is not None:
             backoff = min(config.max_backoff, max(1.0, state.backoff * 2))
             state = _schedule_poll(replace(state, backoff=backoff), now, config, event.jitter)
@@ -351,6 +353,9 @@ def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> 
             actions.append(SourceBack())
             state = replace(state, backoff=0.0)
         if event.version is None or event.version == state.seen_version:
+            if answers_hup:  # the operator asked; every other poll that finds nothing stays quiet
+                actions.append(Log("info", "source_unchanged", f"SIGHUP: the source has not moved from version "
+                                   f"{state.seen_version}; nothing to apply", _fields(version=state.seen_version)))
             return _schedule_poll(state, now, config, event.jitter), actions
         return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.payload)]
     if isinstance(event, CandidateBuilt):
@@ -386,6 +391,6 @@ def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> 
         state = replace(state, status_at=now + config.status_every)
         actions.append(WriteStatus())
     if not state.busy and (state.poll_now or now >= state.next_poll):
-        state = replace(state, busy=True, poll_now=False)
+        state = replace(state, busy=True, poll_now=False, hup_poll=state.poll_now)
         actions.append(PollSource(state.seen_version))
     return state, actions

@@ -255,7 +255,7 @@ class Worker:
 
     def stop(self) -> None:
         self._jobs.put(None)
-        self._thread.join(timeout=0.5)
+        self._thread.join(timeout=0.1)  # a job hung in a network call is left behind (a daemon thread)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -199,9 +199,19 @@ def test_sighup_while_busy_polls_again_right_after() -> None:
     driver = Driver().running()
     driver.feed(loop.Tick(), at=driver.state.next_poll)  # a poll is out
     assert "PollSource" not in kinds(driver.feed(loop.SignalReceived(signal.SIGHUP)))
-    driver.feed(loop.SourcePolled(), at=driver.now + 0.5)
+    # That poll may have read before the edit the operator announced: it does not answer the SIGHUP.
+    assert logged(driver.feed(loop.SourcePolled(), at=driver.now + 0.5)) == []
     assert driver.state.next_poll == driver.now
     assert "PollSource" in kinds(driver.advance(0.01))
+    assert logged(driver.feed(loop.SourcePolled())) == ["source_unchanged"]
+
+
+def test_sighup_with_nothing_new_says_so_once() -> None:
+    driver = Driver().running()
+    driver.feed(loop.SignalReceived(signal.SIGHUP))
+    assert logged(driver.feed(loop.SourcePolled(version="v1", payload="snap"))) == ["source_unchanged"]
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    assert logged(driver.feed(loop.SourcePolled())) == []  # an ordinary poll stays quiet
 
 
 def test_sighup_during_a_reload_polls_once_it_is_confirmed() -> None:
