@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from compose_file import load_compose, service_argv, service_env
 from conftest import ORIGIN_IP, PROXY_IP
+from connect_probe import ConnectProbe
 from harness import (
     DnsServer,
     HttpOrigin,
@@ -46,20 +45,6 @@ allowed.container.test
 """
 
 
-
-
-def get_through_reload(url: str, proxies: dict[str, str], container: Container) -> requests.Response:
-    """GET right after a reload. Squid's reconfigure closes and reopens the listening port and logs "Accepting"
-    (which the supervisor waits for) a moment before listen(): a connection in that instant is refused, so those
-    are retried briefly."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return session().get(url, proxies=proxies, timeout=15)
-        except requests.ConnectionError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{exc}\n{container.tail(60)}") from exc
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -226,15 +211,20 @@ def test_allowlist_edit_applies_without_restart(container: Container, proxies: d
     url = f"http://later.container.test:{http_origin.port}/"
     assert session().get(url, proxies=proxies, timeout=15).status_code == 403
     mark = container.mark()
-    # An editor's save: write a new file and rename it over the old one (the mounted directory shows it).
-    new = allowlist_dir / ".allowlist.txt.new"
-    new.write_text(ALLOWLIST + "later.container.test\n")
-    new.chmod(0o644)
-    os.replace(new, allowlist_dir / "allowlist.txt")
-    reloaded = container.wait_for(lambda r: r.get("event") in {"reloaded", "reload_rejected"}, timeout=30,
-                                  start=mark)
+    proxy_address = proxies["http"].removeprefix("http://").rsplit(":", 1)
+    allowed_url = f"http://allowed.container.test:{http_origin.port}/probe"
+    # No new connection may be refused while the proxy reloads: a probe runs across the reload.
+    with ConnectProbe((proxy_address[0], int(proxy_address[1])), allowed_url, "allowed.container.test") as probe:
+        # An editor's save: write a new file and rename it over the old one (the mounted directory shows it).
+        new = allowlist_dir / ".allowlist.txt.new"
+        new.write_text(ALLOWLIST + "later.container.test\n")
+        new.chmod(0o644)
+        os.replace(new, allowlist_dir / "allowlist.txt")
+        reloaded = container.wait_for(lambda r: r.get("event") in {"reloaded", "reload_rejected"}, timeout=30,
+                                      start=mark)
     assert reloaded["event"] == "reloaded" and reloaded["added"] == 1, reloaded
-    response = get_through_reload(url, proxies, container)
+    probe.assert_clean()
+    response = session().get(url, proxies=proxies, timeout=15)  # once: a confirmed reload needs no retry
     assert response.status_code == 200, response.text[:300]
     assert not container.events("started")[1:], "the edit must not restart the proxy"
 
@@ -325,7 +315,7 @@ def test_compose_secrets_profile_seeds_serves_and_hot_reloads_the_secret(
         reloaded = box.wait_for(lambda r: r.get("event") in {"reloaded", "reload_rejected"}, timeout=60,
                                 start=mark)
         assert reloaded["event"] == "reloaded" and reloaded["added"] == 1, reloaded
-        assert get_through_reload(later, proxies, box).status_code == 200
+        assert session().get(later, proxies=proxies, timeout=15).status_code == 200  # no retry needed
         assert box.stop(timeout=60) == 0, box.tail()
     finally:
         if box.exit_code is None:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -108,14 +107,20 @@ def test_sigterm_drains_open_tunnel_then_exits_0(public_tmp: Path, dns: DnsServe
     runner.wait_for(lambda r: r.get("event") == "stopping", timeout=10)
     # During the drain the open tunnel still works...
     assert http_get_over(tls, "allowed.test", "/during-drain")[0] == 200
-    # ...but new connections are no longer accepted.
-    time.sleep(0.5)
+    # ...but new connections are no longer accepted, once every worker has closed its port.
+    runner.wait_for(lambda r: len({m for m in _closed_ports(runner)}) >= 2, timeout=10)
     refused = curl("-x", runner.proxy_url, "http://allowed.test/", timeout=5)
     assert refused.returncode != 0
     assert runner.process is not None
     assert runner.process.wait(timeout=30) == 0
     tls.close()
     assert runner.events("stopped")
+
+
+def _closed_ports(runner: ProxyRunner) -> set[str]:
+    """The Squid workers that logged closing the listening port ("kid1| Closing HTTP(S) port ...")."""
+    return {r["message"].split("|")[0].split()[-1] for r in runner.records
+            if r.get("type") == "cache_log" and "Closing HTTP(S) port" in r.get("message", "")}
 
 
 def test_squid_dying_exits_5(public_tmp: Path, dns: DnsServer) -> None:

@@ -21,6 +21,7 @@ import requests
 from conftest import ORIGIN_IP, MotoServer
 from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port, wait_for_port
 from harness import client_session as session
+from log_reader import Record
 from proxy_runner import ProxyRunner, egress_proxy_command
 
 PORT = 3140
@@ -151,7 +152,10 @@ def test_metrics_agree_with_the_traffic(metrics_proxy: ProxyRunner, cloudwatch_s
         return counts["requests.allowed"][0] == allowed and counts["requests.denied"][0] == denied
 
     wait_until(decisions_published, 20, "decision counts in CloudWatch")
-    time.sleep(2 * INTERVAL)  # one more publication, so every metric covers the same intervals
+    # Two more publications, so every metric covers the same intervals (waiting on CloudWatch, not the clock).
+    samples = sums(client, ["client_http.requests"])["client_http.requests"][1]
+    wait_until(lambda: sums(client, ["client_http.requests"])["client_http.requests"][1] >= samples + 2, 20,
+               "two more publications")
     listed = client.list_metrics(Namespace=NAMESPACE)["Metrics"]
     names = {m["MetricName"] for m in listed if m["Dimensions"] == DIMENSIONS}
     assert set(SEED) | set(OURS) <= names, f"missing: {set(SEED) | set(OURS) - names}"
@@ -226,9 +230,13 @@ def test_cloudwatch_outage_never_breaks_proxying(metrics_proxy: ProxyRunner, clo
             assert s.get("http://allowed.test/during-outage", proxies=proxy.proxies, timeout=10).status_code == 200
             assert s.get("http://denied.test/during-outage", proxies=proxy.proxies, timeout=10).status_code == 403
             denied_during_outage += 1
-            time.sleep(INTERVAL)
-        time.sleep(4 * INTERVAL)
-        failures = [r for r in proxy.records[mark:] if r.get("event") == "metrics_publish_failed"]
+
+        def failures_so_far() -> list[Record]:
+            return [r for r in proxy.records[mark:] if r.get("event") == "metrics_publish_failed"]
+
+        # A few attempts during the outage (observed in the log, not waited for by the clock).
+        wait_until(lambda: len(failures_so_far()) >= 3, 30, "three failed publications")
+        failures = failures_so_far()
         # logged once per attempt, and the attempts back off (1, 2, 4 ... s): far fewer than one per interval
         assert 2 <= len(failures) <= 5, [f["retry_in"] for f in failures]
         assert [f["retry_in"] for f in failures] == sorted(f["retry_in"] for f in failures)

@@ -276,5 +276,14 @@ def test_cache_manager_only_from_localhost(proxy: ProxyRunner) -> None:
 
 
 def test_internal_origin_never_reached(internal_origin: HttpOrigin, proxy: ProxyRunner) -> None:
-    # Runs late in the module: no test above may have leaked a request to the non-exempt loopback address.
-    assert [r for r in internal_origin.requests if r["client"][0] != INTERNAL_IP] == []
+    # Self-contained (it used to rely on running after the tests that aim at internal.test): every way a client
+    # can aim at the non-exempt loopback origin, then what that origin received meanwhile.
+    before = len(internal_origin.requests)
+    mark = proxy.mark()
+    assert session().get("http://internal.test/never", proxies=proxy.proxies, timeout=10).status_code == 403
+    assert session().get(f"http://{INTERNAL_IP}/never", proxies=proxy.proxies, timeout=10).status_code == 403
+    refused_connect("internal.test", port=443, reason="destination_not_public")
+    refused_connect("internal.test", port=80, reason="port_not_allowed")
+    for host, method in (("internal.test", "GET"), (INTERNAL_IP, "GET"), ("internal.test", "CONNECT")):
+        assert proxy.access(mark, host=host, method=method)["decision"] == "denied"
+    assert internal_origin.requests[before:] == []
