@@ -280,3 +280,37 @@ def test_health_follows_squid(public_tmp: Path, dns: DnsServer) -> None:
         assert stopped.stdout.startswith("unhealthy") and str(HEALTH_PORT) in stopped.stdout
     finally:
         assert runner.stop() == 5  # the supervisor reports Squid's death with its own exit code
+
+
+def test_stop_flushes_the_partial_interval(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin,
+                                           cloudwatch_server: MotoServer) -> None:
+    """With an hour-long interval nothing is published while running; the stop publishes what the partial
+    interval counted, after the access log was drained (so the last requests are in it)."""
+    namespace, instance = "ProxyFlushTest", "flush-proxy"
+    runner = ProxyRunner(public_tmp / "metrics-flush-state", {
+        **cloudwatch_server.env,
+        "EGRESS_ALLOWED_DOMAINS": "allowed.test",
+        "EGRESS_DNS_SERVERS": "127.0.0.1",
+        "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32",
+        "EGRESS_METRICS": "on",
+        "EGRESS_METRICS_INTERVAL": "3600",
+        "EGRESS_METRICS_NAMESPACE": namespace,
+        "EGRESS_INSTANCE_ID": instance,
+    }, port=3142)
+    runner.start()
+    runner.wait_for(lambda r: r.get("event") == "metrics_started", timeout=10)
+    s = session()
+    for _ in range(3):
+        assert s.get("http://allowed.test/flush", proxies=runner.proxies, timeout=10).status_code == 200
+    assert s.get("http://denied.test/flush", proxies=runner.proxies, timeout=10).status_code == 403
+    assert runner.stop() == 0, runner.tail()
+    client = cloudwatch_server.client("cloudwatch")
+    now = datetime.datetime.now(datetime.UTC)
+    counts = {}
+    for name in ("requests.allowed", "requests.denied"):
+        points = client.get_metric_statistics(
+            Namespace=namespace, MetricName=name, Dimensions=[{"Name": "ProxyInstance", "Value": instance}],
+            StartTime=now - datetime.timedelta(hours=1), EndTime=now + datetime.timedelta(hours=1), Period=3600,
+            Statistics=["Sum"])["Datapoints"]
+        counts[name] = sum(p["Sum"] for p in points)
+    assert counts == {"requests.allowed": 3, "requests.denied": 1}, counts
