@@ -130,8 +130,8 @@ def client_view(record: dict[str, Any]) -> None:
     client had a working tunnel and its data; 503 when the origin could not be reached, though the client got
     200 and then a closed connection. The client saw 200 in every case; an unreachable origin is named in
     ``error`` instead (Squid gives no error code there)."""
-    if record.get("method") != "CONNECT" or record.get("decision") != "allowed":
-        return
+    if record.get("method") != "CONNECT" or record.get("decision") not in {"allowed", "would_deny"}:
+        return  # (a report-mode policy's would_deny CONNECT went through like an allowed one)
     squid_status = record.get("status") or 0
     if squid_status >= 500 and record.get("squid_status") != strings.STATUS_TUNNEL and not record.get("error"):
         record["error"] = strings.ERR_CONNECT_FAIL
