@@ -10,8 +10,10 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TextIO
 
 from . import __version__, allowlist_cli
 from .allowlist import AllowlistError
@@ -67,7 +69,8 @@ def _json_error(message: str, code: ExitCode) -> None:
 
 
 def _json_excepthooks() -> None:
-    """A bug in ``run`` still logs one JSON line (with the traceback as a field), never raw text."""
+    """A bug in ``run`` still logs one JSON line (with the traceback as a field), and a Python warning one JSON
+    line too: never raw text on stdout or stderr."""
 
     def report(kind: str, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         text = "".join(traceback.format_exception(exc_type, exc, tb))
@@ -75,6 +78,13 @@ def _json_excepthooks() -> None:
                           "message": f"{exc_type.__name__}: {exc}", "traceback": text},
                          separators=(",", ":")), file=sys.stderr, flush=True)
 
+    def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: TextIO | None = None, line: str | None = None) -> None:
+        print(json.dumps({"type": "supervisor", "time": round(time.time(), 3), "level": "warning",
+                          "event": "python_warning", "message": f"{category.__name__}: {message}",
+                          "where": f"{filename}:{lineno}"}, separators=(",", ":")), file=sys.stderr, flush=True)
+
+    warnings.showwarning = show_warning
     sys.excepthook = lambda t, e, tb: report("crashed", t, e, tb)
     threading.excepthook = lambda args: report("thread_crashed", args.exc_type, args.exc_value or args.exc_type(),
                                                args.exc_traceback)

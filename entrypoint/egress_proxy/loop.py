@@ -91,7 +91,16 @@ class SquidExited:
     code: int | None
 
 
-Event = Tick | SignalReceived | SourcePolled | CandidateBuilt | WorkerAccepting | PortProbed | SquidExited
+@dataclass(frozen=True)
+class LocalFailure:
+    """Writing the active config failed (an OSError: disk full, state dir gone): at startup that is exit 6;
+    while running, the reload is refused and the previous config keeps serving."""
+
+    error: str
+
+
+Event = (Tick | SignalReceived | SourcePolled | CandidateBuilt | WorkerAccepting | PortProbed | SquidExited
+         | LocalFailure)
 
 # --- actions (what to do) ---------------------------------------------------------------------------------
 
@@ -250,6 +259,8 @@ def step(state: LoopState, event: Event, now: float, config: LoopConfig) -> tupl
         return _on_signal(state, event.signum, now, config)
     if isinstance(event, SquidExited):
         return _on_squid_exit(state, event.code)
+    if isinstance(event, LocalFailure):
+        return _on_local_failure(state, event.error)
     if state.phase is Phase.STARTING:
         return _starting(state, event, now, config)
     if state.phase is Phase.LAUNCHING:
@@ -300,6 +311,17 @@ def _on_squid_exit(state: LoopState, code: int | None) -> tuple[LoopState, list[
     state, actions = _finish(state, ExitCode.SQUID_DIED)
     return state, [Log("error", "squid_died", f"Squid exited unexpectedly with code {code}",
                        _fields(exit_code=code)), *actions]
+
+
+def _on_local_failure(state: LoopState, error: str) -> tuple[LoopState, list[Action]]:
+    if state.phase in (Phase.STARTING, Phase.LAUNCHING):
+        state, actions = _finish(state, ExitCode.STARTUP_IO)
+        return state, [Log("error", "startup_failed", error, _fields(exit_code=int(ExitCode.STARTUP_IO))),
+                       KillSquid(), *actions]
+    if state.phase is Phase.RUNNING and state.pending is not None:
+        version = state.pending.version
+        return replace(state, pending=None, probe_at=None), [Reject(version, error)]
+    return state, []
 
 
 def _starting(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:

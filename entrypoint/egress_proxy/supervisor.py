@@ -427,7 +427,7 @@ class Supervisor:
         elif isinstance(action, loop.StartSquid):
             return self._start_squid(action.payload)
         elif isinstance(action, loop.Activate):
-            self._activate(action.payload)
+            return self._activate(action.payload)
         elif isinstance(action, loop.SkipUnchanged):
             self._skip(action.payload)
         elif isinstance(action, loop.Reject):
@@ -491,7 +491,11 @@ class Supervisor:
     def _start_squid(self, candidate: Candidate) -> loop.Event | None:
         assert self.applier is not None
         _log_warnings(self.logger, candidate.document)
-        self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+        try:
+            self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+        except OSError as exc:
+            return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}; "
+                                     "make EGRESS_STATE_DIR a writable directory with free space")
         self._start(LogRelay("access", access_sink(self.logger.write_line, self.decisions.observe),
                              fifo=self.paths.access_fifo))
         self._start(LogRelay("cache", self._cache_log_line, fifo=self.paths.cache_fifo))
@@ -523,13 +527,17 @@ class Supervisor:
         document = self.applier.active_document if self.applier else None
         return len(document.policies) if document else 0
 
-    def _activate(self, candidate: Candidate) -> None:
+    def _activate(self, candidate: Candidate) -> loop.Event | None:
         assert self.applier is not None
         _log_warnings(self.logger, candidate.document)
+        try:
+            self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+        except OSError as exc:  # Squid was not told: the config it runs is still the previous one
+            return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}")
         self.applier.stats.rejected_version = None
-        self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
         self._pending = candidate
         self.squid.reconfigure()
+        return None
 
     def _skip(self, candidate: Candidate) -> None:
         assert self.applier is not None

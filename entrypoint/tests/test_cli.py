@@ -64,3 +64,27 @@ def test_render_uses_the_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["render", "--allowed-domains", ".example.com", "--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "conf") in out and ".example.com" in out
+
+
+def test_run_turns_warnings_and_crashes_into_json_lines(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    import threading
+    import warnings
+
+    from egress_proxy import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    cli._json_excepthooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("something odd", stacklevel=1)
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [r["event"] for r in lines] == ["python_warning", "crashed"]
+    assert "something odd" in lines[0]["message"] and "RuntimeError: a bug" in lines[1]["traceback"]

@@ -224,6 +224,24 @@ def test_sighup_during_a_reload_polls_once_it_is_confirmed() -> None:
     assert "PollSource" in kinds(driver.advance(0.01))
 
 
+# --- local failures -----------------------------------------------------------------------------------------
+
+
+def test_unwritable_config_at_startup_exits_6() -> None:
+    driver = Driver()
+    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
+    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    actions = driver.feed(loop.LocalFailure("No space left on device"))
+    assert driver.state.exit_code is ExitCode.STARTUP_IO and "KillSquid" in kinds(actions)
+
+
+def test_unwritable_config_while_running_rejects_the_reload_and_keeps_serving() -> None:
+    driver = reloading(Driver().running())
+    actions = driver.feed(loop.LocalFailure("No space left on device"))
+    assert kinds(actions) == ["Reject"] and driver.state.pending is None
+    assert driver.state.phase is loop.Phase.RUNNING
+
+
 # --- stopping ------------------------------------------------------------------------------------------------
 
 
