@@ -32,6 +32,12 @@ def is_accepting(line: str) -> bool:
     return all(marker in line for marker in ACCEPTING_MARKERS)
 
 
+def is_peer_connect_failure(line: str, host: str, port: int) -> bool:
+    """Squid's cache.log note "TCP connection to HOST/PORT failed" (logged for every non-200 answer of a peer
+    to a relayed CONNECT, e.g. each 403 of the refusal responder)."""
+    return line.endswith(f"TCP connection to {host}/{port} failed")
+
+
 def strip_timestamp(line: str) -> str:
     """``"2026/11/27 10:00:00| WARNING: ..."`` -> ``"WARNING: ..."``."""
     head, sep, tail = line.partition("| ")

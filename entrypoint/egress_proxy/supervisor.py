@@ -594,7 +594,7 @@ class Supervisor:
     # --- log relays (their own threads) ---------------------------------------------------------------------
     def _cache_log_line(self, line: str) -> None:
         text = line.rstrip("\n")
-        if self.denier is not None and text.endswith(f"TCP connection to 127.0.0.1/{self.denier.port} failed"):
+        if self.denier is not None and strings.is_peer_connect_failure(text, "127.0.0.1", self.denier.port):
             # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
             # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
             return
