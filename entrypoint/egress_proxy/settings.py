@@ -299,10 +299,12 @@ OPTIONS_BY_ENV: dict[str, Option] = {option.env: option for option in OPTIONS}
 SOURCE_OPTIONS = ("allowed_domains", "allowlist_file", "allowlist_secret")
 
 # EGRESS_* variables that configure the repository's own tooling (scripts/test, scripts/build-image, the
-# container tests, bench/), not the proxy. A developer may have them exported; they are not typos.
+# container, compose and infra tests, bench/), not the proxy. They may be exported where the proxy runs (the
+# infra tests start it with their whole environment); they are not typos. A unit test keeps this list complete.
 TOOLING_ENV = frozenset({
     "EGRESS_VENV", "EGRESS_IMAGE", "EGRESS_BASE_IMAGE", "EGRESS_BUILD_CACHE", "EGRESS_BUILD_CA_BUNDLE",
-    "EGRESS_CONTAINER_RUNTIME", "EGRESS_TEST_IMAGE", "EGRESS_BENCH_NETNS",
+    "EGRESS_CONTAINER_RUNTIME", "EGRESS_TEST_IMAGE", "EGRESS_BENCH_NETNS", "EGRESS_BENCH_OLD_TREE",
+    "EGRESS_PROXY", "EGRESS_PROXY_BIN", "EGRESS_TEST_ORIGIN_DIR", "EGRESS_TEST_SUBNET",
 })
 
 

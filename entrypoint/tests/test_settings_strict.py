@@ -104,3 +104,21 @@ def test_cdk_task_environment_sets_only_known_settings() -> None:
     literal = {name: value.value for name, value in keys.items()
                if isinstance(value, ast.Constant) and isinstance(value.value, str)}
     load_settings({}, literal)
+
+
+def test_every_egress_name_in_the_repository_is_a_setting_or_tooling() -> None:
+    """A new tooling variable (an EGRESS_ name read by a script) must be added to TOOLING_ENV, or the proxy started with
+    that environment would refuse to run."""
+    import re
+    import subprocess
+
+    deliberate_typos = {"EGRESS_ALLOWLIST_FLIE", "EGRESS_ZZZ"}  # this file's and the CLI tests' own examples
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    names: set[str] = set()
+    for name in files:
+        try:
+            names |= set(re.findall(r"\bEGRESS_[A-Z][A-Z0-9_]*\b", (ROOT / name).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            continue
+    stray = sorted(names - set(OPTIONS_BY_ENV) - TOOLING_ENV - deliberate_typos)
+    assert not stray, f"EGRESS_* names that are neither settings nor in settings.TOOLING_ENV: {stray}"
