@@ -216,6 +216,7 @@ class LoopState:
     backoff: float = 0.0
     seen_version: str | None = None  # last version applied OR rejected: neither is processed twice
     pending: Pending | None = None
+    launch_accepting: int = 0  # launching: workers that logged "Accepting" so far
     probe_at: float | None = None  # next port probe (launching, or confirming a reload)
     deadline: float | None = None  # launching: give up; draining: SIGKILL Squid
     status_at: float = 0.0
@@ -342,6 +343,13 @@ def _starting(state: LoopState, event: Event, now: float, config: LoopConfig) ->
 
 
 def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+    # Serving means every worker listens: a reconfigure before that (a SIGHUP, a quick edit) would catch a worker
+    # still opening its socket, and Squid would kill and restart it ("FATAL: Unable to open HTTP Socket").
+    if isinstance(event, WorkerAccepting):
+        state = replace(state, launch_accepting=state.launch_accepting + 1)
+        if state.launch_accepting == config.workers:
+            return replace(state, probe_at=None), [ProbePort()]
+        return state, []
     if isinstance(event, PortProbed):
         if event.accepts:
             state = replace(state, phase=Phase.RUNNING, probe_at=None, deadline=None,
@@ -353,7 +361,8 @@ def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -
             state, actions = _finish(state, ExitCode.SQUID_FAILED)
             return state, [Log("error", "startup_failed", f"Squid did not accept connections within "
                                f"{config.launch_timeout:g} s"), KillSquid(), *actions]
-        if state.probe_at is not None and now >= state.probe_at:
+        if (state.probe_at is not None and now >= state.probe_at
+                and state.launch_accepting >= config.workers):
             return replace(state, probe_at=None), [ProbePort()]
     return state, []
 

@@ -196,9 +196,12 @@ class EventQueue:
             signal.signal(signum, _ignore_signal)
 
     def close(self) -> None:
-        """Stop waking up. The handlers stay: a SIGTERM while the components stop (or the process exits) is
-        answered by the stop already under way, not by the default action, which would lose the exit code."""
+        """Stop waking up, and ignore further stop signals: the exit code is decided. (Python restores the
+        default action of every signal it handled when the interpreter finalizes, so a SIGTERM arriving while
+        the process exits would otherwise turn a clean exit, or exit 5, into death by signal.)"""
         signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
 
     def post(self, event: loop.Event) -> None:
         self._posted.append(event)

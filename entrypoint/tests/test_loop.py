@@ -34,6 +34,8 @@ class Driver:
     def running(self, version: str = "v1") -> Driver:
         self.feed(loop.SourcePolled(version=version, payload="snap"))
         self.feed(loop.CandidateBuilt(version, payload="cand"))
+        for _ in range(self.config.workers):
+            self.feed(loop.WorkerAccepting())
         self.feed(loop.PortProbed(True), at=self.now + 0.5)
         assert self.state.phase is loop.Phase.RUNNING
         return self
@@ -56,7 +58,10 @@ def test_startup_reads_builds_starts_and_waits_for_the_port() -> None:
     assert kinds(driver.feed(loop.SourcePolled(version="v1", payload="snap"))) == ["BuildCandidate"]
     assert kinds(driver.feed(loop.CandidateBuilt("v1", payload="cand"))) == ["StartSquid"]
     assert driver.state.phase is loop.Phase.LAUNCHING
-    assert kinds(driver.advance(0.1)) == ["ProbePort"]
+    # Not serving until every worker has logged "Accepting": a reconfigure before that restarts a worker.
+    assert kinds(driver.advance(0.1)) == []
+    assert kinds(driver.feed(loop.WorkerAccepting())) == []
+    assert kinds(driver.feed(loop.WorkerAccepting())) == ["ProbePort"]
     assert kinds(driver.feed(loop.PortProbed(False))) == []
     assert kinds(driver.advance(0.1)) == ["ProbePort"]
     assert kinds(driver.feed(loop.PortProbed(True))) == ["Serving"]

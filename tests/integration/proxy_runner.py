@@ -85,7 +85,9 @@ class ProxyRunner(LogReader):
         code = self.stop()
         assert code == 0, "\n".join(self.raw_lines[-30:])
         starts = self.squid_starts()
-        assert starts and set(starts.values()) == {1}, f"Squid was restarted: {starts}"
+        if not starts or set(starts.values()) != {1}:
+            cache_log = [r.get("message", "") for r in self.records if r.get("type") == "cache_log"]
+            raise AssertionError(f"Squid was restarted: {starts}; its log:\n" + "\n".join(cache_log[-80:]))
 
     def signal(self, signum: int) -> None:
         assert self.process
