@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from . import access_log
 from . import squid_strings as strings
 from .errors import ExitCode
-from .squid_conf import StatePaths, sni_helper_script
+from .squid_conf import RenderedConfig, StatePaths, sni_helper_script
 from .squid_strings import CERTGEN
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
@@ -65,6 +65,17 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         os.fsync(handle.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def write_rendered(rendered: RenderedConfig, paths: StatePaths) -> None:
+    """Write a rendered config (list files first, then squid.conf: Squid reads them when told to reconfigure)
+    and remove the list files of policies it no longer has: the SNI helper loads every list in the directory at
+    each (re)start, and a stale 50,000-entry list would slow it for nothing."""
+    files = rendered.files(paths)
+    for path, text in files.items():
+        atomic_write(path, text)
+    for stale in set(paths.policy_dir.glob("*")) - set(files):
+        stale.unlink(missing_ok=True)
 
 
 def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -> None:

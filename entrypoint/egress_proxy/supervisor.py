@@ -51,6 +51,7 @@ from .squid_process import (
     parse_check,
     prepare_state_dir,
     run_as_user,
+    write_rendered,
 )
 
 
@@ -124,16 +125,13 @@ class ConfigApplier:
         candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
         candidate = render(self.settings, document, candidate_paths, run_as=self.user,
                            denial_port=self.denial_port)
-        for path, text in candidate.files(candidate_paths).items():
-            atomic_write(path, text)
+        write_rendered(candidate, candidate_paths)
         for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
             self.logger.event("warning", "squid_parse_warning", warning)
         return document, rendered
 
     def activate(self, document: PolicyDocument, rendered: RenderedConfig, snapshot: Snapshot) -> None:
-        # The list files first, then squid.conf: Squid reads them only when told to reconfigure.
-        for path, text in rendered.files(self.paths).items():
-            atomic_write(path, text)
+        write_rendered(rendered, self.paths)
         self.active = rendered
         self.active_document = document
         self.stats.loaded_at = time.time()

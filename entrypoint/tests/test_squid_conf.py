@@ -21,7 +21,7 @@ from egress_proxy.squid_conf import (
     forbidden_destinations,
     render,
 )
-from egress_proxy.squid_process import SquidError, atomic_write, parse_check, prepare_state_dir
+from egress_proxy.squid_process import SquidError, atomic_write, parse_check, prepare_state_dir, write_rendered
 
 
 def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexact.example.org") -> str:
@@ -192,3 +192,18 @@ def test_parse_check_names_the_problem(tmp_path: Path) -> None:
     conf.write_text("http_port 3128\nacl broken dstdomain\nno_such_directive on\n")
     with pytest.raises(SquidError, match="squid -k parse rejected"):
         parse_check("squid", conf)
+
+
+def test_writing_a_config_removes_the_lists_of_policies_it_no_longer_has(tmp_path: Path) -> None:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
+    paths = StatePaths(tmp_path)
+    flat = parse_policy_value(".example.com", source="test", client_cidrs=settings.client_cidrs)
+    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1), paths)
+    assert sorted(p.name for p in paths.policy_dir.iterdir()) == ["default.allow", "default.deny"]
+    document = parse_policy_value(POLICY_DOCUMENT, source="test", client_cidrs=settings.client_cidrs)
+    write_rendered(render(settings, document, paths, run_as=None, denial_port=1), paths)
+    assert sorted(p.name for p in paths.policy_dir.iterdir()) == [
+        "ci-runners.allow", "ci-runners.deny", "default.allow", "default.deny", "empty.allow", "empty.deny"]
+    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1), paths)
+    assert sorted(p.name for p in paths.policy_dir.iterdir()) == ["default.allow", "default.deny"]
+    assert (paths.policy_dir / "default.allow").read_text() == ".example.com\n"
