@@ -90,6 +90,14 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _idle_seconds(raw: str) -> int:
+    # Whole seconds: Squid's time units are whole. At most a day, which is Squid's client_lifetime: no
+    # connection outlives that anyway.
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 86400:
+        raise _Bad("must be whole seconds from 1 to 86400", "use e.g. 900 (15 minutes)")
+    return int(raw)
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"on", "true", "yes", "1"}:
@@ -277,6 +285,21 @@ class Settings:
         "Squid worker processes (2-32). At least 2: in Squid's SMP mode a coordinator holds the listening "
         "socket, so new connections queue instead of being refused while the workers reconfigure.", "N")
     squid_binary: str = _option(_text, "squid", "The Squid executable (Debian's squid-openssl).", "PATH")
+    websockets: bool = _option(
+        _bool, "on",
+        "Forward WebSocket upgrades (Upgrade: websocket) of allowed plain-HTTP requests, i.e. ws:// URLs sent "
+        "to the proxy as 'GET http://host/path'. The host and port checks apply as to any request; wss:// "
+        "goes through CONNECT and needs nothing extra.", "on|off")
+    tunnel_idle_timeout: int = _option(
+        _idle_seconds, "900",
+        "Seconds an open tunnel (HTTPS CONNECT, WebSocket) or a response may stay silent before the proxy "
+        "closes it (Squid's read_timeout). Behind a load balancer, keep its TCP idle timeout at least this "
+        "long (the CDK app sets the NLB's to match).", "SECONDS")
+    client_idle_timeout: int = _option(
+        _idle_seconds, "120",
+        "Seconds an idle keep-alive connection from a client stays open between requests (Squid's "
+        "client_idle_pconn_timeout). Clients should drop pooled connections sooner, or retry idempotent "
+        "requests, to avoid reusing one the proxy is closing.", "SECONDS")
 
     @property
     def source_kind(self) -> str:

@@ -196,6 +196,9 @@ def render(
         "workers": settings.workers,
         "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
         "python": PYTHON,
+        "websockets": settings.websockets,
+        "tunnel_idle_timeout": settings.tunnel_idle_timeout,
+        "client_idle_timeout": settings.client_idle_timeout,
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.

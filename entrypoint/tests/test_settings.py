@@ -20,6 +20,8 @@ def test_defaults() -> None:
     assert settings.state_dir == Path("/var/lib/egress-proxy")
     assert settings.metrics is True and settings.metrics_namespace == "Proxy"
     assert settings.source_kind == "inline"
+    assert settings.websockets is True
+    assert (settings.tunnel_idle_timeout, settings.client_idle_timeout) == (900, 120)  # Squid's own defaults
 
 
 def test_env_then_flag_precedence() -> None:
@@ -62,6 +64,8 @@ def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
         ("metrics_namespace", "AWS/EC2", "CloudWatch namespace"),
         ("reload_interval", "0", "greater than zero"),
         ("listen_address", "localhost", "is not an IP address"),
+        ("tunnel_idle_timeout", "0", "whole seconds from 1 to 86400"),
+        ("client_idle_timeout", "1.5", "whole seconds from 1 to 86400"),
     ],
 )
 def test_bad_values_name_the_setting_and_the_fix(name: str, raw: str, fragment: str) -> None:

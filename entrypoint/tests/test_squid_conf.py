@@ -130,6 +130,20 @@ def test_specific_listen_address_may_read_the_cache_manager() -> None:
     assert "acl localhost_client src 127.0.0.1/32 ::1 10.0.1.5\n" in conf
 
 
+def test_websocket_upgrades_follow_the_setting() -> None:
+    rules = ["http_upgrade_request_protocols websocket allow all", "http_upgrade_request_protocols WebSocket allow all"]
+    on = _render()
+    assert all(rule in on for rule in rules)
+    # after http_access has decided: the rule only lets an allowed request keep its Upgrade header
+    assert on.index("http_access deny all reason_denied") < on.index(rules[0])
+    assert "http_upgrade_request_protocols" not in _render({"EGRESS_WEBSOCKETS": "off"})
+
+
+def test_idle_timeouts_are_rendered() -> None:
+    conf = _render({"EGRESS_TUNNEL_IDLE_TIMEOUT": "350", "EGRESS_CLIENT_IDLE_TIMEOUT": "60"})
+    assert "read_timeout 350 seconds\n" in conf and "client_idle_pconn_timeout 60 seconds\n" in conf
+
+
 def test_candidate_paths_point_at_candidate_dir() -> None:
     paths = StatePaths(Path("/srv/state"))
     candidate = paths.in_dir(paths.candidate_dir)
