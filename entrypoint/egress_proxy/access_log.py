@@ -32,6 +32,7 @@ REASONS: dict[str, str] = {
     "sni_unchecked": "the SNI check did not answer (its helper failed), so the tunnel was refused",
     "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
     "manager_denied": "the cache manager is reachable from the proxy host only",
+    "upstream_unavailable": "the upstream proxy (EGRESS_UPSTREAM_PROXY) is not accepting connections",
     "denied": "no rule allowed the request",
 }
 

@@ -25,11 +25,15 @@ _POLICY_HEADER = re.compile(rb"^x-egress-policy:[ \t]*([a-z0-9][a-z0-9-]{0,31})[
 _MAX_HEAD = 16 * 1024
 
 
+# Not every refusal is a policy decision: an unreachable upstream proxy is an outage.
+_STATUS = {"upstream_unavailable": "503 Service Unavailable"}
+
+
 def refusal(reason: str, policy: str | None = None) -> bytes:
     explanation = REASONS.get(reason, REASONS["denied"])
     policy_header = f"X-Egress-Policy: {policy}\r\n" if policy else ""
     return (
-        "HTTP/1.1 403 Forbidden\r\n"
+        f"HTTP/1.1 {_STATUS.get(reason, '403 Forbidden')}\r\n"
         f"X-Egress-Reason: {reason if reason in REASONS else 'denied'}\r\n"
         f"{policy_header}"
         f"X-Egress-Explanation: {explanation}\r\n"

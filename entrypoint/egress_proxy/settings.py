@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,19 @@ class AllowedPorts:
 
     http: tuple[int, ...]
     connect: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UpstreamProxy:
+    """The proxy that allowed traffic leaves through (EGRESS_UPSTREAM_PROXY). ``login`` is ``user:password``."""
+
+    host: str
+    port: int
+    login: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 # --- value parsers: each raises ValueError(why, fix) -------------------------------------------------------
@@ -96,6 +110,58 @@ def _idle_seconds(raw: str) -> int:
     if not raw.strip().isdigit() or not 1 <= int(raw) <= 86400:
         raise _Bad("must be whole seconds from 1 to 86400", "use e.g. 900 (15 minutes)")
     return int(raw)
+
+
+def check_login(login: str) -> str:
+    """``user:password`` for the upstream proxy. squid_conf.py URL-escapes it into cache_peer ``login=``, so any
+    printable character is fine; a user name starting with ``*`` or ``NEGOTIATE`` would switch Squid to another
+    login mode, so those are refused."""
+    user, sep, _ = login.partition(":")
+    if not sep or not user:
+        raise _Bad("credentials must be user:password", "write them as user:password on one line")
+    if any(ord(char) < 32 or ord(char) == 127 for char in login):
+        raise _Bad("credentials contain a control character", "remove it (a trailing newline is fine in a file)")
+    if user.startswith(("*", "NEGOTIATE")):
+        raise _Bad("the user name starts with '*' or 'NEGOTIATE', which Squid reads as a login mode",
+                   "use another user name")
+    return login
+
+
+def _upstream_proxy(raw: str) -> UpstreamProxy | None:
+    value = raw.strip()
+    if not value:
+        return None
+    example = "use http://HOST:PORT, e.g. http://proxy.corp.internal:3128"
+    try:
+        url = urllib.parse.urlsplit(value)
+        port = url.port
+    except ValueError as exc:
+        raise _Bad(f"is not a URL ({exc})", example) from None
+    if url.scheme != "http":
+        raise _Bad(f"has scheme {url.scheme or '(none)'!r}; only http:// upstream proxies are supported", example)
+    if not url.hostname or port is None:
+        raise _Bad("lacks a host or a port", example)
+    if url.path not in {"", "/"} or url.query or url.fragment:
+        raise _Bad("has a path, query or fragment", example)
+    login = None
+    if url.username is not None:
+        login = check_login(urllib.parse.unquote(url.username) + ":" + urllib.parse.unquote(url.password or ""))
+    return UpstreamProxy(host=url.hostname, port=port, login=login)
+
+
+def _without_password(raw: str) -> str:
+    """The URL as it may appear in an error message: never with its password."""
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", raw)
+
+
+def _no_proxy_domains(raw: str) -> tuple[str, ...]:
+    from .allowlist import AllowlistError, parse_allowlist
+
+    try:
+        return tuple(sorted(parse_allowlist(raw, source="EGRESS_UPSTREAM_NO_PROXY").entries))
+    except AllowlistError as exc:
+        raise _Bad(f"is not a list of domains: {exc}",
+                   "use allowlist entries: example.com for that host, .example.com for the domain") from None
 
 
 def _bool(raw: str) -> bool:
@@ -300,6 +366,18 @@ class Settings:
         "Seconds an idle keep-alive connection from a client stays open between requests (Squid's "
         "client_idle_pconn_timeout). Clients should drop pooled connections sooner, or retry idempotent "
         "requests, to avoid reusing one the proxy is closing.", "SECONDS")
+    upstream_proxy: UpstreamProxy | None = _option(
+        _upstream_proxy, "",
+        "An HTTP proxy that every allowed request leaves through (HTTP as a proxied request, HTTPS as a CONNECT), "
+        "http://HOST:PORT, optionally http://USER:PASSWORD@HOST:PORT. Empty: connect directly.", "URL")
+    upstream_proxy_credentials_file: Path | None = _option(
+        _optional_path, "",
+        "File holding user:password for the upstream proxy (read once at startup), instead of credentials in "
+        "EGRESS_UPSTREAM_PROXY.", "PATH")
+    upstream_no_proxy: tuple[str, ...] = _option(
+        _no_proxy_domains, "",
+        "Allowlist-style entries that go direct instead of through the upstream proxy: example.com for that "
+        "host, .example.com for the domain and its subdomains. They must still be allowlisted.", "LIST")
 
     @property
     def source_kind(self) -> str:
@@ -392,7 +470,8 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
         try:
             values[option.name] = option.parse(raw)
         except _Bad as bad:
-            raise SettingsError(option.name, raw, bad.why, bad.fix) from None
+            shown = _without_password(raw) if option.name == "upstream_proxy" else raw
+            raise SettingsError(option.name, shown, bad.why, bad.fix) from None
     sources = [name for name in SOURCE_OPTIONS if values[name]]
     if len(sources) > 1:
         names = ", ".join(OPTIONS_BY_NAME[name].env for name in sources)
@@ -405,4 +484,13 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
     # An explicitly empty EGRESS_ALLOWED_DOMAINS is a deliberate deny-everything list; nothing set at all is not.
     if require_source and not sources and "allowed_domains" not in given:
         raise NoSourceError()
+    upstream_needed = [name for name in ("upstream_proxy_credentials_file", "upstream_no_proxy") if values[name]]
+    if upstream_needed and values["upstream_proxy"] is None:
+        name = upstream_needed[0]
+        raise SettingsError(name, raw_by_name[name], "has no effect without EGRESS_UPSTREAM_PROXY",
+                            "set EGRESS_UPSTREAM_PROXY=http://HOST:PORT or unset this setting")
+    if values["upstream_proxy_credentials_file"] and values["upstream_proxy"].login:
+        raise SettingsError("upstream_proxy_credentials_file", raw_by_name["upstream_proxy_credentials_file"],
+                            "EGRESS_UPSTREAM_PROXY already carries credentials",
+                            "keep the credentials in one place: the file, or the URL")
     return Settings(**values)

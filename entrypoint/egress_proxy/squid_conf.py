@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import sys
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -122,6 +123,10 @@ class StatePaths:
         return self.state / "bin" / "sni_helper.py"
 
     @property
+    def upstream_probe(self) -> Path:
+        return self.state / "bin" / "upstream_probe.py"
+
+    @property
     def status(self) -> Path:
         return self.state / "status.json"
 
@@ -165,10 +170,12 @@ def flat_document(allowlist: Allowlist, settings: Settings) -> PolicyDocument:
 
 
 def render(
-    settings: Settings, document: PolicyDocument, paths: StatePaths, *, run_as: str | None, denial_port: int
+    settings: Settings, document: PolicyDocument, paths: StatePaths, *, run_as: str | None, denial_port: int,
+    upstream_login: str | None = None,
 ) -> RenderedConfig:
     """Render the config for ``document``. ``run_as`` is the user Squid drops to when started as root;
-    ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py)."""
+    ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py); ``upstream_login``
+    (user:password) is the upstream proxy's login when it is not in EGRESS_UPSTREAM_PROXY itself."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
     policies = _rendered_policies(document, paths)
@@ -199,6 +206,7 @@ def render(
         "websockets": settings.websockets,
         "tunnel_idle_timeout": settings.tunnel_idle_timeout,
         "client_idle_timeout": settings.client_idle_timeout,
+        "upstream": _upstream_context(settings, upstream_login),
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.
@@ -240,6 +248,17 @@ def _list_text(entries: Allowlist) -> str:
 
 def _network_order(net: IPNetwork) -> tuple[int, int, int]:
     return net.version, int(net.network_address), net.prefixlen
+
+
+def _upstream_context(settings: Settings, login: str | None) -> dict[str, object] | None:
+    upstream = settings.upstream_proxy
+    if upstream is None:
+        return None
+    login = upstream.login or login
+    # Squid URL-unescapes cache_peer login=, so escaping makes any character one safe squid.conf token.
+    escaped = ":".join(urllib.parse.quote(part, safe="") for part in login.split(":", 1)) if login else None
+    return {"host": upstream.host, "port": upstream.port, "login": escaped,
+            "no_proxy": list(settings.upstream_no_proxy)}
 
 
 def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
@@ -298,5 +317,13 @@ def default_error_page() -> str:
     return (TEMPLATES / "ERR_EGRESS_DENIED.html").read_text(encoding="utf-8")
 
 
+def upstream_error_page() -> str:
+    return (TEMPLATES / "ERR_EGRESS_UPSTREAM.html").read_text(encoding="utf-8")
+
+
 def sni_helper_script() -> str:
     return (resources.files("egress_proxy") / "sni_helper.py").read_text(encoding="utf-8")
+
+
+def upstream_probe_script() -> str:
+    return (resources.files("egress_proxy") / "upstream_probe.py").read_text(encoding="utf-8")

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from . import access_log
 from . import squid_strings as strings
 from .errors import ExitCode
-from .squid_conf import RenderedConfig, StatePaths, sni_helper_script
+from .squid_conf import RenderedConfig, StatePaths, sni_helper_script, upstream_error_page, upstream_probe_script
 from .squid_strings import CERTGEN
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
@@ -91,6 +91,7 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     _init_ssl_db(paths, user)
     _install_error_pages(paths, error_page)
     atomic_write(paths.sni_helper, sni_helper_script(), mode=0o644)
+    atomic_write(paths.upstream_probe, upstream_probe_script(), mode=0o644)
     for fifo in (paths.access_fifo, paths.cache_fifo):
         if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):
             fifo.unlink()
@@ -178,6 +179,7 @@ def _install_error_pages(paths: StatePaths, error_page: str) -> None:
             if template.is_file() and not (paths.errors / template.name).exists():
                 shutil.copyfile(template, paths.errors / template.name)
     atomic_write(paths.errors / "ERR_EGRESS_DENIED", error_page)
+    atomic_write(paths.errors / "ERR_EGRESS_UPSTREAM", upstream_error_page())
 
 
 def parse_check(squid_binary: str, conf: Path) -> list[str]:

@@ -39,7 +39,7 @@ from .denier import Denier
 from .errors import ExitCode, describe_os_error, exit_code_of
 from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .policy import PolicyDocument, parse_policy_value
-from .settings import Settings
+from .settings import Settings, SettingsError, check_login
 from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
 from .squid_conf import RenderedConfig, StatePaths, default_error_page, render, service_name
 from .squid_process import (
@@ -107,6 +107,7 @@ class ConfigApplier:
         self.logger = logger
         self.user = user
         self.denial_port = denial_port
+        self.upstream_login: str | None = None  # from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE, read at startup
         self.active: RenderedConfig | None = None
         self.active_document: PolicyDocument | None = None
         self.stats = ReloadStats()
@@ -119,12 +120,13 @@ class ConfigApplier:
         the error lists every bad entry. Skipping bad entries would silently apply a policy nobody wrote."""
         check_size(snapshot, source)
         document = parse_policy_value(snapshot.text, source=source, client_cidrs=self.settings.client_cidrs)
-        rendered = render(self.settings, document, self.paths, run_as=self.user, denial_port=self.denial_port)
+        rendered = render(self.settings, document, self.paths, run_as=self.user, denial_port=self.denial_port,
+                          upstream_login=self.upstream_login)
         if rendered == self.active:
             return document, rendered
         candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
         candidate = render(self.settings, document, candidate_paths, run_as=self.user,
-                           denial_port=self.denial_port)
+                           denial_port=self.denial_port, upstream_login=self.upstream_login)
         write_rendered(candidate, candidate_paths)
         for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
             self.logger.event("warning", "squid_parse_warning", warning)
@@ -160,6 +162,24 @@ class ConfigApplier:
         }
         atomic_write(self.paths.status, json.dumps(status, indent=1))
         self.status_written = time.monotonic()
+
+
+def read_upstream_login(settings: Settings) -> str | None:
+    """user:password from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE (one line), or None. Raises SettingsError."""
+    path = settings.upstream_proxy_credentials_file
+    if path is None:
+        return None
+    name = "upstream_proxy_credentials_file"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(name, str(path), f"cannot be read ({exc})",
+                            "point it at a readable file holding user:password") from None
+    try:
+        return check_login(text)
+    except ValueError as exc:
+        fix = getattr(exc, "fix", "write user:password on one line")
+        raise SettingsError(name, str(path), f"holds no valid credentials: {exc}", fix) from None
 
 
 def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
@@ -353,6 +373,11 @@ class Supervisor:
                               "point it at a readable HTML file or unset it for the built-in page")
             return ExitCode.BAD_CONFIG
         try:
+            upstream_login = read_upstream_login(self.settings)
+        except SettingsError as exc:
+            self.logger.event("error", "startup_failed", str(exc))
+            return ExitCode.BAD_CONFIG
+        try:
             prepare_state_dir(self.paths, error_page=error_page, user=self.user)
             self.denier = Denier()  # bound now, so the rendered config knows its port
         except SquidError as exc:
@@ -365,6 +390,7 @@ class Supervisor:
             return ExitCode.STARTUP_IO
         self.applier = ConfigApplier(self.settings, self.paths, self.logger, self.user,
                                      denial_port=self.denier.port)
+        self.applier.upstream_login = upstream_login
         self._start(self.worker)
         self._start(_Named("denier", self.denier.start, self.denier.stop))
         # Started (as a thread) only once Squid serves; registered here so that it stops after the relays have

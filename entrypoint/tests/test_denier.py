@@ -13,6 +13,11 @@ def test_reason_from_head() -> None:
     assert reason_from_head(b"CONNECT a:443 HTTP/1.1\r\n\r\n") == "denied"
 
 
+def test_an_upstream_outage_is_a_503_not_a_policy_refusal() -> None:
+    assert refusal("upstream_unavailable").startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert refusal("domain_not_allowlisted").startswith(b"HTTP/1.1 403 Forbidden\r\n")
+
+
 def test_unknown_reason_is_not_echoed() -> None:
     assert b"X-Egress-Reason: denied\r\n" in refusal("<script>")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_proxy.settings import OPTIONS, AllowedPorts, SettingsError, load_settings
+from egress_proxy.settings import OPTIONS, AllowedPorts, SettingsError, UpstreamProxy, load_settings
 
 
 def test_defaults() -> None:
@@ -65,6 +65,11 @@ def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
         ("reload_interval", "0", "greater than zero"),
         ("listen_address", "localhost", "is not an IP address"),
         ("tunnel_idle_timeout", "0", "whole seconds from 1 to 86400"),
+        ("upstream_proxy", "https://proxy:3128", "only http:// upstream proxies"),
+        ("upstream_proxy", "http://proxy", "lacks a host or a port"),
+        ("upstream_proxy", "http://proxy:3128/path", "has a path"),
+        ("upstream_proxy", "proxy:3128", "only http://"),
+        ("upstream_proxy", "http://*admin:pw@proxy:3128", "login mode"),
         ("client_idle_timeout", "1.5", "whole seconds from 1 to 86400"),
     ],
 )
@@ -74,6 +79,36 @@ def test_bad_values_name_the_setting_and_the_fix(name: str, raw: str, fragment: 
     message = str(caught.value)
     assert f"EGRESS_{name.upper()}" in message and f"--{name.replace('_', '-')}" in message
     assert fragment in message
+
+
+def test_upstream_proxy() -> None:
+    settings = load_settings({}, {"EGRESS_UPSTREAM_PROXY": "http://u%40corp:p%3Aw@10.0.0.9:3128",
+                                  "EGRESS_UPSTREAM_NO_PROXY": "b.example.com, .a.example.com"})
+    assert settings.upstream_proxy == UpstreamProxy("10.0.0.9", 3128, "u@corp:p:w")
+    assert settings.upstream_no_proxy == (".a.example.com", "b.example.com")
+    assert load_settings({}, {}).upstream_proxy is None
+    assert UpstreamProxy("fd00::1", 3128).address == "[fd00::1]:3128"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"EGRESS_UPSTREAM_NO_PROXY": "a.example.com"}, "no effect without EGRESS_UPSTREAM_PROXY"),
+        ({"EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE": "/run/secrets/p"}, "no effect without EGRESS_UPSTREAM_PROXY"),
+        ({"EGRESS_UPSTREAM_PROXY": "http://u:p@h:1", "EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE": "/x"},
+         "already carries credentials"),
+        ({"EGRESS_UPSTREAM_PROXY": "http://h:1", "EGRESS_UPSTREAM_NO_PROXY": "10.0.0.0/8"}, "not a list of domains"),
+    ],
+)
+def test_upstream_settings_that_conflict(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        load_settings({}, env)
+
+
+def test_upstream_password_never_appears_in_an_error() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, {"EGRESS_UPSTREAM_PROXY": "https://user:hunter2@proxy:3128"})
+    assert "hunter2" not in str(caught.value) and "user:***@proxy" in str(caught.value)
 
 
 def test_only_one_allowlist_source() -> None:

@@ -74,7 +74,8 @@ def test_policy_directives() -> None:
             assert f" {network}" in conf
     for reason in REASONS:
         assert f"acl reason_{reason} annotate_transaction reason={reason}" in conf
-        assert f"deny_info ERR_EGRESS_DENIED reason_{reason}" in conf
+        page = "503:ERR_EGRESS_UPSTREAM" if reason == "upstream_unavailable" else "ERR_EGRESS_DENIED"
+        assert f"deny_info {page} reason_{reason}" in conf
     assert SQUID_LOGFORMAT in conf
 
 
@@ -151,6 +152,57 @@ def test_candidate_paths_point_at_candidate_dir() -> None:
     assert candidate.cert == paths.cert  # only the config files move
 
 
+UPSTREAM = {"EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128", "EGRESS_UPSTREAM_NO_PROXY": ".direct.example"}
+
+
+def test_no_upstream_by_default() -> None:
+    conf = _render()
+    assert "upstream_probe" not in conf and "name=upstream" not in conf and "always_direct" not in conf
+    assert "never_direct allow all" not in conf and "reason_upstream_unavailable\n" not in conf.replace(
+        "deny_info 503:ERR_EGRESS_UPSTREAM reason_upstream_unavailable\n", "")
+
+
+def test_upstream_carries_allowed_requests_only() -> None:
+    conf = _render(UPSTREAM, entries=".example.com\n.direct.example")
+    peer = [line for line in conf.splitlines() if line.startswith("cache_peer 10.0.0.9")]
+    assert peer == ["cache_peer 10.0.0.9 parent 3128 0 no-query no-digest no-netdb-exchange "
+                    "connect-fail-limit=2147483647 name=upstream"]
+    lines = conf.splitlines()
+    # refused CONNECTs only to the denier, allowed ones only to the upstream, bypassed names only direct
+    assert lines.index("cache_peer_access upstream deny refused_connect") < lines.index(
+        "cache_peer_access upstream allow all")
+    assert "cache_peer_access upstream deny upstream_bypass" in lines
+    assert "always_direct allow upstream_bypass !refused_connect" in lines
+    assert lines.index("never_direct allow refused_connect") < lines.index("never_direct allow all")
+    assert "acl upstream_bypass dstdomain -n .direct.example" in lines
+    # the probe comes after every policy check, for both kinds of request, and is refused with its own reason
+    check = "!upstream_bypass !upstream_reachable reason_upstream_unavailable"
+    assert lines.index(f"http_access deny {check}") == lines.index(
+        "http_access deny forbidden_destination reason_destination_not_public") + 1
+    assert lines.index(f"ssl_bump splice step1 {check}") == lines.index(
+        "ssl_bump splice step1 forbidden_destination reason_destination_not_public") + 1
+    assert "deny_info 503:ERR_EGRESS_UPSTREAM reason_upstream_unavailable" in lines
+    refused = next(line for line in lines if line.startswith("acl refused_connect note reason"))
+    assert "upstream_unavailable" in refused.split()
+    assert " 10.0.0.9 3128" in next(line for line in lines if line.startswith("external_acl_type upstream_probe"))
+
+
+def test_upstream_without_no_proxy_has_no_bypass() -> None:
+    conf = _render({"EGRESS_UPSTREAM_PROXY": "http://proxy.corp.example:8080"})
+    assert "upstream_bypass" not in conf and "always_direct" not in conf
+    assert "http_access deny !upstream_reachable reason_upstream_unavailable" in conf
+    assert "cache_peer proxy.corp.example parent 8080 0" in conf
+
+
+def test_upstream_login_is_escaped_into_one_token() -> None:
+    settings = load_settings({}, {"EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128"})
+    conf = render(settings, flat_document(parse_allowlist(".example.com"), settings), StatePaths(Path("/s")),
+                  run_as=None, denial_port=39999, upstream_login='us er:p"w#d:x').squid_conf
+    assert " login=us%20er:p%22w%23d%3Ax name=upstream" in conf
+    in_url = _render({"EGRESS_UPSTREAM_PROXY": "http://a%40b:c%3Ad@10.0.0.9:3128"})
+    assert " login=a%40b:c%3Ad name=upstream" in in_url
+
+
 POLICY_DOCUMENT = json.dumps({"policies": [
     {"name": "ci-runners", "clients": ["10.0.8.0/22", "fd00:8::/64"], "mode": "report",
      "allow": [".github.com", "pypi.org"], "deny": ["gist.github.com"]},
@@ -160,13 +212,14 @@ POLICY_DOCUMENT = json.dumps({"policies": [
 
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
-@pytest.mark.parametrize("value", [".example.com", POLICY_DOCUMENT], ids=["flat", "document"])
-def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str) -> None:
-    settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
+@pytest.mark.parametrize(("value", "env"), [(".example.com", {}), (POLICY_DOCUMENT, {}), (".example.com", UPSTREAM)],
+                         ids=["flat", "document", "upstream"])
+def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dict[str, str]) -> None:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path), **env})
     paths = StatePaths(tmp_path)
     prepare_state_dir(paths, error_page=default_error_page(), user=None)
     document = parse_policy_value(value, source="test", client_cidrs=settings.client_cidrs)
-    rendered = render(settings, document, paths, run_as=None, denial_port=39999)
+    rendered = render(settings, document, paths, run_as=None, denial_port=39999, upstream_login="user:secret")
     for path, text in rendered.files(paths).items():
         atomic_write(path, text)
     assert parse_check("squid", paths.squid_conf) == []  # no errors, no unexpected warnings
