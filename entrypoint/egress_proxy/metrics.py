@@ -200,6 +200,7 @@ class DecisionCounter:
         self._allowed = 0
         self._denied = 0
         self._would_deny = 0
+        self._by_label: dict[tuple[str, str, str], int] = {}  # (decision, reason, policy) -> count
 
     def observe(self, record: Mapping[str, Any]) -> None:
         decision = record.get("decision")
@@ -210,6 +211,15 @@ class DecisionCounter:
                 self._denied += 1
             elif decision == "would_deny":  # let through by a report-mode policy: neither allowed nor denied
                 self._would_deny += 1
+            else:
+                return
+            key = (decision, str(record.get("reason") or ""), str(record.get("policy") or ""))
+            self._by_label[key] = self._by_label.get(key, 0) + 1
+
+    def by_label(self) -> dict[tuple[str, str, str], int]:
+        """Counts by (decision, reason, policy), for the Prometheus exporter."""
+        with self._lock:
+            return dict(self._by_label)
 
     def totals(self) -> tuple[int, int, int]:
         """(allowed, denied, would_deny) so far."""

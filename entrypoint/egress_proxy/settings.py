@@ -164,6 +164,10 @@ def _no_proxy_domains(raw: str) -> tuple[str, ...]:
                    "use allowlist entries: example.com for that host, .example.com for the domain") from None
 
 
+def _optional_port(raw: str) -> int | None:
+    return _port(raw) if raw.strip() else None
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"on", "true", "yes", "1"}:
@@ -378,6 +382,10 @@ class Settings:
         _no_proxy_domains, "",
         "Allowlist-style entries that go direct instead of through the upstream proxy: example.com for that "
         "host, .example.com for the domain and its subdomains. They must still be allowlisted.", "LIST")
+    prometheus_port: int | None = _option(
+        _optional_port, "",
+        "Serve Prometheus metrics at http://LISTEN_ADDRESS:PORT/metrics (from the supervisor, not Squid's "
+        "port). Empty: off.", "PORT")
 
     @property
     def source_kind(self) -> str:
@@ -484,6 +492,9 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
     # An explicitly empty EGRESS_ALLOWED_DOMAINS is a deliberate deny-everything list; nothing set at all is not.
     if require_source and not sources and "allowed_domains" not in given:
         raise NoSourceError()
+    if values["prometheus_port"] is not None and values["prometheus_port"] == values["port"]:
+        raise SettingsError("prometheus_port", raw_by_name["prometheus_port"], "is the proxy's own port",
+                            "use another port, e.g. 9128")
     upstream_needed = [name for name in ("upstream_proxy_credentials_file", "upstream_no_proxy") if values[name]]
     if upstream_needed and values["upstream_proxy"] is None:
         name = upstream_needed[0]

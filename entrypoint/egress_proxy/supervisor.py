@@ -393,10 +393,28 @@ class Supervisor:
         self.applier.upstream_login = upstream_login
         self._start(self.worker)
         self._start(_Named("denier", self.denier.start, self.denier.stop))
+        if self.settings.prometheus_port is not None and not self._start_prometheus(self.applier):
+            return ExitCode.BAD_CONFIG
         # Started (as a thread) only once Squid serves; registered here so that it stops after the relays have
         # drained Squid's last lines, and its final flush counts them.
         self._start(_Named("metrics", lambda: None, self._stop_metrics))
         return None
+
+    def _start_prometheus(self, applier: ConfigApplier) -> bool:
+        """/metrics on the listen address, from the supervisor (never Squid's port). A port in use is a setting
+        to fix, so it stops the start."""
+        from .prometheus import PrometheusExporter  # only when enabled: the client library is not needed otherwise
+
+        exporter = PrometheusExporter(self.settings, lambda: applier.stats, self.decisions, clock=time.time)
+        try:
+            self._start(_Named("prometheus", exporter.start, exporter.stop))
+        except OSError as exc:
+            self.logger.event("error", "startup_failed", f"cannot serve Prometheus metrics on {exporter.address}:"
+                              f"{exporter.port}: {exc.strerror}; choose a free EGRESS_PROMETHEUS_PORT")
+            return False
+        self.logger.event("info", "prometheus_started", f"Prometheus metrics at http://{exporter.address}:"
+                          f"{exporter.port}/metrics", address=exporter.address, port=exporter.port)
+        return True
 
     def _stop_metrics(self) -> None:
         if self.metrics is not None:

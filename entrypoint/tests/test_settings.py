@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert settings.source_kind == "inline"
     assert settings.websockets is True
     assert (settings.tunnel_idle_timeout, settings.client_idle_timeout) == (900, 120)  # Squid's own defaults
+    assert settings.prometheus_port is None and settings.upstream_proxy is None
 
 
 def test_env_then_flag_precedence() -> None:
@@ -65,6 +66,8 @@ def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
         ("reload_interval", "0", "greater than zero"),
         ("listen_address", "localhost", "is not an IP address"),
         ("tunnel_idle_timeout", "0", "whole seconds from 1 to 86400"),
+        ("prometheus_port", "3128", "the proxy's own port"),
+        ("prometheus_port", "metrics", "1 to 65535"),
         ("upstream_proxy", "https://proxy:3128", "only http:// upstream proxies"),
         ("upstream_proxy", "http://proxy", "lacks a host or a port"),
         ("upstream_proxy", "http://proxy:3128/path", "has a path"),
