@@ -56,7 +56,8 @@ class ProxyCollector(Collector):
         self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(PREFIX + "requests", "Requests decided by the proxy, from the access log.",
+        requests = CounterMetricFamily(PREFIX + "requests", "Requests decided by the proxy, from the access log "
+                                       "(decision allowed, denied or would_deny; the reason code; the policy name).",
                                        labels=["decision", "reason", "policy"])
         for (decision, reason, policy), count in sorted(self.decisions.by_label().items()):
             requests.add_metric([decision, reason, policy], count)

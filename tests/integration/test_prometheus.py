@@ -81,9 +81,9 @@ def test_metrics_agree_with_the_traffic(prometheus_proxy: ProxyRunner, ca: TestC
     print("scraped deltas:", {name: delta(name) for name in (
         "egress_proxy_client_http_requests_total", "egress_proxy_server_requests_total",
         "egress_proxy_server_received_bytes_total", "egress_proxy_client_http_sent_bytes_total")})
-    assert delta("egress_proxy_requests_total", decision="allowed", reason="allowed", policy="") == allowed
+    assert delta("egress_proxy_requests_total", decision="allowed", reason="allowed", policy="default") == allowed
     assert delta("egress_proxy_requests_total", decision="denied", reason="domain_not_allowlisted",
-                 policy="") == denied
+                 policy="default") == denied  # a flat allowlist is the one policy "default"
     assert value(after, "egress_proxy_squid_up") == 1
     # Squid's counters, with the CloudWatch test's semantics, plus one for the second scrape's own read.
     assert delta("egress_proxy_client_http_requests_total") == pytest.approx(allowed + denied + tunnels + 1, abs=1)
