@@ -157,8 +157,9 @@ def test_upstream_outage_is_a_503_with_a_reason(chained: ProxyRunner, upstream: 
 
         def every_worker_noticed() -> bool:
             # Each worker's probe caches its answer for 2 s and logs the change when it sees it. Ask until every
-            # worker has (each new connection lands on a random worker).
-            session().get("http://allowed.test/outage", proxies=chained.proxies, timeout=10)
+            # worker has (each new connection lands on a random worker). Another host than the one asserted on
+            # below, whose access lines must not mix with these.
+            session().get("http://probe.wild.test/outage", proxies=chained.proxies, timeout=10)
             noticed = [r for r in chained.records[mark:] if r.get("type") == "cache_log"
                        and "upstream_probe: the upstream proxy" in r.get("message", "")
                        and "is not accepting connections" in r["message"]]
