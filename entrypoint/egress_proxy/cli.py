@@ -24,7 +24,7 @@ from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import SourceUnavailable, check_size, make_source
 from .squid_conf import StatePaths, render
 from .squid_process import run_as_user
-from .supervisor import Supervisor
+from .supervisor import Supervisor, read_upstream_login
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -149,8 +149,9 @@ RENDER_DENIAL_PORT = 39128
 def _render(settings: Settings) -> int:
     document, _ = _load_document(settings)
     # 'run' picks a free loopback port for its refusal responder at startup; show a placeholder here.
+    # The upstream's login as 'run' renders it (from the credentials file, like credentials in the URL).
     rendered = render(settings, document, StatePaths(settings.state_dir), run_as=run_as_user(),
-                      denial_port=RENDER_DENIAL_PORT)
+                      denial_port=RENDER_DENIAL_PORT, upstream_login=read_upstream_login(settings))
     sys.stdout.write(rendered.squid_conf)
     # The list files the config reads, each under a comment naming where 'run' writes it.
     for path, text in rendered.files(StatePaths(settings.state_dir)).items():
