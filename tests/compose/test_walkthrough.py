@@ -55,6 +55,7 @@ APPEND = "echo www.example.com >> examples/allowlist.txt"
 NOW_ALLOWED = DENIED_CONNECT
 LOGS_GREP = "docker compose logs proxy | grep '\"type\":\"access\"'"
 LOGS_JQ = "docker compose logs --no-log-prefix proxy | jq -cR 'fromjson? | select(.type == \"access\")'"
+METRICS = "curl -s localhost:9128/metrics | grep '^egress_proxy_requests_total'"
 SECRETS_UP = "docker compose --profile secrets up -d --wait"
 SECRET_ALLOWED = "curl -x http://localhost:3129 https://www.example.com/"
 REMOVE = "sed -i '/^www.example.com$/d' examples/allowlist.txt"
@@ -63,7 +64,7 @@ HOST_PUSH = ("AWS_ENDPOINT_URL=http://localhost:5000 AWS_DEFAULT_REGION=us-east-
              "AWS_SECRET_ACCESS_KEY=testing egress-proxy allowlist push examples/allowlist.txt "
              "--secret egress-proxy/allowlist")
 DOWN = "docker compose --profile secrets down"
-README_COMMANDS = [UP, ALLOWED, DENIED_HTTP, DENIED_CONNECT, APPEND, NOW_ALLOWED, LOGS_GREP, LOGS_JQ,
+README_COMMANDS = [UP, ALLOWED, DENIED_HTTP, DENIED_CONNECT, APPEND, NOW_ALLOWED, LOGS_GREP, LOGS_JQ, METRICS,
                    SECRETS_UP, SECRET_ALLOWED, REMOVE, SEED, SECRET_ALLOWED, APPEND, HOST_PUSH, SECRET_ALLOWED,
                    DOWN]
 
@@ -246,6 +247,20 @@ def test_logs_show_json_access_lines(walk: Walkthrough) -> None:
     assert reasons == [("CONNECT", "example.com", "allowed"), ("GET", "www.example.com", "domain_not_allowlisted"),
                        ("CONNECT", "www.example.com", "domain_not_allowlisted"),
                        ("CONNECT", "www.example.com", "allowed")], reasons
+
+
+def test_prometheus_port_counts_the_same_decisions(walk: Walkthrough) -> None:
+    """EGRESS_PROMETHEUS_PORT is on in docker-compose.yml and published: the README's curl reads it from the host."""
+    output = walk.ok(METRICS)
+    print(output)
+    counts = {}
+    for line in output.splitlines():
+        match = re.fullmatch(r'egress_proxy_requests_total\{decision="(\w+)",policy="(\w*)",reason="(\w+)"\} (\S+)',
+                             line)
+        assert match, line
+        counts[match.group(1), match.group(3)] = float(match.group(4))
+    allowed, denied = walk.proxied["proxy"].count("allowed"), walk.proxied["proxy"].count("denied")
+    assert counts == {("allowed", "allowed"): allowed, ("denied", "domain_not_allowlisted"): denied}, counts
 
 
 def test_unreadable_allowlist_exits_4_and_restart_policy_brings_the_proxy_back(walk: Walkthrough) -> None:
