@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import DnsServer, free_port
+from harness import DnsServer, TestCA, free_port
 from proxy_runner import ProxyRunner
 from websockets.exceptions import InvalidProxyStatus
 from websockets.sync.client import connect as ws_connect
@@ -34,10 +35,10 @@ ALLOWLIST = "ws.test\n"
 class WebSocketOrigin:
     """An echo WebSocket server that records every handshake it accepted and every connection's end."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.handshakes: list[dict[str, str]] = []
         self.closed = threading.Event()
-        self._server: Server = serve(self._handle, host, port)
+        self._server: Server = serve(self._handle, host, port, ssl=tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="ws-origin", daemon=True)
 
     def _handle(self, connection: ServerConnection) -> None:
@@ -67,6 +68,17 @@ def ws_origin(dns: DnsServer) -> Iterator[WebSocketOrigin]:
     origin.stop()
     dns.remove("ws.test")
     dns.remove("notws.test")
+
+
+@pytest.fixture(scope="module")
+def wss_origin(ws_origin: WebSocketOrigin, ca: TestCA) -> Iterator[WebSocketOrigin]:
+    """The same echo server with TLS on 443 (a certificate for ws.test from the test CA)."""
+    chain, key = ca.issue(["ws.test"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain, key)
+    origin = WebSocketOrigin(WS_IP, 443, tls=context).start()
+    yield origin
+    origin.stop()
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +157,19 @@ def test_websocket_to_a_host_off_the_allowlist_is_refused(ws_proxy: ProxyRunner,
                              start=mark)
     assert line["decision"] == "denied" and line["reason"] == "domain_not_allowlisted"
     assert len(ws_origin.handshakes) == before  # nothing reached the server
+
+
+def test_wss_goes_through_connect_like_any_https(ws_proxy: ProxyRunner, wss_origin: WebSocketOrigin,
+                                                  ca: TestCA) -> None:
+    client_tls = ssl.create_default_context(cafile=str(ca.ca_path))
+    mark = ws_proxy.mark()
+    with ws_connect("wss://ws.test/secure", proxy=ws_proxy.proxy_url, ssl=client_tls, open_timeout=10) as ws:
+        ws.send("over tls")
+        assert ws.recv(timeout=10) == "over tls"
+    assert wss_origin.handshakes[-1]["path"] == "/secure"
+    line = ws_proxy.wait_for(lambda r: r.get("type") == "access" and r.get("method") == "CONNECT"
+                             and r.get("port") == 443, timeout=10, start=mark)
+    assert line["host"] == "ws.test" and line["sni"] == "ws.test" and line["reason"] == "allowed"
 
 
 def test_ws_scheme_in_the_request_line_is_rejected_by_squid(ws_proxy: ProxyRunner,
