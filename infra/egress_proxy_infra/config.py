@@ -31,7 +31,7 @@ MIN_EIP_POOL_SIZE = 3
 MAX_EIP_POOL_SIZE = 20
 #: The NLB's TCP idle timeout: AWS's default, and the range AWS accepts for the listener attribute
 #: tcp.idle_timeout.seconds (Elastic Load Balancing User Guide for NLBs, "Connection idle timeout").
-#: Issue 17 will make the proxy's own tunnel idle timeout a setting; this one should then match it.
+#: The proxy's own tunnel idle timeout (EGRESS_TUNNEL_IDLE_TIMEOUT) is set to the same value (stack.py).
 DEFAULT_NLB_IDLE_TIMEOUT_SECONDS = 350
 MIN_NLB_IDLE_TIMEOUT_SECONDS = 60
 MAX_NLB_IDLE_TIMEOUT_SECONDS = 6000

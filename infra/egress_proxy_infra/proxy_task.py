@@ -59,6 +59,8 @@ class ProxyEnvironment:
     reload_interval_seconds: str
     drain_seconds: int
     metrics_namespace: str
+    #: The proxy's tunnel idle limit; the stack gives it the NLB's TCP idle timeout (see stack.py).
+    tunnel_idle_timeout_seconds: int
 
     def as_env(self) -> dict[str, str]:
         return {
@@ -68,6 +70,7 @@ class ProxyEnvironment:
             "EGRESS_CLIENT_CIDRS": self.client_cidr,
             "EGRESS_RELOAD_INTERVAL": self.reload_interval_seconds,
             "EGRESS_DRAIN_SECONDS": str(self.drain_seconds),
+            "EGRESS_TUNNEL_IDLE_TIMEOUT": str(self.tunnel_idle_timeout_seconds),
             "EGRESS_METRICS": "on",
             "EGRESS_METRICS_NAMESPACE": self.metrics_namespace,
             "EGRESS_METRICS_INTERVAL": "60",

@@ -64,6 +64,9 @@ class EgressProxyStack(Stack):
                 dns_servers=params.dns_servers.value_as_string, client_cidr=params.client_cidr.value_as_string,
                 reload_interval_seconds=Token.as_string(params.reload_interval_seconds.value_as_number),
                 drain_seconds=config.drain_seconds, metrics_namespace=params.metrics_namespace.value_as_string,
+                # The NLB forgets an idle flow silently (the client's next packet gets a reset); the proxy closes
+                # one cleanly. One value for both, so neither limit surprises the other.
+                tunnel_idle_timeout_seconds=config.nlb_idle_timeout_seconds,
             ),
             allowlist=allowlist,
             log_retention_days=params.log_retention_days.value_as_number,

@@ -180,3 +180,23 @@ def test_nlb_tcp_idle_timeout_is_explicit_and_configurable(fargate: Synth,
                                                          "nlbIdleTimeoutSeconds": "900"})
     _, listener = synth.only("AWS::ElasticLoadBalancingV2::Listener")
     assert listener["Properties"]["ListenerAttributes"] == [{"Key": "tcp.idle_timeout.seconds", "Value": "900"}]
+
+
+def test_proxy_tunnel_idle_timeout_matches_the_nlb(fargate: Synth, ec2: Synth,
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 17: the proxy closes an idle tunnel (EGRESS_TUNNEL_IDLE_TIMEOUT, Squid's read_timeout) when the NLB
+    would forget it, for the default and for a configured value, in both capacity modes."""
+    from infra_synth import PUBLIC_IMAGE, synthesize
+
+    def limits(synth: Synth) -> tuple[str, str]:
+        _, listener = synth.only("AWS::ElasticLoadBalancingV2::Listener")
+        (attribute,) = listener["Properties"]["ListenerAttributes"]
+        _, task = synth.only("AWS::ECS::TaskDefinition")
+        (container,) = task["Properties"]["ContainerDefinitions"]
+        env = {e["Name"]: e["Value"] for e in container["Environment"]}
+        return attribute["Value"], env["EGRESS_TUNNEL_IDLE_TIMEOUT"]
+
+    assert limits(fargate) == limits(ec2) == ("350", "350")
+    custom = synthesize(tmp_path_factory.mktemp("idle-1200"), {"capacity": "fargate", "imageUri": PUBLIC_IMAGE,
+                                                               "nlbIdleTimeoutSeconds": "1200"})
+    assert limits(custom) == ("1200", "1200")

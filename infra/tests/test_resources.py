@@ -123,6 +123,7 @@ def test_container_environment_is_the_contract(synth: Synth) -> None:
         "EGRESS_CLIENT_CIDRS": {"Ref": "ClientCidr"},
         "EGRESS_RELOAD_INTERVAL": {"Ref": "ReloadIntervalSeconds"},
         "EGRESS_DRAIN_SECONDS": str(DRAIN_SECONDS),
+        "EGRESS_TUNNEL_IDLE_TIMEOUT": "350",  # the NLB's TCP idle timeout (test_quality.py)
         "EGRESS_METRICS": "on",
         "EGRESS_METRICS_NAMESPACE": {"Ref": "MetricsNamespace"},
         "EGRESS_METRICS_INTERVAL": "60",
