@@ -1,10 +1,11 @@
 """WebSockets through the proxy and the idle limits, with real clients and servers on loopback.
 
-A real WebSocket server (the ``websockets`` library) on 127.0.0.5:80 and a real client (aiohttp) that sends the
-handshake to the proxy as ``GET http://host/path`` with ``Upgrade: websocket``, as Node's ``ws`` with an HTTP
-proxy agent does. Two other client behaviours are pinned down too, because the README tells users about them:
-aiohttp given a ``ws://`` URL sends ``GET ws://host/path``, a scheme Squid 5 rejects (400); the ``websockets``
-client tunnels ``ws://`` with ``CONNECT host:80``, which the proxy refuses (``port_not_allowed``).
+A real WebSocket server (the ``websockets`` library) on 127.0.0.21:80 (and :443 with TLS) and a real client
+(aiohttp) that sends the handshake to the proxy as ``GET http://host/path`` with ``Upgrade: websocket``; wss://
+goes through CONNECT with the ``websockets`` client. Two other client behaviours are pinned down too, because the
+README tells users about them: aiohttp given a ``ws://`` URL sends ``GET ws://host/path``, a scheme Squid 5
+rejects (400); the ``websockets`` client tunnels ``ws://`` with ``CONNECT host:80``, which the proxy refuses
+(``port_not_allowed``).
 This module's proxy sets both idle limits to 2 seconds, so the tests can watch it close idle connections; they wait
 for the close itself (an observable event), never for a time.
 """
@@ -27,7 +28,7 @@ from websockets.exceptions import InvalidProxyStatus
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import Server, ServerConnection, serve
 
-WS_IP = "127.0.0.5"
+WS_IP = "127.0.0.21"  # no other module uses it (test_access_truth has .5, policies .10-.12)
 IDLE_SECONDS = 2
 ALLOWLIST = "ws.test\n"
 
