@@ -119,6 +119,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def write_allowlist(path: pathlib.Path, text: str) -> None:
+    """Atomic replace, as an editor or a ConfigMap update would do it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until something accepts TCP connections on ``host:port``.
 

@@ -23,8 +23,10 @@ from harness import (
     free_port,
     http_get_over,
     tls_over_tunnel,
+    write_allowlist,
 )
 from proxy_runner import ProxyRunner
+from tls_hello import closed_without_data, send_hello, with_server_names
 
 TEAM = "127.0.0.10"  # policy team-a (enforce)
 WATCHED = "127.0.0.11"  # policy watch (report)
@@ -205,18 +207,10 @@ def test_report_mode_never_relaxes_the_ssrf_guard(policy_proxy: ProxyRunner, int
 
 
 def test_report_mode_still_refuses_a_malformed_sni(policy_proxy: ProxyRunner, raw_server: RawTcpServer) -> None:
-    from tls_hello import with_server_names
-
     connections = raw_server.connections
     mark = policy_proxy.mark()
-    sock, status, _ = connect_tunnel((policy_proxy.host, policy_proxy.port), "raw.test", 443, source=WATCHED)
-    assert status == 200
-    sock.sendall(with_server_names([b"allowed.test"], [b"denied.test"]))
-    try:
-        assert sock.recv(4096) == b""
-    except (ConnectionError, TimeoutError):
-        pass
-    sock.close()
+    hello = with_server_names([b"allowed.test"], [b"denied.test"])
+    assert closed_without_data(send_hello((policy_proxy.host, policy_proxy.port), "raw.test", hello, source=WATCHED))
     record = policy_proxy.access(mark, host="raw.test", method="CONNECT", reason="sni_malformed")
     assert record["decision"] == "denied"
     assert raw_server.connections == connections
@@ -240,24 +234,18 @@ def test_a_client_in_no_policy_is_refused(policy_proxy: ProxyRunner, http_origin
 # --- live changes: a bad document keeps the last good one; report -> enforce -----------------------------------
 
 
-def _write(path: Path, value: str) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(value)
-    temporary.replace(path)
-
-
 def test_bad_document_keeps_the_last_good_one(policy_proxy: ProxyRunner, policy_file: Path) -> None:
     mark = policy_proxy.mark()
     bad = json.loads(json.dumps(DOCUMENT))
     bad["policies"][0]["allow"].append("https://nope.example/")
     bad["policies"][1]["clients"] = ["not-a-cidr"]
-    _write(policy_file, json.dumps(bad))
+    write_allowlist(policy_file, json.dumps(bad))
     rejected = policy_proxy.wait_for(lambda r: r.get("event") == "reload_rejected", timeout=15, start=mark)
     assert "policies[0].allow[1]" in rejected["bad_entries"] and "policies[1].clients[0]" in rejected["bad_entries"]
     # The last good document keeps serving: team-a's name still passes, gist is still denied.
     assert _get(policy_proxy, TEAM, "http://build.wild.test/still-good")[0] == 200
     assert _get(policy_proxy, TEAM, "http://gist.wild.test/still-good")[0] == 403
-    _write(policy_file, json.dumps(DOCUMENT))
+    write_allowlist(policy_file, json.dumps(DOCUMENT))
     policy_proxy.wait_for(lambda r: r.get("event") in {"reloaded", "reload_skipped"}, timeout=15, start=mark)
 
 
@@ -266,12 +254,12 @@ def test_switching_report_to_enforce_takes_effect_live(policy_proxy: ProxyRunner
     enforced = json.loads(json.dumps(DOCUMENT))
     enforced["policies"][1]["mode"] = "enforce"
     mark = policy_proxy.mark()
-    _write(policy_file, json.dumps(enforced))
+    write_allowlist(policy_file, json.dumps(enforced))
     try:
         policy_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)
         status, head, _ = _get(policy_proxy, WATCHED, "http://denied.test/rollout")
         assert status == 403 and b"X-Egress-Reason: domain_not_allowlisted" in head
     finally:
         mark = policy_proxy.mark()
-        _write(policy_file, json.dumps(DOCUMENT))
+        write_allowlist(policy_file, json.dumps(DOCUMENT))
         policy_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)

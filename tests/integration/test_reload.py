@@ -25,6 +25,7 @@ from harness import (
     http_get_over,
     read_body,
     tls_over_tunnel,
+    write_allowlist,
 )
 from harness import (
     client_session as session,
@@ -70,13 +71,6 @@ def proxy(public_tmp: Path, allowlist_file: Path, dns: DnsServer, http_origin: H
     runner.start()
     yield runner
     runner.stop_and_check_no_restart()  # one Squid for the whole module, however many reloads
-
-
-def write_allowlist(path: Path, text: str) -> None:
-    """Atomic replace, as an editor or a ConfigMap update would do it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def wait_event(proxy: ProxyRunner, name: str, mark: int, timeout: float = FILE_INTERVAL + MARGIN) -> Record:

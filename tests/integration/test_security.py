@@ -14,7 +14,7 @@ from conftest import INTERNAL_IP, ORIGIN_IP, PROXY_PORT, RAW_IP
 from harness import DnsServer, HttpOrigin, RawTcpServer, connect_tunnel
 from harness import client_session as session
 from proxy_runner import ProxyRunner
-from tls_hello import real_client_hello, with_server_names
+from tls_hello import closed_without_data, real_client_hello, send_hello, with_server_names
 
 PROXY = ("127.0.0.1", PROXY_PORT)
 SetName = Callable[[str, list[str]], str]
@@ -113,19 +113,7 @@ def test_exempt_only_answer_still_passes(proxy: ProxyRunner, dns_names: SetName,
 
 
 def _send_hello(hello: bytes) -> socket.socket:
-    sock, status, head = connect_tunnel(PROXY, "raw.test", 443)
-    assert status == 200, head  # the CONNECT target is allowlisted; the ClientHello decides
-    sock.sendall(hello)
-    return sock
-
-
-def _closed_without_data(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(4096) == b""
-    except (ConnectionError, TimeoutError):
-        return True
-    finally:
-        sock.close()
+    return send_hello(PROXY, "raw.test", hello)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +137,7 @@ def test_malformed_or_fronted_sni_is_refused(proxy: ProxyRunner, raw_server: Raw
                                              reason: str) -> None:
     connections = raw_server.connections
     mark = proxy.mark()
-    assert _closed_without_data(_send_hello(hello)), case
+    assert closed_without_data(_send_hello(hello)), case
     record = proxy.access(mark, host="raw.test", method="CONNECT", reason=reason)
     assert record["decision"] == "denied"
     assert raw_server.connections == connections, f"{case}: the ClientHello reached the origin"

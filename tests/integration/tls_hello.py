@@ -3,7 +3,10 @@ extension rewritten the way an attacker would (two extensions, two names in one 
 
 from __future__ import annotations
 
+import socket
 import ssl
+
+from harness import connect_tunnel
 
 SERVER_NAME = 0
 
@@ -61,3 +64,22 @@ def with_server_names(*extensions: list[bytes], split_at: int | None = None) -> 
     message = b"\x01" + len(new_hello).to_bytes(3, "big") + new_hello
     pieces = [message] if split_at is None else [message[:split_at], message[split_at:]]
     return b"".join(b"\x16\x03\x01" + _vector(piece, 2) for piece in pieces)
+
+
+def send_hello(proxy: tuple[str, int], target: str, hello: bytes, *, source: str | None = None) -> socket.socket:
+    """CONNECT ``target``:443 through ``proxy`` (from ``source``), then send ``hello`` inside the tunnel. The target
+    must be allowlisted for that client: the ClientHello is what the caller wants judged."""
+    sock, status, head = connect_tunnel(proxy, target, 443, source=source)
+    assert status == 200, head
+    sock.sendall(hello)
+    return sock
+
+
+def closed_without_data(sock: socket.socket) -> bool:
+    """True when the proxy closes the tunnel without sending a byte back (how a refused ClientHello ends)."""
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionError, TimeoutError):
+        return True
+    finally:
+        sock.close()
