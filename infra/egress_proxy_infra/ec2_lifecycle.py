@@ -112,13 +112,8 @@ class EipClaimHook(Construct):
         }
 
     def _grant_complete(self, role: iam.IRole, *, pool_tag_value: str) -> None:
-        role.add_to_principal_policy(iam.PolicyStatement(
-            sid="CompleteLaunchOfPoolGroupOnly", actions=["autoscaling:CompleteLifecycleAction"],
-            resources=[Stack.of(self).format_arn(
-                service="autoscaling", resource="autoScalingGroup", resource_name="*:autoScalingGroupName/*",
-                arn_format=ArnFormat.COLON_RESOURCE_NAME)],
-            conditions={"StringEquals": {f"aws:ResourceTag/{POOL_TAG_KEY}": pool_tag_value}},
-        ))
+        role.add_to_principal_policy(_pool_group_statement(
+            self, "CompleteLaunchOfPoolGroupOnly", "autoscaling:CompleteLifecycleAction", pool_tag_value))
         NagSuppressions.add_resource_suppressions(role, [NagPackSuppression(
             id="AwsSolutions-IAM5",
             applies_to=[
@@ -132,6 +127,18 @@ class EipClaimHook(Construct):
                    "instances depend on this function, so their ARNs cannot appear here. ec2:DescribeAddresses "
                    "has no resource-level permissions.",
         )], apply_to_children=True)
+
+
+def _pool_group_statement(scope: Construct, sid: str, action: str, pool_tag_value: str) -> iam.PolicyStatement:
+    """``action`` on Auto Scaling groups carrying this stack's pool tag only. A tag condition instead of the
+    group's ARN: the group depends on the functions holding this statement, so its name cannot appear here."""
+    return iam.PolicyStatement(
+        sid=sid, actions=[action],
+        resources=[Stack.of(scope).format_arn(
+            service="autoscaling", resource="autoScalingGroup", resource_name="*:autoScalingGroupName/*",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+        conditions={"StringEquals": {f"aws:ResourceTag/{POOL_TAG_KEY}": pool_tag_value}},
+    )
 
 
 class ScaleInProtectionRelease(Construct):
@@ -148,13 +155,8 @@ class ScaleInProtectionRelease(Construct):
         assert role is not None
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="DescribeGroups", actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"]))
-        role.add_to_principal_policy(iam.PolicyStatement(
-            sid="UnprotectPoolGroupOnly", actions=["autoscaling:SetInstanceProtection"],
-            resources=[Stack.of(self).format_arn(
-                service="autoscaling", resource="autoScalingGroup", resource_name="*:autoScalingGroupName/*",
-                arn_format=ArnFormat.COLON_RESOURCE_NAME)],
-            conditions={"StringEquals": {f"aws:ResourceTag/{POOL_TAG_KEY}": pool_tag_value}},
-        ))
+        role.add_to_principal_policy(_pool_group_statement(
+            self, "UnprotectPoolGroupOnly", "autoscaling:SetInstanceProtection", pool_tag_value))
         NagSuppressions.add_resource_suppressions(role, [NagPackSuppression(
             id="AwsSolutions-IAM5",
             applies_to=["Resource::*", "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:"
