@@ -176,6 +176,13 @@ class PolicyDocument:
     flat: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    @classmethod
+    def from_flat(cls, allowlist: Allowlist, client_cidrs: Sequence[IPNetwork]) -> PolicyDocument:
+        """A flat list as the one policy it stands for: 'default', enforce, clients = EGRESS_CLIENT_CIDRS."""
+        gate = tuple(client_cidrs)
+        default = Policy(DEFAULT_POLICY, gate, "enforce", allowlist, Allowlist(()))
+        return cls((default,), gate, flat=True, warnings=allowlist.warnings)
+
     @property
     def allowlist(self) -> Allowlist:
         """The flat list's Allowlist, for code that renders a single list. Raises ValueError for a document."""
@@ -395,9 +402,7 @@ def parse_policy_value(value: str, *, source: str, client_cidrs: Sequence[IPNetw
                 raise AllowlistError([AllowlistProblem(
                     entry=_truncate(stripped), why="has neither a 'policies' nor an 'allowed_domains' key",
                     fix=_DOCUMENT_FIX)], source)
-    allowlist = parse_allowlist_value(value, source=source)
-    default = Policy(DEFAULT_POLICY, gate, "enforce", allowlist, Allowlist(()))
-    return PolicyDocument((default,), gate, flat=True, warnings=allowlist.warnings)
+    return PolicyDocument.from_flat(parse_allowlist_value(value, source=source), gate)
 
 
 def parse_policy_document(

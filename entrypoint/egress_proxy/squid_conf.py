@@ -20,7 +20,7 @@ import jinja2
 from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
-from .policy import REPORTABLE_REASONS, Policy, PolicyDocument
+from .policy import REPORTABLE_REASONS, PolicyDocument
 from .settings import IPNetwork, Settings
 from .squid_strings import CERTGEN
 
@@ -161,12 +161,6 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,  # squid.conf, not HTML
     )
-
-
-def flat_document(allowlist: Allowlist, settings: Settings) -> PolicyDocument:
-    """The flat list as the one policy it stands for: 'default', enforce, clients = EGRESS_CLIENT_CIDRS."""
-    return PolicyDocument(policies=(Policy("default", settings.client_cidrs, "enforce", allowlist),),
-                          client_cidrs=settings.client_cidrs, flat=True)
 
 
 def render(

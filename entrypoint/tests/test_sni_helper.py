@@ -16,9 +16,9 @@ import pytest
 
 from egress_proxy import sni_helper
 from egress_proxy.allowlist import parse_allowlist
-from egress_proxy.policy import parse_policy_value
+from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import load_settings
-from egress_proxy.squid_conf import StatePaths, flat_document, render, sni_helper_script
+from egress_proxy.squid_conf import StatePaths, render, sni_helper_script
 
 ENTRIES = "b.example.com z.aaa.net .example.org .deep.sub.example.net xn--bcher-kva.example"
 
@@ -125,8 +125,8 @@ def test_agrees_with_the_policy_module() -> None:
     hosts = [".".join(rng.choice(labels) for _ in range(rng.randint(2, 5))) for _ in range(3000)]
     allowlist = parse_allowlist(ENTRIES)
     settings = load_settings({}, {})
-    rendered = render(settings, flat_document(allowlist, settings), StatePaths(Path("/unused")), run_as=None,
-                      denial_port=1)
+    rendered = render(settings, PolicyDocument.from_flat(allowlist, settings.client_cidrs), StatePaths(Path("/unused")),
+                      run_as=None, denial_port=1)
     allowed = sni_helper.load_allowlist(rendered.lists[("default", "allow")].splitlines())
     expected = [allowlist.allows(host) for host in hosts]
     assert expected.count(True) > 20  # the sample exercises both answers

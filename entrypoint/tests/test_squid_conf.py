@@ -11,23 +11,26 @@ import pytest
 
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
-from egress_proxy.policy import parse_policy_value
-from egress_proxy.settings import load_settings
+from egress_proxy.policy import PolicyDocument, parse_policy_value
+from egress_proxy.settings import Settings, load_settings
 from egress_proxy.squid_conf import (
     PRIVATE_DESTINATIONS,
     StatePaths,
     default_error_page,
-    flat_document,
     forbidden_destinations,
     render,
 )
 from egress_proxy.squid_process import SquidError, atomic_write, parse_check, prepare_state_dir, write_rendered
 
 
+def _flat(entries: str, settings: Settings) -> PolicyDocument:
+    return PolicyDocument.from_flat(parse_allowlist(entries), settings.client_cidrs)
+
+
 def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexact.example.org") -> str:
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
     paths = StatePaths(settings.state_dir)
-    return render(settings, flat_document(parse_allowlist(entries), settings), paths, run_as="proxy",
+    return render(settings, _flat(entries, settings), paths, run_as="proxy",
                   denial_port=39999).squid_conf
 
 
@@ -37,7 +40,7 @@ def test_render_is_deterministic() -> None:
 
 def test_allowlist_text_is_minimal_and_sorted() -> None:
     settings = load_settings({}, {})
-    rendered = render(settings, flat_document(parse_allowlist("b.example.com .example.com a.example.org"), settings),
+    rendered = render(settings, _flat("b.example.com .example.com a.example.org", settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
     assert rendered.lists[("default", "allow")] == ".example.com\na.example.org\n"
     assert rendered.lists[("default", "deny")] == ""
@@ -46,7 +49,7 @@ def test_allowlist_text_is_minimal_and_sorted() -> None:
 def test_allowlist_text_is_in_squids_label_order() -> None:
     # Labels compared from the right, as Squid's splay tree does, so its inserts stay at the tree's edge.
     settings = load_settings({}, {})
-    rendered = render(settings, flat_document(parse_allowlist("a.example.org b.example.com z.aaa.net"), settings),
+    rendered = render(settings, _flat("a.example.org b.example.com z.aaa.net", settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
     assert rendered.lists[("default", "allow")] == "b.example.com\nz.aaa.net\na.example.org\n"
 
@@ -196,7 +199,7 @@ def test_upstream_without_no_proxy_has_no_bypass() -> None:
 
 def test_upstream_login_is_escaped_into_one_token() -> None:
     settings = load_settings({}, {"EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128"})
-    conf = render(settings, flat_document(parse_allowlist(".example.com"), settings), StatePaths(Path("/s")),
+    conf = render(settings, _flat(".example.com", settings), StatePaths(Path("/s")),
                   run_as=None, denial_port=39999, upstream_login='us er:p"w#d:x').squid_conf
     assert " login=us%20er:p%22w%23d%3Ax name=upstream" in conf
     in_url = _render({"EGRESS_UPSTREAM_PROXY": "http://a%40b:c%3Ad@10.0.0.9:3128"})
