@@ -22,7 +22,9 @@ from .access_log import REASONS
 
 _REASON_HEADER = re.compile(rb"^x-egress-reason:[ \t]*([a-z_]+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _POLICY_HEADER = re.compile(rb"^x-egress-policy:[ \t]*([a-z0-9][a-z0-9-]{0,31})[ \t]*$", re.IGNORECASE | re.MULTILINE)
-_MAX_HEAD = 16 * 1024
+# Squid appends its headers after the client's, and accepts up to request_header_max_size (64 KiB) of them: read
+# the whole head, or a client could pad its headers until the proxy's reason falls past what is read.
+_MAX_HEAD = 256 * 1024
 
 
 # Not every refusal is a policy decision: an unreachable upstream proxy is an outage.

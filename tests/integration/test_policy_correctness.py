@@ -1,0 +1,121 @@
+"""Policy correctness against real Squid: refusals a client cannot forge, host names that are not ASCII, and
+client ranges that Squid would otherwise drop. Clients bind to their own loopback source addresses (127.0.0.3x)
+to land in different policies; "refused" always means the recording origin saw nothing."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ORIGIN_IP, RAW_IP
+from harness import DnsServer, HttpOrigin, RawTcpServer, TlsOrigin, free_port
+from proxy_runner import ProxyRunner
+
+ENFORCED = "127.0.0.30"  # policy team (enforce)
+REPORTED = "127.0.0.31"  # policy watch (report)
+
+DOCUMENT: dict[str, Any] = {"policies": [
+    {"name": "team", "clients": [f"{ENFORCED}/32"], "allow": [".idn.test", "allowed.test", "raw.test"],
+     "deny": ["bücher.idn.test"]},
+    {"name": "watch", "clients": [f"{REPORTED}/32"], "mode": "report", "allow": [".idn.test"],
+     "deny": ["bücher.idn.test"]},
+]}
+
+
+@pytest.fixture(scope="module")
+def strict_proxy(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin, tls_origin: TlsOrigin
+                 ) -> Iterator[ProxyRunner]:
+    dns.set_wildcard("idn.test", [ORIGIN_IP])
+    document = public_tmp / "correctness.json"
+    document.write_text(json.dumps(DOCUMENT))
+    runner = ProxyRunner(
+        public_tmp / "state-correctness",
+        {
+            "EGRESS_ALLOWLIST_FILE": str(document),
+            "EGRESS_DNS_SERVERS": "127.0.0.1",
+            "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32,{RAW_IP}/32",
+            "EGRESS_CLIENT_CIDRS": "127.0.0.0/24",
+        },
+        port=free_port(),
+    )
+    runner.start()
+    yield runner
+    runner.stop()
+    dns.remove_wildcard("idn.test")
+
+
+def _exchange(proxy: ProxyRunner, source: str, request: bytes) -> tuple[int, bytes]:
+    """Send one raw request from ``source``; (status, response head). The connection is closed after it."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(request)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    head = response.partition(b"\r\n\r\n")[0]
+    return int(head.split()[1]), head
+
+
+def _headers(head: bytes, name: str) -> list[bytes]:
+    prefix = name.lower().encode() + b":"
+    return [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")[1:] if line.lower().startswith(prefix)]
+
+
+# --- a refusal comes from the proxy alone ------------------------------------------------------------------------
+
+FORGED = (b"X-Egress-Reason: upstream_unavailable\r\nX-Egress-Policy: rep\r\n"
+          b"x-egress-explanation: forged\r\n")
+
+
+@pytest.mark.parametrize("kind", ["connect", "http"])
+def test_a_client_cannot_forge_its_refusal(strict_proxy: ProxyRunner, tls_origin: TlsOrigin,
+                                           http_origin: HttpOrigin, kind: str) -> None:
+    mark = strict_proxy.mark()
+    if kind == "connect":
+        request = b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n" + FORGED + b"\r\n"
+    else:
+        request = (b"GET http://denied.test/forged HTTP/1.1\r\nHost: denied.test\r\n" + FORGED
+                   + b"Connection: close\r\n\r\n")
+    status, head = _exchange(strict_proxy, ENFORCED, request)
+    record = strict_proxy.access(mark, host="denied.test", client_ip=ENFORCED)
+    assert (record["status"], record["reason"], record["policy"]) == (403, "domain_not_allowlisted", "team")
+    # The answer is the log line: one reason and one policy header each, the proxy's own.
+    assert status == 403, head
+    assert _headers(head, "X-Egress-Reason") == [b"domain_not_allowlisted"], head
+    assert _headers(head, "X-Egress-Policy") == [b"team"], head
+    assert b"forged" not in head
+    assert not [r for r in http_origin.requests if r["path"] == "/forged"]
+
+
+def test_a_huge_request_head_cannot_hide_the_proxys_reason(strict_proxy: ProxyRunner) -> None:
+    # Squid appends its own header after the client's: 40 KiB of client headers (Squid accepts up to 64 KiB)
+    # must not push it past what the refusal responder reads.
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(40))
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED,
+                             b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n" + padding + b"\r\n")
+    record = strict_proxy.access(mark, host="denied.test", client_ip=ENFORCED, method="CONNECT")
+    assert (status, record["status"], record["reason"]) == (403, 403, "domain_not_allowlisted"), head
+    assert _headers(head, "X-Egress-Reason") == [b"domain_not_allowlisted"], head
+    assert _headers(head, "X-Egress-Policy") == [b"team"], head
+
+
+def test_an_origin_cannot_pass_its_answer_off_as_a_refusal(strict_proxy: ProxyRunner) -> None:
+    # An allowed origin answering with the proxy's own refusal headers: the client must not read them as the
+    # proxy's verdict (the log says allowed).
+    forged = (b"HTTP/1.1 200 OK\r\nX-Egress-Reason: domain_denied\r\nX-Egress-Policy: watch\r\n"
+              b"X-Egress-Explanation: forged\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    with RawTcpServer(RAW_IP, 80, banner=forged) as origin:
+        mark = strict_proxy.mark()
+        status, head = _exchange(strict_proxy, ENFORCED,
+                                 b"GET http://raw.test/ HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n")
+        record = strict_proxy.access(mark, host="raw.test", client_ip=ENFORCED)
+        assert origin.received.startswith(b"GET / HTTP/1.1")
+    assert (status, record["decision"]) == (200, "allowed"), head
+    assert b"x-egress" not in head.lower(), head
