@@ -31,8 +31,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each also read from its EGRESS_* environment variable)")
     for option in OPTIONS:
         default = f" Default: {option.default!r}." if option.default else ""
-        group.add_argument(option.flag, dest=option.name, default=None, metavar=option.metavar,
-                           help=f"{option.help}{default} Env: {option.env}.")
+        # argparse %-formats help text: a literal '%' (Squid's error-page codes such as %H) must be doubled.
+        text = f"{option.help}{default} Env: {option.env}.".replace("%", "%%")
+        group.add_argument(option.flag, dest=option.name, default=None, metavar=option.metavar, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:

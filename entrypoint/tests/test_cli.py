@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from egress_proxy.cli import main
+from egress_proxy.cli import build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +89,25 @@ def test_run_turns_warnings_and_crashes_into_json_lines(monkeypatch: pytest.Monk
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [r["event"] for r in lines] == ["python_warning", "crashed"]
     assert "something odd" in lines[0]["message"] and "RuntimeError: a bug" in lines[1]["traceback"]
+
+
+def _every_command(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every (sub)command path of the parser, found in the parser itself so a new one is never missed."""
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _every_command(sub, (*prefix, name))
+    return found
+
+
+@pytest.mark.parametrize("command", _every_command(build_parser()), ids=" ".join)
+def test_every_help_page_prints(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: egress-proxy"), out
+    if command in {("run",), ("check",), ("render",), ("health",)}:
+        # Every setting is on the page, with its help text as written (a '%' in it once crashed argparse).
+        assert "--error-page PATH" in out and "%H" in out
