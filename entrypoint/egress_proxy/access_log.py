@@ -74,6 +74,7 @@ FIELDS: tuple[Field, ...] = (
     Field("status", "%>Hs", _int),
     Field("reason", "%#{reason}note", _text),
     Field("policy", "%#{policy}note", _text),
+    Field("client_identity", "%#{client_identity}note", _text),
     Field("would_deny", "%#{would_deny}note", _text),
     Field("squid_status", "%Ss", _text),
     Field("error", "%err_code", _text),

@@ -138,7 +138,7 @@ def _check(settings: Settings) -> int:
         return ExitCode.OK
     # A document: print it normalised (every key explicit, lists minimal and sorted), ready to push.
     print(json.dumps(document.to_json(), indent=2))
-    summary = ", ".join(f"{p.name} ({p.mode}, {len(p.clients)} client networks, {len(p.allow)} allow, "
+    summary = ", ".join(f"{p.name} ({p.mode}, {len(p.selectors)} client selectors, {len(p.allow)} allow, "
                         f"{len(p.deny)} deny)" for p in document.policies)
     print(f"ok: {len(document.policies)} policies from {description}: {summary}", file=sys.stderr)
     return ExitCode.OK

@@ -39,6 +39,7 @@ from .allowlist import (
     parse_allowlist_items,
     parse_allowlist_value,
 )
+from .identity_helper import BadSelector, Selector, normalise_address, parse_selector, resolve
 from .sni_helper import Malformed, host_name
 
 __all__ = [
@@ -113,13 +114,28 @@ class Tunnel:
 
 @dataclass(frozen=True)
 class Policy:
-    """One validated policy. ``allow`` and ``deny`` are minimal, sorted lists in the allowlist grammar."""
+    """One validated policy. ``allow`` and ``deny`` are minimal, sorted lists in the allowlist grammar.
+
+    ``selectors`` are its ``clients`` items in document order (identity_helper.py's grammar: CIDRs, security
+    groups, ECS services, tags, VPC endpoints); ``clients`` are its plain CIDRs among them, the part Squid's
+    ``src`` ACLs can judge alone. Without ``selectors``, the policy's clients are ``clients``."""
 
     name: str
     clients: tuple[IPNetwork, ...]
     mode: Mode = "enforce"
     allow: Allowlist = field(default_factory=lambda: Allowlist(()))
     deny: Allowlist = field(default_factory=lambda: Allowlist(()))
+    selectors: tuple[Selector, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.selectors:
+            cidrs = tuple(Selector("cidr", str(network), network=network) for network in self.clients)
+            object.__setattr__(self, "selectors", cidrs)
+
+    @property
+    def by_identity(self) -> bool:
+        """Does any selector need more than the source address (AWS membership, or the PROXY header)?"""
+        return any(selector.kind != "cidr" for selector in self.selectors)
 
     def contains(self, address: IPAddress) -> bool:
         return any(address in network for network in self.clients)
@@ -157,7 +173,7 @@ class Policy:
         """The normalised policy, as written back to a document (every key explicit)."""
         return {
             "name": self.name,
-            "clients": [str(network) for network in self.clients],
+            "clients": [selector.text for selector in self.selectors],
             "mode": self.mode,
             "allow": list(self.allow.entries),
             "deny": list(self.deny.entries),
@@ -197,12 +213,30 @@ class PolicyDocument:
     def policy(self, name: str) -> Policy | None:
         return next((policy for policy in self.policies if policy.name == name), None)
 
-    def select(self, client_ip: str | IPAddress) -> Policy | None:
-        """The policy a client belongs to: None outside EGRESS_CLIENT_CIDRS or in no policy."""
+    @property
+    def by_identity(self) -> bool:
+        """Does any policy name clients by more than a CIDR? Then the identity helper judges membership."""
+        return any(policy.by_identity for policy in self.policies)
+
+    def select(self, client_ip: str | IPAddress, *, endpoint: str | None = None,
+               members: Iterable[str] = ()) -> Policy | None:
+        """The policy a client belongs to: None outside EGRESS_CLIENT_CIDRS or in no policy. ``endpoint`` is
+        the VPC endpoint a PROXY header named; ``members`` the membership selectors AWS lists for the address."""
+        found = self.identify(client_ip, endpoint=endpoint, members=members)
+        return found[0] if found else None
+
+    def identify(self, client_ip: str | IPAddress, *, endpoint: str | None = None,
+                 members: Iterable[str] = ()) -> tuple[Policy, Selector] | None:
+        """The policy a client belongs to and the selector that matched (first match in document order)."""
         address = _address(client_ip)
         if not any(address in network for network in self.client_cidrs):
             return None
-        return next((policy for policy in self.policies if policy.contains(address)), None)
+        found = resolve([(policy.name, policy.selectors) for policy in self.policies], address, endpoint, members)
+        if found is None:
+            return None
+        policy = self.policy(found[0])
+        assert policy is not None
+        return policy, found[1]
 
     def decide(
         self,
@@ -212,6 +246,8 @@ class PolicyDocument:
         port_allowed: bool = True,
         destination_public: bool = True,
         tunnel: Tunnel | None = None,
+        endpoint: str | None = None,
+        members: Iterable[str] = (),
     ) -> Verdict:
         """The decision for one request, in the order the rendered Squid rules apply.
 
@@ -221,7 +257,7 @@ class PolicyDocument:
         first checks: what the ClientHello showed). In report mode each reportable refusal is remembered and
         the request goes on; the first one is the reason logged with 'would_deny'. Always-enforced checks after
         it still refuse, so a report-mode name pointing at a private address is 'denied'."""
-        policy = self.select(client_ip)
+        policy = self.select(client_ip, endpoint=endpoint, members=members)
         if policy is None:
             return Verdict(None, "denied", "client_not_allowed")
         if not port_allowed:
@@ -337,12 +373,12 @@ class PolicyDiff:
             if before is None:
                 changes.append(PolicyChange(
                     policy.name, "added", mode=(None, policy.mode),
-                    clients=(tuple(str(n) for n in policy.clients), ()),
+                    clients=(tuple(s.text for s in policy.selectors), ()),
                     allow=(policy.allow.entries, ()), deny=(policy.deny.entries, ())))
                 continue
             change = PolicyChange(
                 policy.name, "changed", mode=(before.mode, policy.mode),
-                clients=_set_diff([str(n) for n in before.clients], [str(n) for n in policy.clients]),
+                clients=_set_diff([s.text for s in before.selectors], [s.text for s in policy.selectors]),
                 allow=before.allow.diff(policy.allow), deny=before.deny.diff(policy.deny))
             if change.added or change.removed or before.mode != policy.mode:
                 changes.append(change)
@@ -477,7 +513,7 @@ def _parse_policy(
             names[name] = index
     label = f"{path} ({name})" if name else path
 
-    clients = _parse_clients(item.get("clients"), f"{path}.clients", "clients" in item, problems)
+    selectors = _parse_clients(item.get("clients"), f"{path}.clients", "clients" in item, problems)
 
     mode_value = item.get("mode", "enforce")
     mode: Mode = "enforce"
@@ -491,8 +527,9 @@ def _parse_policy(
 
     allow = _parse_list(item.get("allow", []), f"{path}.allow", problems, warnings)
     deny = _parse_list(item.get("deny", []), f"{path}.deny", problems, warnings)
-    if len(problems) > count or name is None or clients is None or allow is None or deny is None:
+    if len(problems) > count or name is None or selectors is None or allow is None or deny is None:
         return None
+    clients = tuple(s.network for s in selectors if s.kind == "cidr" and s.network is not None)
 
     if not allow.entries:
         refused = "would be refused (logged would_deny)" if mode == "report" else "is refused"
@@ -507,7 +544,7 @@ def _parse_policy(
             warnings.append(
                 f"{allow.paths.get(entry, path + '.allow')} {entry!r} is entirely covered by the deny list, so "
                 "it allows nothing; remove it, or narrow the deny entry")
-    return Policy(name, clients, mode, allow, deny)
+    return Policy(name, clients, mode, allow, deny, selectors)
 
 
 def _parse_name(value: object, path: str, problems: list[AllowlistProblem]) -> str | None:
@@ -538,7 +575,9 @@ def _parse_name(value: object, path: str, problems: list[AllowlistProblem]) -> s
 
 def _parse_clients(
     value: object, path: str, present: bool, problems: list[AllowlistProblem]
-) -> tuple[IPNetwork, ...] | None:
+) -> tuple[Selector, ...] | None:
+    """The policy's client selectors: CIDRs through ``_parse_cidr`` (the one CIDR parser), every other kind
+    through identity_helper's grammar."""
     if not present:
         problems.append(AllowlistProblem(
             "", "is missing", 'list the client networks, e.g. "clients": ["10.0.8.0/22"]', path=path))
@@ -553,15 +592,34 @@ def _parse_clients(
             "", "is empty, so the policy applies to nobody", "list its client networks, or remove the policy",
             path=path))
         return None
-    networks: list[IPNetwork] = []
+    selectors: list[Selector] = []
+    seen: dict[str, int] = {}
     ok = True
     for index, raw in enumerate(value):
-        network = _parse_cidr(raw, f"{path}[{index}]", problems)
-        if network is None:
+        selector = _parse_selector(raw, f"{path}[{index}]", problems)
+        if selector is None:
+            ok = False
+        elif selector.text in seen:
+            problems.append(AllowlistProblem(
+                raw, f"repeats {path}[{seen[selector.text]}]", "list each client selector once",
+                path=f"{path}[{index}]"))
             ok = False
         else:
-            networks.append(network)
-    return tuple(networks) if ok else None
+            seen[selector.text] = index
+            selectors.append(selector)
+    return tuple(selectors) if ok else None
+
+
+def _parse_selector(raw: object, path: str, problems: list[AllowlistProblem]) -> Selector | None:
+    if not isinstance(raw, str) or raw.strip()[:1].isdigit() or (
+            ":" in raw and not raw.strip().lower().startswith(("vpce-", "ecs:", "tag:"))):
+        network = _parse_cidr(raw, path, problems)
+        return None if network is None else Selector("cidr", str(network), network=network)
+    try:
+        return parse_selector(raw)
+    except BadSelector as bad:
+        problems.append(AllowlistProblem(raw, bad.why, bad.fix, path=path))
+        return None
 
 
 def _parse_cidr(raw: object, path: str, problems: list[AllowlistProblem]) -> IPNetwork | None:
@@ -667,11 +725,7 @@ def _covered(network: IPNetwork, others: Iterable[IPNetwork]) -> bool:
 
 
 def _address(client_ip: str | IPAddress) -> IPAddress:
-    address = ipaddress.ip_address(client_ip) if isinstance(client_ip, str) else client_ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; policies are written in IPv4.
-        return address.ipv4_mapped
-    return address
+    return normalise_address(client_ip)
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -263,6 +263,21 @@ def _allowed_ports(raw: str) -> AllowedPorts:
     return AllowedPorts(http=tuple(sorted(set(http))), connect=tuple(sorted(set(connect))))
 
 
+def _proxy_protocol(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"off", "required"}:
+        raise _Bad("is not off or required",
+                   "use required behind a load balancer that sends PROXY protocol v2 (an NLB with proxy protocol "
+                   "on its target group), else off")
+    return value
+
+
+def _whole_seconds(raw: str) -> int:
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 3600:
+        raise _Bad("must be whole seconds from 1 to 3600", "use e.g. 5")
+    return int(raw)
+
+
 def _namespace(raw: str) -> str:
     value = raw.strip()
     if not value or len(value) > 255 or value.startswith("AWS/") or not re.fullmatch(r"[\w.\-/#:]+", value):
@@ -382,6 +397,24 @@ class Settings:
         _no_proxy_domains, "",
         "Allowlist-style entries that go direct instead of through the upstream proxy: example.com for that "
         "host, .example.com for the domain and its subdomains. They must still be allowlisted.", "LIST")
+    proxy_protocol: str = _option(
+        _proxy_protocol, "off",
+        "PROXY protocol (v1 or v2) on the proxy port: off, or required (every connection must start with a "
+        "PROXY header, sent from EGRESS_PROXY_PROTOCOL_FROM; the header's source address is the client's, and "
+        "its VPC endpoint ID selects vpce- policies).", "off|required")
+    proxy_protocol_from: tuple[IPNetwork, ...] = _option(
+        _cidrs, "",
+        "Addresses allowed to send a PROXY header (the load balancer's subnets), comma-separated CIDRs. "
+        "Required with EGRESS_PROXY_PROTOCOL=required; a header from anywhere else is refused.", "CIDRS")
+    identity_refresh: float = _option(
+        _positive_float, "10",
+        "Seconds between AWS polls of the members of sg-, ecs: and tag: client selectors (EC2 "
+        "DescribeNetworkInterfaces, ECS ListTasks/DescribeTasks). A client that left its group loses its policy "
+        "within EGRESS_IDENTITY_REFRESH + EGRESS_IDENTITY_TTL seconds.", "SECONDS")
+    identity_ttl: int = _option(
+        _whole_seconds, "5",
+        "Seconds each Squid worker caches a client's identity answer, and the on-demand lookup caches an "
+        "address that AWS says belongs to no selector.", "SECONDS")
     prometheus_port: int | None = _option(
         _optional_port, "",
         "Serve Prometheus metrics at http://LISTEN_ADDRESS:PORT/metrics (from the supervisor, not Squid's "
@@ -500,6 +533,15 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
         name = upstream_needed[0]
         raise SettingsError(name, raw_by_name[name], "has no effect without EGRESS_UPSTREAM_PROXY",
                             "set EGRESS_UPSTREAM_PROXY=http://HOST:PORT or unset this setting")
+    if values["proxy_protocol"] == "required" and not values["proxy_protocol_from"]:
+        raise SettingsError("proxy_protocol_from", raw_by_name["proxy_protocol_from"],
+                            "is empty, so no load balancer may send the PROXY header that "
+                            "EGRESS_PROXY_PROTOCOL=required demands",
+                            "list the load balancer's subnets, e.g. 10.0.0.0/24,10.0.1.0/24")
+    if values["proxy_protocol"] == "off" and values["proxy_protocol_from"]:
+        raise SettingsError("proxy_protocol_from", raw_by_name["proxy_protocol_from"],
+                            "has no effect with EGRESS_PROXY_PROTOCOL=off",
+                            "set EGRESS_PROXY_PROTOCOL=required or unset this setting")
     if values["upstream_proxy_credentials_file"] and values["upstream_proxy"].login:
         raise SettingsError("upstream_proxy_credentials_file", raw_by_name["upstream_proxy_credentials_file"],
                             "EGRESS_UPSTREAM_PROXY already carries credentials",

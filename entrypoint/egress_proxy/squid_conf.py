@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import sys
 import urllib.parse
 from collections.abc import Iterable
@@ -127,6 +128,30 @@ class StatePaths:
         return self.state / "bin" / "upstream_probe.py"
 
     @property
+    def identity_helper(self) -> Path:
+        return self.state / "bin" / "identity_helper.py"
+
+    @property
+    def identity_policies(self) -> Path:
+        """Each policy's client selectors in document order, for the identity helper (rendered with the config:
+        Squid restarts its helpers on every reconfigure, so they read the active one)."""
+        return self.conf_dir / "identity.json"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state / "identity"
+
+    @property
+    def membership(self) -> Path:
+        """The membership table (address -> sg-/ecs:/tag: selectors), rewritten atomically by the supervisor."""
+        return self.identity_dir / "members.json"
+
+    @property
+    def lookup_socket(self) -> Path:
+        """The supervisor's on-demand lookup (by private IP), for addresses no poll has seen."""
+        return self.identity_dir / "lookup.sock"
+
+    @property
     def status(self) -> Path:
         return self.state / "status.json"
 
@@ -148,9 +173,12 @@ class _CandidatePaths(StatePaths):
 class RenderedConfig:
     squid_conf: str
     lists: dict[tuple[str, str], str]  # (policy name, "allow" | "deny") -> the list file's text
+    identity: str | None = None  # the identity helper's policy file, when policies name clients by identity
 
     def files(self, paths: StatePaths) -> dict[Path, str]:
         listed = {paths.policy_list(name, kind): text for (name, kind), text in self.lists.items()}
+        if self.identity is not None:
+            listed[paths.identity_policies] = self.identity
         return {**listed, paths.squid_conf: self.squid_conf}
 
 
@@ -173,6 +201,7 @@ def render(
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
     policies = _rendered_policies(document, paths)
+    identity = _identity_context(settings, document)
     context = {
         "version": __version__,
         "entry_count": document.entry_count,
@@ -201,12 +230,37 @@ def render(
         "tunnel_idle_timeout": settings.tunnel_idle_timeout,
         "client_idle_timeout": settings.client_idle_timeout,
         "upstream": _upstream_context(settings, upstream_login),
+        "identity": identity,
+        "proxy_protocol_from": ([str(net) for net in settings.proxy_protocol_from]
+                                if settings.proxy_protocol == "required" else []),
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.
     lists = {(policy.name, kind): _list_text(getattr(policy, kind))
              for policy in document.policies for kind in ("allow", "deny")}
-    return RenderedConfig(squid_conf=squid_conf, lists=lists)
+    return RenderedConfig(squid_conf=squid_conf, lists=lists, identity=identity_policy_file(document))
+
+
+# How long the identity helper waits for the supervisor's on-demand lookup (one EC2 call) before it answers ERR.
+# Squid holds the request meanwhile, so this bounds the wait of a client nobody has seen yet.
+IDENTITY_LOOKUP_TIMEOUT = 2.0
+
+
+def identity_policy_file(document: PolicyDocument) -> str | None:
+    """The identity helper's policy file (None when every policy names clients by CIDR only)."""
+    if not document.by_identity:
+        return None
+    return json.dumps({"policies": [{"name": policy.name, "clients": [s.text for s in policy.selectors]}
+                                    for policy in document.policies]}, indent=1)
+
+
+def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str, Any] | None:
+    """With any identity selector, the helper judges every policy's membership: first match in document order
+    runs over all kinds, so a CIDR policy listed after a security group's must not claim that group's members."""
+    if not document.by_identity:
+        return None
+    return {"ttl": settings.identity_ttl, "timeout": IDENTITY_LOOKUP_TIMEOUT,
+            "report_policies": [policy.name for policy in document.policies if policy.mode == "report"]}
 
 
 # A source address no TCP client has (IPv4 broadcast): stands in for an empty client list, which Squid rejects.
@@ -217,7 +271,8 @@ def _rendered_policies(document: PolicyDocument, paths: StatePaths) -> list[dict
     """The policies as the template needs them, each with the clients it really judges: its own CIDRs minus those
     of every earlier policy (a client belongs to the first policy that contains it), so that the rendered rules
     can name one policy's clients without repeating "and not an earlier policy's". A policy left with no clients
-    never applies (the document's warnings say so) and is not rendered."""
+    never applies (the document's warnings say so) and is not rendered. With identity selectors the helper
+    judges membership, so every policy is rendered (its ``clients`` are then unused)."""
     rendered: list[dict[str, Any]] = []
     earlier: list[IPNetwork] = []
     for policy in document.policies:
@@ -225,7 +280,7 @@ def _rendered_policies(document: PolicyDocument, paths: StatePaths) -> list[dict
         for taken in earlier:
             own = [piece for net in own for piece in _subtract(net, taken)]
         earlier += policy.clients
-        if own:
+        if own or document.by_identity:
             rendered.append({
                 "name": policy.name,
                 "mode": policy.mode,
@@ -313,6 +368,10 @@ def default_error_page() -> str:
 
 def upstream_error_page() -> str:
     return (TEMPLATES / "ERR_EGRESS_UPSTREAM.html").read_text(encoding="utf-8")
+
+
+def identity_helper_script() -> str:
+    return (resources.files("egress_proxy") / "identity_helper.py").read_text(encoding="utf-8")
 
 
 def sni_helper_script() -> str:

@@ -24,7 +24,14 @@ from cryptography.x509.oid import NameOID
 from . import access_log
 from . import squid_strings as strings
 from .errors import ExitCode
-from .squid_conf import RenderedConfig, StatePaths, sni_helper_script, upstream_error_page, upstream_probe_script
+from .squid_conf import (
+    RenderedConfig,
+    StatePaths,
+    identity_helper_script,
+    sni_helper_script,
+    upstream_error_page,
+    upstream_probe_script,
+)
 from .squid_strings import CERTGEN
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
@@ -81,7 +88,7 @@ def write_rendered(rendered: RenderedConfig, paths: StatePaths) -> None:
 def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -> None:
     """Create everything Squid needs that does not depend on the allowlist. Idempotent."""
     for directory in (paths.state, paths.conf_dir, paths.candidate_dir, paths.cert.parent, paths.access_fifo.parent,
-                      paths.sni_helper.parent):
+                      paths.sni_helper.parent, paths.identity_dir):
         directory.mkdir(parents=True, exist_ok=True)
     _check_reachable(paths.state, user)
     _prepare_smp_dirs(user)
@@ -92,6 +99,7 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     _install_error_pages(paths, error_page)
     atomic_write(paths.sni_helper, sni_helper_script(), mode=0o644)
     atomic_write(paths.upstream_probe, upstream_probe_script(), mode=0o644)
+    atomic_write(paths.identity_helper, identity_helper_script(), mode=0o644)
     for fifo in (paths.access_fifo, paths.cache_fifo):
         if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):
             fifo.unlink()

@@ -178,8 +178,9 @@ def test_every_problem_is_reported_by_path_with_a_fix() -> None:
         "policies[0].name: 'CI Runners' is not a valid policy name; use 'ci-runners' "
         "(names are 1-32 lowercase letters, digits and '-', starting with a letter or digit)",
         "policies[0].clients[0]: '10.0.8.1/22' has host bits set; use '10.0.8.0/22' (the network containing it)",
-        "policies[0].clients[1]: 'not-a-cidr' is not an IPv4 or IPv6 CIDR "
-        "('not-a-cidr' does not appear to be an IPv4 or IPv6 network); write e.g. \"10.0.8.0/22\" or \"fd00:1::/64\"",
+        "policies[0].clients[1]: 'not-a-cidr' is not a client selector; write one of \"10.0.8.0/22\", "
+        "\"sg-0123456789abcdef0\", \"ecs:prod/payments\", \"tag:team=payments\", \"vpce-0123456789abcdef0\" or "
+        "\"vpce-0123456789abcdef0:10.1.0.0/16\"",
         "policies[0].clients[2]: '7' is a JSON number, not a string; write each CIDR as a string, "
         "e.g. \"10.0.8.0/22\"",
         "policies[0].mode: 'Report' is not a mode; use 'report'",

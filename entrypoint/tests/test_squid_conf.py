@@ -214,9 +214,18 @@ POLICY_DOCUMENT = json.dumps({"policies": [
 ]})
 
 
+IDENTITY_DOCUMENT = json.dumps({"policies": [
+    {"name": "payments", "clients": ["sg-0123456789abcdef0", "ecs:prod/payments"], "allow": ["pay.example.com"]},
+    {"name": "consumer-a", "clients": ["vpce-0aaaaaaaaaaaaaaaa:10.1.0.0/16"], "mode": "report", "allow": ["a.com"]},
+    {"name": "default", "clients": ["10.0.0.0/8", "tag:team=data"], "allow": [".amazonaws.com"]},
+]})
+PROXY_PROTOCOL = {"EGRESS_PROXY_PROTOCOL": "required", "EGRESS_PROXY_PROTOCOL_FROM": "10.0.0.0/24"}
+
+
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
-@pytest.mark.parametrize(("value", "env"), [(".example.com", {}), (POLICY_DOCUMENT, {}), (".example.com", UPSTREAM)],
-                         ids=["flat", "document", "upstream"])
+@pytest.mark.parametrize(("value", "env"), [(".example.com", {}), (POLICY_DOCUMENT, {}), (".example.com", UPSTREAM),
+                                            (IDENTITY_DOCUMENT, PROXY_PROTOCOL), (IDENTITY_DOCUMENT, {})],
+                         ids=["flat", "document", "upstream", "identity-proxy-protocol", "identity"])
 def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dict[str, str]) -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path), **env})
     paths = StatePaths(tmp_path)
