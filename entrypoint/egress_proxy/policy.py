@@ -39,7 +39,7 @@ from .allowlist import (
     parse_allowlist_items,
     parse_allowlist_value,
 )
-from .identity_helper import BadSelector, Selector, normalise_address, parse_selector, resolve
+from .identity_helper import BadSelector, Selector, normalise_address, parse_cidr, parse_selector, resolve
 from .sni_helper import Malformed, host_name
 
 __all__ = [
@@ -628,19 +628,10 @@ def _parse_cidr(raw: object, path: str, problems: list[AllowlistProblem]) -> IPN
             _truncate(json.dumps(raw)), f"is a JSON {_json_type(raw)}, not a string",
             'write each CIDR as a string, e.g. "10.0.8.0/22"', path=path))
         return None
-    text = raw.strip()
     try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        try:
-            fixed = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            problems.append(AllowlistProblem(
-                raw, f"is not an IPv4 or IPv6 CIDR ({exc})", 'write e.g. "10.0.8.0/22" or "fd00:1::/64"',
-                path=path))
-            return None
-        problems.append(AllowlistProblem(
-            raw, "has host bits set", f"use '{fixed}' (the network containing it)", path=path))
+        return parse_cidr(raw.strip())
+    except BadSelector as bad:
+        problems.append(AllowlistProblem(raw, bad.why, bad.fix, path=path))
         return None
 
 
