@@ -1,7 +1,7 @@
 """Exit codes of ``egress-proxy`` and the one place that maps an error to its code.
 
 Each error class of the package carries its code as ``exit_code``; ``exit_code_of`` is the single mapping the
-CLI and the supervisor use, so a code cannot mean two things in two places. The README's table lists them.
+CLI and the supervisor use, so a code cannot mean two things in two places. docs/operations.md lists them.
 """
 
 from __future__ import annotations

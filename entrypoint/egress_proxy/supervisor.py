@@ -403,7 +403,7 @@ class Supervisor:
     def _start_prometheus(self, applier: ConfigApplier) -> bool:
         """/metrics on the listen address, from the supervisor (never Squid's port). A port in use is a setting
         to fix, so it stops the start."""
-        from .prometheus import PrometheusExporter  # only when enabled: the client library is not needed otherwise
+        from .prometheus import PrometheusExporter  # only when enabled: with it off, the library is never loaded
 
         exporter = PrometheusExporter(self.settings, lambda: applier.stats, self.decisions, clock=time.time)
         try:

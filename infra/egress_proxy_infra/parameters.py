@@ -1,4 +1,4 @@
-"""CloudFormation parameters, named after the seed's (see the table in the README's Deploy section).
+"""CloudFormation parameters, named after the seed's (see the table in docs/deploy-aws.md).
 
 They are created on the stack itself (not inside a construct) so that their logical IDs are exactly these
 names and the synthesized template can be launched from the CloudFormation console like the seed's.
@@ -38,7 +38,7 @@ INSTANCE_TYPE_PATTERNS = {
     Architecture.ARM64: r"^[a-z]+[0-9]g[a-z0-9-]*\.[a-z0-9]+$",
 }
 
-#: Empty: an empty allowlist (see allowlist_secret.py and the README's "Which allowlist by default").
+#: Empty: an empty allowlist (see allowlist_secret.py and docs/deploy-aws.md, "Private AWS endpoints").
 DEFAULT_ALLOWED_DOMAINS = ""
 DEFAULT_CLIENT_CIDR = "172.31.0.0/16"
 DEFAULT_PROXY_PORT = 3128

@@ -17,7 +17,7 @@ import pytest
 from botocore.validate import validate_parameters
 from infra_synth import Synth
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DEPLOY_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "deploy-aws.md"
 
 
 def _direct_dependencies(resource: dict[str, Any]) -> set[str]:
@@ -93,18 +93,18 @@ def test_fargate_has_none_of_the_ec2_machinery(fargate: Synth) -> None:
         assert not fargate.resources(type_), type_
 
 
-# --- the AMI refresh the README gives -----------------------------------------------------------------------
+# --- the AMI refresh the deploy guide gives -----------------------------------------------------------------------
 
-def _readme_refresh_command() -> list[str]:
-    text = README.read_text()
+def _guide_refresh_command() -> list[str]:
+    text = DEPLOY_GUIDE.read_text()
     match = re.search(r"aws autoscaling start-instance-refresh (.*?)\n(?=\S|$)", text, re.S)
-    assert match, "the README gives no start-instance-refresh command"
+    assert match, "docs/deploy-aws.md gives no start-instance-refresh command"
     command = match.group(1).replace("\\\n", " ")
     return command.split()
 
 
-def test_readme_instance_refresh_is_valid_and_replaces_protected_instances_one_at_a_time() -> None:
-    args = _readme_refresh_command()
+def test_guide_instance_refresh_is_valid_and_replaces_protected_instances_one_at_a_time() -> None:
+    args = _guide_refresh_command()
     options = dict(zip(args[::2], args[1::2], strict=True))
     preferences = json.loads(options["--preferences"].strip("'"))
     # Valid against the AutoScaling API model that botocore ships (the CLI validates the same way).

@@ -148,11 +148,11 @@ def test_every_recommended_feature_flag_is_pinned_in_cdk_json() -> None:
     assert {flag: context.get(flag) for flag in recommended} == recommended
 
 
-def test_readme_node_requirement_matches_aws_cdk_lib() -> None:
+def test_deploy_guide_node_requirement_matches_aws_cdk_lib() -> None:
     engines = _jsii_package_file("package.json")["engines"]["node"]
     assert engines == ">= 20.0.0"
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "Node.js 22 or 24" in readme and "engines" in readme and ">= 20" in readme
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "deploy-aws.md").read_text()
+    assert "Node.js 22 or 24" in guide and "engines" in guide and ">= 20" in guide
 
 
 @pytest.mark.parametrize(("arch", "platform", "cpu"), [("x86_64", "linux/amd64", "X86_64"),

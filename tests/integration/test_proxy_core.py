@@ -235,7 +235,7 @@ def test_non_tls_stream_inside_connect_refused(proxy: ProxyRunner, raw_server: R
     except (TimeoutError, ConnectionError):
         pass
     sock.close()
-    assert reply == b"", "a non-TLS stream is closed without an answer (README: How it decides)"
+    assert reply == b"", "a non-TLS stream is closed without an answer (docs/security.md: What a refused client sees)"
     assert b"Host: raw.test" not in raw_server.received, "non-TLS bytes must never be tunnelled to the destination"
     assert raw_server.connections == connections
     record = proxy.access(mark, host="raw.test", method="CONNECT")

@@ -133,7 +133,7 @@ def test_refused_traffic_never_reaches_the_upstream(chained: ProxyRunner, upstre
 def test_a_name_only_the_upstream_resolves_is_left_to_the_upstream(chained: ProxyRunner, upstream: RecordingProxy,
                                                                    http_origin: HttpOrigin) -> None:
     # The SSRF guard judges what the proxy's own resolver answers. No answer, nothing to judge: the allowlisted
-    # name goes to the upstream, which resolves it (the README's "Upstream proxy" section says so).
+    # name goes to the upstream, which resolves it (docs/operations.md, "Upstream proxy", says so).
     before = len(upstream.forwarded)
     response = session().get("http://upstream-only.test/split-horizon", proxies=chained.proxies, timeout=10)
     assert response.status_code == 200

@@ -3,7 +3,7 @@
 A real WebSocket server (the ``websockets`` library) on 127.0.0.21:80 (and :443 with TLS) and a real client
 (aiohttp) that sends the handshake to the proxy as ``GET http://host/path`` with ``Upgrade: websocket``; wss://
 goes through CONNECT with the ``websockets`` client. Two other client behaviours are pinned down too, because the
-README tells users about them: aiohttp given a ``ws://`` URL sends ``GET ws://host/path``, a scheme Squid 5
+docs/operations.md tells users about them: aiohttp given a ``ws://`` URL sends ``GET ws://host/path``, a scheme Squid 5
 rejects (400); the ``websockets`` client tunnels ``ws://`` with ``CONNECT host:80``, which the proxy refuses
 (``port_not_allowed``).
 This module's proxy sets both idle limits to 2 seconds, so the tests can watch it close idle connections; they wait
@@ -177,7 +177,7 @@ def test_ws_scheme_in_the_request_line_is_rejected_by_squid(ws_proxy: ProxyRunne
                                                               ws_origin: WebSocketOrigin) -> None:
     before = len(ws_origin.handshakes)
     status, _ = asyncio.run(_handshake_status(ws_proxy.proxy_url, "ws://ws.test/echo"))
-    assert status == 400  # Squid 5 knows no ws:// scheme; the README says to give such clients http:// URLs
+    assert status == 400  # Squid 5 knows no ws:// scheme; docs/operations.md says to give such clients http:// URLs
     assert len(ws_origin.handshakes) == before
 
 

@@ -1,4 +1,4 @@
-"""The README's process section says what the code does: every exit code and every handled signal."""
+"""The operations guide's process section says what the code does: every exit code and every handled signal."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from egress_proxy.errors import ExitCode
 from egress_proxy.supervisor import EventQueue
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 @pytest.fixture(scope="module")
 def process_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index("### The supervisor process")
-    return text[start:text.index("\n## ", start)]
+    text = OPERATIONS.read_text(encoding="utf-8")
+    start = text.index("\n## The supervisor process\n")
+    return text[start:text.index("\n## ", start + 1)]
 
 
 def test_every_exit_code_of_run_is_in_the_table(process_section: str) -> None:
