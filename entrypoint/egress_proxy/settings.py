@@ -164,6 +164,24 @@ def _no_proxy_domains(raw: str) -> tuple[str, ...]:
                    "use allowlist entries: example.com for that host, .example.com for the domain") from None
 
 
+def _log_buffer_lines(raw: str) -> int:
+    if not raw.strip().isdigit() or not 100 <= int(raw) <= 10_000_000:
+        raise _Bad("must be a whole number of lines from 100 to 10000000",
+                   "use e.g. 50000 (about 20 MB of memory at most)")
+    return int(raw)
+
+
+LOG_FULL_CHOICES = ("drop", "refuse")
+
+
+def _log_full(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FULL_CHOICES:
+        raise _Bad("is neither drop nor refuse", "use drop (keep proxying, count lost lines) or refuse (no log, "
+                   "no traffic)")
+    return value
+
+
 def _optional_port(raw: str) -> int | None:
     return _port(raw) if raw.strip() else None
 
@@ -419,6 +437,16 @@ class Settings:
         _optional_port, "",
         "Serve Prometheus metrics at http://LISTEN_ADDRESS:PORT/metrics (from the supervisor, not Squid's "
         "port). Empty: off.", "PORT")
+    log_buffer_lines: int = _option(
+        _log_buffer_lines, "50000",
+        "Log lines (access, cache.log, supervisor) held in memory while stdout does not take them, e.g. while "
+        "the log driver waits on CloudWatch Logs. Beyond that, new lines are dropped and counted "
+        "(log.lines_dropped), and proxying goes on.", "LINES")
+    log_full: str = _option(
+        _log_full, "drop",
+        "What to do while log lines cannot be written (stdout stalled and the buffer full): drop (keep proxying; "
+        "count and report the lost lines) or refuse (no log, no traffic: new requests are refused with reason "
+        "log_unavailable until lines flow again).", "drop|refuse")
 
     @property
     def source_kind(self) -> str:

@@ -23,7 +23,7 @@ from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
 from .policy import REPORTABLE_REASONS, PolicyDocument
 from .settings import IPNetwork, Settings
-from .squid_strings import CERTGEN
+from .squid_strings import CERTGEN, LOG_FILE_DAEMON
 
 # Destinations refused after DNS resolution unless exempted by EGRESS_ALLOW_DESTINATIONS: "this" network,
 # RFC 1918, CGNAT, loopback, link-local (169.254.169.254 IMDS, 169.254.170.2 ECS task metadata), IETF
@@ -208,6 +208,7 @@ def render(
         "listen": f"{listen_text}:{settings.port}",
         "paths": paths,
         "certgen": CERTGEN,
+        "log_daemon": LOG_FILE_DAEMON,
         "run_as": run_as,
         "drain_seconds": _squid_seconds(settings.drain_seconds),
         "dns_servers": [str(ip) for ip in settings.dns_servers],

@@ -208,12 +208,14 @@ def parse_check(squid_binary: str, conf: Path) -> list[str]:
             and not any(expected in line for expected in strings.EXPECTED_PARSE_WARNINGS)]
 
 
-LogSink = Callable[[str], None]
+LogSink = Callable[[list[str]], None]
 
 
 class LogRelay:
     """Reads a file descriptor (a FIFO Squid writes to, or a pipe from Squid's stderr) in its own thread and
-    hands each line to ``sink``.
+    hands each read's complete lines to ``sink`` as one list (so a busy log costs one call per read, not per line).
+    The sink must never block: it only appends to the bounded stdout buffer (log_output.py), so the relay always
+    keeps reading and Squid never waits on a full FIFO.
 
     A FIFO is opened read-write, so the relay never sees EOF when Squid closes and reopens its logs on
     reconfigure. So ``stop()`` cannot wait for EOF: it is called after Squid has exited (no writer is left),
@@ -252,14 +254,13 @@ class LogRelay:
                 chunk = b""
                 if readable:
                     try:
-                        chunk = os.read(self._fd, 65536)
+                        chunk = os.read(self._fd, 262144)
                     except BlockingIOError:
                         chunk = b""
                 if chunk:
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        self._emit(line)
+                    self._emit(lines)
                     continue
                 if readable and not chunk and self._fifo is None:
                     break  # a pipe's EOF: the writer (Squid's stderr) is gone
@@ -267,15 +268,15 @@ class LogRelay:
                     break
         finally:
             if pending:
-                self._emit(pending)
+                self._emit([pending])
             os.close(self._fd)
 
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", errors="replace")
-        if line.strip():
+    def _emit(self, raw: list[bytes]) -> None:
+        lines = [text for text in (line.decode("utf-8", errors="replace") for line in raw) if text.strip()]
+        if lines:
             try:
-                self._sink(line)
-            except Exception:  # a bad line must not end the relay: every later line would be lost
+                self._sink(lines)
+            except Exception:  # a bug in a sink must not end the relay: every later line would be lost
                 pass
 
 
@@ -372,17 +373,21 @@ class SquidProcess:
                 self._watchdog.wait(timeout=5)
 
 
-def access_sink(write: Callable[[str], None],
+def access_sink(write: Callable[[list[str]], object],
                 observe: Callable[[dict[str, Any]], None] | None = None) -> LogSink:
-    """Parse, drop noise, write as JSON; ``observe`` (the metrics' decision counter) sees every logged record."""
+    """Parse, drop noise, hand the JSON lines of one read to ``write`` at once; ``observe`` (the metrics' decision
+    counter) sees every logged record."""
 
     follow_ups = access_log.ConnectionFollowUps()
 
-    def sink(line: str) -> None:
-        record = access_log.parse_line(line)
-        if not access_log.is_noise(record) and not follow_ups.is_follow_up(record):
-            write(access_log.to_json(record))
-            if observe is not None:
-                observe(record)
+    def sink(lines: list[str]) -> None:
+        out: list[str] = []
+        for line in lines:
+            record = access_log.parse_line(line)
+            if not access_log.is_noise(record) and not follow_ups.is_follow_up(record):
+                out.append(access_log.to_json(record))
+                if observe is not None:
+                    observe(record)
+        write(out)
 
     return sink

@@ -15,6 +15,7 @@ FLAG_SERVICE_NAME = "-n"
 FLAG_CONFIG = "-f"
 PARSE_ARGS = ("-k", "parse")
 CERTGEN = "/usr/lib/squid/security_file_certgen"
+LOG_FILE_DAEMON = "/usr/lib/squid/log_file_daemon"  # the daemon: access-log helper (writes lines to a path)
 IPC_DIR = "/var/run/squid"  # compiled into Debian's Squid: SMP mode's IPC sockets live here
 
 # --- cache.log --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from . import squid_strings as strings
 from .allowlist import AllowlistError
 from .denier import Denier
 from .errors import ExitCode, describe_os_error, exit_code_of
+from .log_output import LogOutput
 from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .policy import PolicyDocument, parse_policy_value
 from .settings import Settings, SettingsError, check_login
@@ -56,23 +57,19 @@ from .squid_process import (
 
 
 class Logger:
-    """JSON lines on one stream; thread-safe because the log relays write from their own threads."""
+    """The supervisor's JSON event lines. They go through the bounded stdout buffer like every other line, so
+    logging never waits on stdout (log_output.py)."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
+    def __init__(self, output: LogOutput) -> None:
+        self.output = output
 
     def write_line(self, line: str) -> None:
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+        self.output.put("supervisor", line)
 
     def event(self, level: str, event: str, message: str, **fields: Any) -> None:
         record = {"type": "supervisor", "time": round(time.time(), 3), "level": level, "event": event,
                   "message": message, **fields}
         self.write_line(json.dumps(record, separators=(",", ":"), default=str))
-
-
 
 
 @dataclass
@@ -187,6 +184,10 @@ def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
         logger.event("warning", "allowlist_warning", warning)
     if len(document.warnings) > 50:
         logger.event("warning", "allowlist_warning", f"... and {len(document.warnings) - 50} more warnings")
+
+
+# At exit, how long the lines still buffered may take to reach stdout before the proxy exits without them.
+LOG_FLUSH_SECONDS = 5.0
 
 
 # --- the event queue ---------------------------------------------------------------------------------------
@@ -327,7 +328,8 @@ class Supervisor:
     def __init__(self, settings: Settings, stream: TextIO | None = None, source: Source | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.logger = Logger(stream or sys.stdout)
+        self.output = LogOutput(stream or sys.stdout, settings.log_buffer_lines)
+        self.logger = Logger(self.output)
         self.paths = StatePaths(settings.state_dir)
         self.user = run_as_user()
         self.source = source or make_source(settings)
@@ -348,6 +350,7 @@ class Supervisor:
     def run(self) -> int:
         """Start, loop until the state machine finishes, stop every component. Returns the exit code."""
         self.events.install_signals()
+        self.output.start()
         try:
             code = self._prepare()
             if code is None:
@@ -355,6 +358,8 @@ class Supervisor:
         finally:
             self._stop_components()
             self.events.close()
+            # The last lines get a bounded time: a stalled stdout must not keep a stopping proxy alive.
+            self.output.stop(timeout=LOG_FLUSH_SECONDS)
         return int(code)
 
     def _prepare(self) -> ExitCode | None:
@@ -541,11 +546,12 @@ class Supervisor:
         except OSError as exc:
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}; "
                                      "make EGRESS_STATE_DIR a writable directory with free space")
-        self._start(LogRelay("access", access_sink(self.logger.write_line, self.decisions.observe),
+        access_lines = functools.partial(self.output.put_many, "access")
+        self._start(LogRelay("access", access_sink(access_lines, self.decisions.observe),
                              fifo=self.paths.access_fifo))
-        self._start(LogRelay("cache", self._cache_log_line, fifo=self.paths.cache_fifo))
+        self._start(LogRelay("cache", self._cache_log_lines, fifo=self.paths.cache_fifo))
         output_read, output_write = os.pipe()
-        self._start(LogRelay("squid-output", self._squid_output_line, fd=output_read))
+        self._start(LogRelay("squid-output", self._squid_output_lines, fd=output_read))
         try:
             self._start(_Named("squid", functools.partial(self.squid.start, output=output_write),
                                functools.partial(self.squid.stop, grace=5)))
@@ -637,17 +643,21 @@ class Supervisor:
             return False
 
     # --- log relays (their own threads) ---------------------------------------------------------------------
-    def _cache_log_line(self, line: str) -> None:
-        text = line.rstrip("\n")
-        if self.denier is not None and strings.is_peer_connect_failure(text, "127.0.0.1", self.denier.port):
-            # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
-            # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
-            return
-        if strings.is_accepting(text):
-            self.events.post(loop.WorkerAccepting())
-        self.logger.write_line(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
+    def _cache_log_lines(self, lines: list[str]) -> None:
+        out: list[str] = []
+        for line in lines:
+            text = line.rstrip("\n")
+            if self.denier is not None and strings.is_peer_connect_failure(text, "127.0.0.1", self.denier.port):
+                # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
+                # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
+                continue
+            if strings.is_accepting(text):
+                self.events.post(loop.WorkerAccepting())
+            out.append(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
+        self.output.put_many("cache_log", out)
 
-    def _squid_output_line(self, line: str) -> None:
+    def _squid_output_lines(self, lines: list[str]) -> None:
         # Squid's own stdout/stderr (e.g. its startup "WARNING: BCP 177 violation"): JSON like everything else.
-        self.logger.write_line(json.dumps({"type": "cache_log", "stream": "stderr",
-                                           "message": line.rstrip("\n")}, separators=(",", ":")))
+        self.output.put_many("cache_log", [json.dumps({"type": "cache_log", "stream": "stderr",
+                                                       "message": line.rstrip("\n")}, separators=(",", ":"))
+                                           for line in lines])

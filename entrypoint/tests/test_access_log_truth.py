@@ -30,9 +30,8 @@ def test_an_unreachable_origin_is_one_line_with_connect_fail_and_no_denial() -> 
     ]
     written: list[str] = []
     observed: list[dict[str, object]] = []
-    sink = access_sink(written.append, observed.append)
-    for line in lines:
-        sink(line)
+    sink = access_sink(written.extend, observed.append)
+    sink(lines)
     assert len(written) == 1 and len(observed) == 1
     record = observed[0]
     assert record["status"] == 200 and record["error"] == "ERR_CONNECT_FAIL" and record["decision"] == "allowed"

@@ -59,7 +59,7 @@ def test_fifo_relay_drains_every_line_written_before_stop(tmp_path: Path) -> Non
     fifo = tmp_path / "access.fifo"
     os.mkfifo(fifo)
     lines: list[str] = []
-    relay = LogRelay("access", lines.append, fifo=fifo)
+    relay = LogRelay("access", lines.extend, fifo=fifo)
     relay.start()
     writer = os.open(fifo, os.O_WRONLY)
     os.write(writer, b"".join(b"line %d\n" % i for i in range(2000)) + b"last without newline")
@@ -71,7 +71,7 @@ def test_fifo_relay_drains_every_line_written_before_stop(tmp_path: Path) -> Non
 def test_pipe_relay_ends_at_eof(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     lines: list[str] = []
-    relay = LogRelay("squid-output", lines.append, fd=read_end)
+    relay = LogRelay("squid-output", lines.extend, fd=read_end)
     relay.start()
     os.write(write_end, b"WARNING: BCP 177 violation\n")
     os.close(write_end)
