@@ -75,12 +75,21 @@ REPORTABLE_REASONS = frozenset(
 )
 ALWAYS_ENFORCED_REASONS = frozenset(
     {"client_not_allowed", "port_not_allowed", "destination_not_public", "not_tls", "manager_denied",
-     "sni_malformed", "sni_unchecked"}
+     "sni_malformed", "sni_unchecked", "invalid_host"}
 )
 
 # The same host shapes as the template's `ip_literal` ACL: only digits and dots (also short forms such as
 # '10.1'), or an IPv6 literal with or without brackets. Hosts are compared lowercased.
 _IP_LITERAL = re.compile(r"[0-9.]+|\[?[0-9a-f:.]*:[0-9a-f:.]*\]?")
+
+# A host (HTTP URI host or CONNECT target) holding any character outside these is refused as `invalid_host` before
+# any name check, in every mode: the lists hold names in their ASCII (punycode) form, so a raw UTF-8 'bücher.example'
+# would pass a deny rule written for it, and a DNS wildcard would still resolve it. Percent escapes, fullwidth dots
+# and every other non-LDH character are refused alike. Letters, digits, '-', '.', '_' (some real host names have
+# one) and the IPv6 literal's ':[]' (refused as ip_literal later). The template's `invalid_host` ACL is this very
+# pattern (POSIX ERE and Python agree on it: ']' first in the set is literal, '-' last is literal).
+INVALID_HOST_CHARACTER = r"[^]a-zA-Z0-9._:[-]"
+_INVALID_HOST = re.compile(INVALID_HOST_CHARACTER)
 
 _EXAMPLE_POLICY = '{"name": "default", "clients": ["10.0.0.0/8"], "allow": [".example.com"]}'
 _DOCUMENT_FIX = (
@@ -262,6 +271,8 @@ class PolicyDocument:
             return Verdict(None, "denied", "client_not_allowed")
         if not port_allowed:
             return Verdict(policy.name, "denied", "port_not_allowed")
+        if _INVALID_HOST.search(host):
+            return Verdict(policy.name, "denied", "invalid_host")
         would_deny: str | None = None
         reason = policy.host_reason(host)
         if reason is not None:

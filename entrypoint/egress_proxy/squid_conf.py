@@ -21,7 +21,7 @@ import jinja2
 from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
-from .policy import REPORTABLE_REASONS, PolicyDocument
+from .policy import INVALID_HOST_CHARACTER, REPORTABLE_REASONS, PolicyDocument
 from .settings import IPNetwork, Settings
 from .squid_strings import CERTGEN, LOG_FILE_DAEMON
 
@@ -219,6 +219,7 @@ def render(
                            for cidr in policy["clients"]] or [NO_ADDRESS],
         "report_policies": any(policy["mode"] == "report" for policy in policies),
         "reportable_reasons": sorted(REPORTABLE_REASONS),
+        "invalid_host_character": INVALID_HOST_CHARACTER,
         "allowed_ports": settings.allowed_ports,
         "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],
         "reasons": list(REASONS),

@@ -385,6 +385,15 @@ def test_decide_by_name(document: PolicyDocument, client: str, host: str, expect
     assert document.decide(client, host) == expected
 
 
+@pytest.mark.parametrize("client", ["10.1.2.3", "10.0.8.7"])  # enforce, report
+@pytest.mark.parametrize("host", ["gist.gith\u00fcb.com", "gist\uff0egithub.com", "gist.github.c%6fm",
+                                  "GIST.GITH\u00dcB.COM", "gist github.com"])
+def test_a_host_that_is_not_ascii_is_refused_in_every_mode(document: PolicyDocument, client: str,
+                                                           host: str) -> None:
+    verdict = document.decide(client, host)
+    assert (verdict.decision, verdict.reason) == ("denied", "invalid_host")
+
+
 def test_a_client_in_the_gate_but_in_no_policy_is_refused() -> None:
     document = parse({"policies": [policy(name="only", clients=["10.1.0.0/16"])]})
     assert document.select("10.2.0.1") is None

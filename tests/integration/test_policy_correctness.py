@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ORIGIN_IP, RAW_IP
+from conftest import ORIGIN_IP, RAW_IP, curl
 from harness import DnsServer, HttpOrigin, RawTcpServer, TlsOrigin, free_port
 from proxy_runner import ProxyRunner
+from tls_hello import closed_without_data, send_hello, with_server_names
 
 ENFORCED = "127.0.0.30"  # policy team (enforce)
 REPORTED = "127.0.0.31"  # policy watch (report)
@@ -119,3 +120,94 @@ def test_an_origin_cannot_pass_its_answer_off_as_a_refusal(strict_proxy: ProxyRu
         assert origin.received.startswith(b"GET / HTTP/1.1")
     assert (status, record["decision"]) == (200, "allowed"), head
     assert b"x-egress" not in head.lower(), head
+
+
+# --- host names that are not ASCII -------------------------------------------------------------------------------
+
+# Each a spelling of a name the deny list holds (bücher.idn.test, stored as xn--bcher-kva.idn.test) or a trick
+# around the lists; the DNS wildcard for idn.test resolves whatever the proxy asks.
+NOT_ASCII = {
+    "utf-8": "bücher.idn.test".encode(),
+    "uppercase": "BÜCHER.idn.test".encode(),
+    "fullwidth-dot": "bücher\uff0eidn.test".encode(),
+    "fullwidth-letter": "\uff42ücher.idn.test".encode(),
+    "mixed-script": "bu\u0308cher.idn.test".encode(),  # a combining diaeresis, not a precomposed ü
+    "percent-utf-8": b"b%C3%BCcher.idn.test",
+    "percent-latin-1": b"b%FCcher.idn.test",
+}
+
+
+@pytest.mark.parametrize("client", [ENFORCED, REPORTED], ids=["enforce", "report"])
+@pytest.mark.parametrize("spelling", NOT_ASCII, ids=list(NOT_ASCII))
+def test_a_host_that_is_not_ascii_is_refused_for_http(strict_proxy: ProxyRunner, http_origin: HttpOrigin,
+                                                      client: str, spelling: str) -> None:
+    host = NOT_ASCII[spelling]
+    path = f"/not-ascii-{spelling}".encode()
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, client, b"GET http://" + host + path + b" HTTP/1.1\r\nHost: " + host
+                             + b"\r\nConnection: close\r\n\r\n")
+    record = strict_proxy.access(mark, client_ip=client, method="GET")
+    assert (status, record["reason"], record["decision"]) == (403, "invalid_host", "denied"), head
+    assert _headers(head, "X-Egress-Reason") == [b"invalid_host"]
+    assert not [r for r in http_origin.requests if r["path"] == path.decode()]
+
+
+@pytest.mark.parametrize("client", [ENFORCED, REPORTED], ids=["enforce", "report"])
+@pytest.mark.parametrize("spelling", NOT_ASCII, ids=list(NOT_ASCII))
+def test_a_host_that_is_not_ascii_is_refused_for_connect(strict_proxy: ProxyRunner, tls_origin: TlsOrigin,
+                                                         client: str, spelling: str) -> None:
+    host = NOT_ASCII[spelling]
+    handshakes = len(tls_origin.snis)
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, client, b"CONNECT " + host + b":443 HTTP/1.1\r\nHost: " + host
+                             + b":443\r\n\r\n")
+    record = strict_proxy.access(mark, client_ip=client, method="CONNECT")
+    assert (status, record["reason"], record["decision"]) == (403, "invalid_host", "denied"), head
+    assert _headers(head, "X-Egress-Reason") == [b"invalid_host"]
+    assert len(tls_origin.snis) == handshakes
+
+
+@pytest.mark.parametrize("client", [ENFORCED, REPORTED], ids=["enforce", "report"])
+def test_a_sni_that_is_not_ascii_is_malformed(strict_proxy: ProxyRunner, tls_origin: TlsOrigin,
+                                              client: str) -> None:
+    # An allowed CONNECT target, then a ClientHello naming the denied host in raw UTF-8: refused in both modes
+    # (sni_malformed is never only reported).
+    handshakes = len(tls_origin.snis)
+    mark = strict_proxy.mark()
+    with send_hello((strict_proxy.host, strict_proxy.port), "allowed.idn.test",
+                    with_server_names(["bücher.idn.test".encode()]), source=client) as sock:
+        assert closed_without_data(sock)
+    record = strict_proxy.access(mark, client_ip=client, method="CONNECT", host="allowed.idn.test")
+    assert (record["reason"], record["decision"]) == ("sni_malformed", "denied")
+    assert len(tls_origin.snis) == handshakes
+
+
+@pytest.mark.parametrize("spelling", ["xn--bcher-kva.idn.test.", "XN--BCHER-KVA.IDN.TEST"])
+def test_punycode_spellings_meet_the_deny_rule(strict_proxy: ProxyRunner, http_origin: HttpOrigin,
+                                               spelling: str) -> None:
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED, f"GET http://{spelling}/puny HTTP/1.1\r\nHost: {spelling}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+    record = strict_proxy.access(mark, client_ip=ENFORCED, method="GET")
+    assert (status, record["reason"]) == (403, "domain_denied"), head
+    assert not [r for r in http_origin.requests if r["path"] == "/puny"]
+
+
+def test_the_uri_decides_not_the_host_header(strict_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
+    # A forward proxy request names its host in the URI; a contradicting Host header is replaced, never believed.
+    mark = strict_proxy.mark()
+    status, _ = _exchange(strict_proxy, ENFORCED, "GET http://allowed.idn.test/host-header HTTP/1.1\r\n"
+                          "Host: bücher.idn.test\r\nConnection: close\r\n\r\n".encode())
+    record = strict_proxy.access(mark, client_ip=ENFORCED, method="GET")
+    assert (status, record["host"], record["decision"]) == (200, "allowed.idn.test", "allowed")
+    assert [r["host"] for r in http_origin.requests if r["path"] == "/host-header"] == ["allowed.idn.test"]
+
+
+def test_real_clients_send_punycode(strict_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
+    # What curl and requests do with a Unicode URL: they convert it, and the deny rule holds.
+    mark = strict_proxy.mark()
+    result = curl("--interface", ENFORCED, "-x", strict_proxy.proxy_url, "-o", "/dev/null", "-w", "%{http_code}",
+                  "http://bücher.idn.test/real-client")
+    assert result.stdout == "403", result.stderr
+    assert strict_proxy.access(mark, client_ip=ENFORCED)["reason"] in {"domain_denied", "invalid_host"}
+    assert not [r for r in http_origin.requests if r["path"] == "/real-client"]
