@@ -28,7 +28,6 @@ domain and every subdomain.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 import sys
@@ -191,7 +190,7 @@ def verdict(handshake: str, allowed: frozenset[str], denied: frozenset[str] = fr
         if not names:
             return MISSING
         name = host_name(names[0])
-    except (Malformed, binascii.Error):
+    except (Malformed, ValueError):  # binascii.Error, and b64decode's ValueError for a non-ASCII string
         return MALFORMED
     if allowlisted(name, denied):
         return DENIED

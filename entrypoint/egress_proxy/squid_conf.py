@@ -124,6 +124,10 @@ class StatePaths:
         return self.state / "bin" / "sni_helper.py"
 
     @property
+    def sni_helper_binary(self) -> Path:
+        return self.state / "bin" / "sni_helper"
+
+    @property
     def upstream_probe(self) -> Path:
         return self.state / "bin" / "upstream_probe.py"
 
@@ -228,6 +232,7 @@ def render(
         "workers": settings.workers,
         "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
         "python": PYTHON,
+        "sni_helper": _sni_helper_command(paths),
         "websockets": settings.websockets,
         "tunnel_idle_timeout": settings.tunnel_idle_timeout,
         "client_idle_timeout": settings.client_idle_timeout,
@@ -374,6 +379,22 @@ def upstream_error_page() -> str:
 
 def identity_helper_script() -> str:
     return (resources.files("egress_proxy") / "identity_helper.py").read_text(encoding="utf-8")
+
+
+def compiled_sni_helper() -> Path | None:
+    """The compiled SNI helper (sni_helper.c, built by scripts/build-sni-helper into the package), or None when
+    this install has none. It answers exactly as sni_helper.py does (a differential test checks it), in a few
+    microseconds of CPU per lookup instead of about 230."""
+    path = Path(str(resources.files("egress_proxy") / "compiled" / "sni_helper"))
+    return path if path.is_file() else None
+
+
+def _sni_helper_command(paths: StatePaths) -> str:
+    """The compiled helper when the package has one (prepare_state_dir copies it into the state dir), else the
+    reference model in Python."""
+    if compiled_sni_helper() is not None:
+        return str(paths.sni_helper_binary)
+    return f"{PYTHON} -I {paths.sni_helper}"
 
 
 def sni_helper_script() -> str:

@@ -27,6 +27,7 @@ from .errors import ExitCode
 from .squid_conf import (
     RenderedConfig,
     StatePaths,
+    compiled_sni_helper,
     identity_helper_script,
     sni_helper_script,
     upstream_error_page,
@@ -62,12 +63,12 @@ def _chown_to(path: Path, user: str | None) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     """Write via a temp file + rename, so a reader (Squid on reconfigure) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with open(tmp, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
         handle.flush()
         os.fsync(handle.fileno())
     os.chmod(tmp, mode)
@@ -98,6 +99,13 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     _init_ssl_db(paths, user)
     _install_error_pages(paths, error_page)
     atomic_write(paths.sni_helper, sni_helper_script(), mode=0o644)
+    # The compiled twin, when this install has one (render() then names it in squid.conf). A copy in the state dir,
+    # as for the script: Squid's user may not reach the package's own directory.
+    compiled = compiled_sni_helper()
+    if compiled is not None:
+        atomic_write(paths.sni_helper_binary, compiled.read_bytes(), mode=0o755)
+    else:
+        paths.sni_helper_binary.unlink(missing_ok=True)
     atomic_write(paths.upstream_probe, upstream_probe_script(), mode=0o644)
     atomic_write(paths.identity_helper, identity_helper_script(), mode=0o644)
     for fifo in (paths.access_fifo, paths.cache_fifo):

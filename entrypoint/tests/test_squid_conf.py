@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from egress_proxy import squid_conf, squid_process
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
 from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import Settings, load_settings
 from egress_proxy.squid_conf import (
     PRIVATE_DESTINATIONS,
+    PYTHON,
     StatePaths,
     default_error_page,
     forbidden_destinations,
@@ -69,7 +71,7 @@ def test_policy_directives() -> None:
     assert "ssl_bump splice step2 sni_ok" in conf
     assert "acl sni_ok external sni_check" in conf  # not an ssl::server_name copy of the list
     assert not [line for line in conf.splitlines() if line.startswith("acl") and "ssl::server_name" in line]
-    assert " %>handshake %{policy}note " in conf and "-I /srv/state/bin/sni_helper.py /srv/state/conf/policies" in conf
+    assert " %>handshake %{policy}note " in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
     for network in PRIVATE_DESTINATIONS:
@@ -286,3 +288,30 @@ def test_writing_a_config_removes_the_lists_of_policies_it_no_longer_has(tmp_pat
     write_rendered(render(settings, flat, paths, run_as=None, denial_port=1), paths)
     assert sorted(p.name for p in paths.policy_dir.iterdir()) == ["default.allow", "default.deny"]
     assert (paths.policy_dir / "default.allow").read_text() == ".example.com\n"
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sni_helper_is_the_compiled_one_when_the_package_has_it(monkeypatch: pytest.MonkeyPatch,
+                                                                 compiled: bool) -> None:
+    monkeypatch.setattr(squid_conf, "compiled_sni_helper", lambda: Path("/pkg/compiled/sni_helper") if compiled
+                        else None)
+    [line] = [line for line in _render().splitlines() if line.startswith("external_acl_type sni_check ")]
+    command = line.split(" %{policy}note ", 1)[1]
+    if compiled:
+        assert command == "/srv/state/bin/sni_helper /srv/state/conf/policies"
+    else:
+        assert command == f"{PYTHON} -I /srv/state/bin/sni_helper.py /srv/state/conf/policies"
+
+
+def test_prepare_state_dir_copies_the_compiled_sni_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = tmp_path / "built" / "sni_helper"
+    built.parent.mkdir()
+    built.write_bytes(b"\x7fELF compiled")
+    paths = StatePaths(tmp_path / "state")
+    monkeypatch.setattr(squid_process, "compiled_sni_helper", lambda: built)
+    prepare_state_dir(paths, error_page="<p>denied</p>", user=None)
+    assert paths.sni_helper_binary.read_bytes() == b"\x7fELF compiled"
+    assert paths.sni_helper_binary.stat().st_mode & 0o777 == 0o755
+    monkeypatch.setattr(squid_process, "compiled_sni_helper", lambda: None)
+    prepare_state_dir(paths, error_page="<p>denied</p>", user=None)
+    assert not paths.sni_helper_binary.exists()  # a stale copy would be run by nothing, but must not linger

@@ -4,6 +4,8 @@ CONNECTs under concurrency (every one a 403 with its reason, never Squid's 500).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -164,6 +166,23 @@ def test_real_client_hello_with_uppercase_sni_is_spliced(proxy: ProxyRunner, raw
         raw_server.wait_for(hello, timeout=10)
     finally:
         sock.close()
+
+
+def test_squid_runs_the_compiled_sni_helper(proxy: ProxyRunner) -> None:
+    """The SNI tests above ran against the compiled helper (sni_helper.c), which the rendered config names when the
+    package has it; sni_helper.py is its reference model (the differential test compares the two)."""
+    binary = proxy.state_dir / "bin" / "sni_helper"
+    conf = (proxy.state_dir / "conf" / "squid.conf").read_text()
+    [line] = [line for line in conf.splitlines() if line.startswith("external_acl_type sni_check ")]
+    assert line.endswith(f" {binary} {proxy.state_dir / 'conf' / 'policies'}"), (
+        f"Squid runs {line.split('%{policy}note ')[-1]!r}, not the compiled helper: build it with "
+        "scripts/build-sni-helper (scripts/test does)")
+    running = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/exe") == str(binary):
+                running.append(pid)
+    assert running, f"no process runs {binary}"
 
 
 # --- 4. refused CONNECTs are 403s, also under concurrency ---------------------------------------------------
