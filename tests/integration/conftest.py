@@ -27,6 +27,7 @@ INTERNAL_IP = "127.0.0.3"
 RAW_IP = "127.0.0.4"
 RAW_PORT = 443
 PROXY_PORT = 3128
+REPO = Path(__file__).resolve().parents[2]
 
 ALLOWLIST = """\
 # integration-test allowlist
@@ -56,6 +57,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def isolated_network() -> bool:
     return _isolated_network()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_sni_helper() -> None:
+    """Every proxy these tests start runs the compiled SNI helper built from this checkout's sni_helper.c (the
+    rendered config names it when the package has it): built here too, so that a pytest run without scripts/test
+    never tests a stale binary or silently falls back to the Python helper."""
+    import egress_proxy
+
+    output = Path(egress_proxy.__file__).parent / "compiled" / "sni_helper"
+    result = subprocess.run([str(REPO / "scripts" / "build-sni-helper"), str(output)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"scripts/build-sni-helper failed:\n{result.stderr}"
 
 
 @pytest.fixture(scope="session")
