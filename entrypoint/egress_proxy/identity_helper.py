@@ -92,10 +92,18 @@ class Selector:
         return self.membership and self.text in members
 
 
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_cidr(text: str) -> IPNetwork:
-    """A strict CIDR, or BadSelector naming the network that was probably meant."""
+    """A strict CIDR, or BadSelector naming the network that was probably meant. The one CIDR parser: policy
+    clients, vpce- ranges and the settings' address lists all use it.
+
+    Nothing IPv4-mapped: Squid keeps IPv4 addresses as ``::ffff:a.b.c.d`` internally and parsed
+    ``::ffff:127.0.0.24/128`` as ``::/0`` (every client), while a range holding ``::ffff:0:0/96`` would match
+    IPv4 clients that the model (and this helper, which compares IPv4 clients as IPv4) never puts in it."""
     try:
-        return ipaddress.ip_network(text, strict=True)
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
         try:
             fixed = ipaddress.ip_network(text, strict=False)
@@ -103,6 +111,15 @@ def parse_cidr(text: str) -> IPNetwork:
             raise BadSelector(f"is not an IPv4 or IPv6 CIDR ({exc})",
                               'write e.g. "10.0.8.0/22" or "fd00:1::/64"') from None
         raise BadSelector("has host bits set", f"use '{fixed}' (the network containing it)") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.overlaps(IPV4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        if network.subnet_of(IPV4_MAPPED) and mapped is not None:
+            raise BadSelector("is an IPv4-mapped IPv6 range, which Squid reads as another range",
+                              f"use '{ipaddress.IPv4Network((mapped, network.prefixlen - 96))}' (the same "
+                              "clients, written as IPv4)")
+        raise BadSelector(f"contains the IPv4-mapped range {IPV4_MAPPED}, so Squid would match IPv4 clients with it",
+                          "list the IPv6 ranges you mean (e.g. fc00::/7) and the IPv4 ones as IPv4 CIDRs")
+    return network
 
 
 def parse_selector(raw: str) -> Selector:

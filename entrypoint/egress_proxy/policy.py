@@ -40,6 +40,7 @@ from .allowlist import (
     parse_allowlist_value,
 )
 from .identity_helper import BadSelector, Selector, normalise_address, parse_cidr, parse_selector, resolve
+from .networks import covered
 from .sni_helper import Malformed, host_name
 
 __all__ = [
@@ -678,12 +679,12 @@ def _document_warnings(policies: Sequence[Policy], gate: tuple[IPNetwork, ...]) 
             if not inside:
                 dead.append(f"{where} is outside EGRESS_CLIENT_CIDRS ({gate_text})")
                 continue
-            if not _covered(network, gate):
+            if not covered(network, gate):
                 warnings.append(
                     f"{where} is partly outside EGRESS_CLIENT_CIDRS ({gate_text}); those addresses are refused "
                     "before any policy applies: widen EGRESS_CLIENT_CIDRS or narrow the CIDR")
             earlier_networks = [other for other, _ in earlier]
-            if all(_covered(piece, earlier_networks) for piece in inside):
+            if all(covered(piece, earlier_networks) for piece in inside):
                 owners = sorted({name for other, name in earlier if _overlap(other, network)})
                 dead.append(f"{where} already belongs to earlier policies ({', '.join(owners)})")
         if dead and len(dead) == len(policy.clients):
@@ -704,26 +705,6 @@ def _smaller(first: IPNetwork, second: IPNetwork) -> IPNetwork:
 
 def _overlap(first: IPNetwork, second: IPNetwork) -> bool:
     return first.version == second.version and first.overlaps(second)
-
-
-def _covered(network: IPNetwork, others: Iterable[IPNetwork]) -> bool:
-    """True if the union of `others` contains every address of `network`."""
-    remaining: list[IPNetwork] = [network]
-    for other in others:
-        if other.version != network.version:
-            continue
-        pieces: list[IPNetwork] = []
-        for piece in remaining:
-            if piece.subnet_of(other):  # type: ignore[arg-type]
-                continue
-            if other.subnet_of(piece):  # type: ignore[arg-type]
-                pieces.extend(piece.address_exclude(other))  # type: ignore[arg-type]
-            else:
-                pieces.append(piece)
-        remaining = pieces
-        if not remaining:
-            return True
-    return not remaining
 
 
 def _address(client_ip: str | IPAddress) -> IPAddress:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExitCode
+from .identity_helper import BadSelector, parse_cidr
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -231,16 +232,14 @@ def _listen_address(raw: str) -> IPAddress:
 
 
 def _cidrs(raw: str) -> tuple[IPNetwork, ...]:
+    """The CIDRs as written, each through the one CIDR parser (identity_helper.parse_cidr); squid_conf.py
+    collapses overlapping ones when it renders them (networks.normalise)."""
     networks: list[IPNetwork] = []
     for part in _split(raw):
         try:
-            networks.append(ipaddress.ip_network(part, strict=True))
-        except ValueError as exc:
-            try:
-                fixed = ipaddress.ip_network(part, strict=False)
-            except ValueError:
-                raise _Bad(f"{part!r} is not a CIDR ({exc})", "use e.g. 10.0.0.0/8 or 127.0.0.2/32") from None
-            raise _Bad(f"{part!r} has host bits set", f"use {fixed}") from None
+            networks.append(parse_cidr(part))
+        except BadSelector as bad:
+            raise _Bad(f"{part!r} {bad.why}", bad.fix) from None
     return tuple(networks)
 
 

@@ -21,8 +21,9 @@ import jinja2
 from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
+from .networks import IPNetwork, normalise, subtract_all
 from .policy import INVALID_HOST_CHARACTER, REPORTABLE_REASONS, PolicyDocument
-from .settings import IPNetwork, Settings
+from .settings import Settings
 from .squid_strings import CERTGEN, LOG_FILE_DAEMON
 
 # Destinations refused after DNS resolution unless exempted by EGRESS_ALLOW_DESTINATIONS: "this" network,
@@ -216,11 +217,11 @@ def render(
         "run_as": run_as,
         "drain_seconds": _squid_seconds(settings.drain_seconds),
         "dns_servers": [str(ip) for ip in settings.dns_servers],
-        "client_cidrs": [str(net) for net in settings.client_cidrs] or [NO_ADDRESS],
+        "client_cidrs": address_list(settings.client_cidrs),
         "policies": policies,
-        "policy_clients": [cidr for policy in policies for cidr in policy["clients"]] or [NO_ADDRESS],
-        "report_clients": [cidr for policy in policies if policy["mode"] == "report"
-                           for cidr in policy["clients"]] or [NO_ADDRESS],
+        "policy_clients": address_list(net for policy in policies for net in policy["networks"]),
+        "report_clients": address_list(net for policy in policies if policy["mode"] == "report"
+                                       for net in policy["networks"]),
         "report_policies": any(policy["mode"] == "report" for policy in policies),
         "reportable_reasons": sorted(REPORTABLE_REASONS),
         "invalid_host_character": INVALID_HOST_CHARACTER,
@@ -238,7 +239,7 @@ def render(
         "client_idle_timeout": settings.client_idle_timeout,
         "upstream": _upstream_context(settings, upstream_login),
         "identity": identity,
-        "proxy_protocol_from": ([str(net) for net in settings.proxy_protocol_from]
+        "proxy_protocol_from": ([str(net) for net in normalise(settings.proxy_protocol_from)]
                                 if settings.proxy_protocol == "required" else []),
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
@@ -283,15 +284,14 @@ def _rendered_policies(document: PolicyDocument, paths: StatePaths) -> list[dict
     rendered: list[dict[str, Any]] = []
     earlier: list[IPNetwork] = []
     for policy in document.policies:
-        own: list[IPNetwork] = list(policy.clients)
-        for taken in earlier:
-            own = [piece for net in own for piece in _subtract(net, taken)]
+        own = normalise(subtract_all(policy.clients, earlier))
         earlier += policy.clients
         if own or document.by_identity:
             rendered.append({
                 "name": policy.name,
                 "mode": policy.mode,
-                "clients": [str(net) for net in sorted(own, key=_network_order)],
+                "networks": own,
+                "clients": address_list(own),
                 "allow": paths.policy_list(policy.name, "allow"),
                 "deny": paths.policy_list(policy.name, "deny"),
             })
@@ -302,8 +302,10 @@ def _list_text(entries: Allowlist) -> str:
     return "".join(entry + "\n" for entry in sorted(entries.entries, key=squid_domain_order))
 
 
-def _network_order(net: IPNetwork) -> tuple[int, int, int]:
-    return net.version, int(net.network_address), net.prefixlen
+def address_list(networks: Iterable[IPNetwork]) -> list[str]:
+    """An address list as a Squid src/dst ACL takes it: collapsed (Squid drops one of two overlapping entries,
+    networks.py), never empty (Squid rejects an empty list; NO_ADDRESS matches no client)."""
+    return [str(net) for net in normalise(networks)] or [NO_ADDRESS]
 
 
 def _upstream_context(settings: Settings, login: str | None) -> dict[str, object] | None:
@@ -327,11 +329,7 @@ def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
     (RFC 5737) stands in so the ACL stays valid and matches nothing real."""
     private = list(PRIVATE_DESTINATIONS) + [_nat64(net) for net in _ipv4(PRIVATE_DESTINATIONS)]
     holes = list(exempt) + [_nat64(net) for net in _ipv4(exempt)]
-    for hole in holes:
-        private = [piece for net in private for piece in _subtract(net, hole)]
-    return sorted(private, key=_network_order) or [
-        ipaddress.ip_network("192.0.2.1/32")
-    ]
+    return list(normalise(subtract_all(private, holes))) or [ipaddress.ip_network("192.0.2.1/32")]
 
 
 def _ipv4(networks: Iterable[IPNetwork]) -> list[ipaddress.IPv4Network]:
@@ -341,14 +339,6 @@ def _ipv4(networks: Iterable[IPNetwork]) -> list[ipaddress.IPv4Network]:
 def _nat64(net: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
     base = int(NAT64_PREFIX.network_address) + int(net.network_address)
     return ipaddress.IPv6Network((base, 96 + net.prefixlen))
-
-
-def _subtract(net: IPNetwork, hole: IPNetwork) -> list[IPNetwork]:
-    if net.version != hole.version or not net.overlaps(hole):
-        return [net]
-    if net.subnet_of(hole):  # type: ignore[arg-type]
-        return []
-    return list(net.address_exclude(hole))  # type: ignore[arg-type]
 
 
 def squid_domain_order(entry: str) -> list[str]:

@@ -207,7 +207,7 @@ def parse_check(squid_binary: str, conf: Path) -> list[str]:
         raise SquidError(f"Squid not found ({squid_binary!r}); install Debian's squid-openssl "
                          "or set EGRESS_SQUID_BINARY") from None
     lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-    problems = [line for line in lines if any(marker in line for marker in strings.PARSE_ERROR_MARKERS)]
+    problems = [line for line in lines if strings.is_parse_problem(line)]
     if result.returncode != 0 or problems:
         detail = problems[0] if problems else (lines[-1] if lines else f"exit code {result.returncode}")
         raise SquidError(f"squid -k parse rejected {conf}: {strings.strip_timestamp(detail)}")

@@ -24,6 +24,17 @@ ACCEPTING_MARKERS = ("Accepting", "connections at")
 STARTING_MARKER = "Starting Squid Cache"
 # `squid -k parse` output: lines with these words are errors.
 PARSE_ERROR_MARKERS = ("FATAL", "ERROR", "Bungled")
+# ... and so is any line saying that Squid dropped part of the config while parsing it: an ACL entry it ignores
+# ("because of this '127.0.0.0/8' is ignored to keep splay tree searching predictable"; "WARNING: Ignoring ...",
+# "... Ignored"), or an address whose mask it cut ("Netmask masks away part of the specified IP" turned
+# ::ffff:127.0.0.24/128 into ::/0). A config that does not say what we rendered must never load.
+PARSE_DROPPED_MARKERS = ("ignor", "masks away")
+
+
+def is_parse_problem(line: str) -> bool:
+    """True for a `squid -k parse` output line that makes the rendered config unusable."""
+    return any(marker in line for marker in PARSE_ERROR_MARKERS) or any(
+        marker in line.lower() for marker in PARSE_DROPPED_MARKERS)
 PARSE_WARNING_MARKER = "WARNING"
 # Deliberate: "via off" (an egress proxy should not announce itself to the destinations).
 EXPECTED_PARSE_WARNINGS = ("HTTP requires the use of Via",)

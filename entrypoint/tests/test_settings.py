@@ -57,9 +57,11 @@ def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
     [
         ("port", "99999", "1 to 65535"),
         ("allowed_ports", "https:443", "unknown kind"),
-        ("client_cidrs", "10.0.0.1/8", "use 10.0.0.0/8"),
+        ("client_cidrs", "10.0.0.1/8", "use '10.0.0.0/8'"),
+        ("client_cidrs", "::ffff:10.0.0.0/104", "use '10.0.0.0/8'"),
+        ("client_cidrs", "10.0.0.0/8,::/0", "contains the IPv4-mapped range"),
         ("client_cidrs", "", "nobody could use the proxy"),
-        ("allow_destinations", "not-a-cidr", "is not a CIDR"),
+        ("allow_destinations", "not-a-cidr", "is not an IPv4 or IPv6 CIDR"),
         ("dns_servers", "dns.google", "is not an IP address"),
         ("metrics", "maybe", "on or off"),
         ("metrics_namespace", "AWS/EC2", "CloudWatch namespace"),

@@ -12,6 +12,7 @@ import pytest
 from egress_proxy import squid_conf, squid_process
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
+from egress_proxy.networks import covered
 from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import Settings, load_settings
 from egress_proxy.squid_conf import (
@@ -74,9 +75,12 @@ def test_policy_directives() -> None:
     assert " %>handshake %{policy}note " in conf
     assert "via off" in conf and "forwarded_for delete" in conf and "cache deny all" in conf
     assert "cache_effective_user proxy" in conf
-    for network in PRIVATE_DESTINATIONS:
+    forbidden = [ipaddress.ip_network(text) for text in
+                 next(line for line in conf.splitlines() if line.startswith("acl forbidden_destination dst"))
+                 .split()[3:]]
+    for network in PRIVATE_DESTINATIONS:  # every range is refused (collapsed: 224/4 and 240/4 are one /3)
         if not network.overlaps(ipaddress.ip_network("10.1.2.0/24")):  # type: ignore[arg-type]
-            assert f" {network}" in conf
+            assert covered(network, forbidden), network
     for reason in REASONS:
         assert f"acl reason_{reason} annotate_transaction reason={reason}" in conf
         page = "503:ERR_EGRESS_UPSTREAM" if reason == "upstream_unavailable" else "ERR_EGRESS_DENIED"
@@ -315,3 +319,34 @@ def test_prepare_state_dir_copies_the_compiled_sni_helper(tmp_path: Path, monkey
     monkeypatch.setattr(squid_process, "compiled_sni_helper", lambda: None)
     prepare_state_dir(paths, error_page="<p>denied</p>", user=None)
     assert not paths.sni_helper_binary.exists()  # a stale copy would be run by nothing, but must not linger
+
+
+def _src_lists(conf: str) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    return {line.split()[1]: [ipaddress.ip_network(text) for text in line.split()[3:]]
+            for line in conf.splitlines() if line.startswith("acl ") and line.split()[2] == "src"}
+
+
+def test_every_address_list_is_rendered_without_overlaps() -> None:
+    # Squid keeps one of two overlapping entries of a src/dst ACL and ignores the other (networks.py).
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state",
+                                  "EGRESS_CLIENT_CIDRS": "10.0.0.28/32,10.0.0.0/8,10.0.0.0/9,fd00::/8,fc00::/7",
+                                  "EGRESS_ALLOW_DESTINATIONS": "10.1.0.0/16,10.1.2.0/24"})
+    document = parse_policy_value(json.dumps({"policies": [
+        {"name": "first", "clients": ["10.0.0.24/32"], "allow": ["a.example.com"]},
+        {"name": "second", "clients": ["10.0.0.0/27", "10.0.0.16/28", "10.0.0.24/32"], "mode": "report",
+         "allow": ["b.example.com"]},
+        {"name": "third", "clients": ["10.0.0.0/24", "10.0.0.128/25"], "allow": ["c.example.com"]},
+    ]}), source="t", client_cidrs=settings.client_cidrs)
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    lists = _src_lists(conf)
+    lists["forbidden_destination"] = [ipaddress.ip_network(text) for text in next(
+        line for line in conf.splitlines() if line.startswith("acl forbidden_destination dst")).split()[3:]]
+    for name, networks in lists.items():
+        for index, network in enumerate(networks):
+            assert not [other for other in networks[index + 1:] if network.overlaps(other)], (name, network)
+    assert [str(n) for n in lists["clients"]] == ["10.0.0.0/8", "fc00::/7"]
+    # Each policy judges exactly its own clients: the first match in document order.
+    assert [str(n) for n in lists["policy_first"]] == ["10.0.0.24/32"]
+    assert covered(ipaddress.ip_network("10.0.0.0/28"), lists["policy_second"])
+    assert not covered(ipaddress.ip_network("10.0.0.24/32"), lists["policy_second"])
+    assert [str(n) for n in lists["in_a_policy"]] == ["10.0.0.0/24"]

@@ -5,7 +5,9 @@ to land in different policies; "refused" always means the recording origin saw n
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,10 @@ from typing import Any
 import pytest
 from conftest import ORIGIN_IP, RAW_IP, curl
 from harness import DnsServer, HttpOrigin, RawTcpServer, TlsOrigin, free_port
-from proxy_runner import ProxyRunner
+from proxy_runner import ProxyRunner, egress_proxy_command
 from tls_hello import closed_without_data, send_hello, with_server_names
+
+from egress_proxy.squid_process import SquidError, parse_check
 
 ENFORCED = "127.0.0.30"  # policy team (enforce)
 REPORTED = "127.0.0.31"  # policy watch (report)
@@ -31,22 +35,26 @@ DOCUMENT: dict[str, Any] = {"policies": [
 def strict_proxy(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin, tls_origin: TlsOrigin
                  ) -> Iterator[ProxyRunner]:
     dns.set_wildcard("idn.test", [ORIGIN_IP])
-    document = public_tmp / "correctness.json"
-    document.write_text(json.dumps(DOCUMENT))
-    runner = ProxyRunner(
-        public_tmp / "state-correctness",
+    with _policy_proxy(public_tmp, "correctness", DOCUMENT, gate="127.0.0.0/24") as runner:
+        yield runner
+    dns.remove_wildcard("idn.test")
+
+
+def _policy_proxy(public_tmp: Path, name: str, document: dict[str, Any], *, gate: str) -> ProxyRunner:
+    """A proxy (not started: use it as a context manager) judging by ``document``, with ``gate`` as
+    EGRESS_CLIENT_CIDRS; the origins' addresses are exempt from the SSRF guard."""
+    path = public_tmp / f"{name}.json"
+    path.write_text(json.dumps(document))
+    return ProxyRunner(
+        public_tmp / f"state-{name}",
         {
-            "EGRESS_ALLOWLIST_FILE": str(document),
+            "EGRESS_ALLOWLIST_FILE": str(path),
             "EGRESS_DNS_SERVERS": "127.0.0.1",
             "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32,{RAW_IP}/32",
-            "EGRESS_CLIENT_CIDRS": "127.0.0.0/24",
+            "EGRESS_CLIENT_CIDRS": gate,
         },
         port=free_port(),
     )
-    runner.start()
-    yield runner
-    runner.stop()
-    dns.remove_wildcard("idn.test")
 
 
 def _exchange(proxy: ProxyRunner, source: str, request: bytes) -> tuple[int, bytes]:
@@ -211,3 +219,70 @@ def test_real_clients_send_punycode(strict_proxy: ProxyRunner, http_origin: Http
     assert result.stdout == "403", result.stderr
     assert strict_proxy.access(mark, client_ip=ENFORCED)["reason"] in {"domain_denied", "invalid_host"}
     assert not [r for r in http_origin.requests if r["path"] == "/real-client"]
+
+
+# --- address lists Squid would drop ------------------------------------------------------------------------------
+
+FIRST, SECOND, SECOND_LISTED = "127.0.0.40", "127.0.0.33", "127.0.0.44"
+OVERLAPPING: dict[str, Any] = {"policies": [
+    {"name": "first", "clients": [f"{FIRST}/32"], "allow": ["allowed.test"]},
+    # .44 is inside the /27 (and .40 is taken by the first policy): Squid keeps only one of two overlapping
+    # entries of a src ACL, so unnormalised this list loses either the /27 or the /32.
+    {"name": "second", "clients": ["127.0.0.32/27", f"{SECOND_LISTED}/32"], "allow": [".wild.test"]},
+]}
+
+
+@pytest.fixture(scope="module")
+def overlapping_proxy(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin) -> Iterator[ProxyRunner]:
+    # The gate lists the narrower range first: Squid 5.7 kept it and ignored the /24.
+    with _policy_proxy(public_tmp, "overlapping", OVERLAPPING, gate=f"{SECOND_LISTED}/32,127.0.0.0/24") as runner:
+        yield runner
+
+
+@pytest.mark.parametrize(("client", "policy", "allowed", "refused"), [
+    (FIRST, "first", "allowed.test", "build.wild.test"),
+    (SECOND, "second", "build.wild.test", "allowed.test"),
+    (SECOND_LISTED, "second", "build.wild.test", "allowed.test"),
+])
+def test_overlapping_client_ranges_keep_every_client(overlapping_proxy: ProxyRunner, http_origin: HttpOrigin,
+                                                     client: str, policy: str, allowed: str, refused: str) -> None:
+    path = f"/overlap-{client}"
+    for host, status, reason in ((allowed, 200, "allowed"), (refused, 403, "domain_not_allowlisted")):
+        mark = overlapping_proxy.mark()
+        got, head = _exchange(overlapping_proxy, client, f"GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n"
+                              "Connection: close\r\n\r\n".encode())
+        record = overlapping_proxy.access(mark, client_ip=client, host=host)
+        assert (got, record["reason"], record["policy"]) == (status, reason, policy), head
+    assert [r["host"] for r in http_origin.requests if r["path"] == path] == [allowed]
+    # Squid parsed what was rendered: nothing of it was dropped.
+    assert not [r for r in overlapping_proxy.records if r.get("type") == "cache_log"
+                and "ignor" in r.get("message", "").lower()]
+
+
+def test_a_dropped_acl_entry_fails_the_parse_check(tmp_path: Path) -> None:
+    # The guard behind the normalisation: a config Squid would load with part of an ACL ignored is refused.
+    conf = tmp_path / "squid.conf"
+    conf.write_text("http_port 127.0.0.1:1\nacl clients src 127.0.0.28/32 127.0.0.0/8\n"
+                    "http_access allow clients\nhttp_access deny all\n")
+    with pytest.raises(SquidError, match="ignored"):
+        parse_check("squid", conf)
+    conf.write_text("http_port 127.0.0.1:1\nacl clients src ::ffff:127.0.0.24/128\nhttp_access deny all\n")
+    with pytest.raises(SquidError, match="masks away"):
+        parse_check("squid", conf)
+
+
+@pytest.mark.parametrize(("clients", "said"), [
+    (["::ffff:127.0.0.24/128"], "use '127.0.0.24/32'"),
+    (["::/0"], "contains the IPv4-mapped range"),
+])
+def test_check_refuses_ipv4_mapped_clients(public_tmp: Path, clients: list[str], said: str) -> None:
+    document = public_tmp / "mapped.json"
+    document.write_text(json.dumps({"policies": [
+        {"name": "mapped", "clients": clients, "allow": ["allowed.test"]},
+        {"name": "range", "clients": ["127.0.0.0/27"], "allow": [".wild.test"]},
+    ]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_")}
+    result = subprocess.run([*egress_proxy_command(), "check", "--allowlist-file", str(document)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "policies[0].clients[0]" in result.stderr and said in result.stderr, result.stderr
