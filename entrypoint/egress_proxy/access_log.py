@@ -35,6 +35,9 @@ REASONS: dict[str, str] = {
     "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
     "manager_denied": "the cache manager is reachable from the proxy host only",
     "upstream_unavailable": "the upstream proxy (EGRESS_UPSTREAM_PROXY) is not accepting connections",
+    "host_header_forgery": "an intercepted connection's Host header or TLS SNI does not resolve to the IP address "
+    "the client connected to (transparent mode), or an explicit request's Host header names another host than "
+    "its URL",
     "denied": "no rule allowed the request",
 }
 
@@ -78,6 +81,7 @@ FIELDS: tuple[Field, ...] = (
     Field("policy", "%#{policy}note", _text),
     Field("client_identity", "%#{client_identity}note", _text),
     Field("would_deny", "%#{would_deny}note", _text),
+    Field("mode", "%#{mode}note", _text),
     Field("squid_status", "%Ss", _text),
     Field("error", "%err_code", _text),
     Field("server_ip", "%<a", _text),
@@ -97,6 +101,8 @@ def parse_line(line: str) -> dict[str, Any]:
     record: dict[str, Any] = {"type": "access"}
     for field, raw in zip(FIELDS, parts, strict=True):
         record[field.name] = field.convert(raw)
+    # Transparent mode notes "intercept" on lines from its intercept ports; everything else came to the proxy port.
+    record["mode"] = record.get("mode") or "explicit"
     record["decision"] = decide(record)
     client_view(record)
     return record
@@ -117,7 +123,10 @@ def decide(record: dict[str, Any]) -> str:
     # A refused CONNECT is relayed through the loopback refusal responder (denier.py); that is not a server the
     # client reached, so don't report its address.
     record["server_ip"] = None
-    if reason is None:
+    if reason is None and record.get("error") == strings.ERR_CONFLICT_HOST:
+        # Squid's own 409 "Host header forgery": it answers before any ACL runs, so the line has no reason note.
+        record["reason"] = "host_header_forgery"
+    elif reason is None:
         record["reason"] = "invalid_request" if record.get("error") else "denied"
     if record.get("method") == "CONNECT" and record.get("squid_status") == strings.STATUS_TUNNEL:
         # Squid "tunnelled" the refused CONNECT to the refusal responder, whose 403 the client got: say so.
@@ -159,9 +168,15 @@ def is_noise(record: dict[str, Any]) -> bool:
     )
 
 
+# CONNECTs after which Squid logs the connection's ClientHello bytes once more, as a record of its own: an allowed one
+# whose origin was unreachable, and an intercepted TLS connection refused by the host forgery check (its 409).
+FOLLOWED_UP_ERRORS = frozenset({strings.ERR_CONNECT_FAIL, strings.ERR_CONFLICT_HOST})
+
+
 class ConnectionFollowUps:
-    """Drops the record Squid adds after an allowed CONNECT whose origin was unreachable: on the same client
-    connection, with no method and no host, for the ClientHello bytes it had read. Counted as its own
+    """Drops the record Squid adds after an allowed CONNECT whose origin was unreachable (or an intercepted one that
+    failed the host forgery check): on the same client connection, with no method and no host, for the ClientHello
+    bytes it had read. Counted as its own
     transaction it would be a second line for one connection, and a denial (no reason note) nobody made."""
 
     def __init__(self, remember: int = 4096) -> None:
@@ -170,7 +185,7 @@ class ConnectionFollowUps:
 
     def is_follow_up(self, record: dict[str, Any]) -> bool:
         key = (record.get("client_ip"), record.get("client_port"))
-        if record.get("method") == "CONNECT" and record.get("error") == strings.ERR_CONNECT_FAIL:
+        if record.get("method") == "CONNECT" and record.get("error") in FOLLOWED_UP_ERRORS:
             self._failed[key] = None
             while len(self._failed) > self._remember:
                 self._failed.popitem(last=False)

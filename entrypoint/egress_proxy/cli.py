@@ -1,4 +1,5 @@
-"""Command line: run, check, render, health, allowlist push/diff. Each setting is a flag and an EGRESS_* env var."""
+"""Command line: run, check, render, health, nft-rules, allowlist push/diff. Each setting is a flag and an EGRESS_*
+env var."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from . import __version__, allowlist_cli
 from .allowlist import AllowlistError
 from .errors import ExitCode, describe_os_error, exit_code_of
 from .metrics import manager_host, read_counters
+from .nft_rules import render_nft_rules
 from .policy import PolicyDocument, parse_policy_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import SourceUnavailable, check_size, make_source
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", "Validate the settings and the allowlist; print the normalised allowlist and warnings."),
         ("render", "Print the squid.conf that 'run' would use."),
         ("health", "Exit 0 when the proxy accepts connections and a config is loaded."),
+        ("nft-rules", "Print the host's nftables ruleset for transparent mode (apply it with 'nft -f -' on the "
+                      "host, as root; the proxy itself needs no NET_ADMIN)."),
     ):
         _add_setting_flags(commands.add_parser(name, help=help_text, description=help_text))
     allowlist = commands.add_parser("allowlist", help="Manage the allowlist secret; learn a list from traffic.")
@@ -54,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     cli = {option.name: getattr(args, option.name, None) for option in OPTIONS}
-    # health reads a running proxy's state; the others need an allowlist.
-    return load_settings(cli, os.environ, require_source=args.command != "health")
+    # health reads a running proxy's state and nft-rules only the network settings; the others need an allowlist.
+    return load_settings(cli, os.environ, require_source=args.command not in {"health", "nft-rules"})
 
 
 def _print_error(message: str) -> None:
@@ -107,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(settings)
         if args.command == "health":
             return _health(settings)
+        if args.command == "nft-rules":
+            return _nft_rules(settings)
     except (SettingsError, AllowlistError, SourceUnavailable, OSError) as exc:
         # The one place an error becomes an exit code (errors.exit_code_of).
         code = exit_code_of(exc) or ExitCode.BAD_CONFIG
@@ -159,6 +165,15 @@ def _render(settings: Settings) -> int:
         if path.suffix in {".allow", ".deny"}:
             sys.stdout.write(f"\n# --- {path} ({text.count(chr(10))} entries)\n")
             sys.stdout.write("".join(f"#   {line}\n" for line in text.splitlines()))
+    return ExitCode.OK
+
+
+def _nft_rules(settings: Settings) -> int:
+    if not settings.transparent:
+        _print_error("EGRESS_TRANSPARENT is off, so Squid opens no intercept port to redirect to; set "
+                     "EGRESS_TRANSPARENT=on (--transparent on) with the same settings the proxy runs with")
+        return ExitCode.BAD_CONFIG
+    sys.stdout.write(render_nft_rules(settings))
     return ExitCode.OK
 
 

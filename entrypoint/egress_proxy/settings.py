@@ -446,6 +446,18 @@ class Settings:
         "What to do while log lines cannot be written (stdout stalled and the buffer full): drop (keep proxying; "
         "count and report the lost lines) or refuse (no log, no traffic: new requests are refused with reason "
         "log_unavailable until lines flow again).", "drop|refuse")
+    # --- transparent mode (EC2 as the route target of private subnets) ---
+    transparent: bool = _option(
+        _bool, "off",
+        "Transparent mode: also accept HTTP and HTTPS that the host's nftables rules redirect to Squid's intercept "
+        "ports (print them with 'egress-proxy nft-rules'), so clients need no proxy setting. The explicit port "
+        "keeps working beside them.", "on|off")
+    intercept_http_port: int = _option(
+        _port, "3129", "Port of the intercept listener for redirected plain HTTP (tcp/80), with EGRESS_TRANSPARENT.",
+        "PORT")
+    intercept_https_port: int = _option(
+        _port, "3130", "Port of the intercept listener for redirected TLS (tcp/443), with EGRESS_TRANSPARENT.",
+        "PORT")
 
     @property
     def source_kind(self) -> str:
@@ -555,6 +567,14 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
     if values["prometheus_port"] is not None and values["prometheus_port"] == values["port"]:
         raise SettingsError("prometheus_port", raw_by_name["prometheus_port"], "is the proxy's own port",
                             "use another port, e.g. 9128")
+    if values["transparent"]:
+        taken = {"port": values["port"], "prometheus_port": values["prometheus_port"]}
+        for name in ("intercept_http_port", "intercept_https_port"):
+            clash = next((other for other, port in taken.items() if port == values[name]), None)
+            if clash is not None:
+                raise SettingsError(name, raw_by_name[name], f"is the same port as {OPTIONS_BY_NAME[clash].env}",
+                                    "give every listener its own port, e.g. 3129 and 3130")
+            taken[name] = values[name]
     upstream_needed = [name for name in ("upstream_proxy_credentials_file", "upstream_no_proxy") if values[name]]
     if upstream_needed and values["upstream_proxy"] is None:
         name = upstream_needed[0]

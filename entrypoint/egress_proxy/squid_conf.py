@@ -241,6 +241,9 @@ def render(
         "identity": identity,
         "proxy_protocol_from": ([str(net) for net in normalise(settings.proxy_protocol_from)]
                                 if settings.proxy_protocol == "required" else []),
+        "transparent": settings.transparent,
+        "intercept": {"http": f"{listen_text}:{settings.intercept_http_port}",
+                      "https": f"{listen_text}:{settings.intercept_https_port}"},
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.

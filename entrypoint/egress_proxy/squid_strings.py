@@ -67,4 +67,5 @@ ERR_CLIENT_GONE = "ERR_CLIENT_GONE"  # the client closed before sending a reques
 ERR_CONNECT_FAIL = "ERR_CONNECT_FAIL"
 ERR_DNS_FAIL = "ERR_DNS_FAIL"
 ERR_READ_TIMEOUT = "ERR_READ_TIMEOUT"
+ERR_CONFLICT_HOST = "ERR_CONFLICT_HOST"  # 409 "Host header forgery": the name does not resolve to the original IP
 ERR_PROTOCOL_UNKNOWN = "ERR_PROTOCOL_UNKNOWN"  # on_unsupported_protocol: not TLS inside a CONNECT

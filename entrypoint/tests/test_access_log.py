@@ -48,3 +48,25 @@ def test_noise_records() -> None:
     refused_sni = parse_line(_line(method="CONNECT", status="200", reason="sni_missing", squid_status="NONE_NONE"))
     assert is_noise(probe) and is_noise(interim)
     assert not is_noise(refused_sni)
+
+
+def test_host_forgery_409_has_a_reason_of_its_own() -> None:
+    # Squid answers it before any ACL runs, so the line carries no reason note, only the error code.
+    record = parse_line(_line(method="GET", host="allowed.example", status="409", error="ERR_CONFLICT_HOST",
+                              mode="intercept", squid_status="NONE_NONE"))
+    assert record["reason"] == "host_header_forgery" and record["decision"] == "denied"
+    assert record["mode"] == "intercept"
+
+
+def test_mode_is_explicit_unless_noted() -> None:
+    assert parse_line(_line(method="GET", reason="allowed", status="200"))["mode"] == "explicit"
+
+
+def test_clienthello_record_after_a_refused_intercepted_tls_connection_is_a_follow_up() -> None:
+    from egress_proxy.access_log import ConnectionFollowUps
+
+    follow_ups = ConnectionFollowUps()
+    refused = parse_line(_line(client_ip="10.0.0.5", client_port="4000", method="CONNECT", host="a.example",
+                               status="409", error="ERR_CONFLICT_HOST", mode="intercept"))
+    hello = parse_line(_line(client_ip="10.0.0.5", client_port="4000", status="0", bytes_in="517"))
+    assert not follow_ups.is_follow_up(refused) and follow_ups.is_follow_up(hello)

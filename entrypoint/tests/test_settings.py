@@ -76,6 +76,7 @@ def test_allowed_ports_grammar(raw: str, expected: AllowedPorts) -> None:
         ("upstream_proxy", "proxy:3128", "only http://"),
         ("upstream_proxy", "http://*admin:pw@proxy:3128", "login mode"),
         ("client_idle_timeout", "1.5", "whole seconds from 1 to 86400"),
+        ("intercept_https_port", "0", "1 to 65535"),
     ],
 )
 def test_bad_values_name_the_setting_and_the_fix(name: str, raw: str, fragment: str) -> None:
@@ -130,3 +131,20 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({}, {})
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"EGRESS_INTERCEPT_HTTP_PORT": "3128"}, "same port as EGRESS_PORT"),
+    ({"EGRESS_INTERCEPT_HTTPS_PORT": "3129"}, "same port as EGRESS_INTERCEPT_HTTP_PORT"),
+    ({"EGRESS_PROMETHEUS_PORT": "3130"}, "same port as EGRESS_PROMETHEUS_PORT"),
+])
+def test_transparent_listeners_need_ports_of_their_own(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        load_settings({}, {"EGRESS_TRANSPARENT": "on", **env})
+    load_settings({}, env)  # off: the intercept ports are not opened, so they clash with nothing
+
+
+def test_transparent_defaults() -> None:
+    settings = load_settings({}, {})
+    assert not settings.transparent
+    assert (settings.intercept_http_port, settings.intercept_https_port) == (3129, 3130)

@@ -230,8 +230,9 @@ PROXY_PROTOCOL = {"EGRESS_PROXY_PROTOCOL": "required", "EGRESS_PROXY_PROTOCOL_FR
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
 @pytest.mark.parametrize(("value", "env"), [(".example.com", {}), (POLICY_DOCUMENT, {}), (".example.com", UPSTREAM),
-                                            (IDENTITY_DOCUMENT, PROXY_PROTOCOL), (IDENTITY_DOCUMENT, {})],
-                         ids=["flat", "document", "upstream", "identity-proxy-protocol", "identity"])
+                                            (IDENTITY_DOCUMENT, PROXY_PROTOCOL), (IDENTITY_DOCUMENT, {}),
+                                            (POLICY_DOCUMENT, {"EGRESS_TRANSPARENT": "on"})],
+                         ids=["flat", "document", "upstream", "identity-proxy-protocol", "identity", "transparent"])
 def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dict[str, str]) -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path), **env})
     paths = StatePaths(tmp_path)
@@ -350,3 +351,21 @@ def test_every_address_list_is_rendered_without_overlaps() -> None:
     assert covered(ipaddress.ip_network("10.0.0.0/28"), lists["policy_second"])
     assert not covered(ipaddress.ip_network("10.0.0.24/32"), lists["policy_second"])
     assert [str(n) for n in lists["in_a_policy"]] == ["10.0.0.0/24"]
+
+
+def test_transparent_mode_opens_intercept_ports_beside_the_explicit_one() -> None:
+    conf = _render({"EGRESS_TRANSPARENT": "on", "EGRESS_INTERCEPT_HTTP_PORT": "4129"})
+    assert "http_port 0.0.0.0:3128 ssl-bump" in conf
+    assert "http_port 0.0.0.0:4129 intercept name=intercept_http" in conf
+    assert "https_port 0.0.0.0:3130 intercept ssl-bump name=intercept_https" in conf
+    assert "\nhost_verify_strict on\n" in conf
+    # Intercepted TLS peeks at step 1 (its CONNECT names only an IP), so the step-2 SNI check and Squid's host
+    # forgery check both run; the explicit step-1 name rules come after and never see it.
+    peek = conf.index("ssl_bump peek step1 intercepted_tls policy_default reason_allowed")
+    assert peek < conf.index("ssl_bump splice step1 !clients")
+    assert "access_log daemon:/srv/state/logs/access.fifo logformat=egress !local_manager mode_noted" in conf
+
+
+def test_no_intercept_ports_or_strict_host_check_by_default() -> None:
+    conf = _render()
+    assert "intercept" not in conf and "host_verify_strict" not in conf

@@ -49,9 +49,16 @@ class ProxyRunner(LogReader):
     def proxies(self) -> dict[str, str]:
         return {"http": self.proxy_url, "https": self.proxy_url}
 
+    def command(self) -> list[str]:
+        """The command line of the proxy (a subclass may wrap it, e.g. to run it in another network namespace)."""
+        return [*egress_proxy_command(), "run", *self.args]
+
+    def wait_until_listening(self) -> None:
+        wait_for_port(self.host, self.port)
+
     def start(self, wait: bool = True) -> ProxyRunner:
         self.process = subprocess.Popen(
-            [*egress_proxy_command(), "run", *self.args], env=self.env, stdout=subprocess.PIPE,
+            self.command(), env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -60,7 +67,7 @@ class ProxyRunner(LogReader):
             started = [r for r in self.records if r.get("event") == "started"]
             if not started:
                 raise RuntimeError("proxy failed to start:\n" + "\n".join(self.raw_lines[-30:]))
-            wait_for_port(self.host, self.port)
+            self.wait_until_listening()
         return self
 
     def _read(self) -> None:

@@ -1,0 +1,280 @@
+"""Transparent mode against real Squid, real nftables and real clients, in network namespaces this module creates.
+
+    client ns                      router ns (the "EC2 instance")               internet ns
+    10.200.1.2 (enforce policy)    10.200.1.1 | egress-proxy run (Squid)         198.51.100.2
+    10.200.1.3 (report policy) --  nft ruleset from 'egress-proxy nft-rules' -- 203.0.113.10  allowed.test origin
+    default route -> router        198.51.100.1, ip_forward on                  203.0.113.66  a "wrong" IP
+                                                                                 203.0.113.53  the test's DNS
+
+The client has no proxy setting: its default route points at the router, whose nftables rules redirect tcp/80 and
+tcp/443 to Squid's intercept ports and drop everything else. The origins and the DNS server are the harness's,
+bound inside the internet namespace, so every request they record is one that really crossed the router.
+Clients resolve with curl --resolve: that is the answer a client holds, which may differ from the proxy's.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin, wait_for_port, write_allowlist
+from netns import Namespace, link
+from proxy_runner import ProxyRunner, egress_proxy_command
+
+CLIENT = "10.200.1.2"
+REPORT_CLIENT = "10.200.1.3"
+ROUTER_CLIENT_SIDE = "10.200.1.1"
+ORIGIN = "203.0.113.10"
+WRONG_IP = "203.0.113.66"
+DNS_IP = "203.0.113.53"
+OTHER_PORT = 2222
+
+DOCUMENT = {
+    "policies": [
+        {"name": "apps", "clients": [f"{CLIENT}/32"], "allow": ["allowed.test", ".wild.test"],
+         "deny": ["blocked.wild.test"]},
+        {"name": "watch", "clients": [f"{REPORT_CLIENT}/32"], "mode": "report", "allow": ["allowed.test"]},
+    ]
+}
+
+
+class NamespacedProxy(ProxyRunner):
+    """The real supervisor, run inside the router namespace."""
+
+    def __init__(self, router: Namespace, *args: Any, **kwargs: Any) -> None:
+        self.router = router
+        super().__init__(*args, **kwargs)
+
+    def command(self) -> list[str]:
+        return self.router.command(super().command())
+
+    def wait_until_listening(self) -> None:
+        # Only the explicit port: the ruleset drops direct dials of the intercept ports.
+        with self.router.entered():
+            wait_for_port(ROUTER_CLIENT_SIDE, self.port)
+
+
+class Topology:
+    def __init__(self) -> None:
+        self.namespaces: list[Namespace] = []
+        self.client = self._namespace("client")
+        self.router = self._namespace("router")
+        self.internet = self._namespace("internet")
+        link(self.client, "c0", f"{CLIENT}/24", self.router, "r-clients", f"{ROUTER_CLIENT_SIDE}/24")
+        self.client.run("ip", "addr", "add", f"{REPORT_CLIENT}/24", "dev", "c0")
+        self.client.run("ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE)
+        link(self.router, "r-uplink", "198.51.100.1/24", self.internet, "i0", "198.51.100.2/24")
+        self.router.run("ip", "route", "add", "default", "via", "198.51.100.2")
+        self.router.sysctl("net.ipv4.ip_forward", "1")
+        for address in (ORIGIN, WRONG_IP, DNS_IP):
+            self.internet.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        self.internet.run("ip", "route", "add", "default", "via", "198.51.100.1")
+
+    def _namespace(self, name: str) -> Namespace:
+        namespace = Namespace(name)
+        self.namespaces.append(namespace)
+        return namespace
+
+    def close(self) -> None:
+        for namespace in reversed(self.namespaces):
+            namespace.close()
+
+    def dropped(self) -> int:
+        """Packets counted by the ruleset's 'dropped' counter."""
+        out = self.router.run("nft", "-j", "list", "counter", "inet", "egress_proxy", "dropped").stdout
+        return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Topology]:
+    topo = Topology()
+    yield topo
+    topo.close()
+
+
+@pytest.fixture(scope="module")
+def origins(topology: Topology, ca: TestCA) -> Iterator[dict[str, Any]]:
+    names = ["allowed.test", "wild.test", "*.wild.test"]
+    servers: dict[str, Any] = {}
+    with topology.internet.entered():
+        servers["dns"] = DnsServer({"allowed.test": [ORIGIN], "wild.test": [ORIGIN]}, host=DNS_IP, port=53)
+        servers["dns"].set_wildcard("wild.test", [ORIGIN])
+        servers["http"] = HttpOrigin(ORIGIN, 80, name="internet-http")
+        servers["tls"] = TlsOrigin(ORIGIN, 443, ca, names, name="internet-tls")
+        servers["wrong_http"] = HttpOrigin(WRONG_IP, 80, name="wrong-http")
+        servers["wrong_tls"] = TlsOrigin(WRONG_IP, 443, ca, names, name="wrong-tls")
+        servers["other_port"] = RawTcpServer(ORIGIN, OTHER_PORT, banner=b"SSH-2.0-origin\r\n")
+        for server in servers.values():
+            server.start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def transparent_proxy(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
+    state = public_tmp / "transparent-state"
+    policy_file = public_tmp / "transparent-policies.json"
+    write_allowlist(policy_file, json.dumps(DOCUMENT))
+    env = {
+        "EGRESS_ALLOWLIST_FILE": str(policy_file),
+        "EGRESS_DNS_SERVERS": DNS_IP,
+        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24",
+        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
+        "EGRESS_TRANSPARENT": "on",
+    }
+    runner = NamespacedProxy(topology.router, state, env, host=ROUTER_CLIENT_SIDE, port=3128)
+    rules = subprocess.run([*egress_proxy_command(), "nft-rules"], env=runner.env, capture_output=True, text=True,
+                           check=True).stdout
+    topology.router.run("nft", "-f", "-", input=rules)
+    runner.start()
+    yield runner
+    runner.stop()
+
+
+def client_curl(topology: Topology, *args: str, source: str = CLIENT, timeout: float = 10
+                ) -> tuple[int, str, str]:
+    """curl in the client namespace with no proxy setting at all (none in its environment either; give --proxy to
+    use the explicit port). Returns (exit code, stdout, stderr)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    result = topology.client.run("curl", "-sS", "--interface", source, "--max-time", str(timeout),
+                                 *args, check=False, env=env, timeout=timeout + 10)
+    return result.returncode, result.stdout, result.stderr
+
+
+# --- allowed traffic ---------------------------------------------------------------------------------------------
+
+
+def test_http_to_an_allowed_name_with_no_proxy_setting(topology: Topology, origins: dict[str, Any],
+                                                      transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, out, err = client_curl(topology, "--resolve", f"allowed.test:80:{ORIGIN}", "http://allowed.test/t-http")
+    assert code == 0, err
+    assert "path=/t-http" in out and "internet-http" in out
+    line = transparent_proxy.access(start=mark, host="allowed.test")
+    assert line["decision"] == "allowed" and line["mode"] == "intercept" and line["client_ip"] == CLIENT
+    assert line["policy"] == "apps"
+
+
+def test_https_to_an_allowed_name_with_no_proxy_setting(topology: Topology, origins: dict[str, Any], ca: TestCA,
+                                                       transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, out, err = client_curl(topology, "--cacert", str(ca.ca_path), "--resolve", f"allowed.test:443:{ORIGIN}",
+                                 "https://allowed.test/t-https")
+    assert code == 0, err
+    assert "path=/t-https" in out and "internet-tls" in out
+    line = transparent_proxy.access(start=mark, sni="allowed.test")
+    assert line["decision"] == "allowed" and line["mode"] == "intercept" and line["policy"] == "apps"
+
+
+def test_explicit_port_keeps_working_beside_the_intercept_ports(topology: Topology, origins: dict[str, Any],
+                                                               transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, out, err = client_curl(topology, "--proxy", f"http://{ROUTER_CLIENT_SIDE}:3128", "http://allowed.test/t-explicit")
+    assert code == 0, err
+    assert "path=/t-explicit" in out
+    line = transparent_proxy.access(start=mark, host="allowed.test")
+    assert line["decision"] == "allowed" and line["mode"] == "explicit"
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+
+def test_http_to_a_name_off_the_list_is_refused(topology: Topology, origins: dict[str, Any],
+                                               transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    origins["dns"].set("other.test", [ORIGIN])
+    code, out, err = client_curl(topology, "-o", "/dev/null", "-w", "%{http_code}", "--resolve",
+                                 f"other.test:80:{ORIGIN}", "http://other.test/t-refused")
+    assert code == 0 and out == "403", err
+    line = transparent_proxy.access(start=mark, host="other.test")
+    assert line["reason"] == "domain_not_allowlisted" and line["mode"] == "intercept"
+    assert "/t-refused" not in origins["http"].paths()
+
+
+def test_https_to_a_denied_name_is_refused(topology: Topology, origins: dict[str, Any], ca: TestCA,
+                                          transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    origins["dns"].set("blocked.wild.test", [ORIGIN])
+    code, _, _ = client_curl(topology, "--cacert", str(ca.ca_path), "--resolve",
+                             f"blocked.wild.test:443:{ORIGIN}", "https://blocked.wild.test/t-denied")
+    assert code != 0
+    line = transparent_proxy.access(start=mark, sni="blocked.wild.test")
+    assert line["reason"] == "domain_denied" and line["decision"] == "denied" and line["mode"] == "intercept"
+    assert "blocked.wild.test" not in origins["tls"].snis
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_allowed_name_sent_to_another_ip_is_refused(topology: Topology, origins: dict[str, Any], ca: TestCA,
+                                                      transparent_proxy: NamespacedProxy, scheme: str) -> None:
+    """The client resolves allowed.test to an IP that allowed.test's DNS does not return: the Host or SNI passes
+    the name check, but the destination is not that name's. Squid's host forgery check refuses it, and the wrong
+    IP receives nothing."""
+    mark = transparent_proxy.mark()
+    port = 80 if scheme == "http" else 443
+    code, out, err = client_curl(topology, "--cacert", str(ca.ca_path), "-o", "/dev/null", "-w", "%{http_code}",
+                                 "--resolve", f"allowed.test:{port}:{WRONG_IP}", f"{scheme}://allowed.test/t-forged")
+    if scheme == "http":
+        assert code == 0 and out == "409", err
+    else:
+        assert code != 0  # a plaintext 409 where the client expected TLS
+    line = transparent_proxy.access(start=mark, reason="host_header_forgery")
+    assert line["decision"] == "denied" and line["mode"] == "intercept" and line["client_ip"] == CLIENT
+    wrong = origins["wrong_http"] if scheme == "http" else origins["wrong_tls"]
+    assert wrong.requests == [] and getattr(wrong, "snis", []) == []
+
+
+def test_other_ports_are_dropped_and_counted(topology: Topology, origins: dict[str, Any],
+                                            transparent_proxy: NamespacedProxy) -> None:
+    before = topology.dropped()
+    code, _, err = client_curl(topology, f"telnet://{ORIGIN}:{OTHER_PORT}", timeout=2)
+    assert code == 28, err  # curl: timed out; a drop sends no reset
+    assert topology.dropped() > before
+    assert origins["other_port"].connections == 0
+
+
+def test_quic_is_dropped(topology: Topology, origins: dict[str, Any], transparent_proxy: NamespacedProxy) -> None:
+    with topology.internet.entered():
+        listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((ORIGIN, 443))
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                received.append(listener.recv(2048))
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    try:
+        before = topology.dropped()
+        send = f"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{CLIENT}', 0)); " \
+               f"[s.sendto(b'quic-initial', ('{ORIGIN}', 443)) for _ in range(5)]"
+        topology.client.run("python3", "-c", send)
+        # Each datagram has passed the router (counted dropped) by the time the counter shows all five.
+        assert _eventually(lambda: topology.dropped() >= before + 5)
+        assert received == []
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def _eventually(predicate: Any, attempts: int = 200) -> bool:
+    import time
+
+    for _ in range(attempts):
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
