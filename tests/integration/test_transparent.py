@@ -278,3 +278,141 @@ def _eventually(predicate: Any, attempts: int = 200) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_intercept_ports_cannot_be_dialled_directly(topology: Topology, transparent_proxy: NamespacedProxy) -> None:
+    """Only redirected connections reach the intercept ports: a direct dial has no original destination (Squid
+    would take its own address for it)."""
+    before = topology.dropped()
+    code, _, err = client_curl(topology, f"http://{ROUTER_CLIENT_SIDE}:3129/", timeout=2)
+    assert code == 28, err
+    assert topology.dropped() > before
+
+
+def test_ip_literal_tls_without_sni_is_refused(topology: Topology, origins: dict[str, Any],
+                                              transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, _, _ = client_curl(topology, "-k", f"https://{ORIGIN}/t-no-sni")  # curl sends no SNI for an IP
+    assert code != 0
+    line = transparent_proxy.access(start=mark, client_ip=CLIENT, reason="sni_missing")
+    assert line["mode"] == "intercept" and line["decision"] == "denied"
+    assert "/t-no-sni" not in origins["tls"].paths()
+
+
+def test_strict_host_check_leaves_the_explicit_port_as_it_was(
+        topology: Topology, origins: dict[str, Any], transparent_proxy: NamespacedProxy) -> None:
+    """host_verify_strict is global in Squid 5.7, but on the explicit port a request whose Host header names another
+    host than its URL is treated as before (as with transparent mode off): the URL decides, and the origin gets
+    the URL's host in its Host header. No 409, and no way to smuggle another Host to an allowed origin."""
+    mark = transparent_proxy.mark()
+    with topology.client.entered():
+        sock = socket.create_connection((ROUTER_CLIENT_SIDE, 3128), timeout=10)
+    with sock:
+        status, body = _get(sock, "other.test", "http://allowed.test/t-explicit-host")
+    assert status == 200 and b"path=/t-explicit-host host=allowed.test" in body
+    line = transparent_proxy.access(start=mark, host="allowed.test")
+    assert line["mode"] == "explicit" and line["decision"] == "allowed"
+
+
+# --- report mode ---------------------------------------------------------------------------------------------------
+
+
+def test_report_mode_lets_intercepted_traffic_through_and_logs_would_deny(
+        topology: Topology, origins: dict[str, Any], ca: TestCA, transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, out, err = client_curl(topology, "--resolve", f"watched.wild.test:80:{ORIGIN}",
+                                 "http://watched.wild.test/t-report-http", source=REPORT_CLIENT)
+    assert code == 0 and "path=/t-report-http" in out, err
+    line = transparent_proxy.access(start=mark, host="watched.wild.test")
+    assert line["decision"] == "would_deny" and line["reason"] == "domain_not_allowlisted"
+    assert line["mode"] == "intercept" and line["policy"] == "watch"
+
+    code, out, err = client_curl(topology, "--cacert", str(ca.ca_path), "--resolve", f"watched.wild.test:443:{ORIGIN}",
+                                 "https://watched.wild.test/t-report-https", source=REPORT_CLIENT)
+    assert code == 0 and "path=/t-report-https" in out, err
+    line = transparent_proxy.access(start=mark, sni="watched.wild.test", squid_status="TCP_TUNNEL")
+    assert line["decision"] == "would_deny" and line["reason"] == "sni_not_allowlisted" and line["policy"] == "watch"
+
+
+def test_report_mode_does_not_relax_the_destination_check(topology: Topology, origins: dict[str, Any], ca: TestCA,
+                                                         transparent_proxy: NamespacedProxy) -> None:
+    mark = transparent_proxy.mark()
+    code, _, _ = client_curl(topology, "--cacert", str(ca.ca_path), "--resolve", f"allowed.test:443:{WRONG_IP}",
+                             "https://allowed.test/t-report-forged", source=REPORT_CLIENT)
+    assert code != 0
+    line = transparent_proxy.access(start=mark, client_ip=REPORT_CLIENT, reason="host_header_forgery")
+    assert line["decision"] == "denied"
+    assert origins["wrong_tls"].snis == []
+
+
+# --- reload ----------------------------------------------------------------------------------------------------------
+
+
+def _get(sock: socket.socket, host: str, path: str) -> tuple[int, bytes]:
+    from harness import http_get_over
+
+    return http_get_over(sock, host, path)
+
+
+def test_reload_during_intercepted_traffic_drops_nothing(topology: Topology, origins: dict[str, Any], ca: TestCA,
+                                                        transparent_proxy: NamespacedProxy, public_tmp: Path) -> None:
+    """Open intercepted connections (a TLS tunnel, an HTTP keep-alive connection, a streaming response) and a
+    stream of new intercepted connections, while the policy document changes three times."""
+    import ssl
+
+    policy_file = public_tmp / "transparent-policies.json"
+    with topology.client.entered():  # these sockets live in the client namespace
+        tunnel = socket.create_connection((ORIGIN, 443), timeout=10)
+        keepalive = socket.create_connection((ORIGIN, 80), timeout=10)
+        stream = socket.create_connection((ORIGIN, 80), timeout=10)
+    context = ssl.create_default_context(cafile=str(ca.ca_path))
+    tls = context.wrap_socket(tunnel, server_hostname="allowed.test")
+    assert _get(tls, "allowed.test", "/reload-tunnel-0")[0] == 200
+    assert _get(keepalive, "allowed.test", "/reload-keepalive-0")[0] == 200
+    stream.sendall(b"GET /stream/4 HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+    received = stream.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200")
+
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def new_connections() -> None:
+        with topology.client.entered():
+            while not stop.is_set():
+                try:
+                    with socket.create_connection((ORIGIN, 80), timeout=10) as sock:
+                        status, _ = _get(sock, "allowed.test", "/reload-probe")
+                        outcomes.append(str(status))
+                except OSError as exc:
+                    outcomes.append(repr(exc))
+
+    prober = threading.Thread(target=new_connections, daemon=True)
+    prober.start()
+    try:
+        for index in range(1, 4):
+            mark = transparent_proxy.mark()
+            document = json.loads(json.dumps(DOCUMENT))
+            document["policies"][0]["allow"].append(f"reload{index}.test")
+            write_allowlist(policy_file, json.dumps(document))
+            record = transparent_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)
+            assert record["confirmed"] is True, record
+            assert _get(tls, "allowed.test", f"/reload-tunnel-{index}")[0] == 200
+    finally:
+        stop.set()
+        prober.join()
+    # The last document applies to intercepted traffic: its new name passes.
+    origins["dns"].set("reload3.test", [ORIGIN])
+    code, out, err = client_curl(topology, "--resolve", f"reload3.test:80:{ORIGIN}", "http://reload3.test/after")
+    assert code == 0 and "path=/after" in out, err
+
+    assert _get(keepalive, "allowed.test", "/reload-keepalive-1")[0] == 200
+    while not received.endswith(b"tick %06d\n" % 19):
+        chunk = stream.recv(65536)
+        assert chunk, f"stream cut after {len(received)} bytes"
+        received += chunk
+    assert outcomes and set(outcomes) == {"200"}, outcomes
+    tunnel_ports = {r["client"][1] for r in origins["tls"].requests if str(r["path"]).startswith("/reload-tunnel-")}
+    assert len(tunnel_ports) == 1  # one tunnel throughout
+    for sock in (tls, keepalive, stream):
+        sock.close()
+    write_allowlist(policy_file, json.dumps(DOCUMENT))
