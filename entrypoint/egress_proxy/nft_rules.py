@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from .networks import normalise
 from .settings import IPNetwork, Settings
 
 TABLE = "egress_proxy"
@@ -38,8 +39,11 @@ LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddres
 def _families(settings: Settings) -> list[tuple[int, list[IPNetwork]]]:
     """(IP version, client networks) for each version that has client ranges."""
     families: list[tuple[int, list[IPNetwork]]] = []
+    # Collapsed first: an interval set refuses overlapping elements ("conflicting intervals"), and
+    # EGRESS_CLIENT_CIDRS may well list 10.0.0.0/8 beside 10.1.0.0/16.
+    clients = normalise(settings.client_cidrs)
     for version in (4, 6):
-        networks = [net for net in settings.client_cidrs if net.version == version
+        networks = [net for net in clients if net.version == version
                     and not any(net.version == lo.version and net.subnet_of(lo) for lo in LOOPBACK)]  # type: ignore[arg-type]
         if networks:
             families.append((version, networks))

@@ -43,6 +43,12 @@ def test_reapplying_replaces_the_table_in_one_transaction() -> None:
         < rules.index("table inet egress_proxy {")
 
 
+def test_overlapping_client_ranges_are_collapsed() -> None:
+    # nft refuses overlapping elements in an interval set
+    rules = _rules({"EGRESS_CLIENT_CIDRS": "10.1.0.0/16,10.0.0.0/8,10.2.3.4/32"})
+    assert "elements = { 10.0.0.0/8 }" in rules
+
+
 def test_loopback_client_ranges_are_left_out() -> None:
     rules = _rules({})  # the default client CIDRs include 127.0.0.0/8 and ::1/128
     assert "127.0.0.0/8" not in rules and "::1/128" not in rules and "10.0.0.0/8" in rules
