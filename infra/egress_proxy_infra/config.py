@@ -1,8 +1,9 @@
 """Synth-time settings read from CDK context (`-c key=value`).
 
 Everything a console user may want to change after synthesis is a CloudFormation parameter instead
-(see parameters.py). Only choices that change the *shape* of the template live here: the capacity mode,
-the size of the Elastic IP pool, the image source and the drain time that several resources must agree on.
+(see parameters.py), including the drain and the deregistration delay. Only choices that change the *shape*
+of the template live here: the capacity mode, the architecture, the size of the Elastic IP pool, the image
+source and the NLB idle timeout.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 #: The repository root: the Docker build context for the proxy image (container/Dockerfile lives there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: The supervisor's graceful drain on SIGTERM (EGRESS_DRAIN_SECONDS's default in the container).
-DEFAULT_DRAIN_SECONDS = 30
-#: Seconds ECS waits after SIGTERM beyond the drain before it sends SIGKILL.
-STOP_TIMEOUT_MARGIN_SECONDS = 15
-#: ECS refuses a stopTimeout above 120 s.
+#: ECS refuses a stopTimeout above 120 s on Fargate (Amazon ECS Developer Guide, task definition parameters,
+#: "stopTimeout"). The task always gets the maximum: the supervisor exits by itself once it has drained, so this
+#: only bounds how long ECS waits before SIGKILL.
 MAX_STOP_TIMEOUT_SECONDS = 120
+#: What the supervisor needs after its drain to stop Squid and flush the last log lines, before SIGKILL.
+STOP_TIMEOUT_MARGIN_SECONDS = 15
+#: The longest drain (DrainSeconds) that still ends before SIGKILL.
+MAX_DRAIN_SECONDS = MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS
 #: The seed reserved four Elastic IPs.
 DEFAULT_EIP_POOL_SIZE = 4
 #: One proxy per instance and at least two instances; one more EIP is the head-room a rolling deployment
@@ -72,7 +75,6 @@ class InfraConfig:
     eip_pool_size: int = DEFAULT_EIP_POOL_SIZE
     #: An existing image (ECR or public registry). None builds container/Dockerfile as a CDK asset.
     image_uri: str | None = None
-    drain_seconds: int = DEFAULT_DRAIN_SECONDS
     #: The Docker build context when building the image; tests point it at a scratch directory.
     image_asset_dir: Path = REPO_ROOT
     #: Built for, and run on, this architecture whatever the machine running `cdk deploy` is.
@@ -85,11 +87,6 @@ class InfraConfig:
                 f"eipPoolSize={self.eip_pool_size}: use {MIN_EIP_POOL_SIZE}..{MAX_EIP_POOL_SIZE} "
                 "(two proxies in two AZs plus one spare for rolling deployments)"
             )
-        if not 0 <= self.drain_seconds <= MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS:
-            raise ConfigError(
-                f"drainSeconds={self.drain_seconds}: use 0..{MAX_STOP_TIMEOUT_SECONDS - STOP_TIMEOUT_MARGIN_SECONDS} "
-                f"(ECS stopTimeout = drain + {STOP_TIMEOUT_MARGIN_SECONDS} s must stay <= {MAX_STOP_TIMEOUT_SECONDS} s)"
-            )
         if not MIN_NLB_IDLE_TIMEOUT_SECONDS <= self.nlb_idle_timeout_seconds <= MAX_NLB_IDLE_TIMEOUT_SECONDS:
             raise ConfigError(
                 f"nlbIdleTimeoutSeconds={self.nlb_idle_timeout_seconds}: use {MIN_NLB_IDLE_TIMEOUT_SECONDS}.."
@@ -99,13 +96,12 @@ class InfraConfig:
         if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
             raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
 
-    @property
-    def stop_timeout_seconds(self) -> int:
-        return self.drain_seconds + STOP_TIMEOUT_MARGIN_SECONDS
-
     @classmethod
     def from_context(cls, context: Mapping[str, Any]) -> InfraConfig:
         """Build from CDK context values; `-c` values arrive as strings, cdk.json values may be typed."""
+        if context.get("drainSeconds") not in (None, ""):
+            raise ConfigError("drainSeconds: the drain is the DrainSeconds stack parameter (0..105), e.g. "
+                              "`cdk deploy --parameters DrainSeconds=60`; drop -c drainSeconds")
         raw_capacity = str(context.get("capacity") or CapacityMode.FARGATE.value).strip().lower()
         try:
             capacity = CapacityMode(raw_capacity)
@@ -120,7 +116,6 @@ class InfraConfig:
             capacity=capacity,
             eip_pool_size=_as_int(context, "eipPoolSize", DEFAULT_EIP_POOL_SIZE),
             image_uri=image_uri,
-            drain_seconds=_as_int(context, "drainSeconds", DEFAULT_DRAIN_SECONDS),
             image_asset_dir=Path(asset_dir).resolve() if asset_dir else REPO_ROOT,
             arch=_ARCH_ALIASES[raw_arch],
             nlb_idle_timeout_seconds=_as_int(context, "nlbIdleTimeoutSeconds", DEFAULT_NLB_IDLE_TIMEOUT_SECONDS),

@@ -4,8 +4,9 @@
   associates one Elastic IP of the pool with it (AllowReassociation=false is the lock), then completes the
   action (CONTINUE, or ABANDON when the pool is exhausted). Nothing runs on the instance for this, so the
   minimal ECS AMI needs no AWS CLI, and the instance role needs no EC2 permission at all.
-* `ScaleInProtectionRelease`: a custom resource that, on stack delete, lifts the scale-in protection ECS
-  managed termination protection put on the instances, so that deleting the group cannot hang on them.
+* `GroupMaintenance`: a custom resource that starts an instance refresh when the launch template gets a new
+  version (a new AMI or instance type), and on stack delete lifts the scale-in protection ECS managed
+  termination protection put on the instances, so that deleting the group cannot hang on them.
 
 Both functions are inline code (lambda_src/), so the template keeps no assets (see lambda_src/__init__.py).
 """
@@ -36,6 +37,8 @@ HOOK_HEARTBEAT = Duration.minutes(5)
 CLAIM_TIMEOUT = Duration.minutes(3)
 #: What the claim function logs when the pool is exhausted; the EipPoolExhausted alarm counts these lines.
 POOL_EXHAUSTED_MARKER = "egress-proxy: no free Elastic IP in pool"
+#: What the maintenance function logs when it could not start an instance refresh (lambda_src/group_maintenance).
+REFRESH_NOT_STARTED_MARKER = "egress-proxy: instance refresh not started"
 
 
 def inline_source(module: str) -> str:
@@ -141,15 +144,17 @@ def _pool_group_statement(scope: Construct, sid: str, action: str, pool_tag_valu
     )
 
 
-class ScaleInProtectionRelease(Construct):
-    """On stack delete, unprotect the group's instances before CloudFormation deletes the group."""
+class GroupMaintenance(Construct):
+    """Instance refresh on a new launch template version; on stack delete, unprotect the group's instances
+    before CloudFormation deletes the group."""
 
     def __init__(self, scope: Construct, id: str, *, group: autoscaling.AutoScalingGroup,
-                 pool_tag_value: str) -> None:
+                 launch_template_version: str, pool_tag_value: str) -> None:
         super().__init__(scope, id)
         self.function, self.log_group = _function(
-            self, "Function", module="release_protection", timeout=Duration.minutes(2),
-            description="egress-proxy: on stack delete, lift scale-in protection from the proxy instances",
+            self, "Function", module="group_maintenance", timeout=Duration.minutes(2),
+            description="egress-proxy: refresh the proxy instances on a new launch template version; on stack "
+                        "delete, lift their scale-in protection",
         )
         role = self.function.role
         assert role is not None
@@ -157,19 +162,24 @@ class ScaleInProtectionRelease(Construct):
             sid="DescribeGroups", actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"]))
         role.add_to_principal_policy(_pool_group_statement(
             self, "UnprotectPoolGroupOnly", "autoscaling:SetInstanceProtection", pool_tag_value))
+        role.add_to_principal_policy(_pool_group_statement(
+            self, "RefreshPoolGroupOnly", "autoscaling:StartInstanceRefresh", pool_tag_value))
         NagSuppressions.add_resource_suppressions(role, [NagPackSuppression(
             id="AwsSolutions-IAM5",
             applies_to=["Resource::*", "Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:"
                         "<AWS::AccountId>:autoScalingGroup:*:autoScalingGroupName/*"],
             reason="autoscaling:DescribeAutoScalingGroups has no resource-level permissions; "
-                   "SetInstanceProtection is limited to groups carrying this stack's pool tag.",
+                   "SetInstanceProtection and StartInstanceRefresh are limited to groups carrying this stack's "
+                   "pool tag.",
         )], apply_to_children=True)
-        # Referencing the group makes this resource depend on it: CloudFormation deletes it (and so runs the
-        # Delete handler) before it deletes the group.
+        # Referencing the group makes this resource depend on it: CloudFormation updates it after the group (so the
+        # refresh replaces instances with the group's new launch template version), and deletes it (running the
+        # Delete handler) before the group.
         self.resource = CustomResource(
             self, "Resource", service_token=self.function.function_arn,
-            resource_type="Custom::ScaleInProtectionRelease",
-            properties={"AutoScalingGroupName": group.auto_scaling_group_name},
+            resource_type="Custom::ProxyGroupMaintenance",
+            properties={"AutoScalingGroupName": group.auto_scaling_group_name,
+                        "LaunchTemplateVersion": launch_template_version},
         )
         # The function's policy must outlive the Delete call.
         self.resource.node.add_dependency(role)

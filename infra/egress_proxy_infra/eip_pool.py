@@ -12,7 +12,7 @@ of the pool's addresses as its public IPv4 address. It needs neither the AWS CLI
 
 from __future__ import annotations
 
-from aws_cdk import Aws, CfnTag, Fn, Stack
+from aws_cdk import Aws, CfnTag, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from cdk_nag import NagPackSuppression, NagSuppressions
@@ -36,6 +36,10 @@ class ElasticIpPool(Construct):
             )
             for index in range(1, size + 1)
         ]
+        for address in self.addresses:
+            # Partners allow-list these addresses: deleting (or replacing) the stack must not give them back to
+            # AWS. A retained address stays allocated, and billed, until it is released by hand.
+            address.apply_removal_policy(RemovalPolicy.RETAIN)
 
     @property
     def public_ips(self) -> list[str]:

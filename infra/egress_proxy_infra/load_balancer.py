@@ -11,9 +11,18 @@ from constructs import Construct
 from egress_proxy_infra import subnets
 from egress_proxy_infra.l1 import l1
 
+#: Healthy proxies an AZ needs to stay in the NLB's DNS answers.
+DNS_FAILOVER_MIN_HEALTHY = 1
+
 
 class ProxyLoadBalancer(Construct):
-    """Internal, cross-zone NLB with a TCP listener on the proxy port.
+    """Internal NLB with a TCP listener on the proxy port.
+
+    AZ routing comes from two parameters. ClientRoutingPolicy is the NLB's dns_record.client_routing_policy:
+    with affinity, a client that resolves the name through the VPC resolver gets the NLB address in its own AZ.
+    CrossZoneLoadBalancing is set on the target group (whose setting wins over the NLB's): on, each NLB node
+    forwards to proxies in every AZ; off, only to its own AZ's, and an AZ whose healthy proxies fall below
+    DNS_FAILOVER_MIN_HEALTHY leaves the NLB's DNS answers (target group health, DNS failover).
 
     The NLB has its own security group, which is the client gate: it admits only ClientCidr on the proxy
     port. The proxies' security group then admits only this group (see `admit`), which covers both
@@ -28,8 +37,10 @@ class ProxyLoadBalancer(Construct):
         client_cidr: str,
         proxy_port: float,
         target_type: elbv2.TargetType,
-        deregistration_delay: Duration,
+        deregistration_delay_seconds: str,
         idle_timeout_seconds: int,
+        client_routing_policy: str,
+        cross_zone: str,
     ) -> None:
         super().__init__(scope, id)
         self._proxy_port = proxy_port
@@ -51,6 +62,7 @@ class ProxyLoadBalancer(Construct):
             vpc_subnets=subnets.placeholder_selection(self, "PrivateSubnet", private_subnet_ids),
             security_groups=[self.security_group],
         )
+        self.load_balancer.set_attribute("dns_record.client_routing_policy", client_routing_policy)
         cfn_lb = l1(self.load_balancer)
         subnets.override_with_list(cfn_lb, "Subnets", private_subnet_ids)
         cfn_lb.add_property_deletion_override("SubnetMappings")
@@ -62,15 +74,21 @@ class ProxyLoadBalancer(Construct):
 
         self.target_group = elbv2.NetworkTargetGroup(
             self, "Targets", vpc=vpc, port=proxy_port, protocol=elbv2.Protocol.TCP, target_type=target_type,
-            # Equal to the supervisor's drain: the NLB stops sending new flows, then ECS sends SIGTERM and
-            # the proxy drains what is left, so a deployment drops no connection.
-            deregistration_delay=deregistration_delay,
             preserve_client_ip=True,
             health_check=elbv2.HealthCheck(
                 protocol=elbv2.Protocol.TCP, port="traffic-port", interval=Duration.seconds(10),
                 healthy_threshold_count=2, unhealthy_threshold_count=2,
             ),
         )
+        # ECS deregisters a stopping task first and sends SIGTERM only once the delay is over. Meanwhile the NLB
+        # sends it no new connection and keeps its open ones; then the proxy drains for DrainSeconds. So a
+        # connection survives a deployment if it ends within DeregistrationDelaySeconds + DrainSeconds.
+        self.target_group.set_attribute("deregistration_delay.timeout_seconds", deregistration_delay_seconds)
+        self.target_group.set_attribute("load_balancing.cross_zone.enabled", cross_zone)
+        # AWS's default, made explicit because CrossZoneLoadBalancing=false relies on it: an AZ with fewer healthy
+        # proxies than this is taken out of the NLB's DNS answers (within the record's 60 s TTL).
+        self.target_group.set_attribute("target_group_health.dns_failover.minimum_healthy_targets.count",
+                                        str(DNS_FAILOVER_MIN_HEALTHY))
         self.listener = self.load_balancer.add_listener(
             "Listener", port=proxy_port, protocol=elbv2.Protocol.TCP, default_target_groups=[self.target_group])
         # The NLB silently forgets a TCP flow idle for this long (350 s unless set; Elastic Load Balancing, Network

@@ -10,12 +10,18 @@ from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as events_targets
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
-from egress_proxy_infra.ec2_lifecycle import POOL_EXHAUSTED_MARKER, EipClaimHook
+from egress_proxy_infra.ec2_lifecycle import (
+    POOL_EXHAUSTED_MARKER,
+    REFRESH_NOT_STARTED_MARKER,
+    EipClaimHook,
+    GroupMaintenance,
+)
 
 #: Dimension the proxy puts on every metric: the task ID (fargate) or instance ID (ec2).
 INSTANCE_DIMENSION = "ProxyInstance"
@@ -25,9 +31,24 @@ SEED_METRICS = (
     "client_http.requests", "server.all.errors", "server.all.kbytes_in", "server.all.kbytes_out",
     "server.all.requests",
 )
-DECISION_METRICS = ("requests.allowed", "requests.denied")
+DECISION_METRICS = ("requests.allowed", "requests.denied", "requests.would_deny")
 RELOAD_METRICS = ("reload.success", "reload.failure")
 CONFIG_METRICS = ("allowlist.entries", "config.age_seconds")
+#: Access-log lines the proxy dropped (its bounded log buffer was full because the log sink stalled).
+LOG_DROP_METRIC = "log.lines_dropped"
+#: Squid workers running, and how many the proxy runs: fewer up than configured is a degraded proxy.
+WORKER_METRICS = ("workers.up", "workers.configured")
+#: Logs Insights over the access log (fields from entrypoint/egress_proxy/access_log.py): what was refused, by
+#: which policy and why; who was refused; and what report mode would refuse.
+REFUSALS_QUERY = ('filter type = "access" and decision = "denied"',
+                  "stats count(*) as requests by host, policy, reason",
+                  "sort requests desc", "limit 20")
+REFUSED_CLIENTS_QUERY = ('filter type = "access" and decision = "denied"',
+                         "stats count(*) as requests, count_distinct(host) as hosts by client_ip, policy, reason",
+                         "sort requests desc", "limit 20")
+WOULD_DENY_QUERY = ('filter type = "access" and decision = "would_deny"',
+                    "stats count(*) as requests by host, policy, reason",
+                    "sort requests desc", "limit 20")
 CPU_ALARM_PERCENT = 85
 PERIOD = Duration.minutes(1)
 
@@ -51,8 +72,11 @@ class AlarmTopic(Construct):
 
 class ProxyMonitoring(Construct):
     """One dashboard and the alarms, all notifying the alarm topic: no healthy targets, allowlist reload
-    failures, high CPU, a surge of denied requests, and in EC2 mode an exhausted Elastic IP pool, failing
-    Elastic IP claims and failed instance launches.
+    failures, high CPU, a surge of denied requests, dropped access-log lines, and in EC2 mode an exhausted
+    Elastic IP pool, failing Elastic IP claims, failed instance launches and an instance refresh not started.
+
+    The dashboard shows what was refused and who was refused (Logs Insights over the access log), next to the
+    proxy's own figures.
 
     The proxy publishes per instance (dimension ProxyInstance) and instances come and go, so graphs use
     SEARCH over the dimension and the reload alarm a Metrics Insights query that sums over all instances.
@@ -66,8 +90,10 @@ class ProxyMonitoring(Construct):
         target_group: elbv2.NetworkTargetGroup,
         alarm_topic: sns.ITopic,
         denied_requests_threshold: float,
+        access_logs: logs.ILogGroup,
         eip_claim: EipClaimHook | None = None,
         auto_scaling_group: autoscaling.IAutoScalingGroup | None = None,
+        maintenance: GroupMaintenance | None = None,
     ) -> None:
         super().__init__(scope, id)
         self._namespace = namespace
@@ -85,19 +111,10 @@ class ProxyMonitoring(Construct):
             evaluation_periods=2, treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
         )
 
-        # Alarms cannot use SEARCH, but they can use a Metrics Insights query, which sums over every
-        # ProxyInstance present in the period.
-        self.reload_failure_alarm = cloudwatch.CfnAlarm(
-            self, "ReloadFailures",
-            alarm_description="egress-proxy: a proxy failed to apply the allowlist secret; it keeps serving the "
-                              "last good allowlist. See the access log group for the reason.",
-            comparison_operator="GreaterThanThreshold", threshold=0, evaluation_periods=1,
-            treat_missing_data="notBreaching",
-            metrics=[cloudwatch.CfnAlarm.MetricDataQueryProperty(
-                id="reloadFailures", return_data=True, period=300,
-                expression=self._insights_sum("reload.failure"),
-            )],
-        )
+        self.reload_failure_alarm = self._fleet_sum_alarm(
+            "ReloadFailures", "reload.failure", threshold=0,
+            description="egress-proxy: a proxy failed to apply the allowlist secret; it keeps serving the last good "
+                        "allowlist. See the access log group for the reason.")
 
         cpu = service.metric_cpu_utilization(period=Duration.minutes(5))
         self.high_cpu_alarm = cpu.create_alarm(
@@ -110,38 +127,52 @@ class ProxyMonitoring(Construct):
         )
 
         # A surge of denials: a client misconfigured after an allowlist change, or something probing for a way out.
-        self.denied_surge_alarm = cloudwatch.CfnAlarm(
-            self, "DeniedRequestsSurge",
-            alarm_description="egress-proxy: many denied requests across all proxies (DeniedRequestsAlarmThreshold "
-                              "per 5 minutes). The access log group says which clients and destinations.",
-            comparison_operator="GreaterThanThreshold", threshold=denied_requests_threshold,
-            evaluation_periods=1, treat_missing_data="notBreaching",
-            metrics=[cloudwatch.CfnAlarm.MetricDataQueryProperty(
-                id="deniedRequests", return_data=True, period=300,
-                expression=self._insights_sum("requests.denied"),
-            )],
-        )
+        self.denied_surge_alarm = self._fleet_sum_alarm(
+            "DeniedRequestsSurge", "requests.denied", threshold=denied_requests_threshold,
+            description="egress-proxy: many denied requests across all proxies (DeniedRequestsAlarmThreshold per 5 "
+                        "minutes). The access log group says which clients and destinations.")
+        # Lost access-log lines are lost audit trail: the proxy kept proxying while its log sink stalled.
+        self.log_lines_dropped_alarm = self._fleet_sum_alarm(
+            "LogLinesDropped", LOG_DROP_METRIC, threshold=0,
+            description="egress-proxy: a proxy dropped access-log lines (its log buffer was full while CloudWatch "
+                        "Logs stalled); those requests are missing from the access log.")
         alarms: list[cloudwatch.IAlarm] = [
             self.no_healthy_targets_alarm, self.high_cpu_alarm,
             cloudwatch.Alarm.from_alarm_arn(self, "ReloadFailuresRef", self.reload_failure_alarm.attr_arn),
             cloudwatch.Alarm.from_alarm_arn(self, "DeniedRequestsSurgeRef", self.denied_surge_alarm.attr_arn),
+            cloudwatch.Alarm.from_alarm_arn(self, "LogLinesDroppedRef", self.log_lines_dropped_alarm.attr_arn),
         ]
-        for raw in (self.reload_failure_alarm, self.denied_surge_alarm):
+        for raw in (self.reload_failure_alarm, self.denied_surge_alarm, self.log_lines_dropped_alarm):
             raw.alarm_actions = [alarm_topic.topic_arn]
         for alarm in (self.no_healthy_targets_alarm, self.high_cpu_alarm):
             alarm.add_alarm_action(cloudwatch_actions.SnsAction(alarm_topic))
         if eip_claim is not None:
             alarms += self._eip_alarms(eip_claim)
+        if maintenance is not None:
+            alarms.append(self._log_marker_alarm(
+                "InstanceRefreshNotStarted", log_group=maintenance.log_group, marker=REFRESH_NOT_STARTED_MARKER,
+                metric_name="instances.refresh_not_started",
+                description="egress-proxy: the launch template changed (AMI or instance type) but no instance "
+                            "refresh could be started; the running instances keep the old one. See the "
+                            "maintenance function's log, then start the refresh by hand."))
         if auto_scaling_group is not None:
             # Launch failures (capacity, limits, a bad AMI or instance type) are events, not metrics.
-            events.Rule(
+            launch_failures = events.Rule(
                 self, "LaunchUnsuccessful",
                 description="egress-proxy: an instance launch of the proxy group failed",
                 event_pattern=events.EventPattern(
                     source=["aws.autoscaling"], detail_type=["EC2 Instance Launch Unsuccessful"],
                     detail={"AutoScalingGroupName": [auto_scaling_group.auto_scaling_group_name]}),
-                targets=[events_targets.SnsTopic(alarm_topic)],
+                # Through an imported handle: the target would otherwise let events.amazonaws.com publish with no
+                # condition; the statement below names this rule instead.
+                targets=[events_targets.SnsTopic(
+                    sns.Topic.from_topic_arn(self, "AlarmTopicForRules", alarm_topic.topic_arn))],
             )
+            alarm_topic.add_to_resource_policy(iam.PolicyStatement(
+                sid="ThisStacksLaunchFailureRuleOnly", actions=["sns:Publish"],
+                principals=[iam.ServicePrincipal("events.amazonaws.com")], resources=[alarm_topic.topic_arn],
+                conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
+                            "ArnEquals": {"aws:SourceArn": launch_failures.rule_arn}}))
 
         self.dashboard = cloudwatch.Dashboard(
             self, "Dashboard", dashboard_name=Fn.join("-", [Aws.STACK_NAME, Aws.REGION]),
@@ -159,26 +190,61 @@ class ProxyMonitoring(Construct):
             self._search_graph(*CONFIG_METRICS, title="Allowlist entries / config age (s)"),
         )
         self.dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Healthy proxies (NLB)", left=[healthy_hosts], width=12),
+            cloudwatch.GraphWidget(title="Healthy proxies (NLB)", left=[healthy_hosts], width=6),
             cloudwatch.GraphWidget(title="Service CPU / memory (%)",
                                    left=[service.metric_cpu_utilization(), service.metric_memory_utilization()],
-                                   width=12),
+                                   width=6),
+            self._search_graph(*WORKER_METRICS, title="Squid workers up / configured", stat="Minimum"),
+            self._search_graph(LOG_DROP_METRIC, title="Access-log lines dropped", stat="Sum"),
+        )
+        log_groups = [access_logs.log_group_name]
+        self.dashboard.add_widgets(
+            cloudwatch.LogQueryWidget(title="Refused: top hosts by policy and reason", width=8, height=8,
+                                      log_group_names=log_groups, query_lines=list(REFUSALS_QUERY)),
+            cloudwatch.LogQueryWidget(title="Refused: top clients by policy and reason", width=8, height=8,
+                                      log_group_names=log_groups, query_lines=list(REFUSED_CLIENTS_QUERY)),
+            cloudwatch.LogQueryWidget(title="Report mode: top would_deny hosts", width=8, height=8,
+                                      log_group_names=log_groups, query_lines=list(WOULD_DENY_QUERY)),
         )
 
-    def _eip_alarms(self, eip_claim: EipClaimHook) -> list[cloudwatch.IAlarm]:
-        """Pool exhausted (the claim function's log line) and claim errors (the function failing)."""
-        exhausted_metric = logs.MetricFilter(
-            self, "EipPoolExhaustedFilter", log_group=eip_claim.log_group,
-            filter_pattern=logs.FilterPattern.literal(f'"{POOL_EXHAUSTED_MARKER}"'),
-            metric_namespace=self._namespace, metric_name="eip.pool_exhausted", metric_value="1",
+    def _fleet_sum_alarm(self, id: str, metric_name: str, *, threshold: float, description: str) -> cloudwatch.CfnAlarm:
+        """An alarm when the sum of `metric_name` over every proxy in 5 minutes is above `threshold`.
+
+        Alarms cannot use SEARCH, but they can use a Metrics Insights query, which sums over every ProxyInstance
+        present in the period (proxies come and go).
+        """
+        return cloudwatch.CfnAlarm(
+            self, id, alarm_description=description,
+            comparison_operator="GreaterThanThreshold", threshold=threshold, evaluation_periods=1,
+            treat_missing_data="notBreaching",
+            metrics=[cloudwatch.CfnAlarm.MetricDataQueryProperty(
+                id=id[0].lower() + id[1:], return_data=True, period=300,
+                expression=self._insights_sum(metric_name),
+            )],
+        )
+
+    def _log_marker_alarm(self, id: str, *, log_group: logs.ILogGroup, marker: str, metric_name: str,
+                          description: str) -> cloudwatch.Alarm:
+        """An alarm on a Lambda function's log line (a metric filter counting `marker`), notifying the topic."""
+        metric = logs.MetricFilter(
+            self, f"{id}Filter", log_group=log_group, filter_pattern=logs.FilterPattern.literal(f'"{marker}"'),
+            metric_namespace=self._namespace, metric_name=metric_name, metric_value="1",
         ).metric(statistic="Sum", period=Duration.minutes(5))
-        exhausted = exhausted_metric.create_alarm(
-            self, "EipPoolExhausted",
-            alarm_description="egress-proxy: a launching instance found no free Elastic IP and was abandoned. "
-                              "Raise eipPoolSize (and redeploy) or lower MaxCapacity.",
+        alarm = metric.create_alarm(
+            self, id, alarm_description=description,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD, threshold=1,
             evaluation_periods=1, treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+        alarm.add_alarm_action(cloudwatch_actions.SnsAction(self._alarm_topic))
+        return alarm
+
+    def _eip_alarms(self, eip_claim: EipClaimHook) -> list[cloudwatch.IAlarm]:
+        """Pool exhausted (the claim function's log line) and claim errors (the function failing)."""
+        exhausted = self._log_marker_alarm(
+            "EipPoolExhausted", log_group=eip_claim.log_group, marker=POOL_EXHAUSTED_MARKER,
+            metric_name="eip.pool_exhausted",
+            description="egress-proxy: a launching instance found no free Elastic IP and was abandoned. "
+                        "Raise eipPoolSize (and redeploy) or lower MaxCapacity.")
         errors = eip_claim.function.metric_errors(period=Duration.minutes(5)).create_alarm(
             self, "EipClaimErrors",
             alarm_description="egress-proxy: the Elastic IP claim function failed; launching instances wait for "
@@ -186,8 +252,7 @@ class ProxyMonitoring(Construct):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD, threshold=1,
             evaluation_periods=1, treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
-        for alarm in (exhausted, errors):
-            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self._alarm_topic))
+        errors.add_alarm_action(cloudwatch_actions.SnsAction(self._alarm_topic))
         return [exhausted, errors]
 
     def _search(self, metric_name: str, stat: str) -> str:

@@ -7,6 +7,7 @@ breaker), and CPU target tracking between the MinCapacity and MaxCapacity parame
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jsii
@@ -20,9 +21,10 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct, IConstruct
 
 from egress_proxy_infra import subnets
-from egress_proxy_infra.ec2_lifecycle import EipClaimHook, ScaleInProtectionRelease
+from egress_proxy_infra.ec2_lifecycle import EipClaimHook, GroupMaintenance
 from egress_proxy_infra.eip_pool import POOL_TAG_KEY, ElasticIpPool
 from egress_proxy_infra.l1 import l1
+from egress_proxy_infra.parameters import DnsServer
 from egress_proxy_infra.proxy_task import ALLOWED_CONNECT_PORTS, ALLOWED_HTTP_PORTS, PROXY_UID, ProxyTask
 
 #: Average service CPU that target tracking holds.
@@ -41,18 +43,39 @@ IMDS_BLOCK_RULE = (f"/usr/sbin/iptables -w -I OUTPUT 1 -d {IMDS_ADDRESS}/32 -m o
                    "-j REJECT")
 
 
-def restrict_egress(security_group: ec2.SecurityGroup) -> None:
-    """Out: the proxy's allowed destination ports (the EGRESS_ALLOWED_PORTS the task sets) and DNS, nothing else.
+def restrict_egress(security_group: ec2.SecurityGroup, dns_servers: Sequence[DnsServer]) -> None:
+    """Out: the proxy's allowed destination ports (the EGRESS_ALLOWED_PORTS the task sets) and DNS to the
+    DnsServers only, nothing else.
 
     AWS API calls (Secrets Manager, CloudWatch, ECR, the ECS and SSM agents) use 443, which is already here.
-    DNS is for DnsServers; the VPC's own resolver, like IMDS, is not subject to security groups (Amazon VPC
-    User Guide, "Security group rules": traffic to and from the Amazon DNS server is not filtered).
+    The VPC's own resolver, like IMDS, is not subject to security groups (Amazon VPC User Guide, "Security group
+    rules": traffic to and from the Amazon DNS server is not filtered), so with DnsServers empty no DNS port opens.
     """
     anywhere = ec2.Peer.any_ipv4()
     for port in sorted({*ALLOWED_HTTP_PORTS, *ALLOWED_CONNECT_PORTS}):
         security_group.add_egress_rule(anywhere, ec2.Port.tcp(port), f"Proxied traffic and AWS APIs (tcp/{port})")
-    security_group.add_egress_rule(anywhere, ec2.Port.udp(53), "DNS (DnsServers)")
-    security_group.add_egress_rule(anywhere, ec2.Port.tcp(53), "DNS over TCP (DnsServers)")
+    for index, server in enumerate(dns_servers, start=1):
+        for protocol in ("udp", "tcp"):
+            rule = ec2.CfnSecurityGroupEgress(
+                security_group, f"DnsServer{index}{protocol.upper()}", group_id=security_group.security_group_id,
+                ip_protocol=protocol, from_port=53, to_port=53, cidr_ip=server.cidr,
+                description=f"DNS over {protocol.upper()} to DnsServers entry {index}")
+            rule.cfn_options.condition = server.condition
+
+
+def grant_ecs_agent(role: iam.Role, cluster: ecs.ICluster) -> None:
+    """The ECS container agent's permissions, and nothing else: registration and state changes on this cluster,
+    polling for work (Amazon ECS Developer Guide, "Amazon ECS container instance IAM role"). Image pulls and
+    awslogs use the task's execution role, so the instance needs neither ECR nor CloudWatch Logs."""
+    role.add_to_policy(iam.PolicyStatement(
+        sid="RegisterWithThisCluster",
+        actions=["ecs:DeregisterContainerInstance", "ecs:RegisterContainerInstance", "ecs:Submit*"],
+        resources=[cluster.cluster_arn]))
+    role.add_to_policy(iam.PolicyStatement(
+        sid="PollThisCluster", actions=["ecs:Poll", "ecs:StartTelemetrySession"], resources=["*"],
+        conditions={"ArnEquals": {"ecs:cluster": cluster.cluster_arn}}))
+    role.add_to_policy(iam.PolicyStatement(
+        sid="FindThePollEndpoint", actions=["ecs:DiscoverPollEndpoint"], resources=["*"]))
 
 
 def imds_block_script() -> list[str]:
@@ -118,13 +141,14 @@ class FargateProxyService(Construct):
         target_group: elbv2.INetworkTargetGroup,
         min_capacity: CfnParameter,
         max_capacity: CfnParameter,
+        dns_servers: Sequence[DnsServer],
     ) -> None:
         super().__init__(scope, id)
         self.security_group = ec2.SecurityGroup(
             self, "SecurityGroup", vpc=cluster.vpc, allow_all_outbound=False,
             description="egress-proxy tasks: in from the proxy load balancer only; out on the proxy ports and DNS",
         )
-        restrict_egress(self.security_group)
+        restrict_egress(self.security_group, dns_servers)
         self.service = ecs.FargateService(
             self, "Service", cluster=cluster, task_definition=task.task_definition,
             assign_public_ip=True, security_groups=[self.security_group],
@@ -180,6 +204,7 @@ class Ec2ProxyService(Construct):
         key_name: CfnParameter,
         has_key_name: CfnCondition,
         eip_pool: ElasticIpPool,
+        dns_servers: Sequence[DnsServer],
     ) -> None:
         super().__init__(scope, id)
         vpc = cluster.vpc
@@ -187,12 +212,13 @@ class Ec2ProxyService(Construct):
             self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
             description="egress-proxy instances: in from the proxy load balancer only; out on the proxy ports and DNS",
         )
-        restrict_egress(self.security_group)
+        restrict_egress(self.security_group, dns_servers)
         self.instance_role = iam.Role(
             self, "InstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description="egress-proxy instance: ECS agent and SSM Session Manager only",
             managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
         )
+        grant_ecs_agent(self.instance_role, cluster)
         NagSuppressions.add_resource_suppressions(self.instance_role, [NagPackSuppression(
             id="AwsSolutions-IAM4",
             applies_to=["Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore"],
@@ -213,8 +239,17 @@ class Ec2ProxyService(Construct):
             machine_image=_ParameterImage(ami_id.value_as_string, user_data),
             instance_type=ec2.InstanceType(instance_type.value_as_string),
             user_data=user_data,
-            role=self.instance_role,
+            # What the cluster grants the group's role is not wanted: it adds logs:CreateLogStream and
+            # logs:PutLogEvents on "*" (and ecr:GetAuthorizationToken), which awslogs and image pulls only need
+            # without an execution role; this task has one. The agent's own permissions are granted above.
+            role=self.instance_role.without_policy_updates(),
             security_group=self.security_group,
+            # The user data powers the instance off when it cannot protect IMDS or get a pool address: terminate
+            # it then, so a stopped instance never keeps holding an Elastic IP (the group replaces it).
+            instance_initiated_shutdown_behavior=ec2.InstanceInitiatedShutdownBehavior.TERMINATE,
+            # Burstable types (t3/t4g) default to unlimited, billed per surplus vCPU-hour; standard caps the cost
+            # and throttles instead. Ignored by other instance types.
+            cpu_credits=ec2.CpuCredits.STANDARD,
             # No temporary public address: the instance's only public address is the pool's Elastic IP, which
             # the lifecycle hook associates while the instance waits (it needs the internet for nothing before).
             associate_public_ip_address=False,
@@ -261,12 +296,14 @@ class Ec2ProxyService(Construct):
         cluster.add_asg_capacity_provider(self.capacity_provider)
         NagSuppressions.add_resource_suppressions(self.instance_role, [NagPackSuppression(
             id="AwsSolutions-IAM5", applies_to=["Resource::*", "Action::ecs:Submit*"],
-            reason="CDK's ECS agent policy: ecs:Submit* is limited to this cluster's ARN; the agent's "
-                   "ecs:DiscoverPollEndpoint, ecs:Poll, ecs:StartTelemetrySession and ecr:GetAuthorizationToken "
-                   "have no resource-level permissions.",
+            reason="The ECS agent's own actions only: ecs:Submit* is limited to this cluster's ARN; "
+                   "ecs:Poll and ecs:StartTelemetrySession to this cluster by the ecs:cluster condition; "
+                   "ecs:DiscoverPollEndpoint has no resource-level permissions.",
         )], apply_to_children=True)
-        self.scale_in_protection_release = ScaleInProtectionRelease(
-            self, "ScaleInProtectionRelease", group=self.auto_scaling_group, pool_tag_value=eip_pool.pool_tag_value)
+        self.maintenance = GroupMaintenance(
+            self, "GroupMaintenance", group=self.auto_scaling_group,
+            launch_template_version=self.launch_template.latest_version_number,
+            pool_tag_value=eip_pool.pool_tag_value)
 
         self.service = ecs.Ec2Service(
             self, "Service", cluster=cluster, task_definition=task.task_definition,
@@ -282,7 +319,7 @@ class Ec2ProxyService(Construct):
         # The association only appears during synthesis (the cluster's own aspect creates it), hence an aspect.
         Aspects.of(cluster).add(_DependOnCapacityProviderAssociation(l1(self.service, ecs.CfnService)),
                                 priority=AspectPriority.READONLY)
-        self.service.node.add_dependency(self.scale_in_protection_release)
+        self.service.node.add_dependency(self.maintenance)
         self.service.attach_to_network_target_group(target_group)
         _scale_on_cpu(self.service, min_capacity=min_capacity, max_capacity=max_capacity)
 

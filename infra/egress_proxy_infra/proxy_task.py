@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import Aws, Duration, IgnoreMode, RemovalPolicy, Stack, Token
+from aws_cdk import Aws, CfnCondition, Duration, Fn, IgnoreMode, RemovalPolicy, Stack, Token
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
@@ -18,6 +18,7 @@ from constructs import Construct
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
 from egress_proxy_infra.config import Architecture
 from egress_proxy_infra.l1 import l1
+from egress_proxy_infra.parameters import NON_BLOCKING_MAX_BUFFER_SIZE
 
 CONTAINER_NAME = "proxy"
 #: Fargate task size; Squid is light, and CPU target tracking adds tasks before one saturates.
@@ -57,7 +58,7 @@ class ProxyEnvironment:
     dns_servers: str
     client_cidr: str
     reload_interval_seconds: str
-    drain_seconds: int
+    drain_seconds: str
     metrics_namespace: str
     #: The proxy's tunnel idle limit; the stack gives it the NLB's TCP idle timeout (see stack.py).
     tunnel_idle_timeout_seconds: int
@@ -69,7 +70,7 @@ class ProxyEnvironment:
             "EGRESS_DNS_SERVERS": self.dns_servers,
             "EGRESS_CLIENT_CIDRS": self.client_cidr,
             "EGRESS_RELOAD_INTERVAL": self.reload_interval_seconds,
-            "EGRESS_DRAIN_SECONDS": str(self.drain_seconds),
+            "EGRESS_DRAIN_SECONDS": self.drain_seconds,
             "EGRESS_TUNNEL_IDLE_TIMEOUT": str(self.tunnel_idle_timeout_seconds),
             "EGRESS_METRICS": "on",
             "EGRESS_METRICS_NAMESPACE": self.metrics_namespace,
@@ -147,6 +148,8 @@ class ProxyTask(Construct):
         allowlist: AllowlistSecret,
         log_retention_days: float,
         stop_timeout: Duration,
+        log_driver_mode: str,
+        non_blocking_logs: CfnCondition,
         arch: Architecture = Architecture.X86_64,
     ) -> None:
         super().__init__(scope, id)
@@ -207,12 +210,19 @@ class ProxyTask(Construct):
                 interval=Duration.seconds(15), timeout=Duration.seconds(5), retries=3,
                 start_period=Duration.seconds(30),
             ),
-            # The supervisor drains for EGRESS_DRAIN_SECONDS after SIGTERM; SIGKILL only after a margin.
+            # The supervisor drains for EGRESS_DRAIN_SECONDS after SIGTERM and then exits; SIGKILL only after this.
             stop_timeout=stop_timeout,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="proxy", log_group=self.log_group),
             # Read-only image; the proxy writes only to the WRITABLE_PATHS volumes.
             readonly_root_filesystem=True,
         )
+        # Pinned, never left to the account's default (non-blocking since mid-2025 when unset). The L2 takes the
+        # mode only as an enum, and the buffer size only belongs to non-blocking mode, hence the overrides.
+        options = "ContainerDefinitions.0.LogConfiguration.Options"
+        cfn_task = l1(self.task_definition)
+        cfn_task.add_property_override(f"{options}.mode", log_driver_mode)
+        cfn_task.add_property_override(f"{options}.max-buffer-size", Fn.condition_if(
+            non_blocking_logs.logical_id, NON_BLOCKING_MAX_BUFFER_SIZE, Aws.NO_VALUE))
         for name, path in WRITABLE_PATHS.items():
             # No host path: a fresh, task-private directory that lives as long as the task.
             self.task_definition.add_volume(name=name)

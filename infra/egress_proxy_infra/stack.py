@@ -12,11 +12,11 @@ from constructs import Construct
 
 from egress_proxy_infra import subnets
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
-from egress_proxy_infra.config import CapacityMode, InfraConfig
+from egress_proxy_infra.config import MAX_STOP_TIMEOUT_SECONDS, CapacityMode, InfraConfig
 from egress_proxy_infra.eip_pool import ElasticIpPool
 from egress_proxy_infra.load_balancer import ProxyLoadBalancer
 from egress_proxy_infra.monitoring import AlarmTopic, ProxyMonitoring
-from egress_proxy_infra.parameters import ProxyParameters, define_parameters
+from egress_proxy_infra.parameters import ProxyParameters, define_parameters, dns_servers_of
 from egress_proxy_infra.proxy_service import Ec2ProxyService, FargateProxyService
 from egress_proxy_infra.proxy_task import ProxyEnvironment, ProxyTask, container_image
 from egress_proxy_infra.vpc_endpoints import VpcEndpoints, interface_hostnames
@@ -50,8 +50,10 @@ class EgressProxyStack(Stack):
             client_cidr=params.client_cidr.value_as_string, proxy_port=port,
             # awsvpc tasks register by IP; host-networked tasks by instance.
             target_type=elbv2.TargetType.INSTANCE if ec2_mode else elbv2.TargetType.IP,
-            deregistration_delay=Duration.seconds(config.drain_seconds),
+            deregistration_delay_seconds=params.deregistration_delay_seconds.value_as_string,
             idle_timeout_seconds=config.nlb_idle_timeout_seconds,
+            client_routing_policy=params.client_routing_policy.value_as_string,
+            cross_zone=params.cross_zone.value_as_string,
         )
 
         task = ProxyTask(
@@ -63,18 +65,22 @@ class EgressProxyStack(Stack):
                 proxy_port=port, allowlist_secret_arn=allowlist.secret_arn,
                 dns_servers=params.dns_servers.value_as_string, client_cidr=params.client_cidr.value_as_string,
                 reload_interval_seconds=Token.as_string(params.reload_interval_seconds.value_as_number),
-                drain_seconds=config.drain_seconds, metrics_namespace=params.metrics_namespace.value_as_string,
+                drain_seconds=Token.as_string(params.drain_seconds.value_as_number),
+                metrics_namespace=params.metrics_namespace.value_as_string,
                 # The NLB forgets an idle flow silently (the client's next packet gets a reset); the proxy closes
                 # one cleanly. One value for both, so neither limit surprises the other.
                 tunnel_idle_timeout_seconds=config.nlb_idle_timeout_seconds,
             ),
             allowlist=allowlist,
             log_retention_days=params.log_retention_days.value_as_number,
-            stop_timeout=Duration.seconds(config.stop_timeout_seconds),
+            stop_timeout=Duration.seconds(MAX_STOP_TIMEOUT_SECONDS),
+            log_driver_mode=params.log_driver_mode.value_as_string,
+            non_blocking_logs=params.non_blocking_logs,
         )
 
         cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
 
+        dns_servers = dns_servers_of(self, params.dns_servers)
         self.eip_pool: ElasticIpPool | None = None
         proxies: FargateProxyService | Ec2ProxyService
         if ec2_mode:
@@ -85,12 +91,13 @@ class EgressProxyStack(Stack):
                 target_group=load_balancer.target_group, min_capacity=params.min_capacity,
                 max_capacity=params.max_capacity, instance_type=params.instance_type, ami_id=params.ami_id,
                 key_name=params.key_name, has_key_name=params.has_key_name, eip_pool=self.eip_pool,
+                dns_servers=dns_servers,
             )
         else:
             proxies = FargateProxyService(
                 self, "Proxies", cluster=cluster, task=task, public_subnet_ids=params.public_subnet_ids,
                 target_group=load_balancer.target_group, min_capacity=params.min_capacity,
-                max_capacity=params.max_capacity,
+                max_capacity=params.max_capacity, dns_servers=dns_servers,
             )
         load_balancer.admit(proxies.security_group)
         self.proxies = proxies
@@ -110,8 +117,10 @@ class EgressProxyStack(Stack):
             load_balancer=load_balancer.load_balancer, target_group=load_balancer.target_group,
             alarm_topic=self.alarm_topic.topic,
             denied_requests_threshold=params.denied_requests_alarm_threshold.value_as_number,
+            access_logs=task.log_group,
             eip_claim=ec2_proxies.eip_claim if ec2_proxies else None,
             auto_scaling_group=ec2_proxies.auto_scaling_group if ec2_proxies else None,
+            maintenance=ec2_proxies.maintenance if ec2_proxies else None,
         )
 
         self._outputs(params=params, load_balancer=load_balancer, task=task, allowlist=allowlist,
@@ -119,44 +128,51 @@ class EgressProxyStack(Stack):
 
     def _outputs(self, *, params: ProxyParameters, load_balancer: ProxyLoadBalancer, task: ProxyTask,
                  allowlist: AllowlistSecret, proxy_security_group: ec2.ISecurityGroup) -> None:
-        # Created on the stack so the logical IDs (= output names) are exactly these.
+        # Created on the stack (_output below) so the logical IDs (= output names) are exactly these.
         port = params.proxy_port.value_as_string
         proxy_url = Fn.join("", ["http://", load_balancer.dns_name, ":", port])
-        CfnOutput(self, "ProxyDnsName", value=load_balancer.dns_name,
-                  description="DNS name of the proxy (internal NLB); set it on the clients.")
-        # The parameter already owns the construct id "ProxyPort"; outputs have their own namespace in the
-        # template, so the output can still carry the seed's name.
-        CfnOutput(self, "ProxyPortOutput", value=port, description="Port of the proxy.").override_logical_id(
-            "ProxyPort")
+        self._output("ProxyDnsName", value=load_balancer.dns_name,
+                     description="DNS name of the proxy (internal NLB); set it on the clients.")
+        self._output("ProxyPort", value=port, description="Port of the proxy.")
         if self.eip_pool is not None:
             ips = self.eip_pool.public_ips
-            CfnOutput(self, "ProxyEgressIps", value=Fn.join(",", ips),
+            self._output("ProxyEgressIps", value=Fn.join(",", ips),
                       description="Elastic IPs the proxies egress from (give these to partners/DNS filters).")
             for index, ip in enumerate(ips, start=1):
-                CfnOutput(self, f"EgressIp{index}", value=ip, description=f"Egress Elastic IP {index}.")
+                self._output(f"EgressIp{index}", value=ip, description=f"Egress Elastic IP {index}.")
         else:
-            CfnOutput(self, "ProxyEgressIps", value=FARGATE_EGRESS_NOTE,
+            self._output("ProxyEgressIps", value=FARGATE_EGRESS_NOTE,
                       description="Egress IPs of the proxies.")
-        CfnOutput(self, "AccessLogGroup", value=task.log_group.log_group_name,
-                  description="CloudWatch Logs group with the proxy access logs (JSON lines).")
-        CfnOutput(self, "ProxySecurityGroup", value=proxy_security_group.security_group_id,
-                  description="Security group of the proxies (the load balancer's group is LoadBalancerSecurityGroup).")
-        CfnOutput(self, "LoadBalancerSecurityGroup", value=load_balancer.security_group.security_group_id,
-                  description="Security group of the load balancer: admits ClientCidr on ProxyPort.")
-        CfnOutput(self, "AllowlistSecretArn", value=allowlist.secret_arn,
-                  description="Secret with the allowlist; update it (or egress-proxy allowlist push) to change "
+        self._output("AccessLogGroup", value=task.log_group.log_group_name,
+                     description="CloudWatch Logs group with the proxy access logs (JSON lines).")
+        self._output("ProxySecurityGroup", value=proxy_security_group.security_group_id,
+                     description="Security group of the proxies (the load balancer's group is "
+                                 "LoadBalancerSecurityGroup).")
+        self._output("LoadBalancerSecurityGroup", value=load_balancer.security_group.security_group_id,
+                     description="Security group of the load balancer: admits ClientCidr on ProxyPort.")
+        self._output("AllowlistSecretArn", value=allowlist.secret_arn,
+                     description="Secret with the allowlist; update it (or egress-proxy allowlist push) to change "
                               "the allowlist without a stack update.")
         # With the endpoints, clients reach those AWS APIs directly (private DNS), not through the proxy.
         endpoint_hosts = Fn.condition_if(params.use_vpc_endpoints.logical_id,
                                          Fn.join("", [",", Fn.join(",", interface_hostnames())]), "").to_string()
         s3_hosts = Fn.condition_if(params.use_s3_gateway_endpoint.logical_id,
                                    Fn.join("", [",.s3.", Aws.REGION, ".amazonaws.com"]), "").to_string()
-        CfnOutput(self, "ProxyExportCommand",
+        self._output("ProxyExportCommand",
                   value=Fn.join("", ["export http_proxy=", proxy_url, " https_proxy=", proxy_url,
                                      " no_proxy=", NO_PROXY, endpoint_hosts, s3_hosts]),
-                  description="Paste into a Linux shell to use the proxy.")
-        CfnOutput(self, "AlarmTopicArn", value=self.alarm_topic.topic.topic_arn,
-                  description="SNS topic every alarm notifies; subscribe to it (or set AlarmEmail).")
+                     description="Paste into a Linux shell to use the proxy.")
+        self._output("AlarmTopicArn", value=self.alarm_topic.topic.topic_arn,
+                     description="SNS topic every alarm notifies; subscribe to it (or set AlarmEmail).")
         if isinstance(self.proxies, Ec2ProxyService):
-            CfnOutput(self, "AutoScalingGroupName", value=self.proxies.auto_scaling_group.auto_scaling_group_name,
+            self._output("AutoScalingGroupName", value=self.proxies.auto_scaling_group.auto_scaling_group_name,
                       description="Auto Scaling group of the proxy instances (for an instance refresh).")
+
+    def _output(self, name: str, *, value: str, description: str) -> CfnOutput:
+        """An output named `name`, exported as `<stack name>-<name>` for Fn::ImportValue in other stacks."""
+        # The parameters own construct ids such as "ProxyPort"; outputs have their own namespace in the template,
+        # so the output's construct id differs and its logical id is set to the name.
+        output = CfnOutput(self, f"{name}Output", value=value, description=description,
+                           export_name=Fn.join("-", [Aws.STACK_NAME, name]))
+        output.override_logical_id(name)
+        return output

@@ -4,9 +4,10 @@
   property the Elastic IP claim relies on: EC2 applies AssociateAddress atomically, so of two concurrent
   calls for the same free address exactly one succeeds. (moto's default threaded server would let two
   requests interleave inside its check-and-set, which real EC2 does not.)
-* `LifecycleActionRecorder`: moto 5.2.5 does not implement autoscaling:CompleteLifecycleAction, so the claim
-  tests send the Auto Scaling endpoint (AWS_ENDPOINT_URL_AUTO_SCALING) here. It answers that one action
-  with the query-protocol response boto3 expects and records the parameters; anything else is a 400.
+* `autoscaling_recorder()`: moto 5.2.5 implements neither autoscaling:CompleteLifecycleAction nor
+  autoscaling:StartInstanceRefresh, so the claim and refresh tests send their Auto Scaling client here. It
+  answers those two actions with the query-protocol responses boto3 expects (or, when told to, the error
+  AWS gives while another refresh runs) and records the parameters; anything else is a 400.
 * `ResponseRecorder`: the pre-signed S3 URL a custom resource PUTs its result to.
 
 Clients are real boto3 clients configured by endpoint URL; nothing in boto3 is patched.
@@ -81,29 +82,46 @@ def _serving(server: _Recorder) -> Iterator[_Recorder]:
         server.server_close()
 
 
-class _LifecycleHandler(BaseHTTPRequestHandler):
+#: The stand-in's answers, per action: the query-protocol result element boto3 parses.
+_AUTOSCALING_RESULTS = {
+    "CompleteLifecycleAction": "<CompleteLifecycleActionResult/>",
+    "StartInstanceRefresh": "<StartInstanceRefreshResult><InstanceRefreshId>refresh-1</InstanceRefreshId>"
+                            "</StartInstanceRefreshResult>",
+}
+_REFRESH_IN_PROGRESS = (b'<ErrorResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/"><Error>'
+                        b"<Type>Sender</Type><Code>InstanceRefreshInProgress</Code><Message>An Instance Refresh is "
+                        b"already in progress and blocks the execution of this Instance Refresh.</Message></Error>"
+                        b"<RequestId>r</RequestId></ErrorResponse>")
+
+
+class _AutoScalingHandler(BaseHTTPRequestHandler):
     server: _Recorder
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-        params = {key: values[0] for key, values in parse_qs(body).items()}
-        if params.get("Action") != "CompleteLifecycleAction":
-            self.send_response(400)
-            self.end_headers()
-            return
-        with self.server.lock:
-            self.server.calls.append(params)
-        payload = (b'<CompleteLifecycleActionResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
-                   b"<CompleteLifecycleActionResult/><ResponseMetadata><RequestId>r</RequestId>"
-                   b"</ResponseMetadata></CompleteLifecycleActionResponse>")
-        self.send_response(200)
+    def _send(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        params = {key: values[0] for key, values in parse_qs(body).items()}
+        action = params.get("Action", "")
+        if action not in _AUTOSCALING_RESULTS:
+            self._send(400, b"")
+            return
+        with self.server.lock:
+            self.server.calls.append(params)
+        if action == "StartInstanceRefresh" and getattr(self.server, "refresh_in_progress", False):
+            self._send(400, _REFRESH_IN_PROGRESS)
+            return
+        self._send(200, (f'<{action}Response xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
+                         f"{_AUTOSCALING_RESULTS[action]}<ResponseMetadata><RequestId>r</RequestId>"
+                         f"</ResponseMetadata></{action}Response>").encode())
 
 
 class _ResponseHandler(BaseHTTPRequestHandler):
@@ -123,9 +141,12 @@ class _ResponseHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def lifecycle_action_recorder() -> Iterator[_Recorder]:
-    with _serving(_Recorder(_LifecycleHandler)) as server:
-        yield server
+def autoscaling_recorder(*, refresh_in_progress: bool = False) -> Iterator[_Recorder]:
+    """The Auto Scaling stand-in; `refresh_in_progress` makes StartInstanceRefresh fail as AWS does then."""
+    server = _Recorder(_AutoScalingHandler)
+    server.refresh_in_progress = refresh_in_progress  # type: ignore[attr-defined]
+    with _serving(server) as serving:
+        yield serving
 
 
 @contextmanager

@@ -54,13 +54,15 @@ def test_only_the_claim_function_may_associate_and_only_pool_addresses(ec2: Synt
         assert "ec2:" not in json.dumps(_statements(ec2, holder)), holder
 
 
-def test_the_teardown_function_may_only_unprotect_the_pool_group(ec2: Synth) -> None:
-    statements = _statements(ec2, "ScaleInProtectionReleaseFunctionRole")
+def test_the_maintenance_function_may_only_unprotect_and_refresh_the_pool_group(ec2: Synth) -> None:
+    statements = _statements(ec2, "GroupMaintenanceFunctionRole")
     actions = sorted(a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
     assert [a for a in actions if not a.startswith("logs:")] == [
-        "autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceProtection"]
-    (unprotect,) = [s for s in statements if s["Action"] == "autoscaling:SetInstanceProtection"]
-    assert unprotect["Condition"] == TAG_CONDITION
+        "autoscaling:DescribeAutoScalingGroups", "autoscaling:SetInstanceProtection",
+        "autoscaling:StartInstanceRefresh"]
+    for action in ("autoscaling:SetInstanceProtection", "autoscaling:StartInstanceRefresh"):
+        (statement,) = [s for s in statements if s["Action"] == action]
+        assert statement["Condition"] == TAG_CONDITION
     _, asg = ec2.only("AWS::AutoScaling::AutoScalingGroup")
     # The group carries the tag the conditions test, not propagated to instances (they get it from the template).
     tag = {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}, "PropagateAtLaunch": False}
@@ -68,7 +70,7 @@ def test_the_teardown_function_may_only_unprotect_the_pool_group(ec2: Synth) -> 
 
 
 def test_functions_log_only_to_their_own_log_groups(ec2: Synth) -> None:
-    for name_part in ("EipClaimFunctionRole", "ScaleInProtectionReleaseFunctionRole"):
+    for name_part in ("EipClaimFunctionRole", "GroupMaintenanceFunctionRole"):
         (statement,) = [s for s in _statements(ec2, name_part) if "logs:PutLogEvents" in json.dumps(s)]
         log_group, attribute = statement["Resource"]["Fn::GetAtt"]
         assert ec2.data["Resources"][log_group]["Type"] == "AWS::Logs::LogGroup" and attribute == "Arn"
@@ -93,6 +95,28 @@ def test_launch_template(ec2: Synth) -> None:
     tagged = {spec["ResourceType"] for spec in data["TagSpecifications"]
               if {"Key": POOL_TAG, "Value": {"Ref": "AWS::StackName"}} in spec["Tags"]}
     assert tagged == {"instance", "network-interface"}
+    # The boot script's `shutdown` (no pool address, or no IMDS block) terminates: a stopped instance would keep
+    # its Elastic IP and its place in the group.
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+    # T3/T4g: no surplus vCPU-hours billed; other instance types ignore it.
+    assert data["CreditSpecification"] == {"CpuCredits": "standard"}
+
+
+def test_instance_role_has_the_ecs_agent_and_session_manager_only(ec2: Synth) -> None:
+    """With an execution role, awslogs and image pulls never use the instance's credentials."""
+    actions = sorted(a for s in _statements(ec2, "InstanceRole")
+                     for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
+    assert actions == ["ecs:DeregisterContainerInstance", "ecs:DiscoverPollEndpoint", "ecs:Poll",
+                       "ecs:RegisterContainerInstance", "ecs:StartTelemetrySession", "ecs:Submit*"]
+    (role,) = [r for k, r in ec2.resources("AWS::IAM::Role").items() if "InstanceRole" in k]
+    assert json.dumps(role["Properties"]["ManagedPolicyArns"]).count("arn:") == 1
+    assert "AmazonSSMManagedInstanceCore" in json.dumps(role["Properties"]["ManagedPolicyArns"])
+
+
+def test_elastic_ips_outlive_the_stack(ec2: Synth) -> None:
+    """Partners allow-listed them: a stack deletion or replacement must not hand them back to AWS."""
+    for name, address in ec2.resources("AWS::EC2::EIP").items():
+        assert address["DeletionPolicy"] == "Retain" and address["UpdateReplacePolicy"] == "Retain", name
 
 
 def test_auto_scaling_group_spans_the_public_subnets_and_never_outgrows_the_pool(ec2: Synth) -> None:

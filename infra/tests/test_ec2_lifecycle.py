@@ -71,24 +71,37 @@ def test_group_launches_only_once_the_claim_path_exists(ec2: Synth) -> None:
 
 
 def test_teardown_lifts_scale_in_protection_between_the_service_and_the_group(ec2: Synth) -> None:
-    release = _one(ec2, "Custom::ScaleInProtectionRelease")
+    maintenance = _one(ec2, "Custom::ProxyGroupMaintenance")
     service, asg = _one(ec2, "AWS::ECS::Service"), _one(ec2, "AWS::AutoScaling::AutoScalingGroup")
     # Deleted after the service (no task is left to re-protect an instance) and before the group.
-    assert depends_on(ec2, service, release)
-    assert depends_on(ec2, release, asg)
-    props = ec2.data["Resources"][release]["Properties"]
+    assert depends_on(ec2, service, maintenance)
+    assert depends_on(ec2, maintenance, asg)
+    props = ec2.data["Resources"][maintenance]["Properties"]
     assert props["AutoScalingGroupName"] == {"Ref": asg}
-    function = _one(ec2, "AWS::Lambda::Function", "ScaleInProtectionRelease")
+    function = _one(ec2, "AWS::Lambda::Function", "GroupMaintenance")
     assert props["ServiceToken"] == {"Fn::GetAtt": [function, "Arn"]}
     # Its function and permissions still exist when the Delete call runs.
-    assert depends_on(ec2, release, _one(ec2, "AWS::IAM::Policy", "ScaleInProtectionRelease"))
+    assert depends_on(ec2, maintenance, _one(ec2, "AWS::IAM::Policy", "GroupMaintenance"))
     # Managed termination protection stays on: it is what keeps scale-in from killing busy proxies.
     _, provider = ec2.only("AWS::ECS::CapacityProvider")
     assert provider["Properties"]["AutoScalingGroupProvider"]["ManagedTerminationProtection"] == "ENABLED"
 
 
+def test_a_new_launch_template_version_refreshes_the_instances_after_the_group_has_it(ec2: Synth) -> None:
+    """A new AMI (or a new release behind the AmiId SSM parameter) or instance type makes a new launch template
+    version; the group points at it, and then the custom resource, whose LaunchTemplateVersion property
+    changed, starts the instance refresh (lambda_src/group_maintenance.py, tested in test_lambda_handlers.py)."""
+    maintenance = _one(ec2, "Custom::ProxyGroupMaintenance")
+    template, asg = _one(ec2, "AWS::EC2::LaunchTemplate"), _one(ec2, "AWS::AutoScaling::AutoScalingGroup")
+    props = ec2.data["Resources"][maintenance]["Properties"]
+    assert props["LaunchTemplateVersion"] == {"Fn::GetAtt": [template, "LatestVersionNumber"]}
+    assert ec2.data["Resources"][asg]["Properties"]["LaunchTemplate"]["Version"] == {
+        "Fn::GetAtt": [template, "LatestVersionNumber"]}
+    assert depends_on(ec2, maintenance, asg)
+
+
 def test_fargate_has_none_of_the_ec2_machinery(fargate: Synth) -> None:
-    for type_ in ("Custom::ScaleInProtectionRelease", "AWS::Lambda::Function", "AWS::AutoScaling::AutoScalingGroup",
+    for type_ in ("Custom::ProxyGroupMaintenance", "AWS::Lambda::Function", "AWS::AutoScaling::AutoScalingGroup",
                   "AWS::EC2::EIP", "AWS::ECS::ClusterCapacityProviderAssociations"):
         assert not fargate.resources(type_), type_
 

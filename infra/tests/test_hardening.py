@@ -65,10 +65,12 @@ def test_dockerfile_declares_the_writable_paths_as_volumes(synth: Synth) -> None
 
 
 def _egress_proxy_bin() -> Path:
-    candidate = Path(os.environ.get("EGRESS_PROXY_BIN", REPO / ".venv" / "bin" / "egress-proxy"))
+    """EGRESS_PROXY_BIN, else the proxy installed in the venv running these tests (infra/scripts/test installs
+    ../entrypoint there)."""
+    candidate = Path(os.environ.get("EGRESS_PROXY_BIN", Path(sys.executable).parent / "egress-proxy"))
     if not candidate.exists():
-        pytest.fail(f"{candidate} is missing: run scripts/test once (it creates the repository's .venv), or set "
-                    "EGRESS_PROXY_BIN to an installed egress-proxy")
+        pytest.fail(f"{candidate} is missing: run infra/scripts/test (it installs ../entrypoint into its venv), "
+                    "or set EGRESS_PROXY_BIN to an installed egress-proxy")
     return candidate
 
 
@@ -131,8 +133,24 @@ def test_egress_is_limited_to_the_proxy_ports_and_dns(synth: Synth) -> None:
     (proxy_sg,) = [g for k, g in groups.items() if k.startswith("Proxies")]
     rules = sorted((r["IpProtocol"], r["FromPort"], r["ToPort"], r["CidrIp"])
                    for r in proxy_sg["Properties"]["SecurityGroupEgress"])
-    assert rules == [("tcp", 53, 53, "0.0.0.0/0"), ("tcp", 80, 80, "0.0.0.0/0"), ("tcp", 443, 443, "0.0.0.0/0"),
-                     ("udp", 53, 53, "0.0.0.0/0")]
+    assert rules == [("tcp", 80, 80, "0.0.0.0/0"), ("tcp", 443, 443, "0.0.0.0/0")]
+    # DNS only to the DnsServers entries, each a rule of its own that exists only when that entry does; with
+    # DnsServers empty the proxies use the VPC resolver, which security groups do not filter.
+    proxy_sg_id = [k for k in groups if k.startswith("Proxies")][0]
+    dns_rules = {k: r for k, r in synth.resources("AWS::EC2::SecurityGroupEgress").items()
+                 if r["Properties"]["GroupId"] == {"Fn::GetAtt": [proxy_sg_id, "GroupId"]}}
+    assert len(dns_rules) == 8
+    padded = {"Fn::Split": [",", {"Fn::Join": ["", [{"Ref": "DnsServers"}, ",,,"]]}]}
+    seen = set()
+    for rule in dns_rules.values():
+        props = rule["Properties"]
+        index = int(rule["Condition"].removeprefix("HasDnsServer")) - 1
+        assert (props["FromPort"], props["ToPort"]) == (53, 53) and props["IpProtocol"] in ("tcp", "udp")
+        assert props["CidrIp"] == {"Fn::Join": ["", [{"Fn::Select": [index, padded]}, "/32"]]}
+        assert synth.data["Conditions"][rule["Condition"]] == {
+            "Fn::Not": [{"Fn::Equals": [{"Fn::Select": [index, padded]}, ""]}]}
+        seen.add((index, props["IpProtocol"]))
+    assert seen == {(i, p) for i in range(4) for p in ("tcp", "udp")}
     env = {e["Name"]: e["Value"] for e in _container(synth)["Environment"]}
     assert env["EGRESS_ALLOWED_PORTS"] == "http:80,connect:443"
 

@@ -2,8 +2,9 @@
 
 Elastic IP claim: several instances launching at once race for fewer addresses than instances; each address
 must end up with exactly one instance, nothing is stolen, the losers' launches are abandoned, and another
-stack's pool is never touched. Scale-in protection release: on Delete, every protected instance of the group
-is unprotected (in batches of 50) and CloudFormation gets its response.
+stack's pool is never touched. Group maintenance: on Delete, every protected instance of the group is
+unprotected (in batches of 50); on an Update with a new launch template version, an instance refresh starts;
+CloudFormation gets a SUCCESS response every time, with a reason saying what failed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aws_emulator import client, lifecycle_action_recorder, response_recorder, serve_moto
-from egress_proxy_infra.lambda_src import claim_eip, release_protection
+from aws_emulator import autoscaling_recorder, client, response_recorder, serve_moto
+from egress_proxy_infra.lambda_src import claim_eip, group_maintenance
 from infra_synth import Synth
 
 POOL_TAG = "egress-proxy:eip-pool"
@@ -92,7 +93,7 @@ def test_five_launches_race_for_four_addresses_and_each_address_goes_to_one_inst
     instances = _instances(ec2, 5)
     pool = _pool(ec2, 4)
     (foreign,) = _pool(ec2, 1, pool="another-stack")
-    with lifecycle_action_recorder() as recorder:
+    with autoscaling_recorder() as recorder:
         results = _race(moto, recorder.url, instances, attempts=3)
     holders = _holders(ec2)
     # Every pool address is held, each by a different instance, and it is the one that instance was told.
@@ -114,7 +115,7 @@ def test_twelve_launches_race_for_twelve_addresses_and_all_win(moto: str) -> Non
     ec2 = client("ec2", moto)
     instances = _instances(ec2, 12)
     pool = _pool(ec2, 12)
-    with lifecycle_action_recorder() as recorder:
+    with autoscaling_recorder() as recorder:
         # Enough attempts for the worst case: each round at least one of the colliding instances wins.
         results = _race(moto, recorder.url, instances, attempts=len(instances) + 1)
     assert None not in results.values()
@@ -127,7 +128,7 @@ def test_a_retried_event_keeps_the_address_the_instance_already_holds(moto: str)
     (instance,) = _instances(ec2, 1)
     first, _second = _pool(ec2, 2)
     ec2.associate_address(AllocationId=first, InstanceId=instance, AllowReassociation=False)
-    with lifecycle_action_recorder() as recorder:
+    with autoscaling_recorder() as recorder:
         allocation = claim_eip.on_launch(ec2, client("autoscaling", recorder.url), _detail(instance), POOL_TAG,
                                          POOL, pause=lambda: None)
     assert allocation == first
@@ -144,7 +145,7 @@ def test_handler_reads_the_environment_the_template_sets(moto: str, ec2: Synth,
     ec2_client = client("ec2", moto)
     (instance,) = _instances(ec2_client, 1)
     (allocation,) = _pool(ec2_client, 1)
-    with lifecycle_action_recorder() as recorder:
+    with autoscaling_recorder() as recorder:
         for key, value in {"AWS_ENDPOINT_URL": moto, "AWS_ENDPOINT_URL_AUTO_SCALING": recorder.url,
                            "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "testing",
                            "AWS_SECRET_ACCESS_KEY": "testing", "POOL_TAG_KEY": POOL_TAG,
@@ -165,7 +166,7 @@ def test_an_exhausted_pool_logs_the_line_the_alarm_counts(moto: str, capsys: pyt
     holder, latecomer = _instances(ec2, 2)
     (allocation,) = _pool(ec2, 1)
     ec2.associate_address(AllocationId=allocation, InstanceId=holder, AllowReassociation=False)
-    with lifecycle_action_recorder() as recorder:
+    with autoscaling_recorder() as recorder:
         result = claim_eip.on_launch(ec2, client("autoscaling", recorder.url), _detail(latecomer), POOL_TAG, POOL,
                                      attempts=2, pause=lambda: None)
     assert result is None and _holders(ec2)[allocation] == holder
@@ -173,7 +174,7 @@ def test_an_exhausted_pool_logs_the_line_the_alarm_counts(moto: str, capsys: pyt
     assert POOL_EXHAUSTED_MARKER in capsys.readouterr().out
 
 
-# --- scale-in protection release (the teardown custom resource) ---------------------------------------------
+# --- group maintenance (the custom resource: protection release, instance refresh) --------------------------
 
 def _protected_group(moto: str, size: int) -> Any:
     autoscaling, ec2 = client("autoscaling", moto), client("ec2", moto)
@@ -192,65 +193,118 @@ def _protection(autoscaling: Any) -> list[bool]:
     return [i["ProtectedFromScaleIn"] for i in group["Instances"]]
 
 
-def _cfn_event(request_type: str, response_url: str) -> dict[str, Any]:
-    return {"RequestType": request_type, "ResponseURL": f"{response_url}/presigned?sig=1",
-            "StackId": "arn:aws:cloudformation:eu-west-1:123456789012:stack/proxy-stack/1",
-            "RequestId": "request-1", "LogicalResourceId": "ProxiesScaleInProtectionRelease",
-            "PhysicalResourceId": "ProxiesScaleInProtectionRelease", "ResourceType": "Custom::ScaleInProtectionRelease",
-            "ResourceProperties": {"AutoScalingGroupName": GROUP}}
+def _cfn_event(request_type: str, response_url: str, *, version: str = "1",
+               old_version: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "RequestType": request_type, "ResponseURL": f"{response_url}/presigned?sig=1",
+        "StackId": "arn:aws:cloudformation:eu-west-1:123456789012:stack/proxy-stack/1",
+        "RequestId": "request-1", "LogicalResourceId": "ProxiesGroupMaintenance",
+        "PhysicalResourceId": "ProxiesGroupMaintenance", "ResourceType": "Custom::ProxyGroupMaintenance",
+        "ResourceProperties": {"AutoScalingGroupName": GROUP, "LaunchTemplateVersion": version}}
+    if old_version is not None:
+        event["OldResourceProperties"] = {"AutoScalingGroupName": GROUP, "LaunchTemplateVersion": old_version}
+    return event
+
+
+def _aws_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "eu-west-1",
+                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(key, value)
 
 
 def test_delete_unprotects_every_instance_in_batches_of_50(moto: str) -> None:
     autoscaling = _protected_group(moto, 55)
     assert _protection(autoscaling) == [True] * 55
-    status, reason = release_protection.on_event(autoscaling, _cfn_event("Delete", "http://unused"))
-    assert status == "SUCCESS" and "55 instance(s)" in reason
+    reason = group_maintenance.on_event(autoscaling, _cfn_event("Delete", "http://unused"))
+    assert "55 instance(s)" in reason
     assert _protection(autoscaling) == [False] * 55
 
 
-def test_create_and_update_change_nothing(moto: str) -> None:
+def test_create_and_an_update_without_a_new_launch_template_change_nothing(moto: str) -> None:
     autoscaling = _protected_group(moto, 2)
-    for request_type in ("Create", "Update"):
-        status, _ = release_protection.on_event(autoscaling, _cfn_event(request_type, "http://unused"))
-        assert status == "SUCCESS"
+    group_maintenance.on_event(autoscaling, _cfn_event("Create", "http://unused"))
+    reason = group_maintenance.on_event(autoscaling, _cfn_event("Update", "http://unused", version="3",
+                                                                old_version="3"))
+    assert "nothing to do" in reason
     assert _protection(autoscaling) == [True, True]
+
+
+def test_a_new_launch_template_version_starts_a_refresh_of_every_instance() -> None:
+    """moto lacks StartInstanceRefresh: the Auto Scaling stand-in records the call (aws_emulator.py)."""
+    with autoscaling_recorder() as recorder:
+        reason = group_maintenance.on_event(client("autoscaling", recorder.url),
+                                            _cfn_event("Update", "http://unused", version="4", old_version="3"))
+    assert reason == f"instance refresh refresh-1 of {GROUP}: launch template version 3 -> 4"
+    (call,) = recorder.calls
+    preferences = {key.removeprefix("Preferences."): value for key, value in call.items()
+                   if key.startswith("Preferences.")}
+    assert call["AutoScalingGroupName"] == GROUP and call["Strategy"] == "Rolling"
+    # Protected instances (every one running a task) are replaced too, one at a time, terminate-then-launch.
+    assert preferences == {"MinHealthyPercentage": "50", "MaxHealthyPercentage": "100", "InstanceWarmup": "300",
+                           "ScaleInProtectedInstances": "Refresh", "StandbyInstances": "Terminate"}
+
+
+def test_a_refresh_that_cannot_start_is_reported_not_failed(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A FAILED update would roll back, and the rollback's own Update would fail the same way."""
+    from egress_proxy_infra.ec2_lifecycle import REFRESH_NOT_STARTED_MARKER
+    with autoscaling_recorder(refresh_in_progress=True) as recorder, response_recorder() as responses:
+        _aws_env(monkeypatch, recorder.url)
+        group_maintenance.handler(_cfn_event("Update", responses.url, version="5", old_version="4"), None)
+    (call,) = responses.calls
+    assert call["body"]["Status"] == "SUCCESS"
+    reason = call["body"]["Reason"]
+    assert REFRESH_NOT_STARTED_MARKER in reason and "InstanceRefreshInProgress" in reason
+    # The line the InstanceRefreshNotStarted alarm's metric filter counts.
+    assert REFRESH_NOT_STARTED_MARKER in capsys.readouterr().out
 
 
 def test_handler_answers_cloudformation(moto: str, monkeypatch: pytest.MonkeyPatch) -> None:
     autoscaling = _protected_group(moto, 2)
-    for key, value in {"AWS_ENDPOINT_URL": moto, "AWS_DEFAULT_REGION": "eu-west-1",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
-        monkeypatch.setenv(key, value)
+    _aws_env(monkeypatch, moto)
     with response_recorder() as responses:
-        release_protection.handler(_cfn_event("Delete", responses.url), None)
+        group_maintenance.handler(_cfn_event("Delete", responses.url), None)
     (call,) = responses.calls
     assert call["path"] == "/presigned?sig=1" and call["content_type"] == ""
     body = call["body"]
     assert body["Status"] == "SUCCESS" and "2 instance(s)" in body["Reason"]
     assert {k: body[k] for k in ("StackId", "RequestId", "LogicalResourceId", "PhysicalResourceId")} == {
         "StackId": "arn:aws:cloudformation:eu-west-1:123456789012:stack/proxy-stack/1", "RequestId": "request-1",
-        "LogicalResourceId": "ProxiesScaleInProtectionRelease",
-        "PhysicalResourceId": "ProxiesScaleInProtectionRelease"}
+        "LogicalResourceId": "ProxiesGroupMaintenance", "PhysicalResourceId": "ProxiesGroupMaintenance"}
     assert _protection(autoscaling) == [False, False]
 
 
-def test_an_unreachable_api_fails_the_delete_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Nothing listens on port 9 of loopback: the call fails at once, and CloudFormation must hear why.
-    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "eu-west-1",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(key, value)
+def test_an_unreachable_api_still_lets_the_delete_go_on_and_says_how_to_finish(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Best effort: DELETE_FAILED would strand the stack, while the group's own deletion may well succeed."""
+    # Nothing listens on port 9 of loopback: the call fails at once.
+    _aws_env(monkeypatch, "http://127.0.0.1:9")
     with response_recorder() as responses:
-        release_protection.handler(_cfn_event("Delete", responses.url), None)
+        group_maintenance.handler(_cfn_event("Delete", responses.url), None)
     (call,) = responses.calls
-    assert call["body"]["Status"] == "FAILED"
-    assert f"could not lift scale-in protection in {GROUP}" in call["body"]["Reason"]
+    assert call["body"]["Status"] == "SUCCESS"
+    reason = call["body"]["Reason"]
+    assert f"could not lift scale-in protection in {GROUP}" in reason
+    assert "aws autoscaling set-instance-protection" in reason and "--no-protected-from-scale-in" in reason
+
+
+def test_a_malformed_request_is_still_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception before the response would leave CloudFormation waiting an hour."""
+    _aws_env(monkeypatch, "http://127.0.0.1:9")
+    event = _cfn_event("Delete", "http://unused")
+    with response_recorder() as responses:
+        event["ResponseURL"] = f"{responses.url}/presigned?sig=1"
+        del event["ResourceProperties"]
+        group_maintenance.handler(event, None)
+    (call,) = responses.calls
+    assert call["body"]["Status"] == "SUCCESS" and "unexpected error" in call["body"]["Reason"]
 
 
 def test_handlers_fit_inline_and_are_shipped_verbatim(ec2: Synth) -> None:
     from egress_proxy_infra.ec2_lifecycle import INLINE_CODE_LIMIT, inline_source
     functions = ec2.resources("AWS::Lambda::Function")
-    for module, name_part in (("claim_eip", "EipClaim"), ("release_protection", "ScaleInProtectionRelease")):
+    for module, name_part in (("claim_eip", "EipClaim"), ("group_maintenance", "GroupMaintenance")):
         (function,) = [f for k, f in functions.items() if name_part in k]
         source = inline_source(module)
         assert function["Properties"]["Code"]["ZipFile"] == source
@@ -258,7 +312,7 @@ def test_handlers_fit_inline_and_are_shipped_verbatim(ec2: Synth) -> None:
         assert function["Properties"]["Handler"] == "index.handler"
         assert function["Properties"]["Runtime"].startswith("python3.")
     # Neither handler needs anything the Lambda runtime lacks.
-    for module in ("claim_eip", "release_protection"):
+    for module in ("claim_eip", "group_maintenance"):
         imports = {line.split()[1].split(".")[0] for line in inline_source(module).splitlines()
                    if line.startswith(("import ", "from "))}
         runtime = {"os", "random", "time", "typing", "collections", "json", "urllib", "boto3", "botocore"}

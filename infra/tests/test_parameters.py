@@ -11,7 +11,8 @@ from infra_synth import Synth
 COMMON = {"AllowedDomains", "DnsServers", "ProxyPort", "VpcId", "PublicSubnetIds", "PrivateSubnetIds",
           "ClientCidr", "MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
           "ReloadIntervalSeconds", "EnableVpcEndpoints", "VpcEndpointRouteTableIds", "AlarmEmail",
-          "DeniedRequestsAlarmThreshold"}
+          "DeniedRequestsAlarmThreshold", "DrainSeconds", "DeregistrationDelaySeconds", "ClientRoutingPolicy",
+          "CrossZoneLoadBalancing", "LogDriverMode"}
 EC2_ONLY = {"InstanceType", "AmiId", "KeyName"}
 
 
@@ -35,8 +36,10 @@ def test_parameter_types_and_defaults(synth: Synth) -> None:
     assert p["PrivateSubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
     assert "2-3" in p["PublicSubnetIds"]["Description"] and "2-3" in p["PrivateSubnetIds"]["Description"]
     assert p["ClientCidr"]["Default"] == "172.31.0.0/16"
-    assert p["MinCapacity"]["Default"] == 2 and p["MinCapacity"]["MinValue"] == 2
-    assert p["MaxCapacity"]["MinValue"] == 2
+    # One proxy is allowed (as the seed allowed one instance); the description says what it costs.
+    assert p["MinCapacity"]["Default"] == 2 and p["MinCapacity"]["MinValue"] == 1
+    assert "with 1, losing that proxy or its AZ stops all egress" in p["MinCapacity"]["Description"]
+    assert p["MaxCapacity"]["MinValue"] == 1
     assert p["MetricsNamespace"]["Default"] == "Proxy"
     assert p["ReloadIntervalSeconds"]["Default"] == 30
     retention = p["LogRetentionDays"]
@@ -69,8 +72,10 @@ def test_client_cidr_rejects_everything_else(synth: Synth, cidr: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "ok"), [("", True), ("1.1.1.1", True), ("208.67.222.222,208.67.220.220", True),
-                                           ("9.9.9.9, 149.112.112.112", True), ("dns.example", False),
-                                           ("1.1.1.1;reboot", False), ("300.1.1.1", False)])
+                                           ("9.9.9.9,149.112.112.112,1.1.1.1,8.8.8.8", True),
+                                           ("9.9.9.9, 149.112.112.112", False),  # each one is a CidrIp as it is
+                                           ("1.1.1.1,1.0.0.1,8.8.8.8,8.8.4.4,9.9.9.9", False),  # at most 4 rules
+                                           ("dns.example", False), ("1.1.1.1;reboot", False), ("300.1.1.1", False)])
 def test_dns_servers_pattern(synth: Synth, value: str, ok: bool) -> None:
     assert bool(re.search(synth.data["Parameters"]["DnsServers"]["AllowedPattern"], value)) is ok
 
@@ -81,10 +86,19 @@ def test_metrics_namespace_pattern_refuses_aws_namespaces(synth: Synth) -> None:
     assert not re.fullmatch(pattern, "AWS/EC2") and not re.fullmatch(pattern, "")
 
 
-def test_subnets_must_belong_to_the_vpc(synth: Synth) -> None:
-    rule = synth.data["Rules"]["SubnetsInVpc"]["Assertions"][0]["Assert"]
-    assert rule == {"Fn::EachMemberEquals": [{"Fn::ValueOfAll": ["AWS::EC2::Subnet::Id", "VpcId"]},
-                                             {"Ref": "VpcId"}]}
+def test_subnets_must_belong_to_the_vpc_and_proxies_to_the_load_balancers_azs(synth: Synth) -> None:
+    in_vpc, in_nlb_azs = synth.data["Rules"]["SubnetsInVpc"]["Assertions"]
+    assert in_vpc["Assert"] == {"Fn::EachMemberEquals": [{"Fn::ValueOfAll": ["AWS::EC2::Subnet::Id", "VpcId"]},
+                                                         {"Ref": "VpcId"}]}
+    # The NLB never routes to targets in an AZ it has no subnet in.
+    assert in_nlb_azs["Assert"] == {"Fn::EachMemberIn": [{"Fn::ValueOf": ["PublicSubnetIds", "AvailabilityZone"]},
+                                                         {"Fn::ValueOf": ["PrivateSubnetIds", "AvailabilityZone"]}]}
+    # Without cross-zone, each NLB node needs proxies in its own AZ as well.
+    zonal = synth.data["Rules"]["ZonalProxiesInEveryLoadBalancerAz"]
+    assert zonal["RuleCondition"] == {"Fn::Equals": [{"Ref": "CrossZoneLoadBalancing"}, "false"]}
+    (assertion,) = zonal["Assertions"]
+    assert assertion["Assert"] == {"Fn::EachMemberIn": [{"Fn::ValueOf": ["PrivateSubnetIds", "AvailabilityZone"]},
+                                                        {"Fn::ValueOf": ["PublicSubnetIds", "AvailabilityZone"]}]}
 
 
 def test_console_groups_cover_every_parameter(synth: Synth) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 from aws_cdk.assertions import Match
 from infra_synth import Synth
 
-DRAIN_SECONDS = 30
 SEED_METRICS = ("client_http.errors", "client_http.hits", "client_http.kbytes_in", "client_http.kbytes_out",
                 "client_http.requests", "server.all.errors", "server.all.kbytes_in", "server.all.kbytes_out",
                 "server.all.requests")
@@ -20,14 +19,30 @@ def _attributes(resource: dict[str, Any], key: str) -> dict[str, str]:
 
 # --- load balancer -------------------------------------------------------------------------------------
 
-def test_nlb_is_internal_cross_zone_in_the_private_subnets(synth: Synth) -> None:
+def test_nlb_is_internal_in_the_private_subnets_with_zonal_dns_affinity(synth: Synth) -> None:
     _, nlb = synth.only("AWS::ElasticLoadBalancingV2::LoadBalancer")
     props = nlb["Properties"]
     assert props["Type"] == "network" and props["Scheme"] == "internal"
     assert props["Subnets"] == {"Ref": "PrivateSubnetIds"}
     assert "SubnetMappings" not in props
-    assert _attributes(nlb, "LoadBalancerAttributes")["load_balancing.cross_zone.enabled"] == "true"
+    attributes = _attributes(nlb, "LoadBalancerAttributes")
+    assert attributes["load_balancing.cross_zone.enabled"] == "true"  # the target group's setting decides
+    assert attributes["dns_record.client_routing_policy"] == {"Ref": "ClientRoutingPolicy"}
     assert len(props["SecurityGroups"]) == 1
+    parameters = synth.data["Parameters"]
+    assert parameters["ClientRoutingPolicy"]["Default"] == "availability_zone_affinity"
+    assert sorted(parameters["ClientRoutingPolicy"]["AllowedValues"]) == [
+        "any_availability_zone", "availability_zone_affinity", "partial_availability_zone_affinity"]
+    assert parameters["CrossZoneLoadBalancing"]["Default"] == "true"
+
+
+def test_cross_zone_is_the_target_groups_with_dns_failover_for_empty_zones(synth: Synth) -> None:
+    """The target group's setting wins over the NLB's (Elastic Load Balancing User Guide for NLBs, "Cross-zone
+    load balancing for target groups"); with it off, an AZ without a healthy proxy leaves the NLB's DNS."""
+    _, tg = synth.only("AWS::ElasticLoadBalancingV2::TargetGroup")
+    attributes = _attributes(tg, "TargetGroupAttributes")
+    assert attributes["load_balancing.cross_zone.enabled"] == {"Ref": "CrossZoneLoadBalancing"}
+    assert attributes["target_group_health.dns_failover.minimum_healthy_targets.count"] == "1"
 
 
 def test_listener_is_tcp_on_the_proxy_port(synth: Synth) -> None:
@@ -44,8 +59,10 @@ def test_target_group_health_check_and_drain(synth: Synth) -> None:
     assert props["HealthCheckProtocol"] == "TCP" and props["HealthCheckPort"] == "traffic-port"
     assert props["TargetType"] == ("instance" if synth.mode == "ec2" else "ip")
     attributes = _attributes(tg, "TargetGroupAttributes")
-    # Deregistration delay equals the supervisor's drain time.
-    assert attributes["deregistration_delay.timeout_seconds"] == str(DRAIN_SECONDS)
+    # A stopping proxy keeps its connections this long (no new ones) before ECS sends SIGTERM; AWS's default.
+    assert attributes["deregistration_delay.timeout_seconds"] == {"Ref": "DeregistrationDelaySeconds"}
+    delay = synth.data["Parameters"]["DeregistrationDelaySeconds"]
+    assert (delay["Default"], delay["MinValue"], delay["MaxValue"]) == (300, 0, 3600)
     # The proxy's own ACL (EGRESS_CLIENT_CIDRS) must see the real client address.
     assert attributes["preserve_client_ip.enabled"] == "true"
 
@@ -122,7 +139,7 @@ def test_container_environment_is_the_contract(synth: Synth) -> None:
         "EGRESS_DNS_SERVERS": {"Ref": "DnsServers"},
         "EGRESS_CLIENT_CIDRS": {"Ref": "ClientCidr"},
         "EGRESS_RELOAD_INTERVAL": {"Ref": "ReloadIntervalSeconds"},
-        "EGRESS_DRAIN_SECONDS": str(DRAIN_SECONDS),
+        "EGRESS_DRAIN_SECONDS": {"Ref": "DrainSeconds"},
         "EGRESS_TUNNEL_IDLE_TIMEOUT": "350",  # the NLB's TCP idle timeout (test_quality.py)
         "EGRESS_METRICS": "on",
         "EGRESS_METRICS_NAMESPACE": {"Ref": "MetricsNamespace"},
@@ -138,11 +155,19 @@ def test_container_health_check_stop_timeout_and_logs(synth: Synth) -> None:
     container = _container(synth)
     assert container["Name"] == "proxy" and container["Essential"] is True
     assert container["HealthCheck"]["Command"] == ["CMD-SHELL", "egress-proxy health"]
-    # Drain, then a margin before SIGKILL; ECS caps stopTimeout at 120 s.
-    assert DRAIN_SECONDS < container["StopTimeout"] <= 120
+    # SIGKILL as late as Fargate allows; the drain (at most 105 s) ends with a margin before it.
+    assert container["StopTimeout"] == 120
+    drain = synth.data["Parameters"]["DrainSeconds"]
+    assert (drain["Default"], drain["MinValue"], drain["MaxValue"]) == (30, 0, 105)
     (log_group,) = [k for k in synth.resources("AWS::Logs::LogGroup") if "AccessLogs" in k]
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
-    assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": log_group}
+    options = container["LogConfiguration"]["Options"]
+    assert options["awslogs-group"] == {"Ref": log_group}
+    # Pinned, never the account default (non-blocking since mid-2025); a buffer size only in non-blocking mode.
+    assert options["mode"] == {"Ref": "LogDriverMode"}
+    assert synth.data["Parameters"]["LogDriverMode"]["Default"] == "blocking"
+    assert options["max-buffer-size"] == {"Fn::If": ["NonBlockingLogs", "25m", {"Ref": "AWS::NoValue"}]}
+    assert synth.data["Conditions"]["NonBlockingLogs"] == {"Fn::Equals": [{"Ref": "LogDriverMode"}, "non-blocking"]}
     (mapping,) = container["PortMappings"]
     assert mapping["ContainerPort"] == {"Ref": "ProxyPort"} and mapping["Protocol"] == "tcp"
 
@@ -200,7 +225,8 @@ def test_only_client_cidr_reaches_the_proxy_port(synth: Synth) -> None:
     assert by_group[proxy_sg]["SourceSecurityGroupId"] == {"Fn::GetAtt": [lb_sg, "GroupId"]}
     assert by_group[proxy_sg]["FromPort"] == port and by_group[proxy_sg]["ToPort"] == port
     # The NLB may only talk to the proxies.
-    egress = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupEgress").values()]
+    egress = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupEgress").values()
+              if r["Properties"]["GroupId"] == {"Fn::GetAtt": [lb_sg, "GroupId"]}]
     assert egress and all(e["DestinationSecurityGroupId"] == {"Fn::GetAtt": [proxy_sg, "GroupId"]} for e in egress)
 
 
@@ -289,7 +315,7 @@ def test_alarm_on_a_surge_of_denied_requests(synth: Synth) -> None:
 def test_every_alarm_notifies_the_topic(synth: Synth) -> None:
     topic = synth.only("AWS::SNS::Topic")[0]
     alarms = _alarms(synth)
-    assert len(alarms) == (6 if synth.mode == "ec2" else 4)
+    assert len(alarms) == (8 if synth.mode == "ec2" else 5)
     for name, alarm in alarms.items():
         assert alarm["AlarmActions"] == [{"Ref": topic}], name
     (subscription,) = synth.resources("AWS::SNS::Subscription").values()
@@ -305,7 +331,7 @@ def test_ec2_alarms_on_pool_exhaustion_claim_errors_and_failed_launches(ec2: Syn
     alarms = _alarms(ec2)
     (exhausted,) = [a for a in alarms.values() if a.get("MetricName") == "eip.pool_exhausted"]
     assert exhausted["Namespace"] == {"Ref": "MetricsNamespace"} and exhausted["Threshold"] == 1
-    (metric_filter,) = ec2.resources("AWS::Logs::MetricFilter").values()
+    (metric_filter,) = [f for k, f in ec2.resources("AWS::Logs::MetricFilter").items() if "EipPool" in k]
     claim_logs = [k for k in ec2.resources("AWS::Logs::LogGroup") if "EipClaim" in k][0]
     assert metric_filter["Properties"]["LogGroupName"] == {"Ref": claim_logs}
     assert metric_filter["Properties"]["FilterPattern"] == '"egress-proxy: no free Elastic IP in pool"'
@@ -318,4 +344,32 @@ def test_ec2_alarms_on_pool_exhaustion_claim_errors_and_failed_launches(ec2: Syn
     assert launch_rule["Properties"]["EventPattern"] == {
         "source": ["aws.autoscaling"], "detail-type": ["EC2 Instance Launch Unsuccessful"],
         "detail": {"AutoScalingGroupName": [{"Ref": asg}]}}
-    assert launch_rule["Properties"]["Targets"][0]["Arn"] == {"Ref": ec2.only("AWS::SNS::Topic")[0]}
+    topic = ec2.only("AWS::SNS::Topic")[0]
+    assert launch_rule["Properties"]["Targets"][0]["Arn"] == {"Ref": topic}
+    # EventBridge may publish to the topic for this rule of this account only (no confused deputy).
+    (policy,) = ec2.resources("AWS::SNS::TopicPolicy").values()
+    (events_statement,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
+                           if s.get("Principal") == {"Service": "events.amazonaws.com"}]
+    launch_rule_id = [k for k in ec2.resources("AWS::Events::Rule") if "LaunchUnsuccessful" in k][0]
+    assert events_statement["Condition"] == {
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}},
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": [launch_rule_id, "Arn"]}}}
+    # A refresh that could not start (lambda_src/group_maintenance.py logs the marker) alarms too.
+    (refresh,) = [a for a in alarms.values() if a.get("MetricName") == "instances.refresh_not_started"]
+    (refresh_filter,) = [f for k, f in ec2.resources("AWS::Logs::MetricFilter").items() if "Refresh" in k]
+    maintenance_logs = [k for k in ec2.resources("AWS::Logs::LogGroup") if "GroupMaintenance" in k][0]
+    assert refresh_filter["Properties"]["LogGroupName"] == {"Ref": maintenance_logs}
+    assert refresh_filter["Properties"]["FilterPattern"] == '"egress-proxy: instance refresh not started"'
+    assert refresh["Threshold"] == 1
+
+
+def test_fargate_topic_lets_nothing_but_tls_publishers_in(fargate: Synth) -> None:
+    (policy,) = fargate.resources("AWS::SNS::TopicPolicy").values()
+    assert "events.amazonaws.com" not in json.dumps(policy)
+
+
+def test_alarm_on_dropped_access_log_lines(synth: Synth) -> None:
+    (alarm,) = [a for a in _alarms(synth).values() if "log.lines_dropped" in json.dumps(a.get("Metrics", ""))]
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold" and alarm["Threshold"] == 0
+    (query,) = alarm["Metrics"]
+    assert 'SELECT SUM(\\"log.lines_dropped\\") FROM SCHEMA(\\"' in json.dumps(query["Expression"])
