@@ -38,6 +38,8 @@ REASONS: dict[str, str] = {
     "host_header_forgery": "an intercepted connection's Host header or TLS SNI does not resolve to the IP address "
     "the client connected to (transparent mode), or an explicit request's Host header names another host than "
     "its URL",
+    "forward_failed": "allowed, but the proxy could not complete the request: the destination (or the upstream "
+    "proxy) could not be reached or did not answer; the line's error field says how",
     "denied": "no rule allowed the request",
 }
 
@@ -105,6 +107,7 @@ def parse_line(line: str) -> dict[str, Any]:
     record["mode"] = record.get("mode") or "explicit"
     record["decision"] = decide(record)
     client_view(record)
+    forward_outcome(record)
     return record
 
 
@@ -149,6 +152,26 @@ def client_view(record: dict[str, Any]) -> None:
     if squid_status >= 500 and record.get("squid_status") != strings.STATUS_TUNNEL and not record.get("error"):
         record["error"] = strings.ERR_CONNECT_FAIL
     record["status"] = 200
+
+
+def forward_outcome(record: dict[str, Any]) -> None:
+    """An allowed request that the proxy could not complete keeps ``decision: allowed`` (the policy allowed it)
+    but gets ``reason: forward_failed``, so that nobody counting reasons reads a failure as a success: Squid's
+    own error answer to a plain-HTTP request (a 5xx with an error code: the origin or the upstream proxy refused
+    the connection, did not answer, or its name did not resolve), or an allowed CONNECT whose origin was
+    unreachable (``client_view`` names it ERR_CONNECT_FAIL). A client that went away is no failure of the proxy.
+    A report-mode line keeps its would_deny reason, which is what that mode is for."""
+    if record.get("decision") != "allowed" or record.get("reason") != "allowed":
+        return
+    error = record.get("error")
+    if error is None or error == strings.ERR_CLIENT_GONE:
+        return
+    if record.get("method") == "CONNECT":
+        failed = error == strings.ERR_CONNECT_FAIL
+    else:
+        failed = (record.get("status") or 0) >= 500
+    if failed:
+        record["reason"] = "forward_failed"
 
 
 def is_noise(record: dict[str, Any]) -> bool:

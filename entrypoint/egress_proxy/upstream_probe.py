@@ -3,8 +3,10 @@
 Squid runs this file (copied into the state dir) as ``python3 -I upstream_probe.py HOST PORT`` and asks it, for
 every allowed request that would leave through the upstream, before anything is sent anywhere. It answers
 ``<channel-id> OK`` when a TCP connection to HOST:PORT opens within a second, else ``<channel-id> ERR``. Squid
-caches the answer for a couple of seconds (``ttl``/``negative_ttl`` in squid.conf), so a busy proxy probes about
-once per second per worker, not once per request.
+caches the answer (``ttl=1``/``negative_ttl=1`` in squid.conf, counted in whole seconds: one to two seconds), so a
+busy proxy probes about once a second per worker, not once per request, and a request sent two seconds into an
+outage is refused with ``upstream_unavailable``. One that slips through earlier fails as Squid's own error, which
+the access log names ``forward_failed``.
 
 Why the proxy asks before forwarding: an allowed CONNECT is answered ``200`` at ssl_bump step 1, before Squid
 looks for a way to the destination (it must read the ClientHello first). If the upstream were found dead only

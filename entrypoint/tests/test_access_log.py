@@ -70,3 +70,26 @@ def test_clienthello_record_after_a_refused_intercepted_tls_connection_is_a_foll
                                status="409", error="ERR_CONFLICT_HOST", mode="intercept"))
     hello = parse_line(_line(client_ip="10.0.0.5", client_port="4000", status="0", bytes_in="517"))
     assert not follow_ups.is_follow_up(refused) and follow_ups.is_follow_up(hello)
+
+
+def test_a_failed_forward_is_not_logged_as_a_plain_success() -> None:
+    # The upstream proxy stopped accepting connections while a worker still had "reachable" cached: Squid's own
+    # 503 to an allowed request. Reasons alone must not count it as a success.
+    failed = parse_line(_line(method="GET", status="503", reason="allowed", error="ERR_CONNECT_FAIL"))
+    assert (failed["decision"], failed["reason"]) == ("allowed", "forward_failed")
+    assert parse_line(_line(method="GET", status="504", reason="allowed", error="ERR_READ_TIMEOUT"))[
+        "reason"] == "forward_failed"
+    assert parse_line(_line(method="GET", status="503", reason="allowed", error="ERR_DNS_FAIL"))[
+        "reason"] == "forward_failed"
+    # An allowed CONNECT whose origin was unreachable: the client saw 200, then a closed tunnel.
+    tunnel = parse_line(_line(method="CONNECT", status="503", reason="allowed", squid_status="NONE_NONE"))
+    assert (tunnel["status"], tunnel["error"], tunnel["reason"]) == (200, "ERR_CONNECT_FAIL", "forward_failed")
+    # Not failures: the origin's own 5xx, an idle tunnel the proxy closed, a client that went away.
+    assert parse_line(_line(method="GET", status="502", reason="allowed"))["reason"] == "allowed"
+    assert parse_line(_line(method="CONNECT", status="200", reason="allowed", squid_status="TCP_TUNNEL",
+                            error="ERR_READ_TIMEOUT"))["reason"] == "allowed"
+    assert parse_line(_line(method="GET", status="0", reason="allowed", error="ERR_CLIENT_GONE"))[
+        "reason"] == "allowed"
+    # Report mode keeps the reason it exists for.
+    assert parse_line(_line(method="GET", status="503", reason="allowed", would_deny="domain_not_allowlisted",
+                            error="ERR_CONNECT_FAIL"))["reason"] == "domain_not_allowlisted"

@@ -156,7 +156,7 @@ def test_upstream_outage_is_a_503_with_a_reason(chained: ProxyRunner, upstream: 
         s = session()
 
         def every_worker_noticed() -> bool:
-            # Each worker's probe caches its answer for 2 s and logs the change when it sees it. Ask until every
+            # Each worker's probe caches its answer for 1-2 s and logs the change when it sees it. Ask until every
             # worker has (each new connection lands on a random worker), and until several fresh connections in a
             # row were refused for it: a worker's cached answer from before the outage may outlive its log line
             # (seen once in CI). Another host than the one asserted on below, whose access lines must not mix.
