@@ -19,13 +19,19 @@ from .suggest import TrafficSummary, format_document, format_text, merge_into, p
 
 def add_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     push = actions.add_parser("push", help="Validate FILE, then write it to the secret (only if valid).")
-    diff = actions.add_parser("diff", help="Show what pushing FILE would change in the secret (per policy).")
+    diff = actions.add_parser("diff", help="Show what FILE would change (per policy, modes included) in the secret, "
+                                           "or in the allowlist file the proxy reads (--against).")
     for sub in (push, diff):
         sub.add_argument("file", type=Path,
                          help="Allowlist file: a flat list (one entry per line, # comments) or a JSON policy "
                               "document {\"policies\": [...]}.")
-        sub.add_argument("--secret", required=True, help="Secret name or ARN.")
+    push.add_argument("--secret", required=True, help="Secret name or ARN.")
     push.add_argument("--create", action="store_true", help="Create the secret if it does not exist.")
+    against = diff.add_mutually_exclusive_group(required=True)
+    against.add_argument("--secret", help="Secret name or ARN (EGRESS_ALLOWLIST_SECRET).")
+    against.add_argument("--against", type=Path, metavar="ACTIVE_FILE",
+                         help="The allowlist file the proxy reads (EGRESS_ALLOWLIST_FILE): what copying FILE over "
+                              "it would change.")
 
     suggest = actions.add_parser(
         "suggest", help="List the names refused (or that report mode would refuse) per policy, from access logs.",
@@ -91,6 +97,8 @@ def _push_or_diff(args: argparse.Namespace) -> int:
     _warn(new.warnings)
     # What push writes: the normalised value (a flat list keeps its JSON form). Secrets Manager refuses more
     # than 64 KiB; say so up front (moto and LocalStack would even accept it, and the proxy would then reject it).
+    if args.action == "diff" and args.against is not None:
+        return _diff_files(args.against, new, gate)
     value = new.to_value()
     try:
         check_size(Snapshot(text=value, version="", size=len(value.encode()), max_bytes=MAX_SECRET_BYTES),
@@ -138,6 +146,23 @@ def _push_or_diff(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _diff_files(active: Path, new: PolicyDocument, gate: tuple[IPNetwork, ...]) -> int:
+    """``allowlist diff FILE --against ACTIVE_FILE``: the file source's twin of diffing against the secret."""
+    try:
+        text = active.read_text(encoding="utf-8")
+    except OSError as exc:
+        _error(f"cannot read {active}: {exc.strerror}")
+        return ExitCode.NO_SOURCE
+    try:
+        current: PolicyDocument | None = parse_policy_value(text, source=str(active), client_cidrs=gate)
+    except AllowlistError as exc:
+        print(f"note: {active} is invalid today (the proxy keeps its last good list), so everything counts as "
+              f"added: {exc}", file=sys.stderr)
+        current = None
+    _print_diff(current, new)
+    return ExitCode.OK
+
+
 def _print_diff(current: PolicyDocument | None, new: PolicyDocument) -> bool:
     """Print what changes; True if anything does."""
     if current is None or (current.flat and new.flat):
@@ -158,7 +183,9 @@ def _print_diff(current: PolicyDocument | None, new: PolicyDocument) -> bool:
     diff = current.diff(new)
     for line in diff.lines():
         print(line)
-    print(f"{diff.added} to add, {diff.removed} to remove", file=sys.stderr)
+    modes = len(diff.mode_changes)
+    print(f"{diff.added} to add, {diff.removed} to remove"
+          + (f", {modes} mode change{'s' if modes > 1 else ''}" if modes else ""), file=sys.stderr)
     return bool(diff)
 
 

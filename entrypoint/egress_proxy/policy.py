@@ -220,6 +220,20 @@ class PolicyDocument:
     def entry_count(self) -> int:
         return sum(len(policy.allow) + len(policy.deny) for policy in self.policies)
 
+    def entries_by_policy(self) -> dict[str, dict[str, object]]:
+        """Per policy, in document order: its mode and the sizes of its lists (the 'started' and 'reloaded'
+        log lines carry this, so a rollout can see each policy's state, not one total)."""
+        return {policy.name: {"mode": policy.mode, "allow": len(policy.allow), "deny": len(policy.deny)}
+                for policy in self.policies}
+
+    def entries_text(self) -> str:
+        """``team-a: 12 allow + 1 deny, enforce; watch: 3 allow, report``."""
+        parts = []
+        for policy in self.policies:
+            deny = f" + {len(policy.deny)} deny" if policy.deny.entries else ""
+            parts.append(f"{policy.name}: {len(policy.allow)} allow{deny}, {policy.mode}")
+        return "; ".join(parts) or "no policy"
+
     def policy(self, name: str) -> Policy | None:
         return next((policy for policy in self.policies if policy.name == name), None)
 
@@ -367,6 +381,12 @@ class PolicyDiff:
     @property
     def added(self) -> int:
         return sum(change.added for change in self.changes)
+
+    @property
+    def mode_changes(self) -> tuple[tuple[str, str, str], ...]:
+        """(policy, old mode, new mode) for each policy kept whose mode changes: a rollout's report -> enforce."""
+        return tuple((change.name, str(change.mode[0]), str(change.mode[1])) for change in self.changes
+                     if change.status == "changed" and change.mode[0] != change.mode[1])
 
     @property
     def removed(self) -> int:

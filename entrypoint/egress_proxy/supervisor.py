@@ -309,6 +309,7 @@ class Candidate:
     added: int
     removed: int
     started: float  # monotonic, when the worker started building it
+    mode_changes: tuple[tuple[str, str, str], ...] = ()  # (policy, old mode, new mode)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -533,7 +534,8 @@ class Supervisor:
                                        f"{describe_os_error(exc)}", error_code=ExitCode.STARTUP_IO)
         change = previous.diff(document) if previous else None
         added, removed = (change.added, change.removed) if change else (document.entry_count, 0)
-        candidate = Candidate(snapshot, document, rendered, added, removed, started)
+        candidate = Candidate(snapshot, document, rendered, added, removed, started,
+                              change.mode_changes if change else ())
         return loop.CandidateBuilt(snapshot.version, payload=candidate,
                                    unchanged=rendered == self.applier.active)
 
@@ -565,9 +567,12 @@ class Supervisor:
     def _serving(self) -> None:
         assert self.applier is not None
         stats = self.applier.stats
+        document = self.applier.active_document
+        by_policy = f" ({document.entries_text()})" if document else ""
         self.logger.event("info", "started", f"proxy listening on {self.settings.listen_address}:"
-                          f"{self.settings.port} with {stats.entries} allowlist entries",
+                          f"{self.settings.port} with {stats.entries} allowlist entries{by_policy}",
                           version=stats.version, entries=stats.entries, policies=self._policies(),
+                          policy_entries=document.entries_by_policy() if document else {},
                           source=self.source.description, pid=self.squid.pid)
         if self.settings.metrics:  # its own thread; CloudWatch trouble never reaches this loop
             applier = self.applier
@@ -624,13 +629,19 @@ class Supervisor:
         self.applier.write_status()
         elapsed_ms = round((time.monotonic() - candidate.started) * 1000, 1)
         version = candidate.snapshot.version
+        for name, old, new in candidate.mode_changes:  # a rollout's step: one line per policy that switched
+            self.logger.event("info", "policy_mode_changed", f"policy {name}: mode {old} -> {new} "
+                              f"(allowlist version {version})", policy=name, old_mode=old, new_mode=new,
+                              version=version)
         self.logger.event(
             "info" if confirmed else "warning",
             "reloaded",
             f"allowlist version {version} active: +{candidate.added} -{candidate.removed} entries "
             f"({candidate.document.entry_count} total) in {elapsed_ms} ms"
+            + "".join(f"; policy {name}: mode {old} -> {new}" for name, old, new in candidate.mode_changes)
             + ("" if confirmed else f"; Squid did not confirm within {self.config.confirm_timeout:g} s"),
             version=version, added=candidate.added, removed=candidate.removed, entries=candidate.document.entry_count,
+            policy_entries=candidate.document.entries_by_policy(),
             duration_ms=elapsed_ms, confirmed=confirmed,
         )
 

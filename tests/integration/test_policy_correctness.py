@@ -286,3 +286,57 @@ def test_check_refuses_ipv4_mapped_clients(public_tmp: Path, clients: list[str],
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "policies[0].clients[0]" in result.stderr and said in result.stderr, result.stderr
+
+
+# --- a request that failed is not an allowed success -------------------------------------------------------------
+
+
+def test_an_allowed_request_that_could_not_be_forwarded_says_so(strict_proxy: ProxyRunner) -> None:
+    # raw.test is allowed and resolves, but nothing listens on its port 80: Squid answers its own 503.
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED, b"GET http://raw.test/unreachable HTTP/1.1\r\nHost: raw.test\r\n"
+                             b"Connection: close\r\n\r\n")
+    record = strict_proxy.access(mark, client_ip=ENFORCED, host="raw.test")
+    assert status == 503, head
+    assert (record["decision"], record["reason"], record["error"]) == ("allowed", "forward_failed", "ERR_CONNECT_FAIL")
+
+
+# --- the rollout: what an operator reads ---------------------------------------------------------------------------
+
+
+def test_start_and_reload_lines_name_each_policy_and_its_mode(overlapping_proxy: ProxyRunner,
+                                                               public_tmp: Path) -> None:
+    [started] = overlapping_proxy.events("started")
+    assert started["policy_entries"] == {"first": {"mode": "enforce", "allow": 1, "deny": 0},
+                                         "second": {"mode": "enforce", "allow": 1, "deny": 0}}
+    assert "(first: 1 allow, enforce; second: 1 allow, enforce)" in started["message"]
+    document = json.loads(json.dumps(OVERLAPPING))
+    document["policies"][1]["mode"] = "report"
+    try:
+        mark = overlapping_proxy.mark()
+        (public_tmp / "overlapping.json").write_text(json.dumps(document))
+        changed = overlapping_proxy.wait_for(lambda r: r.get("event") == "policy_mode_changed", timeout=20,
+                                             start=mark)
+        assert (changed["policy"], changed["old_mode"], changed["new_mode"]) == ("second", "enforce", "report")
+        reloaded = overlapping_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)
+        assert "+0 -0 entries" in reloaded["message"] and "policy second: mode enforce -> report" in reloaded["message"]
+        assert reloaded["policy_entries"]["second"]["mode"] == "report"
+    finally:
+        mark = overlapping_proxy.mark()
+        (public_tmp / "overlapping.json").write_text(json.dumps(OVERLAPPING))
+        overlapping_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)
+
+
+def test_allowlist_diff_compares_two_files(public_tmp: Path) -> None:
+    active, proposed = public_tmp / "diff-active.json", public_tmp / "diff-proposed.json"
+    report = {"policies": [{"name": "ci", "clients": ["10.0.8.0/22"], "mode": "report", "allow": ["pypi.org"]}]}
+    enforce = {"policies": [{**report["policies"][0], "mode": "enforce",  # type: ignore[dict-item]
+                             "allow": ["pypi.org", "files.pythonhosted.org"]}]}
+    active.write_text(json.dumps(report))
+    proposed.write_text(json.dumps(enforce))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EGRESS_", "AWS_"))}
+    result = subprocess.run([*egress_proxy_command(), "allowlist", "diff", str(proposed), "--against", str(active)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["policy ci: mode report -> enforce", "  + allow files.pythonhosted.org"]
+    assert "1 to add, 0 to remove, 1 mode change" in result.stderr
