@@ -1,10 +1,12 @@
-"""Benchmarks of egress-proxy against a direct connection measured in the same run. Run it with ``sudo bench/run``
-(which puts it in a private network namespace first); it refuses to run where more than loopback exists.
+"""Benchmarks of egress-proxy against a direct connection and a seed-style Squid, measured in the same run. Run it
+with ``sudo bench/run`` (which puts it in a private network namespace first); it refuses to run where more than
+loopback exists.
 
-Sections: throughput (curl), connections (new HTTPS/HTTP connections: latency and rate), http (wrk requests/s),
-scale (allowlist size: reload time, Squid RSS, latency), supervisor (its CPU and RSS idle and under load),
-sni (issue 12: the SNI helper's cost, against the code before issue 12 run side by side from EGRESS_BENCH_OLD_TREE),
-policies (issue 14: 50 policies x 1,000 entries against one 50,000-entry list and against a single policy).
+Sections: throughput (curl), connections (new HTTPS/HTTP connections: latency and rate), http (wrk requests/s) --
+these three measure direct, egress-proxy and the seed-style Squid in turns; scale (allowlist size: reload time,
+Squid RSS, latency), supervisor (its CPU and RSS idle and under load), sni (the strict SNI check's cost: the compiled
+helper, the Python helper, the seed-style Squid, and an older checkout when EGRESS_BENCH_OLD_TREE names one),
+policies (50 policies x 1,000 entries against one 50,000-entry list and against a single policy).
 Writes bench/results/<date>.json (<date>-<sections>.json with --only); bench/report.py turns it into .md and plots.
 """
 
@@ -15,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +30,7 @@ import benchenv
 import clients
 import policy_bench
 import report
-from benchenv import ORIGIN_NAME, PROXY_PORT, CpuWindow, Proxy, World, proc_stat
+from benchenv import ORIGIN_NAME, PROXY_PORT, SEED_PORT, CpuWindow, Proxy, SeedSquid, World, proc_stat
 from clients import Target, percentile
 from policy_bench import (
     ENTRIES_PER_POLICY,
@@ -42,7 +45,7 @@ from policy_bench import (
 )
 
 RESULTS = benchenv.ROOT / "bench" / "results"
-SECTIONS = ("throughput", "connections", "http", "supervisor", "scale", "sni", "policies")
+SECTIONS = ("throughput", "connections", "http", "supervisor", "scale", "sni", "sni_variants", "policies")
 SCALE_SIZES = (100, 10_000, 100_000)
 
 
@@ -108,7 +111,7 @@ def interleave(targets: dict[str, Target], count: int, block: int = 50, warmup: 
                ) -> dict[str, list[float]]:
     """``count`` samples of each target, taken in blocks that take turns (the order rotates each block), so drift
     on a noisy machine hits every target alike."""
-    for target in targets.values():  # warm-up: DNS cache, SNI helper cache (before issue 12), page cache
+    for target in targets.values():  # warm-up: DNS cache, Squid's helpers and caches, page cache
         clients.latencies(target, warmup)
     names = list(targets)
     out: dict[str, list[float]] = {name: [] for name in names}
@@ -126,12 +129,19 @@ def interleaved_latencies(kind: str, cacert: str, count: int, block: int = 50) -
     return interleave({"direct": Target(kind, False, cacert), "proxy": Target(kind, True, cacert)}, count, block)
 
 
-def proxy_cpu_ns(proxy: Proxy) -> dict[int, tuple[str, int]]:
+CPU_ROLES = ("supervisor", "squid", "helpers", "logging", "other")
+
+
+def proxy_cpu_ns(proxy: Proxy | SeedSquid) -> dict[int, tuple[str, int]]:
     """CPU nanoseconds used so far by each process of the proxy, with its role: the supervisor, Squid (the
-    coordinator and its workers), or Squid's helpers (the SNI checker, the certificate generator)."""
+    coordinator and its workers), the SNI helper ("helpers"), Squid's log daemons ("logging"), or another helper
+    (the certificate generator)."""
     out = {}
-    for pid in (proxy.pid, proxy.squid_pid, *benchenv.descendants(proxy.squid_pid)):
-        role = "supervisor" if pid == proxy.pid else "squid" if benchenv.comm(pid) == "squid" else "helpers"
+    for pid in {proxy.pid, proxy.squid_pid, *benchenv.descendants(proxy.squid_pid)}:
+        name = benchenv.comm(pid)
+        role = ("squid" if name == "squid" else "supervisor" if pid == proxy.pid else
+                "helpers" if name in {"sni_helper", "python3"} else "logging" if name == "log_file_daemon" else
+                "other")
         out[pid] = (role, benchenv.cpu_ns([pid]))
     return out
 
@@ -139,7 +149,7 @@ def proxy_cpu_ns(proxy: Proxy) -> dict[int, tuple[str, int]]:
 def cpu_us_per_request(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], requests: int
                        ) -> dict[str, float]:
     """Per role and in total. A process that started in between counts in full; one that exited is lost."""
-    used = {"supervisor": 0, "squid": 0, "helpers": 0}
+    used = dict.fromkeys(CPU_ROLES, 0)
     for pid, (role, ns) in after.items():
         used[role] += ns - before.get(pid, (role, 0))[1]
     out = {role: round(ns / requests / 1000, 1) for role, ns in used.items()}
@@ -147,7 +157,7 @@ def cpu_us_per_request(before: dict[int, tuple[str, int]], after: dict[int, tupl
     return out
 
 
-def compared_latencies(targets: dict[str, Target], proxies: dict[str, Proxy], rounds: int, count: int,
+def compared_latencies(targets: dict[str, Target], proxies: dict[str, Proxy | SeedSquid], rounds: int, count: int,
                        baseline: str, candidate: str) -> dict[str, Any]:
     """``rounds`` independent interleaved measurements of every target (one of them "direct"; ``proxies`` names
     the proxy behind each other target). Per round: each target's p50, its p50 minus direct's, ``candidate``'s
@@ -185,90 +195,129 @@ def compared_latencies(targets: dict[str, Target], proxies: dict[str, Proxy], ro
             "difference_p50_ms_range": [min(differences), max(differences)],
             "proxy_cpu_us_per_request": {name: {role: round(statistics.median(
                 r["proxy_cpu_us_per_request"][name][role] for r in per_round), 1)
-                for role in ("supervisor", "squid", "helpers", "total")} for name in proxies},
+                for role in (*CPU_ROLES, "total")} for name in proxies},
             "proxy_cpu_difference_us": round(statistics.median(cpu_differences), 1),
             "proxy_cpu_difference_us_range": [round(min(cpu_differences), 1), round(max(cpu_differences), 1)],
             "machine_busy_percent_median": statistics.median(r["machine_busy_percent"] for r in per_round)}
 
 
-# --- sections --------------------------------------------------------------------------------------------
-def bench_throughput(proxy: Proxy, cacert: str, reps: int) -> dict[str, Any]:
+# --- sections ----------------------------------------------------------------------------------------------------
+# The headline sections measure three routes, in turns: direct, egress-proxy, and the seed-style Squid.
+ROUTES = ("direct", "proxy", "seed")
+
+
+def _routes_in_turn(rep: int) -> tuple[str, ...]:
+    """The routes' order for repetition ``rep``: each route goes first, second and third equally often."""
+    return ROUTES[rep % 3:] + ROUTES[:rep % 3]
+
+
+def _port(route: str) -> int:
+    return SEED_PORT if route == "seed" else PROXY_PORT
+
+
+def _cpu_share(usage: dict[str, Any]) -> float:
+    """Cores used by every process of a proxy (Squid, its helpers, the supervisor) in a CpuWindow's result."""
+    return sum(usage[group]["cpu_percent"] for group in ("squid", "helpers", "supervisor") if group in usage) / 100
+
+
+def bench_throughput(proxy: Proxy, seed: SeedSquid, cacert: str, reps: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    pids = proxy.groups()
+    groups = {"proxy": proxy.groups(), "seed": seed.groups(), "direct": {}}
     for name, path, streams in (("single_1gib", "/1g", 1), ("parallel_16x64mib", "/64m", 16)):
-        runs: dict[str, list[float]] = {"direct": [], "proxy": []}
+        runs: dict[str, list[float]] = {route: [] for route in ROUTES}
         cpu: dict[str, Any] = {}
         for rep in range(reps):
-            order = (False, True) if rep % 2 == 0 else (True, False)
-            for via in order:
-                route = "proxy" if via else "direct"
-                window = CpuWindow(pids).start()
-                run = clients.download(path, cacert, via, streams)
+            for route in _routes_in_turn(rep):
+                window = CpuWindow(groups[route]).start()
+                run = clients.download(path, cacert, route != "direct", streams, _port(route))
                 cpu[route] = window.stop()
                 runs[route].append(run["mb_per_s"])
+                squid = f", Squid {cpu[route]['squid']['cpu_percent']}% of a core" if route != "direct" else ""
                 log(f"  {name} {route}: {run['mb_per_s']} MB/s, machine {cpu[route]['machine_busy_percent']}% "
-                    f"busy, Squid {cpu[route]['squid']['cpu_percent']}% of a core")
-        direct, proxied = statistics.median(runs["direct"]), statistics.median(runs["proxy"])
-        # The ratio is the median of each rep's back-to-back pair: this machine's speed drifts by 2x over a
-        # minute, and a pair shares the drift.
-        pairs = [p / d for d, p in zip(runs["direct"], runs["proxy"], strict=True)]
+                    f"busy{squid}")
+        # Each ratio is the median of each rep's ratio against the direct run of the same rep: this machine's speed
+        # drifts by 2x over a minute, and runs close in time share the drift.
+        ratios = {route: [p / d for d, p in zip(runs["direct"], runs[route], strict=True)]
+                  for route in ("proxy", "seed")}
         result[name] = {"streams": streams, "total_bytes": 1024**3, "runs_mb_per_s": runs,
-                        "direct_mb_per_s": direct, "proxy_mb_per_s": proxied,
-                        "pair_ratios": [round(r, 3) for r in pairs],
-                        "ratio": round(statistics.median(pairs), 3), "cpu_last_run": cpu,
+                        **{f"{route}_mb_per_s": statistics.median(runs[route]) for route in ROUTES},
+                        "pair_ratios": [round(r, 3) for r in ratios["proxy"]],
+                        "ratio": round(statistics.median(ratios["proxy"]), 3),
+                        "seed_pair_ratios": [round(r, 3) for r in ratios["seed"]],
+                        "seed_ratio": round(statistics.median(ratios["seed"]), 3), "cpu_last_run": cpu,
                         # Squid's own cost, independent of how many cores the endpoints got: core-seconds per GB.
                         "squid_core_s_per_gb": round(cpu["proxy"]["squid"]["cpu_percent"] / 100 /
-                                                     (runs["proxy"][-1] / 1000), 3) or None}
+                                                     (runs["proxy"][-1] / 1000), 3) or None,
+                        "seed_squid_core_s_per_gb": round(cpu["seed"]["squid"]["cpu_percent"] / 100 /
+                                                          (runs["seed"][-1] / 1000), 3) or None}
     return result
 
 
-def bench_connections(proxy: Proxy, cacert: str, count: int, rate_seconds: float, workers: int
+def bench_connections(proxy: Proxy, seed: SeedSquid, cacert: str, count: int, rate_seconds: float, workers: int
                       ) -> dict[str, Any]:
     result: dict[str, Any] = {}
+    groups = {"proxy": proxy.groups, "seed": seed.groups, "direct": dict}
     for kind in ("https", "http"):
-        samples = interleaved_latencies(kind, cacert, count)
-        direct, proxied = summarize(samples["direct"]), summarize(samples["proxy"])
+        samples = interleave({route: Target(kind, route != "direct", cacert, _port(route)) for route in ROUTES},
+                             count)
+        latency = {route: summarize(samples[route]) for route in ROUTES}
         rates: dict[str, Any] = {}
-        for via in (False, True):
-            window = CpuWindow(proxy.groups()).start()
-            rate: dict[str, Any] = {**clients.connection_rate(Target(kind, via, cacert), rate_seconds, workers)}
+        for route in ROUTES:
+            window = CpuWindow(groups[route]()).start()
+            rate: dict[str, Any] = {**clients.connection_rate(Target(kind, route != "direct", cacert, _port(route)),
+                                                              rate_seconds, workers)}
             rate["cpu"] = window.stop()
-            rates["proxy" if via else "direct"] = rate
-        squid_share = rates["proxy"]["cpu"]["squid"]["cpu_percent"] / 100
+            if route != "direct":
+                # Sizing: new connections per second that one core of proxy CPU (every process of it) serves.
+                rate["per_core_s"] = round(rate["per_s"] / max(0.01, _cpu_share(rate["cpu"])), 1)
+            rates[route] = rate
         result[kind] = {
-            "latency": {"direct": direct, "proxy": proxied},
-            "added_p50_ms": round(proxied["p50_ms"] - direct["p50_ms"], 3),
-            "added_p99_ms": round(proxied["p99_ms"] - direct["p99_ms"], 3),
+            "latency": latency,
+            "added_p50_ms": round(latency["proxy"]["p50_ms"] - latency["direct"]["p50_ms"], 3),
+            "added_p99_ms": round(latency["proxy"]["p99_ms"] - latency["direct"]["p99_ms"], 3),
+            "seed_added_p50_ms": round(latency["seed"]["p50_ms"] - latency["direct"]["p50_ms"], 3),
+            "seed_added_p99_ms": round(latency["seed"]["p99_ms"] - latency["direct"]["p99_ms"], 3),
             "samples_ms": {k: [round(v, 4) for v in vs] for k, vs in samples.items()},
             "rate": rates,
             "rate_ratio": round(rates["proxy"]["per_s"] / rates["direct"]["per_s"], 3),
+            "seed_rate_ratio": round(rates["seed"]["per_s"] / rates["direct"]["per_s"], 3),
             "rate_workers": workers,
-            "squid_cpu_us_per_connection": round(squid_share / max(1.0, rates["proxy"]["per_s"]) * 1e6, 1),
+            "squid_cpu_us_per_connection": round(rates["proxy"]["cpu"]["squid"]["cpu_percent"] / 100 /
+                                                 max(1.0, rates["proxy"]["per_s"]) * 1e6, 1),
+            "proxy_cpu_us_per_connection": round(_cpu_share(rates["proxy"]["cpu"]) /
+                                                 max(1.0, rates["proxy"]["per_s"]) * 1e6, 1),
+            "seed_cpu_us_per_connection": round(_cpu_share(rates["seed"]["cpu"]) /
+                                                max(1.0, rates["seed"]["per_s"]) * 1e6, 1),
         }
-        log(f"  {kind}: p50 {direct['p50_ms']} -> {proxied['p50_ms']} ms, p99 {direct['p99_ms']} -> "
-            f"{proxied['p99_ms']} ms; rate {rates['direct']['per_s']} -> {rates['proxy']['per_s']}/s")
+        log(f"  {kind}: p50 direct {latency['direct']['p50_ms']}, proxy {latency['proxy']['p50_ms']}, seed "
+            f"{latency['seed']['p50_ms']} ms; rate {rates['direct']['per_s']} / {rates['proxy']['per_s']} / "
+            f"{rates['seed']['per_s']} per s")
     return result
 
 
-def bench_http(proxy: Proxy, seconds: float, connections: int) -> dict[str, Any]:
+def bench_http(proxy: Proxy, seed: SeedSquid, seconds: float, connections: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    pids = proxy.groups()
+    groups = {"proxy": proxy.groups(), "seed": seed.groups(), "direct": {}}
     for keepalive in (True, False):
         name = "keepalive" if keepalive else "new_connection"
-        runs = {}
-        for via in (False, True):
+        runs: dict[str, Any] = {}
+        for route in ROUTES:
             lines_before = proxy.access_lines
-            window = CpuWindow(pids).start()
-            runs["proxy" if via else "direct"] = clients.wrk(via, keepalive, seconds, connections)
+            window = CpuWindow(groups[route]).start()
+            runs[route] = clients.wrk(route != "direct", keepalive, seconds, connections, proxy_port=_port(route))
             usage = window.stop()
-            if via:
-                runs["proxy"]["cpu"] = usage  # type: ignore[assignment]
-                runs["proxy"]["access_lines_relayed"] = proxy.access_lines - lines_before
-        squid_share = runs["proxy"]["cpu"]["squid"]["cpu_percent"] / 100  # type: ignore[index]
+            if route != "direct":
+                runs[route]["cpu"] = usage
+            if route == "proxy":
+                runs[route]["access_lines_relayed"] = proxy.access_lines - lines_before
         result[name] = {**runs, "connections": connections, "seconds": seconds,
                         "ratio": round(runs["proxy"]["rps"] / runs["direct"]["rps"], 3),
-                        "squid_cpu_us_per_request": round(squid_share / max(1.0, runs["proxy"]["rps"]) * 1e6, 1)}
-        log(f"  {name}: {runs['direct']['rps']:.0f} -> {runs['proxy']['rps']:.0f} req/s")
+                        "seed_ratio": round(runs["seed"]["rps"] / runs["direct"]["rps"], 3),
+                        "squid_cpu_us_per_request": round(runs["proxy"]["cpu"]["squid"]["cpu_percent"] / 100 /
+                                                          max(1.0, runs["proxy"]["rps"]) * 1e6, 1),
+                        "seed_cpu_us_per_request": round(runs["seed"]["cpu"]["squid"]["cpu_percent"] / 100 /
+                                                         max(1.0, runs["seed"]["rps"]) * 1e6, 1)}
+        log(f"  {name}: {runs['direct']['rps']:.0f} / {runs['proxy']['rps']:.0f} / {runs['seed']['rps']:.0f} req/s")
     return result
 
 
@@ -459,55 +508,136 @@ def bench_policies(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, re
     return result
 
 
-def bench_sni(workdir: Path, cacert: str, rounds: int, count: int, lookups: int) -> dict[str, Any]:
-    """Issue 12's cost: the proxy now (the SNI helper parses every ClientHello, no cache) against the code before
-    issue 12 (commit dc871fe, checked out at EGRESS_BENCH_OLD_TREE: an awk helper cached per SNI), both running
-    now on their own ports with the same flat list, interleaved with direct."""
-    if not (OLD_TREE / "entrypoint" / "egress_proxy").is_dir():
-        raise RuntimeError(f"no old tree at {OLD_TREE}: git worktree add {OLD_TREE} dc871fe (or set "
-                           "EGRESS_BENCH_OLD_TREE)")
-    result: dict[str, Any] = {"old_tree": str(OLD_TREE), "old_commit": old_commit(),
-                              "background_busy_percent_before": background_busy(), "loadavg_before": loadavg()}
-    allowlist = workdir / "sni-allowlist.txt"
+def stop_all(proxies: dict[str, Proxy | SeedSquid]) -> None:
+    """Stop the section's own proxies (the seed-style Squid is shared by the whole run and stays up)."""
+    for proxy in proxies.values():
+        if isinstance(proxy, Proxy):
+            proxy.stop()
+
+
+def package_variant(workdir: Path, name: str, *, compiled: bool = True, edits: dict[str, str] | None = None
+                    ) -> Path:
+    """A copy of the installed egress_proxy package for PYTHONPATH (it comes before the venv's editable finder):
+    without its compiled SNI helper when ``compiled`` is false (the config then runs sni_helper.py), and with
+    ``edits`` (old text -> new text) made to squid.conf.j2. Everything else is the same code."""
+    import egress_proxy
+
+    target = workdir / f"package-{name}"
+    ignore = ["__pycache__"] if compiled else ["__pycache__", "compiled"]
+    shutil.copytree(Path(egress_proxy.__file__).parent, target / "egress_proxy",
+                    ignore=shutil.ignore_patterns(*ignore), dirs_exist_ok=True)
+    template = target / "egress_proxy" / "templates" / "squid.conf.j2"
+    text = template.read_text()
+    for old, new in (edits or {}).items():
+        if old not in text:
+            raise RuntimeError(f"variant {name}: squid.conf.j2 no longer has {old!r}")
+        text = text.replace(old, new)
+    template.write_text(text)
+    return target
+
+
+SNI_HELPER_OPTIONS = "cache=0 concurrency=64 children-max=4 children-startup=1 children-idle=1"
+# Variants of egress-proxy for the sni_variants section: what each part of a new HTTPS connection's cost is (by
+# taking it away), and what the helper protocol settings buy. (PYTHONPATH package edits, environment)
+SNI_VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "no_sni_check": ({"acl sni_ok external sni_check": "acl sni_ok src all"}, {}),
+    "no_access_log": ({"access_log daemon:{{ paths.access_fifo }} logformat=egress !local_manager":
+                       "access_log none"}, {}),
+    "helper_concurrency_1": ({SNI_HELPER_OPTIONS: "cache=0 concurrency=1 children-max=8 children-startup=4 "
+                              "children-idle=4"}, {}),
+    "helper_children_4": ({SNI_HELPER_OPTIONS: "cache=0 concurrency=64 children-max=4 children-startup=4 "
+                           "children-idle=4"}, {}),
+}
+
+
+def bench_sni_variants(workdir: Path, seed: SeedSquid, cacert: str, rounds: int, count: int) -> dict[str, Any]:
+    """Where a new HTTPS connection's added latency goes: egress-proxy as shipped ("now"), beside variants that each
+    take one part away or change the SNI helper's protocol settings, the seed-style Squid and direct, interleaved."""
+    result: dict[str, Any] = {"background_busy_percent_before": background_busy(), "loadavg_before": loadavg(),
+                              "variants": {name: {"template_edits": edits, "env": env}
+                                           for name, (edits, env) in SNI_VARIANTS.items()}}
+    allowlist = workdir / "variants-allowlist.txt"
     allowlist.write_text(allowlist_text(100, 0))
-    now = Proxy(workdir, allowlist, port=PROXY_PORT + 2, name="state-now")
-    # PYTHONPATH comes before the venv's editable finder, so this supervisor runs the old package.
-    before = Proxy(workdir, allowlist, {"PYTHONPATH": str(OLD_TREE / "entrypoint")}, port=PROXY_PORT + 3,
-                   name="state-before-issue12")
+    ports = {"now": PROXY_PORT + 5, **{name: PROXY_PORT + 6 + i for i, name in enumerate(SNI_VARIANTS)}}
+    proxies: dict[str, Proxy | SeedSquid] = {"now": Proxy(workdir, allowlist, port=ports["now"], name="state-v-now")}
+    for name, (edits, env) in SNI_VARIANTS.items():
+        extra = {**env, "PYTHONPATH": str(package_variant(workdir, name, edits=edits))} if edits else env
+        proxies[name] = Proxy(workdir, allowlist, extra, port=ports[name], name=f"state-v-{name}")
     try:
-        now.start()
-        before.start()
-        helpers = {}
-        for name, proxy in (("now", now), ("before_issue12", before)):
-            conf = (proxy.state_dir / "conf" / "squid.conf").read_text()
-            helpers[name] = [line for line in conf.splitlines() if line.startswith("external_acl_type")]
-        if "%>handshake" not in " ".join(helpers["now"]) or "%>handshake" in " ".join(helpers["before_issue12"]):
-            raise RuntimeError(f"not the two versions expected: {helpers}")
-        result["helpers"] = helpers
+        for proxy in proxies.values():
+            assert isinstance(proxy, Proxy)
+            proxy.start()
+        proxies["seed"] = seed
         latency = {}
-        for kind in ("https", "http"):
-            targets = {"direct": Target(kind, False, cacert), "now": Target(kind, True, cacert, PROXY_PORT + 2),
-                       "before_issue12": Target(kind, True, cacert, PROXY_PORT + 3)}
-            latency[kind] = compared_latencies(targets, {"now": now, "before_issue12": before}, rounds, count,
-                                               baseline="before_issue12", candidate="now")
-            log(f"  {kind}: added p50 now {latency[kind]['added_p50_ms']['now']} ms, before issue 12 "
-                f"{latency[kind]['added_p50_ms']['before_issue12']} ms; difference "
-                f"{latency[kind]['difference_p50_ms']} ms (rounds: "
-                f"{[r['difference_p50_ms'] for r in latency[kind]['rounds']]}); proxy CPU per request "
-                f"{latency[kind]['proxy_cpu_us_per_request']} us")
+        for kind in ("https",):
+            targets = {"direct": Target(kind, False, cacert), "seed": Target(kind, True, cacert, SEED_PORT),
+                       **{name: Target(kind, True, cacert, ports[name]) for name in proxies if name != "seed"}}
+            latency[kind] = compared_latencies(targets, proxies, rounds, count, baseline="seed", candidate="now")
+            log(f"  {kind}: added p50 {latency[kind]['added_p50_ms']} ms; proxy CPU per request "
+                f"{ {n: c['total'] for n, c in latency[kind]['proxy_cpu_us_per_request'].items()} } us")
         result["latency"] = latency
-        result["sni_helper"] = helper_cost(now.state_dir, "default", policy_bench.client_hello(cacert), lookups)
-        log(f"  SNI helper: {result['sni_helper']}")
     finally:
-        before.stop()
-        now.stop()
+        stop_all(proxies)
     result["background_busy_percent_after"] = background_busy()
     result["loadavg_after"] = loadavg()
     return result
 
 
-def old_commit() -> str:
-    out = subprocess.run(["git", "-C", str(OLD_TREE), "rev-parse", "--short", "HEAD"], capture_output=True,
+def bench_sni(workdir: Path, seed: SeedSquid, cacert: str, rounds: int, count: int, lookups: int) -> dict[str, Any]:
+    """The strict SNI check's cost per new connection: egress-proxy with the compiled helper ("now") and with the
+    Python helper, the seed-style Squid (no helper, no strict check), and an older checkout when one is named
+    (EGRESS_BENCH_OLD_TREE), all with the same 100-entry list on their own ports, interleaved with direct."""
+    result: dict[str, Any] = {"background_busy_percent_before": background_busy(), "loadavg_before": loadavg()}
+    allowlist = workdir / "sni-allowlist.txt"
+    allowlist.write_text(allowlist_text(100, 0))
+    proxies: dict[str, Proxy | SeedSquid] = {
+        "now": Proxy(workdir, allowlist, port=PROXY_PORT + 2, name="state-now"),
+        # PYTHONPATH comes before the venv's editable finder, so these supervisors run the copied package.
+        "python_helper": Proxy(workdir, allowlist,
+                               {"PYTHONPATH": str(package_variant(workdir, "python-helper", compiled=False))},
+                               port=PROXY_PORT + 3, name="state-python-helper")}
+    if OLD_TREE is not None:
+        if not (OLD_TREE / "entrypoint" / "egress_proxy").is_dir():
+            raise RuntimeError(f"EGRESS_BENCH_OLD_TREE={OLD_TREE} is not an egress-proxy checkout")
+        result.update(old_tree=str(OLD_TREE), old_commit=old_commit(OLD_TREE))
+        proxies["old_tree"] = Proxy(workdir, allowlist, {"PYTHONPATH": str(OLD_TREE / "entrypoint")},
+                                    port=PROXY_PORT + 4, name="state-old-tree")
+    ports = {"now": PROXY_PORT + 2, "python_helper": PROXY_PORT + 3, "old_tree": PROXY_PORT + 4}
+    try:
+        for proxy in proxies.values():
+            assert isinstance(proxy, Proxy)
+            proxy.start()
+        helpers = {name: " ".join(policy_bench.sni_helper_command(proxy.state_dir)[:-1])
+                   for name, proxy in proxies.items() if isinstance(proxy, Proxy) and name != "old_tree"}
+        if not helpers["now"].endswith("/bin/sni_helper") or "sni_helper.py" not in helpers["python_helper"]:
+            raise RuntimeError(f"not the two helpers expected (build it: scripts/build-sni-helper): {helpers}")
+        result["helpers"] = helpers
+        proxies["seed"] = seed
+        latency = {}
+        for kind in ("https", "http"):
+            targets = {"direct": Target(kind, False, cacert), "seed": Target(kind, True, cacert, SEED_PORT),
+                       **{name: Target(kind, True, cacert, ports[name]) for name in proxies if name != "seed"}}
+            latency[kind] = compared_latencies(targets, proxies, rounds, count, baseline="python_helper",
+                                               candidate="now")
+            log(f"  {kind}: added p50 {latency[kind]['added_p50_ms']} ms; compiled minus Python helper "
+                f"{latency[kind]['difference_p50_ms']} ms (rounds: "
+                f"{[r['difference_p50_ms'] for r in latency[kind]['rounds']]}); proxy CPU per request "
+                f"{latency[kind]['proxy_cpu_us_per_request']} us")
+        result["latency"] = latency
+        hello = policy_bench.client_hello(cacert)
+        result["sni_helper"] = helper_cost(proxies["now"].state_dir, "default", hello, lookups)  # type: ignore[union-attr]
+        result["python_sni_helper"] = helper_cost(proxies["python_helper"].state_dir,  # type: ignore[union-attr]
+                                                  "default", hello, lookups)
+        log(f"  SNI helper: compiled {result['sni_helper']}; Python {result['python_sni_helper']}")
+    finally:
+        stop_all(proxies)
+    result["background_busy_percent_after"] = background_busy()
+    result["loadavg_after"] = loadavg()
+    return result
+
+
+def old_commit(tree: Path) -> str:
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True)
     return out.stdout.strip() or "unknown"
 
@@ -557,12 +687,18 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-", dir="/tmp"))
     world = World(workdir)
     proxy: Proxy | None = None
+    seed: SeedSquid | None = None
     try:
         world.start()
         cacert = str(world.ca.ca_path)
         allowlist = workdir / "allowlist.txt"
         allowlist.write_text(allowlist_text(100, 0))
         proxy = Proxy(workdir, allowlist).start()
+        seed_allowlist = workdir / "seed-allowlist.txt"
+        seed_allowlist.write_text(allowlist_text(100, 0))
+        seed = SeedSquid(workdir, seed_allowlist, world.ca).start()
+        results["seed_squid_conf"] = (seed.dir / "squid.conf").read_text()
+        results["sni_helper_command"] = " ".join(policy_bench.sni_helper_command(proxy.state_dir)[:-1])
         conf = (proxy.state_dir / "conf" / "squid.conf").read_text()
         workers = [line.split()[1] for line in conf.splitlines() if line.startswith("workers ")]
         results["squid_workers"] = int(workers[0]) if workers else 1
@@ -571,14 +707,14 @@ def main() -> int:
             f"{results['squid_workers']} worker(s)")
         if "throughput" in sections:
             log("throughput")
-            results["throughput"] = bench_throughput(proxy, cacert, reps=1 if quick else 5)
+            results["throughput"] = bench_throughput(proxy, seed, cacert, reps=1 if quick else 5)
         if "connections" in sections:
             log("new connections")
-            results["connections"] = bench_connections(proxy, cacert, count=200 if quick else 1000,
+            results["connections"] = bench_connections(proxy, seed, cacert, count=200 if quick else 1000,
                                                        rate_seconds=2 if quick else 5, workers=4)
         if "http" in sections:
             log("plain HTTP requests/s (wrk)")
-            results["http"] = bench_http(proxy, seconds=2 if quick else 5, connections=16)
+            results["http"] = bench_http(proxy, seed, seconds=2 if quick else 5, connections=16)
         if "supervisor" in sections:
             log("supervisor cost")
             results["supervisor"] = bench_supervisor(proxy, idle_seconds=3 if quick else 10,
@@ -587,21 +723,28 @@ def main() -> int:
             log("allowlist scale")
             results["scale"] = bench_scale(proxy, workdir, allowlist, cacert, count=100 if quick else 300)
         if "sni" in sections:
-            log("SNI helper (issue 12): now vs before, same run")
-            results["sni"] = bench_sni(workdir, cacert, rounds=2 if quick else 7, count=100 if quick else 300,
+            log("SNI helper: compiled vs Python vs the seed-style Squid, same run")
+            results["sni"] = bench_sni(workdir, seed, cacert, rounds=2 if quick else 7, count=100 if quick else 300,
                                        lookups=500 if quick else 5000)
+        if "sni_variants" in sections:
+            log("SNI variants: where a new HTTPS connection's time goes, and the helper's protocol settings")
+            results["sni_variants"] = bench_sni_variants(workdir, seed, cacert, rounds=2 if quick else 7,
+                                                         count=100 if quick else 300)
         if "policies" in sections:
-            log(f"policies (issue 14): {POLICY_COUNT} x {ENTRIES_PER_POLICY:,} entries")
+            log(f"policies: {POLICY_COUNT} x {ENTRIES_PER_POLICY:,} entries")
             results["policies"] = bench_policies(proxy, workdir, allowlist, cacert, reps=2 if quick else 4,
                                                  rounds=2 if quick else 7, count=100 if quick else 300,
                                                  lookups=500 if quick else 5000)
     finally:
         if proxy:
             proxy.stop()
+        if seed:
+            seed.stop()
         world.stop()
     if set(sections) - {"sni", "policies"}:  # the flat-list reload figures belong with the other sections
         results["reload_under_load"] = reload_under_load_results()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["loadavg_at_end"] = loadavg()
     args.output.mkdir(parents=True, exist_ok=True)
     name = args.name or (date if args.only is None else "-".join([date, *sections]))
     out = args.output / f"{name}.json"

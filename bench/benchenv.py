@@ -28,6 +28,7 @@ ORIGIN_IP = "127.0.0.2"
 ORIGIN_NAME = "origin.bench.test"
 PROXY_HOST = "127.0.0.1"
 PROXY_PORT = 3128
+SEED_PORT = 3140  # the seed-style Squid
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 
@@ -65,6 +66,17 @@ http {{
     }}
 }}
 """
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Send ``sig`` to a process we started, and kill it if it has not exited within ``timeout`` seconds."""
+    if process and process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def proc_stat(pid: int) -> tuple[float, int]:
@@ -214,13 +226,7 @@ class Origin:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, signal.SIGQUIT, 10)
 
 
 class Proxy:
@@ -263,8 +269,12 @@ class Proxy:
         (helpers such as the SNI checker are not counted)."""
         return [self.squid_pid, *(p for p in descendants(self.squid_pid) if comm(p) == "squid")]
 
+    def helper_pids(self) -> list[int]:
+        """Squid's helpers (the SNI checker, the certificate generator) as they are now."""
+        return [p for p in descendants(self.squid_pid) if comm(p) != "squid"]
+
     def groups(self) -> dict[str, list[int]]:
-        return {"squid": self.squid_pids(), "supervisor": [self.pid]}
+        return {"squid": self.squid_pids(), "supervisor": [self.pid], "helpers": self.helper_pids()}
 
     def squid_memory(self) -> dict[str, float]:
         pids = self.squid_pids()
@@ -330,6 +340,91 @@ class Proxy:
         if self.squid_pid and comm(self.squid_pid) == "squid":
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.squid_pid, signal.SIGKILL)
+
+
+SEED_CONF = """\
+# A seed-style Squid: the seed's squid.conf for an explicit proxy. One process, a dstdomain allowlist for plain
+# HTTP and the CONNECT, a peek at step 1 and a splice when ssl::server_name (Squid's own SNI, from the same list)
+# matches. No helper, no policies, no SSRF guard, no strict ClientHello check.
+http_port {host}:{port} ssl-bump cert={cert} key={key} generate-host-certificates=on dynamic_cert_mem_cache_size=1MB
+sslcrtd_program {certgen} -s {dir}/ssl_db -M 1MB
+sslcrtd_children 1 startup=0 idle=1
+cache_effective_user proxy
+pid_filename {dir}/squid.pid
+coredump_dir {dir}
+visible_hostname seed-squid
+pinger_enable off
+shutdown_lifetime 1 seconds
+dns_nameservers 127.0.0.1
+cache deny all
+logformat seed %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %ssl::>sni %Sh/%<a %mt
+access_log stdio:{dir}/access.log logformat=seed
+cache_log {dir}/cache.log
+acl allowed_http_sites dstdomain "{allowlist}"
+acl allowed_https_sites ssl::server_name "{allowlist}"
+acl step1 at_step SslBump1
+http_access allow allowed_http_sites
+http_access deny all
+ssl_bump peek step1 all
+ssl_bump splice allowed_https_sites
+ssl_bump terminate all
+"""
+
+
+class SeedSquid:
+    """The seed-style Squid beside egress-proxy: the same Squid 5.7 package, SEED_CONF, started directly (no
+    supervisor) on SEED_PORT. It logs to a file, as the seed did (an agent shipped the file to CloudWatch)."""
+
+    def __init__(self, workdir: Path, allowlist_file: Path, ca: TestCA, port: int = SEED_PORT) -> None:
+        self.dir = workdir / "seed-squid"
+        self.allowlist = allowlist_file
+        self.ca = ca
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process
+        return self.process.pid
+
+    @property
+    def squid_pid(self) -> int:
+        return self.pid
+
+    def squid_pids(self) -> list[int]:
+        return [self.pid, *(p for p in descendants(self.pid) if comm(p) == "squid")]
+
+    def groups(self) -> dict[str, list[int]]:
+        return {"squid": self.squid_pids(), "helpers": [p for p in descendants(self.pid) if comm(p) != "squid"]}
+
+    def start(self) -> SeedSquid:
+        from egress_proxy.squid_strings import CERTGEN
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cert, key = self.ca.issue(["seed-squid.bench.test"])
+        conf = self.dir / "squid.conf"
+        conf.write_text(SEED_CONF.format(host=PROXY_HOST, port=self.port, cert=cert, key=key, certgen=CERTGEN,
+                                         dir=self.dir, allowlist=self.allowlist))
+        subprocess.run([CERTGEN, "-c", "-s", str(self.dir / "ssl_db"), "-M", "1MB"], check=True,
+                       capture_output=True)
+        for path in (self.dir, self.dir / "ssl_db", *(self.dir / "ssl_db").rglob("*")):
+            shutil.chown(path, "proxy", "proxy")
+        for name in ("access.log", "cache.log"):
+            (self.dir / name).touch()
+            shutil.chown(self.dir / name, "proxy", "proxy")
+        # -N: no daemon, no SMP (the seed ran one process); its own -n service name keeps its IPC apart.
+        self.process = subprocess.Popen(["squid", "-N", "-n", "seedbench", "-f", str(conf)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(PROXY_HOST, self.port)
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError("the seed-style Squid did not start:\n"
+                               + (self.dir / "cache.log").read_text()[-3000:]) from exc
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process, signal.SIGTERM, 30)
 
 
 class World:

@@ -15,20 +15,24 @@ from dataclasses import dataclass
 
 from benchenv import ORIGIN_IP, ORIGIN_NAME, PROXY_HOST, PROXY_PORT
 
-PROXY_URL = f"http://{PROXY_HOST}:{PROXY_PORT}"
 CLEAN_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
 # --- curl: bulk HTTPS downloads ----------------------------------------------------------------------------
-def curl_command(path: str, cacert: str, via_proxy: bool) -> list[str]:
-    route = ["-x", PROXY_URL] if via_proxy else ["--resolve", f"{ORIGIN_NAME}:443:{ORIGIN_IP}"]
+def proxy_url(port: int = PROXY_PORT) -> str:
+    return f"http://{PROXY_HOST}:{port}"
+
+
+def curl_command(path: str, cacert: str, via_proxy: bool, proxy_port: int = PROXY_PORT) -> list[str]:
+    route = ["-x", proxy_url(proxy_port)] if via_proxy else ["--resolve", f"{ORIGIN_NAME}:443:{ORIGIN_IP}"]
     return ["curl", "-sS", "--fail", "--max-time", "120", "--cacert", cacert, *route, "-o", "/dev/null",
             "-w", "%{size_download} %{time_total}\n", f"https://{ORIGIN_NAME}{path}"]
 
 
-def download(path: str, cacert: str, via_proxy: bool, streams: int = 1) -> dict[str, float]:
+def download(path: str, cacert: str, via_proxy: bool, streams: int = 1, proxy_port: int = PROXY_PORT
+             ) -> dict[str, float]:
     """``streams`` concurrent curl processes fetching ``path``; aggregate bytes / wall time."""
-    command = curl_command(path, cacert, via_proxy)
+    command = curl_command(path, cacert, via_proxy, proxy_port)
     started = time.monotonic()
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV)
              for _ in range(streams)]
@@ -49,8 +53,8 @@ wrk.headers["Host"] = "{ORIGIN_NAME}"
 """
 
 
-def wrk(via_proxy: bool, keepalive: bool, seconds: float, connections: int = 16, threads: int = 1
-        ) -> dict[str, float]:
+def wrk(via_proxy: bool, keepalive: bool, seconds: float, connections: int = 16, threads: int = 1,
+        proxy_port: int = PROXY_PORT) -> dict[str, float]:
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency"]
     if not keepalive:
         command += ["-H", "Connection: close"]
@@ -58,7 +62,7 @@ def wrk(via_proxy: bool, keepalive: bool, seconds: float, connections: int = 16,
         if via_proxy:
             script.write(WRK_PROXY_LUA)
             script.flush()
-            command += ["-s", script.name, PROXY_URL + "/"]
+            command += ["-s", script.name, proxy_url(proxy_port) + "/"]
         else:
             command += [f"http://{ORIGIN_IP}/small", "-H", f"Host: {ORIGIN_NAME}"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, env=CLEAN_ENV)

@@ -23,8 +23,9 @@ ENTRIES_PER_POLICY = 1_000
 # Policy i holds 127.0.(100+i).0/24 and nothing else, so this address is held by the last policy only: every
 # policy's rules before it are evaluated and skipped, the worst case for a request.
 LAST_POLICY_CLIENT = f"127.0.{100 + POLICY_COUNT - 1}.1"
-# The code before issue 12 (commit dc871fe: the awk SNI helper, cached per SNI), for the same-run comparison.
-OLD_TREE = Path(os.environ.get("EGRESS_BENCH_OLD_TREE", "/tmp/oldtree"))
+# An older checkout to run beside this one in the sni section, only when named (e.g. commit dc871fe, the awk SNI
+# helper cached per SNI, from before the strict ClientHello check).
+OLD_TREE = Path(os.environ["EGRESS_BENCH_OLD_TREE"]) if os.environ.get("EGRESS_BENCH_OLD_TREE") else None
 
 
 def policy_name(index: int) -> str:
@@ -77,22 +78,19 @@ def client_hello(cacert: str, server_name: str = ORIGIN_NAME) -> bytes:
 
 
 def helper_cost(state_dir: Path, policy: str, hello: bytes, lookups: int, batch: int = 64) -> dict[str, Any]:
-    """The SNI helper's own cost, without Squid: the real helper file of a running proxy, on its real lists,
-    started the way squid.conf starts it, asked over a pipe with Squid's line format.
+    """The SNI helper's own cost, without Squid: the helper a running proxy's squid.conf names (compiled or
+    Python), on its real lists, started with that command line, asked over a pipe with Squid's line format.
 
     - ``startup_ms``: start to first answer (Python start plus loading every policy's lists; Squid restarts the
       helper on every reconfigure);
     - ``sequential_us``: one lookup at a time, request to answer (what one new connection waits for);
     - ``pipelined_us_per_lookup``: ``batch`` lookups in flight (squid.conf's concurrency), wall time per lookup
       (what the helper costs in CPU at full load)."""
-    from egress_proxy.squid_conf import PYTHON
-
     handshake = urllib.parse.quote(base64.b64encode(hello).decode(), safe="")
-    helper = state_dir / "bin" / "sni_helper.py"
     policy_dir = state_dir / "conf" / "policies"
+    command = sni_helper_command(state_dir)
     started = time.perf_counter()
-    process = subprocess.Popen([PYTHON, "-I", str(helper), str(policy_dir)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, bufsize=1)
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     assert process.stdin and process.stdout
     try:
         process.stdin.write(f"0 {handshake} {policy}\n")
@@ -127,10 +125,17 @@ def helper_cost(state_dir: Path, policy: str, hello: bytes, lookups: int, batch:
     active = {line.split()[1].removeprefix("policy_") for line in conf.splitlines()
               if line.startswith("acl policy_") and line.split()[2] == "src"}
     entries = {path.name: len(path.read_text().splitlines()) for path in policy_dir.iterdir()}
-    return {"policy": policy, "lists_entries": sum(entries.values()),
+    return {"policy": policy, "helper": " ".join(command[:-1]), "lists_entries": sum(entries.values()),
             "stale_lists_entries": sum(n for name, n in entries.items() if name.rpartition(".")[0] not in active),
             "hello_bytes": len(hello), "startup_ms": round(startup_ms, 1),
             "sequential_us": {"n": lookups, "p50": round(percentile(sequential, 50), 1),
                               "p90": round(percentile(sequential, 90), 1),
                               "mean": round(statistics.fmean(sequential), 1)},
             "pipelined_us_per_lookup": round(pipelined, 1), "batch": batch}
+
+
+def sni_helper_command(state_dir: Path) -> list[str]:
+    """The SNI helper's command line in a running proxy's squid.conf (the compiled helper or sni_helper.py)."""
+    conf = (state_dir / "conf" / "squid.conf").read_text()
+    [line] = [line for line in conf.splitlines() if line.startswith("external_acl_type sni_check ")]
+    return line.split(" %{policy}note ", 1)[1].split()

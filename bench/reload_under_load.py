@@ -16,7 +16,9 @@ Every ``--every`` seconds for ``--duration`` seconds the marker domain is added 
 Loopback only. Run it as root inside a fresh network namespace (the DNS server binds 127.0.0.1:53 and the
 origins 127.0.0.2:80/443):
 
-    unshare --net -- sh -c 'ip link set lo up && exec /work/venv/bin/python bench/reload_under_load.py'
+    unshare --net -- sh -c 'ip link set lo up && exec "${EGRESS_VENV:-.venv}/bin/python" bench/reload_under_load.py'
+
+(from the checkout's root; .venv is the virtualenv scripts/test builds).
 
 Writes bench/results/reload-<date>.json and prints a summary.
 """
