@@ -110,7 +110,8 @@ def test_fargate_has_none_of_the_ec2_machinery(fargate: Synth) -> None:
 
 def _guide_refresh_command() -> list[str]:
     text = DEPLOY_GUIDE.read_text()
-    match = re.search(r"aws autoscaling start-instance-refresh (.*?)\n(?=\S|$)", text, re.S)
+    # The command and its continuation lines (ending in a backslash), nothing after it.
+    match = re.search(r"aws autoscaling start-instance-refresh ((?:.*\\\n)*.*)", text)
     assert match, "docs/deploy-aws.md gives no start-instance-refresh command"
     command = match.group(1).replace("\\\n", " ")
     return command.split()
@@ -132,6 +133,9 @@ def test_guide_instance_refresh_is_valid_and_replaces_protected_instances_one_at
     assert 0 < preferences["MinHealthyPercentage"] < 100
     assert options["--auto-scaling-group-name"].startswith("<AutoScalingGroupName>") or \
         "AutoScalingGroupName" in options["--auto-scaling-group-name"]
+    # The guide's command is the one the stack runs by itself on a new launch template version.
+    from egress_proxy_infra.lambda_src.group_maintenance import REFRESH_PREFERENCES
+    assert preferences == REFRESH_PREFERENCES
 
 
 @pytest.mark.parametrize("variant", ["ec2"])
