@@ -224,7 +224,9 @@ def format_text(suggestions: Iterable[PolicySuggestion]) -> str:
             count = len(domain.hosts)
             head = f"# {domain.domain}: {count} {_plural(count, 'host')}, {domain.requests} " \
                    f"{_plural(domain.requests, 'request')}"
-            if count > 1 or domain.hosts[0].host != domain.domain:
+            if s3_endpoint(domain.domain) == domain.domain:
+                head += f" (one bucket per line; or '.{domain.domain}' for every bucket at this S3 endpoint)"
+            elif count > 1 or domain.hosts[0].host != domain.domain:
                 head += f" (or '.{domain.domain}' for the domain and all its subdomains)"
             out.append(head)
             for host in domain.hosts:
@@ -288,7 +290,21 @@ def _private_psl() -> PublicSuffixList:
 
 
 def registrable_domain(host: str) -> str:
-    return str(_private_psl().privatesuffix(host) or host)
+    """What a host is grouped under: its registrable domain, or, for a virtual-hosted S3 name, its S3 endpoint."""
+    return s3_endpoint(host) or str(_private_psl().privatesuffix(host) or host)
+
+
+_S3_ENDPOINT = re.compile(r"s3[.-].*\.amazonaws\.com(?:\.cn)?|s3\.amazonaws\.com(?:\.cn)?")
+
+
+def s3_endpoint(host: str) -> str | None:
+    """The S3 endpoint of a virtual-hosted S3 name ('s3.us-east-1.amazonaws.com' for
+    'my-bucket.s3.us-east-1.amazonaws.com', also dualstack, access-point and legacy 's3-REGION' forms), or of a
+    path-style request to the endpoint itself; None for anything else. The public suffix list makes each bucket its
+    own 'registrable domain', so grouping by it would offer a bucket's own subdomains, which nobody wants: a user
+    picks one bucket (the host line) or that region's S3 (the endpoint and every bucket under it)."""
+    suffix = _private_psl().publicsuffix(host)
+    return str(suffix) if suffix and _S3_ENDPOINT.fullmatch(str(suffix)) else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -133,6 +133,26 @@ def test_private_suffixes_group_per_owner() -> None:
     assert "'.github.io'" not in format_text([default])
 
 
+def test_virtual_hosted_s3_offers_one_bucket_or_that_regions_s3() -> None:
+    # The public suffix list makes every bucket its own registrable domain; a user picks a bucket, or the region.
+    summary = summary_of(*[line("my-bucket.s3.us-east-1.amazonaws.com", "domain_not_allowlisted")] * 2,
+                         line("logs.example.s3.us-east-1.amazonaws.com", "domain_not_allowlisted"),
+                         line("other.s3.eu-west-1.amazonaws.com", "domain_not_allowlisted"),
+                         line("secretsmanager.us-east-1.amazonaws.com", "domain_not_allowlisted"))
+    (default,) = summary.suggestions()
+    assert [(d.domain, [h.host for h in d.hosts]) for d in default.domains] == [
+        ("s3.us-east-1.amazonaws.com", ["my-bucket.s3.us-east-1.amazonaws.com",
+                                        "logs.example.s3.us-east-1.amazonaws.com"]),
+        ("s3.eu-west-1.amazonaws.com", ["other.s3.eu-west-1.amazonaws.com"]),
+        ("secretsmanager.us-east-1.amazonaws.com", ["secretsmanager.us-east-1.amazonaws.com"]),
+    ]
+    text = format_text([default])
+    assert "or '.s3.us-east-1.amazonaws.com' for every bucket at this S3 endpoint" in text
+    assert "'.my-bucket.s3" not in text and "'.amazonaws.com'" not in text
+    # Both choices are entries the allowlist accepts.
+    assert parse_allowlist(".s3.us-east-1.amazonaws.com\nmy-bucket.s3.us-east-1.amazonaws.com").entries
+
+
 def test_tolerates_prefixes_blank_and_foreign_lines() -> None:
     summary = summary_of(
         "proxy-1  | " + line("a.example.com", "domain_not_allowlisted"),
