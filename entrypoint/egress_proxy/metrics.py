@@ -59,6 +59,10 @@ PROXY_METRICS: dict[str, StandardUnitType] = {
     "reload.success": "Count",
     "reload.failure": "Count",
     "config.age_seconds": "Seconds",
+    # Client identity (membership.py), only when policies name clients by identity: addresses in the membership
+    # table, and 1 while AWS polls fail (the last known membership keeps serving meanwhile).
+    "identity.members": "Count",
+    "identity.refresh_failing": "Count",
 }
 
 
@@ -131,6 +135,14 @@ def proxy_values(previous: ProxyTotals, current: ProxyTotals, entries: int, load
     if loaded_at is not None:
         values["config.age_seconds"] = max(0.0, now - loaded_at)
     return values
+
+
+def identity_values(stats: object) -> dict[str, float]:
+    """The identity gauges, when the stats carry an ``identity`` (membership.IdentityStats)."""
+    identity = getattr(stats, "identity", None)
+    if identity is None:
+        return {}
+    return {"identity.members": float(identity.members), "identity.refresh_failing": float(identity.failing)}
 
 
 def build_datums(values: Mapping[str, float], instance: str, timestamp: datetime.datetime) -> list[MetricDatumTypeDef]:
@@ -407,6 +419,7 @@ class MetricsLoop:
         values: dict[str, float] = counter_rates(previous.counters, counters, now - previous.at,
                                                  own_requests=1 if previous.from_read else 0)
         values.update(proxy_values(previous.totals, totals, stats.entries, stats.loaded_at, wall))
+        values.update(identity_values(stats))
         timestamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
         self._queue(build_datums(values, self.instance or socket.gethostname(), timestamp))
 

@@ -73,6 +73,21 @@ class ProxyCollector(Collector):
         if stats.loaded_at is not None:
             yield GaugeMetricFamily(PREFIX + "config_age_seconds", "Seconds since the active config was loaded.",
                                     value=max(0.0, self.clock() - stats.loaded_at))
+        identity = getattr(stats, "identity", None)
+        if identity is not None:
+            yield GaugeMetricFamily(PREFIX + "identity_members", "Addresses in the client identity membership "
+                                    "table (members of sg-, ecs: and tag: selectors).", value=identity.members)
+            polls = CounterMetricFamily(PREFIX + "identity_polls", "AWS membership polls, by result; a failed "
+                                        "poll keeps the last known membership.", labels=["result"])
+            polls.add_metric(["success"], identity.polls)
+            polls.add_metric(["failure"], identity.poll_failures)
+            yield polls
+            lookups = CounterMetricFamily(PREFIX + "identity_lookups", "On-demand lookups of unknown client "
+                                          "addresses, by result (failed ones refuse the client).", labels=["result"])
+            lookups.add_metric(["answered"], identity.lookups - identity.lookup_failures
+                               if identity.lookups >= identity.lookup_failures else identity.lookups)
+            lookups.add_metric(["failed"], identity.lookup_failures)
+            yield lookups
         try:
             counters = parse_counters(self.read())
         except (OSError, ValueError):

@@ -270,7 +270,8 @@ def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str,
     runs over all kinds, so a CIDR policy listed after a security group's must not claim that group's members."""
     if not document.by_identity:
         return None
-    return {"ttl": settings.identity_ttl, "timeout": IDENTITY_LOOKUP_TIMEOUT,
+    selectors = list(dict.fromkeys(s.text for policy in document.policies for s in policy.selectors))
+    return {"ttl": settings.identity_ttl, "timeout": IDENTITY_LOOKUP_TIMEOUT, "selectors": selectors,
             "report_policies": [policy.name for policy in document.policies if policy.mode == "report"]}
 
 

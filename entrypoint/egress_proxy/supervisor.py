@@ -38,6 +38,7 @@ from .allowlist import AllowlistError
 from .denier import Denier
 from .errors import ExitCode, describe_os_error, exit_code_of
 from .log_output import LogOutput
+from .membership import IdentityRefresher
 from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .policy import PolicyDocument, parse_policy_value
 from .settings import Settings, SettingsError, check_login
@@ -87,6 +88,7 @@ class ReloadStats:
     last_error: str | None = None
     rejected_version: str | None = None  # the last version refused (None once a newer one was applied)
     skipped: int = 0  # changes whose rendered config was identical (no reconfigure)
+    identity: Any = None  # membership.IdentityStats, for the metrics
 
     def age_seconds(self, now: float | None = None) -> float | None:
         if self.loaded_at is None:
@@ -341,6 +343,7 @@ class Supervisor:
         self.config = loop.LoopConfig(poll_interval=self.source.poll_interval, workers=settings.workers,
                                       drain_seconds=settings.drain_seconds)
         self.denier: Denier | None = None
+        self.identity: IdentityRefresher | None = None
         self.applier: ConfigApplier | None = None
         self.metrics: MetricsLoop | None = None
         self.worker = Worker(self.events.post)
@@ -398,6 +401,18 @@ class Supervisor:
                                      denial_port=self.denier.port)
         self.applier.upstream_login = upstream_login
         self._start(self.worker)
+        # The membership table and its on-demand lookup socket: idle (no AWS call) until a document names clients
+        # by security group, ECS service or tag. Never part of the reload path: membership changes reach the
+        # identity helpers through the table file, without a reconfigure.
+        self.identity = IdentityRefresher(self.settings, self.paths, self.logger, self.user)
+        self.applier.stats.identity = self.identity.stats
+        try:
+            self._start(self.identity)
+        except OSError as exc:
+            self.logger.event("error", "startup_failed", f"cannot open the identity lookup socket "
+                              f"{self.paths.lookup_socket}: {describe_os_error(exc)}",
+                              exit_code=int(ExitCode.STARTUP_IO))
+            return ExitCode.STARTUP_IO
         self._start(_Named("denier", self.denier.start, self.denier.stop))
         if self.settings.prometheus_port is not None and not self._start_prometheus(self.applier):
             return ExitCode.BAD_CONFIG
@@ -548,6 +563,8 @@ class Supervisor:
         except OSError as exc:
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}; "
                                      "make EGRESS_STATE_DIR a writable directory with free space")
+        if self.identity is not None:
+            self.identity.set_document(candidate.document)
         access_lines = functools.partial(self.output.put_many, "access")
         self._start(LogRelay("access", access_sink(access_lines, self.decisions.observe),
                              fifo=self.paths.access_fifo))
@@ -591,6 +608,8 @@ class Supervisor:
         except OSError as exc:  # Squid was not told: the config it runs is still the previous one
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}")
         self.applier.stats.rejected_version = None
+        if self.identity is not None:
+            self.identity.set_document(candidate.document)
         self._pending = candidate
         self.squid.reconfigure()
         return None

@@ -1,0 +1,426 @@
+"""Client identity from the AWS APIs: the membership table, its refresher thread and the on-demand lookup. [I/O]
+
+Which addresses belong to the ``sg-``, ``tag:`` and ``ecs:`` selectors of the active document:
+
+* every ``EGRESS_IDENTITY_REFRESH`` seconds (and at once when a document with new selectors is activated), EC2
+  ``DescribeNetworkInterfaces`` filtered by ``group-id`` and by ``tag:KEY``, and ECS ``ListTasks`` +
+  ``DescribeTasks`` for each service (the ENI address of each awsvpc task);
+* on demand, for an address no poll has seen: ``DescribeNetworkInterfaces`` by ``addresses.private-ip-address``
+  (and, with ``ecs:`` selectors, one poll of those services), rate-limited, with "no selector" cached for
+  ``EGRESS_IDENTITY_TTL`` seconds. The identity helper (a Squid child running as Squid's user) asks on a unix
+  socket and waits at most ``IDENTITY_LOOKUP_TIMEOUT`` seconds.
+
+The table is written to one JSON file, atomically; each helper re-reads it when it changes. Squid is never
+reconfigured for a membership change. An API error or throttling keeps the last known membership; the change of
+state is logged once (not every poll) and counted. A successful poll replaces what the previous one found, so a
+departed client (or a reused address) loses its old identity at the next poll; with Squid's cache on top, within
+``EGRESS_IDENTITY_REFRESH + EGRESS_IDENTITY_TTL`` seconds.
+
+ECS services with bridge or host networking have no task ENI: their tasks' address is the container instance's,
+shared by every task on it. Such tasks are skipped (logged once per service); select the instance's security
+group instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .identity_helper import Selector
+from .policy import PolicyDocument
+from .settings import Settings
+from .squid_conf import StatePaths
+from .squid_process import atomic_write
+
+Members = dict[str, set[str]]  # address -> membership selectors (their text)
+
+# On-demand lookups: at most this many AWS calls a second, with this burst. EC2's DescribeNetworkInterfaces
+# shares the account's (per region) request token bucket with every other Describe call, so a flood of
+# unknown addresses must not starve anyone else. Over the budget a lookup fails closed (identity_error).
+LOOKUP_RATE = 10.0
+LOOKUP_BURST = 20
+LOOKUP_THREADS = 16  # concurrent on-demand lookups; more are answered "busy" at once
+LOG_ADDRESSES = 20  # addresses named in one membership-change line (the counts are always complete)
+
+
+@dataclass
+class IdentityStats:
+    """What the metrics read: the table's size, polls, failures and on-demand lookups."""
+
+    members: int = 0  # addresses with at least one membership selector
+    polls: int = 0
+    poll_failures: int = 0
+    failing: bool = False
+    lookups: int = 0
+    lookup_failures: int = 0  # API errors, rate limits and "busy" answers (each one a refused client)
+    last_poll_at: float | None = None  # wall clock of the last successful poll
+
+
+class AwsMembership:
+    """The AWS calls. boto3's usual chain: region from AWS_REGION, endpoint from AWS_ENDPOINT_URL, credentials
+    from the task role. Every method raises on an API error; the caller decides what that means."""
+
+    def __init__(self, ec2: Any = None, ecs: Any = None) -> None:
+        self._ec2 = ec2
+        self._ecs = ecs
+        self.bridge_services: set[str] = set()  # ecs: selectors seen with tasks that have no ENI
+
+    def _client(self, name: str) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
+        return boto3.client(name, config=config)  # type: ignore[call-overload]
+
+    @property
+    def ec2(self) -> Any:
+        if self._ec2 is None:
+            self._ec2 = self._client("ec2")
+        return self._ec2
+
+    @property
+    def ecs(self) -> Any:
+        if self._ecs is None:
+            self._ecs = self._client("ecs")
+        return self._ecs
+
+    def poll(self, selectors: Iterable[Selector]) -> Members:
+        members: Members = {}
+        chosen = list(selectors)
+        groups = sorted({s.text for s in chosen if s.kind == "sg"})
+        for start in range(0, len(groups), 200):  # a filter takes at most 200 values
+            batch = set(groups[start:start + 200])
+            for eni in self._enis([{"Name": "group-id", "Values": sorted(batch)}]):
+                for group in eni.get("Groups", []):
+                    if group.get("GroupId") in batch:
+                        _add(members, eni_addresses(eni), group["GroupId"])
+        for selector in (s for s in chosen if s.kind == "tag"):
+            key, _, value = selector.text[4:].partition("=")
+            for eni in self._enis([{"Name": f"tag:{key}", "Values": [value]}]):
+                _add(members, eni_addresses(eni), selector.text)
+        for selector in (s for s in chosen if s.kind == "ecs"):
+            _add_all(members, self.service_addresses(selector))
+        return members
+
+    def by_address(self, address: str, selectors: Iterable[Selector]) -> set[str]:
+        """The ENI-based selectors (sg-, tag:) among ``selectors`` that the ENI holding ``address`` is in."""
+        chosen = list(selectors)
+        name = "addresses.private-ip-address" if ipaddress.ip_address(address).version == 4 else \
+            "ipv6-addresses.ipv6-address"
+        found: set[str] = set()
+        for eni in self._enis([{"Name": name, "Values": [address]}]):
+            groups = {group.get("GroupId") for group in eni.get("Groups", [])}
+            tags = {f"tag:{tag.get('Key')}={tag.get('Value')}" for tag in eni.get("TagSet", [])}
+            found |= {s.text for s in chosen if (s.kind == "sg" and s.text in groups)
+                      or (s.kind == "tag" and s.text in tags)}
+        return found
+
+    def service_addresses(self, selector: Selector) -> dict[str, str]:
+        """address -> the selector, for each awsvpc task of one ECS service that AWS wants running."""
+        cluster, _, service = selector.text[4:].partition("/")
+        arns: list[str] = []
+        for page in self.ecs.get_paginator("list_tasks").paginate(
+                cluster=cluster, serviceName=service, desiredStatus="RUNNING"):
+            arns += page.get("taskArns", [])
+        found: dict[str, str] = {}
+        for start in range(0, len(arns), 100):  # DescribeTasks takes at most 100 tasks
+            for task in self.ecs.describe_tasks(cluster=cluster, tasks=arns[start:start + 100]).get("tasks", []):
+                addresses = task_addresses(task)
+                if not addresses:
+                    self.bridge_services.add(selector.text)
+                found.update((address, selector.text) for address in addresses)
+        return found
+
+    def _enis(self, filters: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        for page in self.ec2.get_paginator("describe_network_interfaces").paginate(Filters=filters):
+            yield from page.get("NetworkInterfaces", [])
+
+
+def eni_addresses(eni: Mapping[str, Any]) -> list[str]:
+    addresses = [item["PrivateIpAddress"] for item in eni.get("PrivateIpAddresses", []) if item.get("PrivateIpAddress")]
+    if eni.get("PrivateIpAddress") and eni["PrivateIpAddress"] not in addresses:
+        addresses.append(eni["PrivateIpAddress"])
+    addresses += [item["Ipv6Address"] for item in eni.get("Ipv6Addresses", []) if item.get("Ipv6Address")]
+    return addresses
+
+
+def task_addresses(task: Mapping[str, Any]) -> list[str]:
+    """A task's ENI addresses (awsvpc). Bridge and host tasks have none: their address is the instance's."""
+    if task.get("lastStatus") in {"STOPPED", "DEPROVISIONING"}:
+        return []
+    addresses: list[str] = []
+    for attachment in task.get("attachments", []):
+        if attachment.get("type") != "ElasticNetworkInterface":
+            continue
+        for detail in attachment.get("details", []):
+            if detail.get("name") in {"privateIPv4Address", "privateIPv6Address"} and detail.get("value"):
+                addresses.append(detail["value"])
+    return addresses
+
+
+def _add(members: Members, addresses: Iterable[str], selector: str) -> None:
+    for address in addresses:
+        members.setdefault(address, set()).add(selector)
+
+
+def _add_all(members: Members, found: Mapping[str, str]) -> None:
+    for address, selector in found.items():
+        members.setdefault(address, set()).add(selector)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = float(burst)
+        self.updated = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
+class IdentityRefresher:
+    """The membership table, kept by one thread; the on-demand lookup server on a unix socket. A component of
+    the supervisor (start/stop); the loop thread only hands it each activated document."""
+
+    name = "identity"
+
+    def __init__(self, settings: Settings, paths: StatePaths, logger: Any, user: str | None,
+                 aws: AwsMembership | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.logger = logger
+        self.user = user
+        self.aws = aws or AwsMembership()
+        self.clock = clock
+        self.stats = IdentityStats()
+        self._selectors: tuple[Selector, ...] = ()
+        self._polled: Members = {}
+        self._looked_up: dict[str, tuple[set[str], float]] = {}  # address -> (selectors, learned at)
+        self._negative: dict[str, float] = {}  # address -> when "no selector" expires
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._bucket = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock)
+        self._slots = threading.BoundedSemaphore(LOOKUP_THREADS)
+        self._thread = threading.Thread(target=self._run, name="identity", daemon=True)
+        self._server: socket.socket | None = None
+        self._warned_bridge: set[str] = set()
+        self._last_error: str | None = None
+
+    # --- component ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.write()  # an empty table, so helpers never read a previous run's
+        self._server = self._listen()
+        threading.Thread(target=self._accept, name="identity-lookup", daemon=True).start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.close()
+        self._thread.join(timeout=1)
+
+    def set_document(self, document: PolicyDocument) -> None:
+        """The active document's membership selectors; a change polls at once."""
+        selectors = tuple(dict.fromkeys(s for policy in document.policies for s in policy.selectors
+                                        if s.membership))
+        with self._lock:
+            changed = selectors != self._selectors
+            self._selectors = selectors
+            self._negative.clear()  # "no selector" meant the old document's selectors
+        if changed:
+            self._wake.set()
+
+    # --- the table -----------------------------------------------------------------------------------------
+    def _merged(self) -> Members:
+        """What polls found, plus what on-demand lookups learned since the last poll."""
+        with self._lock:
+            merged: Members = {address: set(found) for address, found in self._polled.items()}
+            for address, (found, _) in self._looked_up.items():
+                merged.setdefault(address, set()).update(found)
+        return merged
+
+    def table(self) -> dict[str, list[str]]:
+        return {address: sorted(found) for address, found in sorted(self._merged().items()) if found}
+
+    def write(self) -> None:
+        table = self.table()
+        self.stats.members = len(table)
+        try:
+            atomic_write(self.paths.membership, json.dumps({"members": table}, separators=(",", ":")))
+        except OSError as exc:  # the helpers keep the last table they read; the next change retries
+            self.logger.event("error", "identity_write_failed", f"cannot write {self.paths.membership}: {exc}")
+
+    # --- polling -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            if self._selectors:
+                self.poll_once()
+            self._wake.wait(self.settings.identity_refresh)
+
+    def poll_once(self) -> None:
+        with self._lock:
+            selectors = self._selectors
+        started = self.clock()
+        try:
+            found = self.aws.poll(selectors)
+        except Exception as exc:  # an API error, throttling, no credentials: keep the last membership
+            self._failed(exc)
+            return
+        self.stats.polls += 1
+        self.stats.last_poll_at = time.time()
+        if self.stats.failing:
+            self.stats.failing = False
+            self._last_error = None
+            self.logger.event("info", "identity_refresh_recovered", "AWS membership polls succeed again",
+                              members=len(found))
+        wanted = {s.text for s in selectors}
+        before = self._merged()
+        with self._lock:
+            self._polled = {address: sel & wanted for address, sel in found.items() if sel & wanted}
+            # A lookup older than this poll is superseded by it (the poll saw the same ENIs, or saw them gone).
+            self._looked_up = {a: v for a, v in self._looked_up.items() if v[1] > started}
+        self._log_changes(before, self._merged())
+        self._warn_bridge()
+        self.write()
+
+    def _failed(self, exc: Exception) -> None:
+        self.stats.poll_failures += 1
+        error = f"{type(exc).__name__}: {exc}"
+        if not self.stats.failing or error != self._last_error:
+            self.stats.failing = True
+            self._last_error = error
+            self.logger.event("warning", "identity_refresh_failed",
+                              f"AWS membership poll failed ({error}); keeping the last known membership "
+                              f"({self.stats.members} addresses)", error=error, members=self.stats.members)
+
+    def _log_changes(self, before: Members, after: Members) -> None:
+        by_selector: dict[str, tuple[list[str], list[str]]] = {}
+        for address in sorted(set(before) | set(after)):
+            old, new = before.get(address, set()), after.get(address, set())
+            for selector in new - old:
+                by_selector.setdefault(selector, ([], []))[0].append(address)
+            for selector in old - new:
+                by_selector.setdefault(selector, ([], []))[1].append(address)
+        for selector, (added, removed) in sorted(by_selector.items()):
+            count = sum(1 for found in after.values() if selector in found)
+            self.logger.event("info", "identity_membership_changed",
+                              f"{selector}: +{len(added)} -{len(removed)} addresses ({count} now)",
+                              selector=selector, added=added[:LOG_ADDRESSES], removed=removed[:LOG_ADDRESSES],
+                              members=count)
+
+    def _warn_bridge(self) -> None:
+        for selector in sorted(self.aws.bridge_services - self._warned_bridge):
+            self._warned_bridge.add(selector)
+            self.logger.event("warning", "identity_ecs_not_awsvpc",
+                              f"{selector} has tasks without their own network interface (bridge or host "
+                              "networking): their address is the instance's, so they are not selected; select "
+                              "the instance's security group instead", selector=selector)
+
+    # --- on-demand lookups ---------------------------------------------------------------------------------
+    def lookup(self, address: str) -> dict[str, Any]:
+        """One address's membership selectors, for a helper: {"members": [...]} or {"error": why}."""
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            return {"error": "bad_address"}
+        now = self.clock()
+        with self._lock:
+            selectors = self._selectors
+            known = self._polled.get(address)
+            if known is None and address in self._looked_up:
+                known = self._looked_up[address][0]
+            negative = self._negative.get(address, 0.0) > now
+        if known:
+            return {"members": sorted(known)}
+        if negative or not selectors:
+            return {"members": []}
+        if not self._bucket.take():
+            self.stats.lookup_failures += 1
+            return {"error": "lookup_rate_limited"}
+        self.stats.lookups += 1
+        try:
+            found = self.aws.by_address(address, selectors)
+            for selector in (s for s in selectors if s.kind == "ecs"):
+                found |= {sel for addr, sel in self.aws.service_addresses(selector).items() if addr == address}
+        except Exception as exc:
+            self.stats.lookup_failures += 1
+            self.logger.event("warning", "identity_lookup_failed",
+                              f"on-demand lookup of {address} failed: {type(exc).__name__}: {exc}",
+                              address=address)
+            return {"error": "lookup_failed"}
+        before = self._merged()
+        with self._lock:
+            if found:
+                self._looked_up[address] = (found, self.clock())
+            else:
+                self._negative[address] = self.clock() + self.settings.identity_ttl
+        if found:
+            self._log_changes(before, self._merged())
+            self.write()
+        return {"members": sorted(found)}
+
+    def _listen(self) -> socket.socket:
+        path = self.paths.lookup_socket
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        os.chmod(path, 0o660)
+        if self.user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        server.listen(64)
+        return server
+
+    def _accept(self) -> None:
+        assert self._server is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                self.stats.lookup_failures += 1
+                with contextlib.suppress(OSError), conn:
+                    conn.sendall(b'{"error":"lookup_busy"}\n')
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 256:
+                    chunk = conn.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                answer = self.lookup(data.decode("ascii", "replace").strip())
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            self._slots.release()
