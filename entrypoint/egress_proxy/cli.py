@@ -191,7 +191,7 @@ def _health(settings: Settings) -> int:
     try:
         # A real HTTP answer from Squid's cache manager, not just a TCP accept: a wedged Squid whose kernel
         # still accepts connections fails here. Loopback manager reads are not access-logged.
-        read_counters(host, settings.port, timeout=3)
+        read_counters(host, settings.port, timeout=3, proxy_header=settings.proxy_protocol == "required")
     except (OSError, http.client.HTTPException) as exc:
         print(f"unhealthy: Squid on {host}:{settings.port} did not answer: {exc}")
         return ExitCode.UNHEALTHY

@@ -55,11 +55,12 @@ LOG_ADDRESSES = 20  # addresses named in one membership-change line (the counts 
 class IdentityStats:
     """What the metrics read: the table's size, polls, failures and on-demand lookups."""
 
+    active: bool = False  # the active document has sg-, ecs: or tag: selectors (else nothing is published)
     members: int = 0  # addresses with at least one membership selector
     polls: int = 0
     poll_failures: int = 0
     failing: bool = False
-    lookups: int = 0
+    lookups: int = 0  # on-demand lookups AWS answered
     lookup_failures: int = 0  # API errors, rate limits and "busy" answers (each one a refused client)
     last_poll_at: float | None = None  # wall clock of the last successful poll
 
@@ -242,6 +243,7 @@ class IdentityRefresher:
         """The active document's membership selectors; a change polls at once."""
         selectors = tuple(dict.fromkeys(s for policy in document.policies for s in policy.selectors
                                         if s.membership))
+        self.stats.active = bool(selectors)
         with self._lock:
             changed = selectors != self._selectors
             self._selectors = selectors
@@ -251,11 +253,11 @@ class IdentityRefresher:
 
     # --- the table -----------------------------------------------------------------------------------------
     def _merged(self) -> Members:
-        """What polls found, plus what on-demand lookups learned since the last poll."""
+        """What polls found, overridden by what on-demand lookups learned since the last poll started (the newer
+        view of that address: never a union of two moments, which could keep a reused address's old group)."""
         with self._lock:
             merged: Members = {address: set(found) for address, found in self._polled.items()}
-            for address, (found, _) in self._looked_up.items():
-                merged.setdefault(address, set()).update(found)
+            merged.update((address, set(found)) for address, (found, _) in self._looked_up.items())
         return merged
 
     def table(self) -> dict[str, list[str]]:
@@ -357,7 +359,6 @@ class IdentityRefresher:
         if not self._bucket.take():
             self.stats.lookup_failures += 1
             return {"error": "lookup_rate_limited"}
-        self.stats.lookups += 1
         try:
             found = self.aws.by_address(address, selectors)
             for selector in (s for s in selectors if s.kind == "ecs"):
@@ -368,6 +369,7 @@ class IdentityRefresher:
                               f"on-demand lookup of {address} failed: {type(exc).__name__}: {exc}",
                               address=address)
             return {"error": "lookup_failed"}
+        self.stats.lookups += 1
         before = self._merged()
         with self._lock:
             if found:

@@ -59,8 +59,10 @@ PROXY_METRICS: dict[str, StandardUnitType] = {
     "reload.success": "Count",
     "reload.failure": "Count",
     "config.age_seconds": "Seconds",
-    # Client identity (membership.py), only when policies name clients by identity: addresses in the membership
-    # table, and 1 while AWS polls fail (the last known membership keeps serving meanwhile).
+}
+# Client identity (membership.py): addresses in the membership table, and 1 while AWS polls fail (the last known
+# membership keeps serving meanwhile).
+IDENTITY_METRICS: dict[str, StandardUnitType] = {
     "identity.members": "Count",
     "identity.refresh_failing": "Count",
 }
@@ -140,14 +142,14 @@ def proxy_values(previous: ProxyTotals, current: ProxyTotals, entries: int, load
 def identity_values(stats: object) -> dict[str, float]:
     """The identity gauges, when the stats carry an ``identity`` (membership.IdentityStats)."""
     identity = getattr(stats, "identity", None)
-    if identity is None:
+    if identity is None or not identity.active:
         return {}
     return {"identity.members": float(identity.members), "identity.refresh_failing": float(identity.failing)}
 
 
 def build_datums(values: Mapping[str, float], instance: str, timestamp: datetime.datetime) -> list[MetricDatumTypeDef]:
     """One datum per known metric in ``values``, with its unit and the ``ProxyInstance`` dimension."""
-    units = {**SEED_COUNTERS, **PROXY_METRICS}
+    units = {**SEED_COUNTERS, **PROXY_METRICS, **IDENTITY_METRICS}
     datums: list[MetricDatumTypeDef] = []
     for name, value in values.items():
         if name not in units:
@@ -262,9 +264,20 @@ def manager_host(settings: Settings) -> str:
     return host
 
 
-def read_counters(host: str, port: int, timeout: float = 5.0) -> str:
-    """GET /squid-internal-mgr/counters straight from Squid (not through any proxy from the environment)."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+class _ProxyHeaderConnection(http.client.HTTPConnection):
+    """Starts with a PROXY v1 ``UNKNOWN`` header: on a port that requires one (EGRESS_PROXY_PROTOCOL=required),
+    Squid then keeps the connection's real (loopback) addresses, which its rules allow to read the manager."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.sendall(b"PROXY UNKNOWN\r\n")
+
+
+def read_counters(host: str, port: int, timeout: float = 5.0, *, proxy_header: bool = False) -> str:
+    """GET /squid-internal-mgr/counters straight from Squid (not through any proxy from the environment).
+    ``proxy_header``: the port requires a PROXY protocol header (EGRESS_PROXY_PROTOCOL=required)."""
+    kind = _ProxyHeaderConnection if proxy_header else http.client.HTTPConnection
+    connection = kind(host, port, timeout=timeout)
     try:
         connection.request("GET", MANAGER_COUNTERS_PATH, headers={"Connection": "close"})
         response = connection.getresponse()
@@ -318,7 +331,8 @@ class MetricsLoop:
         self._client_factory = client_factory
         self._client: CloudWatchClient | None = None
         host, port = manager_host(settings), settings.port
-        self._read = read or (lambda: read_counters(host, port))
+        proxy_header = settings.proxy_protocol == "required"
+        self._read = read or (lambda: read_counters(host, port, proxy_header=proxy_header))
         self._instance_id = instance_id or (lambda: resolve_instance_id(
             settings.instance_id, os.environ, fetch_json, socket.gethostname))
         self.clock = clock

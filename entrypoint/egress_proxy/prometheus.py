@@ -74,7 +74,7 @@ class ProxyCollector(Collector):
             yield GaugeMetricFamily(PREFIX + "config_age_seconds", "Seconds since the active config was loaded.",
                                     value=max(0.0, self.clock() - stats.loaded_at))
         identity = getattr(stats, "identity", None)
-        if identity is not None:
+        if identity is not None and identity.active:
             yield GaugeMetricFamily(PREFIX + "identity_members", "Addresses in the client identity membership "
                                     "table (members of sg-, ecs: and tag: selectors).", value=identity.members)
             polls = CounterMetricFamily(PREFIX + "identity_polls", "AWS membership polls, by result; a failed "
@@ -84,8 +84,7 @@ class ProxyCollector(Collector):
             yield polls
             lookups = CounterMetricFamily(PREFIX + "identity_lookups", "On-demand lookups of unknown client "
                                           "addresses, by result (failed ones refuse the client).", labels=["result"])
-            lookups.add_metric(["answered"], identity.lookups - identity.lookup_failures
-                               if identity.lookups >= identity.lookup_failures else identity.lookups)
+            lookups.add_metric(["answered"], identity.lookups)
             lookups.add_metric(["failed"], identity.lookup_failures)
             yield lookups
         try:
@@ -109,7 +108,9 @@ class PrometheusExporter:
         self.port = settings.prometheus_port
         host, squid_port = manager_host(settings), settings.port
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ProxyCollector(stats, decisions, lambda: read_counters(host, squid_port), clock))
+        proxy_header = settings.proxy_protocol == "required"
+        self.registry.register(ProxyCollector(stats, decisions, lambda: read_counters(
+            host, squid_port, proxy_header=proxy_header), clock))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -13,6 +13,7 @@ import pytest
 # isort: split
 from egress_proxy.metrics import (
     DIMENSION,
+    IDENTITY_METRICS,
     MAX_DATUMS_PER_CALL,
     PROXY_METRICS,
     SEED_COUNTERS,
@@ -363,5 +364,5 @@ def test_operations_guide_lists_every_metric_with_its_unit() -> None:
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
             for line in guide.splitlines() if line.startswith("| `")}
-    for name, unit in {**SEED_COUNTERS, **PROXY_METRICS}.items():
+    for name, unit in {**SEED_COUNTERS, **PROXY_METRICS, **IDENTITY_METRICS}.items():
         assert rows.get(name) == unit, f"docs/operations.md: metric {name} should be listed with unit {unit}"

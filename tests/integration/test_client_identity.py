@@ -22,6 +22,7 @@ from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port
 from proxy_runner import ProxyRunner
 from tls_hello import closed_without_data, send_hello, with_server_names
 
+SETTLING_URL = "http://settling.wild.test/settling"  # a host no other request uses
 REFRESH = 2
 TTL = 1
 DEPARTURE_BOUND = REFRESH + TTL + 5  # the documented bound, plus a poll's duration and this busy machine's slack
@@ -117,13 +118,19 @@ def _after_change(proxy: ProxyRunner, start: int, selector: str, address: str, c
                    and address in r.get(change, []), start=start, timeout=DEPARTURE_BOUND)
     expired = time.monotonic() + TTL + 0.5
     while time.monotonic() < expired:
-        _get(proxy, source, url + "-settling")
-    records = []
+        _get(proxy, source, SETTLING_URL)
+    host = url.split("/")[2]
+    mark = proxy.mark()
     for _ in range(4):
-        mark = proxy.mark()
         _get(proxy, source, url)
-        records.append(proxy.access(mark, client_ip=source))
-    return records
+    # Access lines may trail the responses (Squid's logger is asynchronous): match them by client and host.
+    proxy.wait_for(lambda _: len(_lines(proxy, mark, source, host)) >= 4, start=mark)
+    return _lines(proxy, mark, source, host)
+
+
+def _lines(proxy: ProxyRunner, start: int, source: str, host: str) -> list[dict[str, Any]]:
+    return [r for r in proxy.records[start:]
+            if r.get("type") == "access" and r.get("client_ip") == source and r.get("host") == host]
 
 
 def test_a_new_eni_gets_its_groups_policy_on_its_first_request(
@@ -132,7 +139,7 @@ def test_a_new_eni_gets_its_groups_policy_on_its_first_request(
     mark = identity_proxy.mark()
     status, _ = _get(identity_proxy, "127.0.10.11", "http://allowed.test/first-request")
     assert status == 200
-    record = identity_proxy.access(mark, client_ip="127.0.10.11")
+    record = identity_proxy.access(mark, client_ip="127.0.10.11", host="allowed.test")
     assert (record["policy"], record["client_identity"], record["decision"]) == ("payments", aws.payments, "allowed")
     status, head = _get(identity_proxy, "127.0.10.11", "http://a.wild.test/first-request")
     assert status == 403 and b"X-Egress-Policy: payments" in head
@@ -143,18 +150,18 @@ def test_an_address_in_no_selector_is_refused(identity_proxy: ProxyRunner, http_
     mark = identity_proxy.mark()
     status, head = _get(identity_proxy, "127.0.10.99", "http://allowed.test/stranger")
     assert status == 403 and b"X-Egress-Reason: client_not_allowed" in head
-    assert identity_proxy.access(mark, client_ip="127.0.10.99")["policy"] is None
+    assert identity_proxy.access(mark, client_ip="127.0.10.99", host="allowed.test")["policy"] is None
     assert _hits(http_origin, "/stranger") == 0
 
 
 def test_cidr_and_tag_selectors_in_the_same_document(identity_proxy: ProxyRunner, aws: Aws) -> None:
     mark = identity_proxy.mark()
     assert _get(identity_proxy, "127.0.0.1", "http://c.wild.test/cidr")[0] == 200
-    assert identity_proxy.access(mark, client_ip="127.0.0.1")["client_identity"] == "127.0.0.1/32"
+    assert identity_proxy.access(mark, client_ip="127.0.0.1", host="c.wild.test")["client_identity"] == "127.0.0.1/32"
     aws.eni("127.0.10.31", aws.elsewhere, tags={"team": "ml"})
     mark = identity_proxy.mark()
     assert _get(identity_proxy, "127.0.10.31", "http://b.wild.test/tag")[0] == 200
-    record = identity_proxy.access(mark, client_ip="127.0.10.31")
+    record = identity_proxy.access(mark, client_ip="127.0.10.31", host="b.wild.test")
     assert (record["policy"], record["client_identity"]) == ("tagged", "tag:team=ml")
 
 
@@ -176,20 +183,21 @@ def test_a_reused_address_takes_the_new_groups_policy(identity_proxy: ProxyRunne
     mark = identity_proxy.mark()
     aws.ec2.delete_network_interface(NetworkInterfaceId=old)
     aws.eni("127.0.10.13", aws.data)
-    records = _after_change(identity_proxy, mark, aws.data, "127.0.10.13", "added", "127.0.10.13",
+    records = _after_change(identity_proxy, mark, aws.payments, "127.0.10.13", "removed", "127.0.10.13",
                             "http://a.wild.test/reused")
     assert {(r["policy"], r["client_identity"], r["decision"]) for r in records} == {("data", aws.data, "allowed")}
     # Once moved, never back: the old identity is not carried over.
     mark = identity_proxy.mark()
     assert _get(identity_proxy, "127.0.10.13", "http://allowed.test/reused")[0] == 200  # report mode
-    assert identity_proxy.access(mark, client_ip="127.0.10.13")["decision"] == "would_deny"
+    record = identity_proxy.access(mark, client_ip="127.0.10.13", host="allowed.test")
+    assert (record["policy"], record["decision"]) == ("data", "would_deny")
 
 
 def test_ecs_service_tasks_by_their_eni_address(identity_proxy: ProxyRunner, ecs: EcsStandIn) -> None:
     ecs.set_tasks("prod", "etl", {"task1": "127.0.10.21", "bridge1": None})
     mark = identity_proxy.mark()
     assert _get(identity_proxy, "127.0.10.21", "http://a.wild.test/ecs")[0] == 200
-    record = identity_proxy.access(mark, client_ip="127.0.10.21")
+    record = identity_proxy.access(mark, client_ip="127.0.10.21", host="a.wild.test")
     assert (record["policy"], record["client_identity"]) == ("data", "ecs:prod/etl")
     identity_proxy.wait_for(lambda r: r.get("event") == "identity_ecs_not_awsvpc", start=0,
                             timeout=DEPARTURE_BOUND)
@@ -206,7 +214,7 @@ def test_report_mode_ssrf_and_sni_checks_hold_for_identity_policies(
     aws.eni("127.0.10.42", aws.payments)  # payments: enforce
     mark = identity_proxy.mark()
     assert _get(identity_proxy, "127.0.10.41", "http://allowed.test/report")[0] == 200
-    record = identity_proxy.access(mark, client_ip="127.0.10.41")
+    record = identity_proxy.access(mark, client_ip="127.0.10.41", host="allowed.test")
     assert (record["decision"], record["reason"], record["policy"]) == ("would_deny", "domain_not_allowlisted", "data")
     assert _hits(http_origin, "/report") == 1
     # SSRF: an allowlisted name that resolves to a private address is refused in every mode.

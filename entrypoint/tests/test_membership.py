@@ -1,0 +1,126 @@
+"""The membership table's rules without AWS: what a failed poll keeps, what is logged once, what a lookup caches
+and how it is rate-limited (the integration tests run it against moto_server and the ECS stand-in)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from egress_proxy.identity_helper import Selector
+from egress_proxy.membership import LOOKUP_BURST, IdentityRefresher, task_addresses
+from egress_proxy.policy import parse_policy_value
+from egress_proxy.settings import load_settings
+from egress_proxy.squid_conf import StatePaths
+
+SG = "sg-0aaaaaaaaaaaaaaaa"
+
+
+class FakeAws:
+    def __init__(self) -> None:
+        self.members: dict[str, set[str]] = {}
+        self.error: Exception | None = None
+        self.by_address_calls = 0
+        self.bridge_services: set[str] = set()
+
+    def poll(self, selectors: Iterable[Selector]) -> dict[str, set[str]]:
+        if self.error:
+            raise self.error
+        return {address: set(found) for address, found in self.members.items()}
+
+    def by_address(self, address: str, selectors: Iterable[Selector]) -> set[str]:
+        self.by_address_calls += 1
+        if self.error:
+            raise self.error
+        return set(self.members.get(address, set()))
+
+    def service_addresses(self, selector: Selector) -> dict[str, str]:
+        return {}
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def event(self, level: str, event: str, message: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [fields for event, fields in self.events if event == name]
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _refresher(tmp_path: Path) -> tuple[IdentityRefresher, FakeAws, Events, Clock]:
+    settings = load_settings({}, {"EGRESS_IDENTITY_TTL": "5"})
+    aws, events, clock = FakeAws(), Events(), Clock()
+    (tmp_path / "identity").mkdir()
+    refresher = IdentityRefresher(settings, StatePaths(tmp_path), events, None, aws=aws, clock=clock)  # type: ignore[arg-type]
+    document = parse_policy_value(json.dumps({"policies": [{"name": "p", "clients": [SG], "allow": ["a.com"]}]}),
+                                  source="test", client_cidrs=settings.client_cidrs)
+    refresher.set_document(document)
+    return refresher, aws, events, clock
+
+
+def _table(tmp_path: Path) -> dict[str, list[str]]:
+    return dict(json.loads((tmp_path / "identity" / "members.json").read_text())["members"])
+
+
+def test_a_failed_poll_keeps_the_last_membership_and_is_logged_once(tmp_path: Path) -> None:
+    refresher, aws, events, _ = _refresher(tmp_path)
+    aws.members = {"10.0.0.5": {SG}}
+    refresher.poll_once()
+    assert _table(tmp_path) == {"10.0.0.5": [SG]}
+    aws.error = RuntimeError("Throttling")
+    for _ in range(3):
+        refresher.poll_once()
+    assert _table(tmp_path) == {"10.0.0.5": [SG]}
+    assert len(events.named("identity_refresh_failed")) == 1
+    assert refresher.stats.failing and refresher.stats.poll_failures == 3
+    aws.error = None
+    aws.members = {}
+    refresher.poll_once()
+    assert _table(tmp_path) == {}
+    assert len(events.named("identity_refresh_recovered")) == 1
+    assert events.named("identity_membership_changed")[-1]["removed"] == ["10.0.0.5"]
+
+
+def test_unchanged_polls_log_nothing(tmp_path: Path) -> None:
+    refresher, aws, events, _ = _refresher(tmp_path)
+    aws.members = {"10.0.0.5": {SG}}
+    for _ in range(3):
+        refresher.poll_once()
+    assert len(events.named("identity_membership_changed")) == 1
+
+
+def test_a_lookup_caches_no_selector_for_the_ttl(tmp_path: Path) -> None:
+    refresher, aws, _, clock = _refresher(tmp_path)
+    assert refresher.lookup("10.0.0.9") == {"members": []}
+    assert refresher.lookup("10.0.0.9") == {"members": []}
+    assert aws.by_address_calls == 1
+    clock.now += 6
+    aws.members = {"10.0.0.9": {SG}}
+    assert refresher.lookup("10.0.0.9") == {"members": [SG]}
+    assert _table(tmp_path) == {"10.0.0.9": [SG]}  # every helper sees it now, without asking again
+
+
+def test_lookups_are_rate_limited_and_fail_closed(tmp_path: Path) -> None:
+    refresher, aws, _, _ = _refresher(tmp_path)
+    answers = [refresher.lookup(f"10.0.1.{n}") for n in range(LOOKUP_BURST + 5)]
+    assert answers.count({"error": "lookup_rate_limited"}) == 5
+    assert aws.by_address_calls == LOOKUP_BURST
+    aws.error = RuntimeError("boom")
+    assert refresher.lookup("10.0.2.1") == {"error": "lookup_rate_limited"}  # still no token: clock stood still
+
+
+def test_a_task_without_an_eni_has_no_address() -> None:
+    assert task_addresses({"lastStatus": "RUNNING", "attachments": []}) == []
+    eni = {"type": "ElasticNetworkInterface", "details": [{"name": "privateIPv4Address", "value": "10.0.0.7"}]}
+    assert task_addresses({"lastStatus": "RUNNING", "attachments": [eni]}) == ["10.0.0.7"]
+    assert task_addresses({"lastStatus": "STOPPED", "attachments": [eni]}) == []
