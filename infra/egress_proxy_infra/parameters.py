@@ -71,6 +71,9 @@ DEFAULT_CLIENT_ROUTING_POLICY = "availability_zone_affinity"
 #: own bounded log buffer that never blocks Squid and counts what it drops (log.lines_dropped), and its
 #: "no log, no traffic" setting needs a driver that pushes back.
 LOG_DRIVER_MODES = ("blocking", "non-blocking")
+#: ECS cluster setting containerInsights (Amazon ECS Developer Guide, "Container Insights"): its metrics are billed
+#: as custom metrics, so it is a cost line of its own; the stack's dashboard and alarms do not need it.
+CONTAINER_INSIGHTS_VALUES = ("enabled", "enhanced", "disabled")
 #: The buffer the driver drops from in non-blocking mode (set explicitly rather than left to the 1 MB default).
 NON_BLOCKING_MAX_BUFFER_SIZE = "25m"
 
@@ -100,6 +103,7 @@ class ProxyParameters:
     client_routing_policy: CfnParameter
     cross_zone: CfnParameter
     log_driver_mode: CfnParameter
+    container_insights: CfnParameter
     use_vpc_endpoints: CfnCondition
     use_s3_gateway_endpoint: CfnCondition
     has_alarm_email: CfnCondition
@@ -249,6 +253,12 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
                     "traffic. non-blocking: the driver drops silently once its "
                     f"{NON_BLOCKING_MAX_BUFFER_SIZE} buffer is full. Changing it replaces every task.",
     )
+    container_insights = CfnParameter(
+        stack, "ContainerInsights", type="String", default="enabled", allowed_values=list(CONTAINER_INSIGHTS_VALUES),
+        description="CloudWatch Container Insights on the cluster: per-task and per-service CPU, memory, network and "
+                    "storage metrics, billed as custom metrics (about $12 a month here; enhanced costs more). The "
+                    "stack's own dashboard and alarms do not need it: disabled saves that.",
+    )
     use_vpc_endpoints = CfnCondition(
         stack, "UseVpcEndpoints", expression=Fn.condition_equals(enable_vpc_endpoints.value_as_string, "true"))
     use_s3_gateway_endpoint = CfnCondition(
@@ -329,6 +339,7 @@ def define_parameters(stack: Stack, *, config: InfraConfig) -> ProxyParameters:
         alarm_email=alarm_email, denied_requests_alarm_threshold=denied_threshold,
         drain_seconds=drain_seconds, deregistration_delay_seconds=deregistration_delay,
         client_routing_policy=client_routing_policy, cross_zone=cross_zone, log_driver_mode=log_driver_mode,
+        container_insights=container_insights,
         non_blocking_logs=non_blocking_logs, use_vpc_endpoints=use_vpc_endpoints,
         use_s3_gateway_endpoint=use_s3_gateway_endpoint,
         has_alarm_email=has_alarm_email, instance_type=instance_type, ami_id=ami_id, key_name=key_name,
@@ -406,7 +417,7 @@ def _add_console_groups(stack: Stack, *, ec2_mode: bool) -> None:
                 {"Label": {"default": "Scaling and operations"},
                  "Parameters": ["MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
                                 "ReloadIntervalSeconds", "AlarmEmail", "DeniedRequestsAlarmThreshold",
-                                "LogDriverMode"]},
+                                "LogDriverMode", "ContainerInsights"]},
             ],
         },
     }

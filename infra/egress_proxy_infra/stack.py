@@ -14,6 +14,7 @@ from egress_proxy_infra import subnets
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
 from egress_proxy_infra.config import MAX_STOP_TIMEOUT_SECONDS, CapacityMode, InfraConfig
 from egress_proxy_infra.eip_pool import ElasticIpPool
+from egress_proxy_infra.l1 import l1
 from egress_proxy_infra.load_balancer import ProxyLoadBalancer
 from egress_proxy_infra.monitoring import AlarmTopic, ProxyMonitoring
 from egress_proxy_infra.parameters import ProxyParameters, define_parameters, dns_servers_of
@@ -79,6 +80,9 @@ class EgressProxyStack(Stack):
         )
 
         cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
+        # The L2 takes the setting only as an enum; the ContainerInsights parameter decides it at deploy time.
+        l1(cluster).add_property_override(
+            "ClusterSettings", [{"Name": "containerInsights", "Value": params.container_insights.value_as_string}])
 
         dns_servers = dns_servers_of(self, params.dns_servers)
         self.eip_pool: ElasticIpPool | None = None

@@ -12,7 +12,7 @@ COMMON = {"AllowedDomains", "DnsServers", "ProxyPort", "VpcId", "PublicSubnetIds
           "ClientCidr", "MinCapacity", "MaxCapacity", "LogRetentionDays", "MetricsNamespace",
           "ReloadIntervalSeconds", "EnableVpcEndpoints", "VpcEndpointRouteTableIds", "AlarmEmail",
           "DeniedRequestsAlarmThreshold", "DrainSeconds", "DeregistrationDelaySeconds", "ClientRoutingPolicy",
-          "CrossZoneLoadBalancing", "LogDriverMode"}
+          "CrossZoneLoadBalancing", "LogDriverMode", "ContainerInsights"}
 EC2_ONLY = {"InstanceType", "AmiId", "KeyName"}
 
 

@@ -117,9 +117,12 @@ def test_cpu_target_tracking_between_min_and_max_parameters(synth: Synth) -> Non
     assert config["TargetValue"] == 60
 
 
-def test_cluster_has_container_insights(synth: Synth) -> None:
+def test_cluster_has_container_insights_unless_switched_off(synth: Synth) -> None:
     synth.template.has_resource_properties("AWS::ECS::Cluster", {
-        "ClusterSettings": Match.array_with([{"Name": "containerInsights", "Value": "enabled"}])})
+        "ClusterSettings": [{"Name": "containerInsights", "Value": {"Ref": "ContainerInsights"}}]})
+    parameter = synth.data["Parameters"]["ContainerInsights"]
+    assert parameter["Default"] == "enabled" and sorted(parameter["AllowedValues"]) == ["disabled", "enabled",
+                                                                                          "enhanced"]
 
 
 # --- task definition: the container contract ------------------------------------------------------------
