@@ -72,3 +72,9 @@ def test_export_command_sets_proxies_and_keeps_metadata_endpoints_direct(synth: 
     assert "https_proxy=http://<DNS>:<PORT>" in rendered
     no_proxy = rendered.split("no_proxy=")[1].split()[0].split(",")
     assert {"169.254.169.254", "169.254.170.2", "localhost", "127.0.0.1"} <= set(no_proxy)
+
+
+def test_every_output_is_exported_under_the_stack_name(synth: Synth) -> None:
+    """For Fn::ImportValue in other stacks, as the seed's outputs were (under fixed names there)."""
+    for name, output in synth.data["Outputs"].items():
+        assert output["Export"] == {"Name": {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, name]]}}, name
