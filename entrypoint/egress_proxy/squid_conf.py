@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterable
@@ -137,6 +138,11 @@ class StatePaths:
         return self.state / "bin" / "identity_helper.py"
 
     @property
+    def empty_list(self) -> Path:
+        """An empty list file: what Squid's coordinator reads in place of every policy list (see squid.conf.j2)."""
+        return self.conf_dir / "empty.list"
+
+    @property
     def identity_policies(self) -> Path:
         """Each policy's client selectors in document order, for the identity helper (rendered with the config:
         Squid restarts its helpers on every reconfigure, so they read the active one)."""
@@ -174,17 +180,36 @@ class _CandidatePaths(StatePaths):
         return self.candidate_conf_dir
 
 
+# A rendered list line as the policy writes it: a host name or ".domain", lower-case LDH labels (underscores too).
+_PLAIN_LIST_LINE = re.compile(r"\.?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def _directives(squid_conf: str) -> list[str]:
+    """squid.conf without its comments (the header counts the entries) and blank lines: what Squid parses."""
+    return [line for line in squid_conf.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 @dataclass(frozen=True)
 class RenderedConfig:
     squid_conf: str
     lists: dict[tuple[str, str], str]  # (policy name, "allow" | "deny") -> the list file's text
     identity: str | None = None  # the identity helper's policy file, when policies name clients by identity
 
+    def differs_in_plain_lists_only(self, active: RenderedConfig | None) -> bool:
+        """True when this config differs from ``active`` only in what its list files hold, and every line of them is
+        a plain host name or ``.domain`` (the policy validated them; this re-checks the rendered text). Squid's
+        dstdomain reads such lines without an error, so a candidate ``squid -k parse`` of this config (over a second
+        at 100,000 entries) can prove nothing that the active config's parse did not."""
+        if active is None or (_directives(self.squid_conf), self.identity, set(self.lists)) != (
+                _directives(active.squid_conf), active.identity, set(active.lists)):
+            return False
+        return all(_PLAIN_LIST_LINE.fullmatch(line) for text in self.lists.values() for line in text.splitlines())
+
     def files(self, paths: StatePaths) -> dict[Path, str]:
         listed = {paths.policy_list(name, kind): text for (name, kind), text in self.lists.items()}
         if self.identity is not None:
             listed[paths.identity_policies] = self.identity
-        return {**listed, paths.squid_conf: self.squid_conf}
+        return {**listed, paths.empty_list: "", paths.squid_conf: self.squid_conf}
 
 
 def _environment() -> jinja2.Environment:

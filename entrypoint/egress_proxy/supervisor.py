@@ -123,6 +123,10 @@ class ConfigApplier:
                           upstream_login=self.upstream_login)
         if rendered == self.active:
             return document, rendered
+        if rendered.differs_in_plain_lists_only(self.active):
+            # Only list contents changed: Squid already parsed these directives, and the lists hold nothing it can
+            # refuse (see differs_in_plain_lists_only). The 100,000-entry reload saves a full parse of every list.
+            return document, rendered
         candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
         candidate = render(self.settings, document, candidate_paths, run_as=self.user,
                            denial_port=self.denial_port, upstream_login=self.upstream_login)

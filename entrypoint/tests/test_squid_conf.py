@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import shutil
@@ -9,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from egress_proxy import squid_conf, squid_process
+from egress_proxy import squid_conf, squid_process, supervisor
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
+from egress_proxy.log_output import LogOutput
 from egress_proxy.networks import covered
 from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import Settings, load_settings
+from egress_proxy.sources import Snapshot
 from egress_proxy.squid_conf import (
     PRIVATE_DESTINATIONS,
     PYTHON,
+    RenderedConfig,
     StatePaths,
     default_error_page,
     forbidden_destinations,
@@ -369,3 +373,35 @@ def test_transparent_mode_opens_intercept_ports_beside_the_explicit_one() -> Non
 def test_no_intercept_ports_or_strict_host_check_by_default() -> None:
     conf = _render()
     assert "intercept" not in conf and "host_verify_strict" not in conf
+
+
+def _rendered(entries: str, env: dict[str, str] | None = None) -> RenderedConfig:
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
+    return render(settings, _flat(entries, settings), StatePaths(settings.state_dir), run_as="proxy",
+                  denial_port=39999)
+
+
+def test_a_change_of_plain_list_entries_only_is_recognised() -> None:
+    active = _rendered(".example.com\nexact.example.org")
+    assert _rendered(".example.com\nother.example.net\nxn--bcher-kva.example").differs_in_plain_lists_only(active)
+    assert not _rendered(".example.com").differs_in_plain_lists_only(None)  # nothing parsed yet
+    assert not _rendered(".example.com", {"EGRESS_PORT": "3129"}).differs_in_plain_lists_only(active)  # a directive
+    odd = RenderedConfig(active.squid_conf, {key: text + "-n\n" for key, text in active.lists.items()})
+    assert not odd.differs_in_plain_lists_only(active)  # a line that is not a plain name: parse it
+
+
+def test_the_candidate_parse_is_skipped_when_only_plain_lists_change(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[Path] = []
+    monkeypatch.setattr(supervisor, "parse_check", lambda binary, conf: parsed.append(conf) or [])
+    settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
+    applier = supervisor.ConfigApplier(settings, StatePaths(tmp_path), supervisor.Logger(LogOutput(io.StringIO(), 100)),
+                                       None, 39999)
+    first = Snapshot(".example.com\n", "v1")
+    document, rendered = applier.build(first, "test")
+    applier.activate(document, rendered, first)
+    applier.build(Snapshot(".example.com\nexact.example.org\n", "v2"), "test")
+    assert len(parsed) == 1  # the first build only
+    applier.build(Snapshot('{"policies": [{"name": "a", "clients": ["10.0.0.0/8"], "allow": [".x.org"]}]}', "v3"),
+                  "test")
+    assert len(parsed) == 2  # another policy: new directives, parsed
