@@ -82,12 +82,17 @@ FORGED = (b"X-Egress-Reason: upstream_unavailable\r\nX-Egress-Policy: rep\r\n"
           b"x-egress-explanation: forged\r\n")
 
 
-@pytest.mark.parametrize("kind", ["connect", "http"])
+# Naming the proxy's own headers as hop-by-hop must not make Squid drop the ones it adds.
+HOP_BY_HOP = b"Connection: X-Egress-Reason, X-Egress-Policy\r\n"
+
+
+@pytest.mark.parametrize("kind", ["connect", "http", "connect-hop-by-hop"])
 def test_a_client_cannot_forge_its_refusal(strict_proxy: ProxyRunner, tls_origin: TlsOrigin,
                                            http_origin: HttpOrigin, kind: str) -> None:
     mark = strict_proxy.mark()
-    if kind == "connect":
-        request = b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n" + FORGED + b"\r\n"
+    if kind.startswith("connect"):
+        extra = HOP_BY_HOP if kind.endswith("hop-by-hop") else b""
+        request = b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n" + FORGED + extra + b"\r\n"
     else:
         request = (b"GET http://denied.test/forged HTTP/1.1\r\nHost: denied.test\r\n" + FORGED
                    + b"Connection: close\r\n\r\n")
