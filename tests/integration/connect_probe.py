@@ -27,7 +27,8 @@ class ConnectProbe:
             try:
                 with socket.create_connection(self.proxy, timeout=15) as sock:
                     sock.sendall(self.request)
-                    status_line = _read_head(sock).split(b"\r\n", 1)[0]
+                    head = _read_head(sock)
+                    status_line = head.split(b"\r\n", 1)[0]
             except ConnectionRefusedError as exc:
                 with self._lock:
                     self.refused.append(repr(exc))
@@ -40,7 +41,9 @@ class ConnectProbe:
                 if status_line.split(b" ")[1:2] == [b"200"]:
                     self.answered += 1
                 else:
-                    self.failed.append(status_line.decode(errors="replace"))
+                    # the proxy's own reason headers say which check refused it (the status alone does not)
+                    reasons = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-egress-")]
+                    self.failed.append(b" ".join([status_line, *reasons]).decode(errors="replace"))
 
     def __enter__(self) -> ConnectProbe:
         for thread in self._threads:
