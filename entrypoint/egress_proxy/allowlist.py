@@ -30,6 +30,7 @@ import idna
 from publicsuffixlist import PublicSuffixList
 
 from .errors import ExitCode
+from .sni_helper import name_and_parents
 
 __all__ = [
     "MAX_PROBLEMS_SHOWN",
@@ -197,7 +198,7 @@ class Allowlist:
         # stored as 'example.com' in _domains and matches any of them.  Because
         # we only ever compare whole labels, 'evilexample.com' can never match
         # '.example.com', and 'example.com.evil.net' only tries its own parents.
-        for suffix in _suffixes(name):
+        for suffix in name_and_parents(name):
             if suffix in self._domains:
                 return True
         return False
@@ -207,7 +208,7 @@ class Allowlist:
         Allowlist) matches is allowed by this list."""
         if not entry.startswith("."):
             return self.allows(entry)
-        return any(suffix in self._domains for suffix in _suffixes(entry[1:]))
+        return any(suffix in self._domains for suffix in name_and_parents(entry[1:]))
 
     def overlaps(self, entry: str) -> bool:
         """True if at least one host `entry` (a normalised entry) matches is
@@ -224,7 +225,7 @@ class Allowlist:
         # Every entry name and each of its parents: built once, on first use,
         # so overlaps() stays O(labels) per call for large lists.
         return frozenset(
-            suffix for entry in self.entries for suffix in _suffixes(entry.lstrip("."))
+            suffix for entry in self.entries for suffix in name_and_parents(entry.lstrip("."))
         )
 
     def diff(self, newer: Allowlist) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -554,17 +555,6 @@ def _outermost_cover(name: str, domains: set[str], *, include_self: bool) -> str
             found = suffix
         dot = name.find(".", dot + 1)
     return found
-
-
-def _suffixes(name: str) -> Iterator[str]:
-    """'a.b.c' -> 'a.b.c', 'b.c', 'c' (slices, so no re-joining of labels)."""
-    start = 0
-    while True:
-        yield name[start:]
-        dot = name.find(".", start)
-        if dot < 0:
-            return
-        start = dot + 1
 
 
 def _where(line: int | None) -> str:

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from .allowlist import AllowlistError
-from .errors import ExitCode
-from .policy import IPNetwork, PolicyDocument, parse_policy_value
+from .config_pipeline import validate
+from .errors import ExitCode, UsageError
+from .policy import IPNetwork, PolicyDocument
 from .settings import OPTIONS_BY_NAME
 from .sources import MAX_SECRET_BYTES, SecretSource, Snapshot, SourceUnavailable, check_size
 from .suggest import TrafficSummary, format_document, format_text, merge_into, parse_time, read_cloudwatch
@@ -55,13 +56,11 @@ def add_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised with their exit code (UsageError, AllowlistError: 2; SourceUnavailable: 4) for cli.main
+    to print."""
     if args.action == "suggest":
         return _suggest(args)
     return _push_or_diff(args)
-
-
-def _error(message: str) -> None:
-    print(f"egress-proxy: error: {message}", file=sys.stderr)
 
 
 def _warn(warnings: tuple[str, ...] | list[str]) -> None:
@@ -82,18 +81,12 @@ def _push_or_diff(args: argparse.Namespace) -> int:
     try:
         gate = client_cidrs_from_env()
     except ValueError as exc:  # the settings parser's error: why, and its fix
-        _error(f"EGRESS_CLIENT_CIDRS: {exc}; {getattr(exc, 'fix', '')}")
-        return ExitCode.BAD_CONFIG
+        raise UsageError(f"EGRESS_CLIENT_CIDRS: {exc}; {getattr(exc, 'fix', '')}") from None
+    text = _read(args.file)
     try:
-        text = args.file.read_text(encoding="utf-8")
-    except OSError as exc:
-        _error(f"cannot read {args.file}: {exc.strerror}")
-        return ExitCode.BAD_CONFIG
-    try:
-        new = parse_policy_value(text, source=str(args.file), client_cidrs=gate)
+        new = validate(_snapshot(text), source=str(args.file), client_cidrs=gate)
     except AllowlistError as exc:
-        _error(f"{exc}\nnothing was written to the secret")
-        return ExitCode.BAD_CONFIG
+        raise UsageError(f"{exc}\nnothing was written to the secret") from None
     _warn(new.warnings)
     # What push writes: the normalised value (a flat list keeps its JSON form). Secrets Manager refuses more
     # than 64 KiB; say so up front (moto and LocalStack would even accept it, and the proxy would then reject it).
@@ -101,19 +94,16 @@ def _push_or_diff(args: argparse.Namespace) -> int:
         return _diff_files(args.against, new, gate)
     value = new.to_value()
     try:
-        check_size(Snapshot(text=value, version="", size=len(value.encode()), max_bytes=MAX_SECRET_BYTES),
-                   f"secret {args.secret}")
+        check_size(_snapshot(value, max_bytes=MAX_SECRET_BYTES), f"secret {args.secret}")
     except AllowlistError as exc:
-        _error(f"{exc}\nnothing was written to the secret")
-        return ExitCode.BAD_CONFIG
+        raise UsageError(f"{exc}\nnothing was written to the secret") from None
     source = SecretSource(args.secret, poll_interval=0)
     current: PolicyDocument | None
     try:
-        current = parse_policy_value(source.read().text, source=f"secret {args.secret}", client_cidrs=gate)
+        current = validate(source.read(), source=f"secret {args.secret}", client_cidrs=gate)
     except SourceUnavailable as exc:
         if not (args.action == "push" and args.create and "ResourceNotFoundException" in str(exc)):
-            _error(str(exc))
-            return ExitCode.NO_SOURCE
+            raise
         current = None
     except AllowlistError as exc:
         # The secret holds an invalid value today (the proxy keeps its last good list): pushing repairs it.
@@ -137,8 +127,7 @@ def _push_or_diff(args: argparse.Namespace) -> int:
         else:
             source.client.put_secret_value(SecretId=args.secret, SecretString=value)
     except (ClientError, BotoCoreError) as exc:
-        _error(f"writing {args.secret} failed: {exc}")
-        return ExitCode.NO_SOURCE
+        raise SourceUnavailable(f"writing {args.secret} failed: {exc}") from None
     if new.flat:
         print(f"wrote {len(new.allowlist)} entries to {args.secret}", file=sys.stderr)
     else:
@@ -150,11 +139,10 @@ def _diff_files(active: Path, new: PolicyDocument, gate: tuple[IPNetwork, ...]) 
     """``allowlist diff FILE --against ACTIVE_FILE``: the file source's twin of diffing against the secret."""
     try:
         text = active.read_text(encoding="utf-8")
-    except OSError as exc:
-        _error(f"cannot read {active}: {exc.strerror}")
-        return ExitCode.NO_SOURCE
+    except OSError as exc:  # the source the proxy reads is unreachable: 4, as for the secret
+        raise SourceUnavailable(f"cannot read {active}: {exc.strerror}") from None
     try:
-        current: PolicyDocument | None = parse_policy_value(text, source=str(active), client_cidrs=gate)
+        current: PolicyDocument | None = validate(_snapshot(text), source=str(active), client_cidrs=gate)
     except AllowlistError as exc:
         print(f"note: {active} is invalid today (the proxy keeps its last good list), so everything counts as "
               f"added: {exc}", file=sys.stderr)
@@ -191,40 +179,26 @@ def _print_diff(current: PolicyDocument | None, new: PolicyDocument) -> bool:
 
 def _suggest(args: argparse.Namespace) -> int:
     if args.min_requests < 1:
-        _error(f"--min-requests {args.min_requests}: use a whole number of at least 1")
-        return ExitCode.BAD_CONFIG
-    merge_base: PolicyDocument | None = None
-    if args.merge is not None:
-        try:
-            merge_base = _read_merge_base(args.merge)
-        except AllowlistError as exc:
-            _error(str(exc))
-            return ExitCode.BAD_CONFIG
-        except OSError as exc:
-            _error(f"cannot read {args.merge}: {exc.strerror}")
-            return ExitCode.BAD_CONFIG
+        raise UsageError(f"--min-requests {args.min_requests}: use a whole number of at least 1")
+    merge_base = None if args.merge is None else _read_merge_base(args.merge)
     summary = TrafficSummary()
     if args.log_group:
         if args.files:
-            _error("give FILEs or --log-group, not both")
-            return ExitCode.BAD_CONFIG
+            raise UsageError("give FILEs or --log-group, not both")
         now = dt.datetime.now(dt.UTC)
         try:
             start, end = parse_time(args.since, now), parse_time(args.until, now)
         except ValueError as exc:
-            _error(str(exc))
-            return ExitCode.BAD_CONFIG
+            raise UsageError(str(exc)) from None
         if start >= end:
-            _error(f"--since {args.since} is not before --until {args.until}")
-            return ExitCode.BAD_CONFIG
+            raise UsageError(f"--since {args.since} is not before --until {args.until}")
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             for line in read_cloudwatch(args.log_group, start, end):
                 summary.add_line(line)
         except (ClientError, BotoCoreError) as exc:
-            _error(f"reading CloudWatch Logs group {args.log_group} failed: {exc}")
-            return ExitCode.NO_SOURCE
+            raise SourceUnavailable(f"reading CloudWatch Logs group {args.log_group} failed: {exc}") from None
     else:
         for path in args.files or [Path("-")]:
             try:
@@ -238,16 +212,11 @@ def _suggest(args: argparse.Namespace) -> int:
                         for line in stream:
                             summary.add_line(line)
             except OSError as exc:
-                _error(f"cannot read {path}: {exc.strerror}")
-                return ExitCode.BAD_CONFIG
+                raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     print(summary.describe(), file=sys.stderr)
     suggestions = summary.suggestions(min_requests=args.min_requests, policy=args.policy)
     if merge_base is not None:
-        try:
-            merged, missing = merge_into(merge_base, suggestions)
-        except AllowlistError as exc:  # only if the merge itself is invalid (e.g. over a limit)
-            _error(str(exc))
-            return ExitCode.BAD_CONFIG
+        merged, missing = merge_into(merge_base, suggestions)  # AllowlistError if the merge is invalid (a limit)
         for name in missing:
             print(f"warning: suggestions for policy {name!r} were not merged: {args.merge} has no such policy",
                   file=sys.stderr)
@@ -267,5 +236,19 @@ def _suggest(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _snapshot(text: str, max_bytes: int | None = None) -> Snapshot:
+    """A value from the command line, as a source would hand it over (the file itself has no size limit here:
+    what counts is the pushed value's, checked against the secret's)."""
+    return Snapshot(text=text, version="", size=len(text.encode()), max_bytes=max_bytes)
+
+
 def _read_merge_base(path: Path) -> PolicyDocument:
-    return parse_policy_value(path.read_text(encoding="utf-8"), source=str(path), client_cidrs=client_cidrs_from_env())
+    """The --merge document. Raises UsageError (unreadable) or AllowlistError (invalid)."""
+    return validate(_snapshot(_read(path)), source=str(path), client_cidrs=client_cidrs_from_env())

@@ -18,15 +18,15 @@ from typing import TextIO
 
 from . import __version__, allowlist_cli
 from .allowlist import AllowlistError
-from .errors import ExitCode, describe_os_error, exit_code_of
+from .config_pipeline import Status, StatusUnreadable, build_config, read_upstream_login, validate
+from .errors import ExitCode, UsageError, describe_os_error, exit_code_of, print_error
 from .metrics import manager_host, read_counters
 from .nft_rules import render_nft_rules
-from .policy import PolicyDocument, parse_policy_value
 from .settings import OPTIONS, Settings, SettingsError, load_settings
-from .sources import SourceUnavailable, check_size, make_source
-from .squid_conf import StatePaths, render
+from .sources import SourceUnavailable, make_source
+from .squid_conf import StatePaths
 from .squid_process import run_as_user
-from .supervisor import Supervisor, read_upstream_login
+from .supervisor import Supervisor
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +60,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     cli = {option.name: getattr(args, option.name, None) for option in OPTIONS}
     # health reads a running proxy's state and nft-rules only the network settings; the others need an allowlist.
     return load_settings(cli, os.environ, require_source=args.command not in {"health", "nft-rules"})
-
-
-def _print_error(message: str) -> None:
-    print(f"egress-proxy: error: {message}", file=sys.stderr)
 
 
 def _json_error(message: str, code: ExitCode) -> None:
@@ -113,28 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(settings)
         if args.command == "nft-rules":
             return _nft_rules(settings)
-    except (SettingsError, AllowlistError, SourceUnavailable, OSError) as exc:
+    except (SettingsError, AllowlistError, SourceUnavailable, UsageError, OSError) as exc:
         # The one place an error becomes an exit code (errors.exit_code_of).
         code = exit_code_of(exc) or ExitCode.BAD_CONFIG
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if args.command == "run":
             _json_error(message, code)
         else:
-            _print_error(message)
+            print_error(message)
         return code
     raise AssertionError(args.command)
 
 
-def _load_document(settings: Settings) -> tuple[PolicyDocument, str]:
-    source = make_source(settings)
-    snapshot = source.read()
-    check_size(snapshot, source.description)  # the same limits the supervisor applies
-    document = parse_policy_value(snapshot.text, source=source.description, client_cidrs=settings.client_cidrs)
-    return document, source.description
-
-
 def _check(settings: Settings) -> int:
-    document, description = _load_document(settings)
+    source = make_source(settings)
+    description = source.description
+    document = validate(source.read(), source=description, client_cidrs=settings.client_cidrs)
     for warning in document.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if document.flat:
@@ -154,11 +144,12 @@ RENDER_DENIAL_PORT = 39128
 
 
 def _render(settings: Settings) -> int:
-    document, _ = _load_document(settings)
+    source = make_source(settings)
     # 'run' picks a free loopback port for its refusal responder at startup; show a placeholder here.
     # The upstream's login as 'run' renders it (from the credentials file, like credentials in the URL).
-    rendered = render(settings, document, StatePaths(settings.state_dir), run_as=run_as_user(),
-                      denial_port=RENDER_DENIAL_PORT, upstream_login=read_upstream_login(settings))
+    rendered = build_config(source.read(), settings, source=source.description,
+                            paths=StatePaths(settings.state_dir), run_as=run_as_user(),
+                            denial_port=RENDER_DENIAL_PORT, upstream_login=read_upstream_login(settings)).rendered
     sys.stdout.write(rendered.squid_conf)
     # The list files the config reads, each under a comment naming where 'run' writes it.
     for path, text in rendered.files(StatePaths(settings.state_dir)).items():
@@ -170,9 +161,8 @@ def _render(settings: Settings) -> int:
 
 def _nft_rules(settings: Settings) -> int:
     if not settings.transparent:
-        _print_error("EGRESS_TRANSPARENT is off, so Squid opens no intercept port to redirect to; set "
-                     "EGRESS_TRANSPARENT=on (--transparent on) with the same settings the proxy runs with")
-        return ExitCode.BAD_CONFIG
+        raise UsageError("EGRESS_TRANSPARENT is off, so Squid opens no intercept port to redirect to; set "
+                         "EGRESS_TRANSPARENT=on (--transparent on) with the same settings the proxy runs with")
     sys.stdout.write(render_nft_rules(settings))
     return ExitCode.OK
 
@@ -180,11 +170,11 @@ def _nft_rules(settings: Settings) -> int:
 def _health(settings: Settings) -> int:
     paths = StatePaths(settings.state_dir)
     try:
-        status = json.loads(paths.status.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        print(f"unhealthy: no status at {paths.status} (is 'egress-proxy run' running with this state dir?)")
+        status = Status.read(paths.status)
+    except StatusUnreadable as exc:
+        print(f"unhealthy: {exc} (is 'egress-proxy run' running with this state dir?)")
         return ExitCode.UNHEALTHY
-    if not status.get("config_loaded"):
+    if not status.config_loaded:
         print("unhealthy: no config loaded")
         return ExitCode.UNHEALTHY
     host = manager_host(settings)
@@ -195,8 +185,7 @@ def _health(settings: Settings) -> int:
     except (OSError, http.client.HTTPException) as exc:
         print(f"unhealthy: Squid on {host}:{settings.port} did not answer: {exc}")
         return ExitCode.UNHEALTHY
-    print(f"healthy: {host}:{settings.port}, allowlist version {status.get('version')}, "
-          f"{status.get('entries')} entries")
+    print(f"healthy: {host}:{settings.port}, allowlist version {status.version}, {status.entries} entries")
     return ExitCode.OK
 
 

@@ -6,6 +6,7 @@ CLI and the supervisor use, so a code cannot mean two things in two places. docs
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 
@@ -17,6 +18,17 @@ class ExitCode(IntEnum):
     NO_SOURCE = 4  # no allowlist source reachable at startup
     SQUID_DIED = 5  # Squid exited unexpectedly
     STARTUP_IO = 6  # the host refused a local resource at startup (state dir not writable, no free port...)
+
+
+class UsageError(ValueError):
+    """A command-line input a command cannot use: a bad flag value, an unreadable input file."""
+
+    exit_code = ExitCode.BAD_CONFIG
+
+
+def print_error(message: str) -> None:
+    """The commands' one error line on stderr (``run`` writes JSON lines instead)."""
+    print(f"egress-proxy: error: {message}", file=sys.stderr)
 
 
 def exit_code_of(error: BaseException) -> ExitCode | None:

@@ -7,6 +7,10 @@ deadline, exit codes) is here, so unit tests drive it with a fake clock and no S
 
 Phases: STARTING (first source read and build, in a worker) -> LAUNCHING (Squid started, waiting until it
 accepts) -> RUNNING -> DRAINING (SIGTERM/SIGINT: Squid drains) -> DONE (``exit_code`` set).
+
+The source's values and the built candidates pass through untouched, so their types are parameters: ``S`` (the
+supervisor's ``sources.Snapshot``) and ``C`` (its ``config_pipeline.Candidate``). The pending reload is stored
+here only, candidate included, and handed back in ``ReloadDone``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Generic, TypeVar
 
 from .errors import ExitCode
+
+S = TypeVar("S")  # a value read from the allowlist source
+C = TypeVar("C")  # a candidate config built from one
+
+LogValue = str | int | float | bool | None  # a field of a JSON log line
 
 
 class Phase(Enum):
@@ -54,26 +63,27 @@ class SignalReceived:
 
 
 @dataclass(frozen=True)
-class SourcePolled:
-    """A worker's answer to PollSource: ``version`` of a new value (``payload`` carries it), or unchanged
+class SourcePolled(Generic[S]):
+    """A worker's answer to PollSource: ``version`` of a new value (``snapshot`` carries it), or unchanged
     (``version`` None, no error), or ``error``. ``jitter`` (around 1.0) spreads a fleet's polls."""
 
     version: str | None = None
-    payload: Any = None
+    snapshot: S | None = None
     error: str | None = None
     jitter: float = 1.0
 
 
 @dataclass(frozen=True)
-class CandidateBuilt:
-    """A worker's answer to BuildCandidate: validated, rendered and parse-checked, or ``error`` (with the
-    exit code it would mean at startup)."""
+class CandidateBuilt(Generic[C]):
+    """A worker's answer to BuildCandidate: ``candidate`` (validated, rendered and parse-checked), or ``error``
+    (with the exit code it would mean at startup, and the bad entries' paths when the value was invalid)."""
 
     version: str
-    payload: Any = None
+    candidate: C | None = None
     unchanged: bool = False  # renders to exactly the active config
     error: str | None = None
     error_code: ExitCode = ExitCode.BAD_CONFIG
+    bad_entries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,7 @@ class LocalFailure:
     error: str
 
 
-Event = (Tick | SignalReceived | SourcePolled | CandidateBuilt | WorkerAccepting | PortProbed | SquidExited
+Event = (Tick | SignalReceived | SourcePolled[S] | CandidateBuilt[C] | WorkerAccepting | PortProbed | SquidExited
          | LocalFailure)
 
 # --- actions (what to do) ---------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ class Log:
     level: str
     event: str
     message: str
-    fields: tuple[tuple[str, Any], ...] = ()
+    fields: tuple[tuple[str, LogValue], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,34 +129,35 @@ class PollSource:
 
 
 @dataclass(frozen=True)
-class BuildCandidate:
-    payload: Any
+class BuildCandidate(Generic[S]):
+    snapshot: S
 
 
 @dataclass(frozen=True)
-class StartSquid:
-    payload: Any  # the candidate to activate first
+class StartSquid(Generic[C]):
+    candidate: C  # activate it first
 
 
 @dataclass(frozen=True)
-class Activate:
-    payload: Any  # write the files, then reconfigure
+class Activate(Generic[C]):
+    candidate: C  # write the files, then reconfigure
 
 
 @dataclass(frozen=True)
-class SkipUnchanged:
-    payload: Any
+class SkipUnchanged(Generic[C]):
+    candidate: C
 
 
 @dataclass(frozen=True)
 class Reject:
     version: str
     error: str
-    payload: Any = None  # the error itself, for its details (e.g. the bad entries)
+    bad_entries: tuple[str, ...] = ()  # the paths (or entries) of an invalid value's problems
 
 
 @dataclass(frozen=True)
-class ReloadDone:
+class ReloadDone(Generic[C]):
+    candidate: C
     confirmed: bool
 
 
@@ -191,23 +202,25 @@ class Finish:
     code: ExitCode
 
 
-Action = (Log | PollSource | BuildCandidate | StartSquid | Activate | SkipUnchanged | Reject | ReloadDone
-          | SourceUnavailableNow | SourceBack | ProbePort | Serving | StopSquid | KillSquid | WriteStatus | Finish)
+Action = (Log | PollSource | BuildCandidate[S] | StartSquid[C] | Activate[C] | SkipUnchanged[C] | Reject
+          | ReloadDone[C] | SourceUnavailableNow | SourceBack | ProbePort | Serving | StopSquid | KillSquid
+          | WriteStatus | Finish)
 
 # --- state ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Pending:
+class Pending(Generic[C]):
     """A reconfigure sent to Squid and not yet confirmed."""
 
     version: str
+    candidate: C
     deadline: float
     accepting: int = 0  # workers that logged "Accepting" since the reconfigure
 
 
 @dataclass(frozen=True)
-class LoopState:
+class LoopState(Generic[C]):
     phase: Phase = Phase.STARTING
     busy: bool = False  # a PollSource or BuildCandidate is out in the worker
     next_poll: float = 0.0
@@ -215,7 +228,7 @@ class LoopState:
     hup_poll: bool = False  # the poll out in the worker answers a SIGHUP: say so if it finds nothing new
     backoff: float = 0.0
     seen_version: str | None = None  # last version applied OR rejected: neither is processed twice
-    pending: Pending | None = None
+    pending: Pending[C] | None = None
     launch_accepting: int = 0  # launching: workers that logged "Accepting" so far
     probe_at: float | None = None  # next port probe (launching, or confirming a reload)
     deadline: float | None = None  # launching: give up; draining: SIGKILL Squid
@@ -223,12 +236,15 @@ class LoopState:
     exit_code: ExitCode | None = None
 
 
-def initial(config: LoopConfig, now: float) -> tuple[LoopState, list[Action]]:
+Step = tuple[LoopState[C], list[Action[S, C]]]
+
+
+def initial(config: LoopConfig, now: float) -> Step[C, S]:
     """The first step: read the source (in the worker)."""
     return LoopState(phase=Phase.STARTING, busy=True, next_poll=now), [PollSource(known_version=None)]
 
 
-def next_wakeup(state: LoopState, config: LoopConfig, now: float) -> float:
+def next_wakeup(state: LoopState[C], config: LoopConfig, now: float) -> float:
     """Seconds until the loop must tick again (at most 1 s, so the clock never drifts far)."""
     times = [now + 1.0]
     if state.phase is Phase.RUNNING:
@@ -244,15 +260,15 @@ def next_wakeup(state: LoopState, config: LoopConfig, now: float) -> float:
     return max(0.0, min(times) - now)
 
 
-def _fields(**values: Any) -> tuple[tuple[str, Any], ...]:
+def _fields(**values: LogValue) -> tuple[tuple[str, LogValue], ...]:
     return tuple(values.items())
 
 
-def _finish(state: LoopState, code: ExitCode) -> tuple[LoopState, list[Action]]:
+def _finish(state: LoopState[C], code: ExitCode) -> tuple[LoopState[C], list[Finish]]:
     return replace(state, phase=Phase.DONE, exit_code=code, probe_at=None, deadline=None), [Finish(code)]
 
 
-def step(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+def step(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
     """One decision. Pure: the same state, event and time always give the same result."""
     if state.phase is Phase.DONE:
         return state, []
@@ -276,7 +292,7 @@ def step(state: LoopState, event: Event, now: float, config: LoopConfig) -> tupl
     return _running(state, event, now, config)
 
 
-def _on_signal(state: LoopState, signum: int, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+def _on_signal(state: LoopState[C], signum: int, now: float, config: LoopConfig) -> Step[C, S]:
     if signum in (signal.SIGTERM, signal.SIGINT):
         name = signal.Signals(signum).name
         if state.phase is Phase.DRAINING:
@@ -301,7 +317,7 @@ def _on_signal(state: LoopState, signum: int, now: float, config: LoopConfig) ->
     return state, []
 
 
-def _on_squid_exit(state: LoopState, code: int | None) -> tuple[LoopState, list[Action]]:
+def _on_squid_exit(state: LoopState[C], code: int | None) -> Step[C, S]:
     if state.phase is Phase.DRAINING:
         state, actions = _finish(state, ExitCode.OK)
         return state, [Log("info", "stopped", f"Squid stopped with code {code}", _fields(exit_code=code)), *actions]
@@ -314,7 +330,7 @@ def _on_squid_exit(state: LoopState, code: int | None) -> tuple[LoopState, list[
                        _fields(exit_code=code)), *actions]
 
 
-def _on_local_failure(state: LoopState, error: str) -> tuple[LoopState, list[Action]]:
+def _on_local_failure(state: LoopState[C], error: str) -> Step[C, S]:
     if state.phase in (Phase.STARTING, Phase.LAUNCHING):
         state, actions = _finish(state, ExitCode.STARTUP_IO)
         return state, [Log("error", "startup_failed", error, _fields(exit_code=int(ExitCode.STARTUP_IO))),
@@ -325,24 +341,24 @@ def _on_local_failure(state: LoopState, error: str) -> tuple[LoopState, list[Act
     return state, []
 
 
-def _starting(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+def _starting(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
     if isinstance(event, SourcePolled):
-        if event.error is not None or event.version is None:
+        if event.error is not None or event.version is None or event.snapshot is None:
             state, actions = _finish(state, ExitCode.NO_SOURCE)
             return state, [Log("error", "startup_failed", f"no allowlist source reachable at startup: "
                                f"{event.error or 'no value'}"), *actions]
-        return replace(state, seen_version=event.version), [BuildCandidate(event.payload)]
+        return replace(state, seen_version=event.version), [BuildCandidate(event.snapshot)]
     if isinstance(event, CandidateBuilt):
-        if event.error is not None:
+        if event.error is not None or event.candidate is None:
             state, actions = _finish(state, event.error_code)
-            return state, [Log("error", "startup_failed", event.error), *actions]
+            return state, [Log("error", "startup_failed", event.error or "no candidate"), *actions]
         state = replace(state, phase=Phase.LAUNCHING, busy=False, probe_at=now + config.probe_every,
                         deadline=now + config.launch_timeout)
-        return state, [StartSquid(event.payload)]
+        return state, [StartSquid(event.candidate)]
     return state, []
 
 
-def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
+def _launching(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
     # Serving means every worker listens: a reconfigure before that (a SIGHUP, a quick edit) would catch a worker
     # still opening its socket, and Squid would kill and restart it ("FATAL: Unable to open HTTP Socket").
     if isinstance(event, WorkerAccepting):
@@ -367,13 +383,13 @@ def _launching(state: LoopState, event: Event, now: float, config: LoopConfig) -
     return state, []
 
 
-def _schedule_poll(state: LoopState, now: float, config: LoopConfig, jitter: float) -> LoopState:
+def _schedule_poll(state: LoopState[C], now: float, config: LoopConfig, jitter: float) -> LoopState[C]:
     next_poll = now if state.poll_now else now + max(0.2, config.poll_interval * jitter) + state.backoff
     return replace(state, busy=False, next_poll=next_poll)
 
 
-def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> tuple[LoopState, list[Action]]:
-    actions: list[Action] = []
+def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
+    actions: list[Action[S, C]] = []
     if isinstance(event, SourcePolled):
         answers_hup, state = state.hup_poll, replace(state, hup_poll=False)
         if event.error is not None:
@@ -383,20 +399,20 @@ def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> 
         if state.backoff:
             actions.append(SourceBack())
             state = replace(state, backoff=0.0)
-        if event.version is None or event.version == state.seen_version:
+        if event.version is None or event.snapshot is None or event.version == state.seen_version:
             if answers_hup:  # the operator asked; every other poll that finds nothing stays quiet
                 actions.append(Log("info", "source_unchanged", f"SIGHUP: the source has not moved from version "
                                    f"{state.seen_version}; nothing to apply", _fields(version=state.seen_version)))
             return _schedule_poll(state, now, config, event.jitter), actions
-        return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.payload)]
+        return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.snapshot)]
     if isinstance(event, CandidateBuilt):
         state = _schedule_poll(state, now, config, 1.0)
-        if event.error is not None:
-            return state, [Reject(event.version, event.error, event.payload)]
+        if event.error is not None or event.candidate is None:
+            return state, [Reject(event.version, event.error or "no candidate", event.bad_entries)]
         if event.unchanged:
-            return state, [SkipUnchanged(event.payload)]
-        pending = Pending(version=event.version, deadline=now + config.confirm_timeout)
-        return replace(state, pending=pending), [Activate(event.payload)]
+            return state, [SkipUnchanged(event.candidate)]
+        pending = Pending(version=event.version, candidate=event.candidate, deadline=now + config.confirm_timeout)
+        return replace(state, pending=pending), [Activate(event.candidate)]
     if isinstance(event, WorkerAccepting):
         if state.pending is None:
             return state, []
@@ -409,12 +425,12 @@ def _running(state: LoopState, event: Event, now: float, config: LoopConfig) -> 
         if state.pending is None:
             return state, []
         if event.accepts:
-            return replace(state, pending=None, probe_at=None), [ReloadDone(confirmed=True)]
+            return replace(state, pending=None, probe_at=None), [ReloadDone(state.pending.candidate, confirmed=True)]
         return replace(state, probe_at=now + config.probe_every), []
     # Tick
     if state.pending is not None:
         if now >= state.pending.deadline:
-            return replace(state, pending=None, probe_at=None), [ReloadDone(confirmed=False)]
+            return replace(state, pending=None, probe_at=None), [ReloadDone(state.pending.candidate, confirmed=False)]
         if state.probe_at is not None and now >= state.probe_at:
             return replace(state, probe_at=None), [ProbePort()]
         return state, []

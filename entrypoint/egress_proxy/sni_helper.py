@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 MISSING = "missing"
 MALFORMED = "malformed"
@@ -172,11 +172,23 @@ def load_allowlist(lines: Iterable[str]) -> frozenset[str]:
     return frozenset(line.strip() for line in lines if line.strip())
 
 
+def name_and_parents(name: str) -> Iterator[str]:
+    """'a.b.c' -> 'a.b.c', 'b.c', 'c' (slices, so no re-joining of labels). The allowlist grammar's one suffix
+    walk: allowlist.py matches with it too, so the helper and the policy cannot disagree on what a '.domain'
+    entry covers (entrypoint/tests/test_sni_helper.py holds the two matches equal)."""
+    start = 0
+    while True:
+        yield name[start:]
+        dot = name.find(".", start)
+        if dot < 0:
+            return
+        start = dot + 1
+
+
 def allowlisted(name: str, allowed: frozenset[str]) -> bool:
-    if name in allowed:
-        return True
-    labels = name.split(".")
-    return any("." + ".".join(labels[i:]) in allowed for i in range(len(labels)))
+    """``name`` is an exact entry, or it or a parent is a '.domain' entry. Whole labels only: 'evilexample.com'
+    never matches '.example.com'."""
+    return name in allowed or any("." + suffix in allowed for suffix in name_and_parents(name))
 
 
 def verdict(handshake: str, allowed: frozenset[str], denied: frozenset[str] = frozenset()) -> str | None:

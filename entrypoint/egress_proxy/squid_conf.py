@@ -12,7 +12,7 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,13 @@ class RenderedConfig:
         if self.identity is not None:
             listed[paths.identity_policies] = self.identity
         return {**listed, paths.empty_list: "", paths.squid_conf: self.squid_conf}
+
+    def relocated(self, rendered_for: StatePaths, to: StatePaths) -> RenderedConfig:
+        """The same config with its own files (squid.conf, the lists, the identity file) in ``to``'s config
+        directory instead of ``rendered_for``'s: a candidate is parse-checked in a copy without rendering it
+        twice. Only the config directory moves; every other path (state, certificates, logs) stays."""
+        old, new = f"{rendered_for.conf_dir}/", f"{to.conf_dir}/"
+        return replace(self, squid_conf=self.squid_conf.replace(old, new))
 
 
 def _environment() -> jinja2.Environment:

@@ -29,32 +29,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from . import loop
 from . import squid_strings as strings
 from .allowlist import AllowlistError
+from .config_pipeline import Candidate, ConfigApplier, read_upstream_login
 from .denier import Denier
 from .errors import ExitCode, describe_os_error, exit_code_of
 from .log_output import LogOutput
 from .membership import IdentityRefresher
 from .metrics import DecisionCounter, MetricsLoop, manager_host
-from .policy import PolicyDocument, parse_policy_value
-from .settings import Settings, SettingsError, check_login
-from .sources import Snapshot, Source, SourceUnavailable, check_size, make_source
-from .squid_conf import RenderedConfig, StatePaths, default_error_page, render, service_name
+from .policy import PolicyDocument
+from .settings import Settings, SettingsError
+from .sources import Snapshot, Source, SourceUnavailable, make_source
+from .squid_conf import StatePaths, default_error_page, service_name
 from .squid_process import (
     LogRelay,
     SquidError,
     SquidProcess,
     access_sink,
-    atomic_write,
-    parse_check,
     prepare_state_dir,
     run_as_user,
-    write_rendered,
 )
+
+# The loop's events and actions, with this supervisor's source values and candidates.
+Event = loop.Event[Snapshot, Candidate]
+Action = loop.Action[Snapshot, Candidate]
 
 
 class Logger:
@@ -71,118 +72,6 @@ class Logger:
         record = {"type": "supervisor", "time": round(time.time(), 3), "level": level, "event": event,
                   "message": message, **fields}
         self.write_line(json.dumps(record, separators=(",", ":"), default=str))
-
-
-@dataclass
-class ReloadStats:
-    """Counters the metrics loop and the health check read.
-
-    ``version``/``loaded_at``/``entries`` describe the ACTIVE config; a rejected value never touches them.
-    """
-
-    success: int = 0
-    failure: int = 0
-    loaded_at: float | None = None  # wall-clock time the active config was written (its age: age_seconds())
-    version: str | None = None
-    entries: int = 0
-    last_error: str | None = None
-    rejected_version: str | None = None  # the last version refused (None once a newer one was applied)
-    skipped: int = 0  # changes whose rendered config was identical (no reconfigure)
-    identity: Any = None  # membership.IdentityStats, for the metrics
-
-    def age_seconds(self, now: float | None = None) -> float | None:
-        if self.loaded_at is None:
-            return None
-        return max(0.0, (time.time() if now is None else now) - self.loaded_at)
-
-
-class ConfigApplier:
-    """Validate, render, parse-check and activate a candidate allowlist. Keeps the last good config."""
-
-    def __init__(self, settings: Settings, paths: StatePaths, logger: Logger, user: str | None,
-                 denial_port: int) -> None:
-        self.settings = settings
-        self.paths = paths
-        self.logger = logger
-        self.user = user
-        self.denial_port = denial_port
-        self.upstream_login: str | None = None  # from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE, read at startup
-        self.active: RenderedConfig | None = None
-        self.active_document: PolicyDocument | None = None
-        self.stats = ReloadStats()
-        self.status_written = 0.0  # monotonic time of the last status.json write
-
-    def build(self, snapshot: Snapshot, source: str) -> tuple[PolicyDocument, RenderedConfig]:
-        """Policy + render + ``squid -k parse`` on a candidate copy. Raises AllowlistError or SquidError.
-
-        Whole-update rejection: one bad entry (or an oversized or malformed value) rejects the update, and
-        the error lists every bad entry. Skipping bad entries would silently apply a policy nobody wrote."""
-        check_size(snapshot, source)
-        document = parse_policy_value(snapshot.text, source=source, client_cidrs=self.settings.client_cidrs)
-        rendered = render(self.settings, document, self.paths, run_as=self.user, denial_port=self.denial_port,
-                          upstream_login=self.upstream_login)
-        if rendered == self.active:
-            return document, rendered
-        if rendered.differs_in_plain_lists_only(self.active):
-            # Only list contents changed: Squid already parsed these directives, and the lists hold nothing it can
-            # refuse (see differs_in_plain_lists_only). The 100,000-entry reload saves a full parse of every list.
-            return document, rendered
-        candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
-        candidate = render(self.settings, document, candidate_paths, run_as=self.user,
-                           denial_port=self.denial_port, upstream_login=self.upstream_login)
-        write_rendered(candidate, candidate_paths)
-        for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
-            self.logger.event("warning", "squid_parse_warning", warning)
-        return document, rendered
-
-    def activate(self, document: PolicyDocument, rendered: RenderedConfig, snapshot: Snapshot) -> None:
-        write_rendered(rendered, self.paths)
-        self.active = rendered
-        self.active_document = document
-        self.stats.loaded_at = time.time()
-        self.stats.version = snapshot.version
-        self.stats.entries = document.entry_count
-        self.write_status()
-
-    def write_status(self) -> None:
-        now = time.time()
-        age = self.stats.age_seconds(now)
-        status = {
-            "config_loaded": self.active is not None,
-            "version": self.stats.version,
-            "loaded_at": self.stats.loaded_at,
-            "written_at": round(now, 3),
-            # The age at written_at; a reader adds (now - written_at), or uses now - loaded_at.
-            "config_age_seconds": None if age is None else round(age, 1),
-            "entries": self.stats.entries,
-            "reload_success": self.stats.success,
-            "reload_failure": self.stats.failure,
-            "reload_skipped": self.stats.skipped,
-            "rejected_version": self.stats.rejected_version,
-            "last_error": self.stats.last_error,
-            "port": self.settings.port,
-            "listen_address": str(self.settings.listen_address),
-        }
-        atomic_write(self.paths.status, json.dumps(status, indent=1))
-        self.status_written = time.monotonic()
-
-
-def read_upstream_login(settings: Settings) -> str | None:
-    """user:password from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE (one line), or None. Raises SettingsError."""
-    path = settings.upstream_proxy_credentials_file
-    if path is None:
-        return None
-    name = "upstream_proxy_credentials_file"
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(name, str(path), f"cannot be read ({exc})",
-                            "point it at a readable file holding user:password") from None
-    try:
-        return check_login(text)
-    except ValueError as exc:
-        fix = getattr(exc, "fix", "write user:password on one line")
-        raise SettingsError(name, str(path), f"holds no valid credentials: {exc}", fix) from None
 
 
 def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
@@ -213,7 +102,7 @@ class EventQueue:
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
-        self._posted: deque[loop.Event] = deque()  # append/popleft are atomic: no lock needed
+        self._posted: deque[Event] = deque()  # append/popleft are atomic: no lock needed
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
@@ -228,12 +117,12 @@ class EventQueue:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
 
-    def post(self, event: loop.Event) -> None:
+    def post(self, event: Event) -> None:
         self._posted.append(event)
         with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
             os.write(self._write, b"\0")
 
-    def wait(self, timeout: float) -> tuple[list[int], list[loop.Event]]:
+    def wait(self, timeout: float) -> tuple[list[int], list[Event]]:
         """Signals received and events posted, waiting up to ``timeout`` seconds for the first."""
         if not self._posted:
             with contextlib.suppress(InterruptedError):
@@ -247,7 +136,7 @@ class EventQueue:
             signums.extend(byte for byte in data if byte)
             if len(data) < 4096:
                 break
-        events: list[loop.Event] = []
+        events: list[Event] = []
         while self._posted:
             events.append(self._posted.popleft())
         return signums, events
@@ -270,15 +159,15 @@ class Worker:
 
     name = "worker"
 
-    def __init__(self, post: Callable[[loop.Event], None]) -> None:
+    def __init__(self, post: Callable[[Event], None]) -> None:
         self._post = post
-        self._jobs: queue.Queue[Callable[[], loop.Event] | None] = queue.Queue()
+        self._jobs: queue.Queue[Callable[[], Event] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Callable[[], loop.Event]) -> None:
+    def submit(self, job: Callable[[], Event]) -> None:
         self._jobs.put(job)
 
     def stop(self) -> None:
@@ -303,19 +192,6 @@ class _Named:
 
     def stop(self) -> None:
         self._stop()
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A source value that passed policy, render and ``squid -k parse``."""
-
-    snapshot: Snapshot
-    document: PolicyDocument
-    rendered: RenderedConfig
-    added: int
-    removed: int
-    started: float  # monotonic, when the worker started building it
-    mode_changes: tuple[tuple[str, str, str], ...] = ()  # (policy, old mode, new mode)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -352,7 +228,6 @@ class Supervisor:
         self.metrics: MetricsLoop | None = None
         self.worker = Worker(self.events.post)
         self._components: list[Component] = []  # started ones, in start order
-        self._pending: Candidate | None = None  # the reconfigure Squid has not confirmed yet
 
     # --- main ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -401,9 +276,8 @@ class Supervisor:
                               f"cannot prepare the state dir {self.paths.state}: {describe_os_error(exc)}; "
                               "make EGRESS_STATE_DIR a writable directory", exit_code=int(ExitCode.STARTUP_IO))
             return ExitCode.STARTUP_IO
-        self.applier = ConfigApplier(self.settings, self.paths, self.logger, self.user,
-                                     denial_port=self.denier.port)
-        self.applier.upstream_login = upstream_login
+        self.applier = ConfigApplier(self.settings, self.paths, user=self.user, denial_port=self.denier.port,
+                                     upstream_login=upstream_login, on_parse_warning=self._parse_warning)
         self._start(self.worker)
         # The membership table and its on-demand lookup socket: idle (no AWS call) until a document names clients
         # by security group, ECS service or tag. Never part of the reload path: membership changes reach the
@@ -461,6 +335,8 @@ class Supervisor:
                                   f"{type(exc).__name__}: {exc}")
 
     def _loop(self) -> ExitCode:
+        state: loop.LoopState[Candidate]
+        actions: list[Action]
         state, actions = loop.initial(self.config, self.clock())
         while True:
             for action in actions:
@@ -470,7 +346,7 @@ class Supervisor:
             if state.exit_code is not None:
                 return state.exit_code
             signums, events = self.events.wait(loop.next_wakeup(state, self.config, self.clock()))
-            batch: list[loop.Event] = [loop.SignalReceived(s) for s in signums if s != signal.SIGCHLD]
+            batch: list[Event] = [loop.SignalReceived(s) for s in signums if s != signal.SIGCHLD]
             batch += events
             code = self.squid.poll()
             if code is not None and not any(isinstance(e, loop.SquidExited) for e in batch):
@@ -486,47 +362,48 @@ class Supervisor:
     _squid_exit_reported = False
 
     # --- performing actions --------------------------------------------------------------------------------
-    def _perform(self, action: loop.Action) -> loop.Event | None:
+    def _perform(self, action: Action) -> Event | None:
         assert self.applier is not None
-        if isinstance(action, loop.Log):
-            self.logger.event(action.level, action.event, action.message, **dict(action.fields))
-        elif isinstance(action, loop.PollSource):
-            self.worker.submit(functools.partial(self._poll_source, action.known_version))
-        elif isinstance(action, loop.BuildCandidate):
-            self.worker.submit(functools.partial(self._build, action.payload))
-        elif isinstance(action, loop.StartSquid):
-            return self._start_squid(action.payload)
-        elif isinstance(action, loop.Activate):
-            return self._activate(action.payload)
-        elif isinstance(action, loop.SkipUnchanged):
-            self._skip(action.payload)
-        elif isinstance(action, loop.Reject):
-            self._reject(action.version, action.error, action.payload)
-        elif isinstance(action, loop.ReloadDone):
-            self._reload_done(action.confirmed)
-        elif isinstance(action, loop.SourceUnavailableNow):
-            self.logger.event("warning", "source_unavailable", f"{action.error}; still serving version "
-                              f"{self.applier.stats.version}", retry_in=action.retry_in,
-                              version=self.applier.stats.version)
-        elif isinstance(action, loop.SourceBack):
-            self.logger.event("info", "source_available", f"{self.source.description} is reachable again",
-                              version=self.applier.stats.version)
-        elif isinstance(action, loop.ProbePort):
-            return loop.PortProbed(self._port_accepts())
-        elif isinstance(action, loop.Serving):
-            self._serving()
-        elif isinstance(action, loop.StopSquid):
-            self.squid.terminate()
-        elif isinstance(action, loop.KillSquid):
-            self.squid.kill_leftovers()
-        elif isinstance(action, loop.WriteStatus):
-            self.applier.write_status()
-        elif isinstance(action, loop.Finish):
-            pass  # the loop returns; run() stops the components
+        match action:
+            case loop.Log(level, event, message, fields):
+                self.logger.event(level, event, message, **dict(fields))
+            case loop.PollSource(known_version):
+                self.worker.submit(functools.partial(self._poll_source, known_version))
+            case loop.BuildCandidate(snapshot):
+                self.worker.submit(functools.partial(self._build, snapshot))
+            case loop.StartSquid(candidate):
+                return self._start_squid(candidate)
+            case loop.Activate(candidate):
+                return self._activate(candidate)
+            case loop.SkipUnchanged(candidate):
+                self._skip(candidate)
+            case loop.Reject(version, error, bad_entries):
+                self._reject(version, error, bad_entries)
+            case loop.ReloadDone(candidate, confirmed):
+                self._reload_done(candidate, confirmed)
+            case loop.SourceUnavailableNow(error, retry_in):
+                self.logger.event("warning", "source_unavailable", f"{error}; still serving version "
+                                  f"{self.applier.stats.version}", retry_in=retry_in,
+                                  version=self.applier.stats.version)
+            case loop.SourceBack():
+                self.logger.event("info", "source_available", f"{self.source.description} is reachable again",
+                                  version=self.applier.stats.version)
+            case loop.ProbePort():
+                return loop.PortProbed(self._port_accepts())
+            case loop.Serving():
+                self._serving()
+            case loop.StopSquid():
+                self.squid.terminate()
+            case loop.KillSquid():
+                self.squid.kill_leftovers()
+            case loop.WriteStatus():
+                self.applier.write_status()
+            case loop.Finish():
+                pass  # the loop returns; run() stops the components
         return None
 
     # --- in the worker thread ------------------------------------------------------------------------------
-    def _poll_source(self, known_version: str | None) -> loop.Event:
+    def _poll_source(self, known_version: str | None) -> Event:
         """Cheap change check, then the value. Never raises."""
         jitter = random.uniform(0.9, 1.1)  # so a fleet of proxies does not poll Secrets Manager in step
         try:
@@ -537,33 +414,31 @@ class Supervisor:
             return loop.SourcePolled(error=str(exc), jitter=jitter)
         except Exception as exc:  # a bug in a source must not end the worker
             return loop.SourcePolled(error=f"{type(exc).__name__}: {exc}", jitter=jitter)
-        return loop.SourcePolled(version=snapshot.version, payload=snapshot, jitter=jitter)
+        return loop.SourcePolled(version=snapshot.version, snapshot=snapshot, jitter=jitter)
 
-    def _build(self, snapshot: Snapshot) -> loop.Event:
+    def _build(self, snapshot: Snapshot) -> Event:
         assert self.applier is not None
-        started = time.monotonic()
-        previous = self.applier.active_document
         try:
-            document, rendered = self.applier.build(snapshot, self.source.description)
+            candidate = self.applier.build(snapshot, self.source.description, started=time.monotonic())
         except (AllowlistError, SquidError) as exc:
             code = exit_code_of(exc) or ExitCode.BAD_CONFIG
-            return loop.CandidateBuilt(snapshot.version, payload=exc, error=str(exc), error_code=code)
+            bad = (tuple(problem.path or problem.entry for problem in exc.problems[:20])
+                   if isinstance(exc, AllowlistError) else ())
+            return loop.CandidateBuilt(snapshot.version, error=str(exc), error_code=code, bad_entries=bad)
         except OSError as exc:
             return loop.CandidateBuilt(snapshot.version, error=f"cannot write the candidate config: "
                                        f"{describe_os_error(exc)}", error_code=ExitCode.STARTUP_IO)
-        change = previous.diff(document) if previous else None
-        added, removed = (change.added, change.removed) if change else (document.entry_count, 0)
-        candidate = Candidate(snapshot, document, rendered, added, removed, started,
-                              change.mode_changes if change else ())
-        return loop.CandidateBuilt(snapshot.version, payload=candidate,
-                                   unchanged=rendered == self.applier.active)
+        return loop.CandidateBuilt(snapshot.version, candidate=candidate, unchanged=candidate.unchanged)
+
+    def _parse_warning(self, warning: str) -> None:
+        self.logger.event("warning", "squid_parse_warning", warning)
 
     # --- on the loop thread --------------------------------------------------------------------------------
-    def _start_squid(self, candidate: Candidate) -> loop.Event | None:
+    def _start_squid(self, candidate: Candidate) -> Event | None:
         assert self.applier is not None
         _log_warnings(self.logger, candidate.document)
         try:
-            self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+            self.applier.activate(candidate)
         except OSError as exc:
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}; "
                                      "make EGRESS_STATE_DIR a writable directory with free space")
@@ -604,17 +479,16 @@ class Supervisor:
         document = self.applier.active_document if self.applier else None
         return len(document.policies) if document else 0
 
-    def _activate(self, candidate: Candidate) -> loop.Event | None:
+    def _activate(self, candidate: Candidate) -> Event | None:
         assert self.applier is not None
         _log_warnings(self.logger, candidate.document)
         try:
-            self.applier.activate(candidate.document, candidate.rendered, candidate.snapshot)
+            self.applier.activate(candidate)
         except OSError as exc:  # Squid was not told: the config it runs is still the previous one
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}")
         self.applier.stats.rejected_version = None
         if self.identity is not None:
             self.identity.set_document(candidate.document)
-        self._pending = candidate
         self.squid.reconfigure()
         return None
 
@@ -630,24 +504,19 @@ class Supervisor:
                           "not; Squid was not reconfigured", version=candidate.snapshot.version,
                           entries=candidate.document.entry_count)
 
-    def _reject(self, version: str, error: str, cause: object) -> None:
+    def _reject(self, version: str, error: str, bad_entries: tuple[str, ...]) -> None:
         assert self.applier is not None
         stats = self.applier.stats
         stats.failure += 1
         stats.last_error = error
         stats.rejected_version = version
         self.applier.write_status()
-        bad = ([problem.path or problem.entry for problem in cause.problems[:20]]
-               if isinstance(cause, AllowlistError) else [])
         self.logger.event("error", "reload_rejected", f"rejected allowlist version {version}; "
                           f"version {stats.version} keeps serving: {error}", version=version,
-                          active_version=stats.version, bad_entries=bad, source=self.source.description)
+                          active_version=stats.version, bad_entries=list(bad_entries), source=self.source.description)
 
-    def _reload_done(self, confirmed: bool) -> None:
+    def _reload_done(self, candidate: Candidate, confirmed: bool) -> None:
         assert self.applier is not None
-        candidate, self._pending = self._pending, None
-        if candidate is None:
-            return
         self.applier.stats.success += 1
         self.applier.write_status()
         elapsed_ms = round((time.monotonic() - candidate.started) * 1000, 1)

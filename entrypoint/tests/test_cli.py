@@ -111,3 +111,35 @@ def test_every_help_page_prints(command: tuple[str, ...], capsys: pytest.Capture
     if command in {("run",), ("check",), ("render",), ("health",)}:
         # Every setting is on the page, with its help text as written (a '%' in it once crashed argparse).
         assert "--error-page PATH" in out and "%H" in out
+
+
+# `allowlist` errors: each is raised with its exit code and printed once, by main, as "egress-proxy: error: ...".
+@pytest.mark.parametrize(("argv", "env", "code", "message"), [
+    (["allowlist", "suggest", "--min-requests", "0"], {}, 2, "--min-requests 0: use a whole number of at least 1"),
+    (["allowlist", "suggest", "access.jsonl", "--log-group", "g"], {}, 2, "give FILEs or --log-group, not both"),
+    (["allowlist", "suggest", "--log-group", "g", "--since", "soon"], {}, 2, "soon"),
+    (["allowlist", "suggest", "--log-group", "g", "--since", "1h", "--until", "2h"], {}, 2,
+     "--since 1h is not before --until 2h"),
+    (["allowlist", "suggest", "{tmp}/nope.jsonl"], {}, 2, "cannot read {tmp}/nope.jsonl: No such file or directory"),
+    (["allowlist", "suggest", "--merge", "{tmp}/nope.json"], {}, 2, "cannot read {tmp}/nope.json: No such file"),
+    (["allowlist", "suggest", "--merge", "{tmp}/bad.txt"], {}, 2, "example.com:443"),
+    (["allowlist", "push", "{tmp}/nope.txt", "--secret", "s"], {}, 2, "cannot read {tmp}/nope.txt: No such file"),
+    (["allowlist", "diff", "{tmp}/bad.txt", "--secret", "s"], {}, 2, "nothing was written to the secret"),
+    (["allowlist", "diff", "{tmp}/bad.txt", "--secret", "s"], {"EGRESS_CLIENT_CIDRS": "10.0.0.1/8"}, 2,
+     "EGRESS_CLIENT_CIDRS: "),
+    (["allowlist", "diff", "{tmp}/good.txt", "--against", "{tmp}/nope.txt"], {}, 4,
+     "cannot read {tmp}/nope.txt: No such file"),
+])
+def test_allowlist_errors_exit_with_their_code_and_one_error_line(
+        argv: list[str], env: dict[str, str], code: int, message: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.txt").write_text("example.com:443\n", encoding="utf-8")
+    (tmp_path / "good.txt").write_text("example.com\n", encoding="utf-8")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main([arg.replace("{tmp}", str(tmp_path)) for arg in argv]) == code
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert lines[0].startswith("egress-proxy: error: ") and out.out == ""
+    assert message.replace("{tmp}", str(tmp_path)) in out.err
+    assert sum(line.startswith("egress-proxy: error:") for line in lines) == 1

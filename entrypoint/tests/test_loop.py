@@ -32,8 +32,8 @@ class Driver:
         return self.feed(loop.Tick(), at=self.now + seconds)
 
     def running(self, version: str = "v1") -> Driver:
-        self.feed(loop.SourcePolled(version=version, payload="snap"))
-        self.feed(loop.CandidateBuilt(version, payload="cand"))
+        self.feed(loop.SourcePolled(version=version, snapshot="snap"))
+        self.feed(loop.CandidateBuilt(version, candidate="cand"))
         for _ in range(self.config.workers):
             self.feed(loop.WorkerAccepting())
         self.feed(loop.PortProbed(True), at=self.now + 0.5)
@@ -55,8 +55,8 @@ def logged(actions: list[loop.Action]) -> list[str]:
 def test_startup_reads_builds_starts_and_waits_for_the_port() -> None:
     driver = Driver()
     assert kinds(driver.actions) == ["PollSource"]
-    assert kinds(driver.feed(loop.SourcePolled(version="v1", payload="snap"))) == ["BuildCandidate"]
-    assert kinds(driver.feed(loop.CandidateBuilt("v1", payload="cand"))) == ["StartSquid"]
+    assert kinds(driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))) == ["BuildCandidate"]
+    assert kinds(driver.feed(loop.CandidateBuilt("v1", candidate="cand"))) == ["StartSquid"]
     assert driver.state.phase is loop.Phase.LAUNCHING
     # Not serving until every worker has logged "Accepting": a reconfigure before that restarts a worker.
     assert kinds(driver.advance(0.1)) == []
@@ -85,23 +85,23 @@ def test_no_source_at_startup_exits_4(event: loop.Event, code: ExitCode) -> None
 @pytest.mark.parametrize("code", [ExitCode.BAD_CONFIG, ExitCode.SQUID_FAILED])
 def test_rejected_candidate_at_startup_exits_with_its_code(code: ExitCode) -> None:
     driver = Driver()
-    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
     driver.feed(loop.CandidateBuilt("v1", error="bad entry", error_code=code))
     assert driver.state.exit_code is code
 
 
 def test_squid_exiting_while_launching_exits_3() -> None:
     driver = Driver()
-    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
-    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
+    driver.feed(loop.CandidateBuilt("v1", candidate="cand"))
     driver.feed(loop.SquidExited(1))
     assert driver.state.exit_code is ExitCode.SQUID_FAILED
 
 
 def test_squid_never_listening_is_killed_and_exits_3() -> None:
     driver = Driver()
-    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
-    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
+    driver.feed(loop.CandidateBuilt("v1", candidate="cand"))
     actions = driver.advance(CONFIG.launch_timeout + 1)
     assert "KillSquid" in kinds(actions) and driver.state.exit_code is ExitCode.SQUID_FAILED
 
@@ -111,7 +111,7 @@ def test_sigterm_while_the_first_read_hangs_exits_0_at_once() -> None:
     actions = driver.feed(loop.SignalReceived(signal.SIGTERM))
     assert driver.state.exit_code is ExitCode.OK and kinds(actions)[-1] == "Finish"
     # A late answer changes nothing.
-    assert driver.feed(loop.SourcePolled(version="v1", payload="snap")) == []
+    assert driver.feed(loop.SourcePolled(version="v1", snapshot="snap")) == []
 
 
 # --- polling, dedupe, backoff --------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_polls_after_the_interval_with_jitter_and_dedupes_versions() -> None:
     poll = driver.actions[-1]
     assert isinstance(poll, loop.PollSource) and poll.known_version == "v1"
     # The same version again (e.g. a file rewritten with identical content): nothing to build.
-    assert kinds(driver.feed(loop.SourcePolled(version="v1", payload="snap", jitter=1.1))) == []
+    assert kinds(driver.feed(loop.SourcePolled(version="v1", snapshot="snap", jitter=1.1))) == []
     assert driver.state.next_poll == pytest.approx(driver.now + 33.0)
     assert "PollSource" not in kinds(driver.advance(32.9))
 
@@ -148,17 +148,18 @@ def test_backoff_doubles_to_the_cap_and_resets_when_the_source_is_back() -> None
 def test_a_rejected_version_is_not_rebuilt() -> None:
     driver = Driver().running()
     driver.feed(loop.Tick(), at=driver.state.next_poll)
-    assert kinds(driver.feed(loop.SourcePolled(version="v2", payload="snap2"))) == ["BuildCandidate"]
-    assert kinds(driver.feed(loop.CandidateBuilt("v2", error="bad"))) == ["Reject"]
+    assert kinds(driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))) == ["BuildCandidate"]
+    rejected = driver.feed(loop.CandidateBuilt("v2", error="bad", bad_entries=("policies[0].mode",)))
+    assert rejected == [loop.Reject("v2", "bad", ("policies[0].mode",))]
     driver.feed(loop.Tick(), at=driver.state.next_poll)
-    assert kinds(driver.feed(loop.SourcePolled(version="v2", payload="snap2"))) == []
+    assert kinds(driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))) == []
 
 
 def test_an_identical_render_is_skipped_without_reconfigure() -> None:
     driver = Driver().running()
     driver.feed(loop.Tick(), at=driver.state.next_poll)
-    driver.feed(loop.SourcePolled(version="v2", payload="snap2"))
-    assert kinds(driver.feed(loop.CandidateBuilt("v2", payload="cand", unchanged=True))) == ["SkipUnchanged"]
+    driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", candidate="cand", unchanged=True))) == ["SkipUnchanged"]
     assert driver.state.pending is None
 
 
@@ -167,8 +168,8 @@ def test_an_identical_render_is_skipped_without_reconfigure() -> None:
 
 def reloading(driver: Driver) -> Driver:
     driver.feed(loop.Tick(), at=driver.state.next_poll)
-    driver.feed(loop.SourcePolled(version="v2", payload="snap2"))
-    assert kinds(driver.feed(loop.CandidateBuilt("v2", payload="cand2"))) == ["Activate"]
+    driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", candidate="cand2"))) == ["Activate"]
     return driver
 
 
@@ -179,7 +180,7 @@ def test_reload_is_confirmed_when_every_worker_accepts_and_the_port_answers() ->
     assert kinds(driver.feed(loop.PortProbed(False))) == []
     assert kinds(driver.advance(CONFIG.probe_every)) == ["ProbePort"]
     actions = driver.feed(loop.PortProbed(True))
-    assert actions == [loop.ReloadDone(confirmed=True)] and driver.state.pending is None
+    assert actions == [loop.ReloadDone("cand2", confirmed=True)] and driver.state.pending is None
 
 
 def test_reload_confirm_times_out_and_polling_resumes() -> None:
@@ -187,7 +188,7 @@ def test_reload_confirm_times_out_and_polling_resumes() -> None:
     driver = reloading(Driver(config).running())
     # No poll while Squid has not taken the last change, however long that takes.
     assert "PollSource" not in kinds(driver.advance(config.poll_interval + 1))
-    assert driver.advance(config.confirm_timeout) == [loop.ReloadDone(confirmed=False)]
+    assert driver.advance(config.confirm_timeout) == [loop.ReloadDone("cand2", confirmed=False)]
     assert "PollSource" in kinds(driver.advance(0.1))
 
 
@@ -214,7 +215,7 @@ def test_sighup_while_busy_polls_again_right_after() -> None:
 def test_sighup_with_nothing_new_says_so_once() -> None:
     driver = Driver().running()
     driver.feed(loop.SignalReceived(signal.SIGHUP))
-    assert logged(driver.feed(loop.SourcePolled(version="v1", payload="snap"))) == ["source_unchanged"]
+    assert logged(driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))) == ["source_unchanged"]
     driver.feed(loop.Tick(), at=driver.state.next_poll)
     assert logged(driver.feed(loop.SourcePolled())) == []  # an ordinary poll stays quiet
 
@@ -234,8 +235,8 @@ def test_sighup_during_a_reload_polls_once_it_is_confirmed() -> None:
 
 def test_unwritable_config_at_startup_exits_6() -> None:
     driver = Driver()
-    driver.feed(loop.SourcePolled(version="v1", payload="snap"))
-    driver.feed(loop.CandidateBuilt("v1", payload="cand"))
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
+    driver.feed(loop.CandidateBuilt("v1", candidate="cand"))
     actions = driver.feed(loop.LocalFailure("No space left on device"))
     assert driver.state.exit_code is ExitCode.STARTUP_IO and "KillSquid" in kinds(actions)
 
@@ -257,7 +258,7 @@ def test_stop_signal_drains_then_exits_0_when_squid_exits(signum: int) -> None:
     assert kinds(actions) == ["Log", "StopSquid"] and driver.state.phase is loop.Phase.DRAINING
     # A second signal does not cut the drain short; source results are ignored now.
     assert kinds(driver.feed(loop.SignalReceived(signum))) == ["Log"]
-    assert driver.feed(loop.SourcePolled(version="v9", payload="x")) == []
+    assert driver.feed(loop.SourcePolled(version="v9", snapshot="x")) == []
     actions = driver.feed(loop.SquidExited(0), at=driver.now + 3)
     assert logged(actions) == ["stopped"] and driver.state.exit_code is ExitCode.OK
 

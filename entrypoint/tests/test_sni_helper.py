@@ -120,6 +120,9 @@ def test_deny_wins_and_policies_are_separate(tmp_path: Path) -> None:
 
 
 def test_agrees_with_the_policy_module() -> None:
+    """The helper runs standalone (system python3, standard library only), so its match is a copy of
+    Allowlist.allows: both walk a name's parents with sni_helper.name_and_parents, and this holds the two
+    matches equal, for allow and deny lists alike, on the lists as the config writes them."""
     rng = random.Random(7)
     labels = ["a", "b", "example", "org", "com", "net", "sub", "deep", "evil", "aaa", "z"]
     hosts = [".".join(rng.choice(labels) for _ in range(rng.randint(2, 5))) for _ in range(3000)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 import shutil
@@ -10,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from egress_proxy import squid_conf, squid_process, supervisor
+from egress_proxy import config_pipeline, squid_conf, squid_process
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
-from egress_proxy.log_output import LogOutput
 from egress_proxy.networks import covered
 from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import Settings, load_settings
@@ -163,6 +161,20 @@ def test_candidate_paths_point_at_candidate_dir() -> None:
     candidate = paths.in_dir(paths.candidate_dir)
     assert candidate.policy_list("default", "allow") == Path("/srv/state/candidate/policies/default.allow")
     assert candidate.cert == paths.cert  # only the config files move
+
+
+@pytest.mark.parametrize("value", [".example.com\nexact.example.org", "POLICY_DOCUMENT", "IDENTITY_DOCUMENT"])
+def test_a_relocated_config_is_the_config_rendered_for_the_candidate_dir(value: str) -> None:
+    # The supervisor renders a candidate once and parse-checks it relocated to the candidate directory.
+    value = globals().get(value, value)
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **PROXY_PROTOCOL})
+    paths = StatePaths(settings.state_dir)
+    candidate = paths.in_dir(paths.candidate_dir)
+    document = parse_policy_value(value, source="test", client_cidrs=settings.client_cidrs)
+    active = render(settings, document, paths, run_as="proxy", denial_port=39999)
+    direct = render(settings, document, candidate, run_as="proxy", denial_port=39999)
+    assert active.squid_conf != direct.squid_conf  # the test means something: the paths differ
+    assert active.relocated(paths, candidate) == direct
 
 
 UPSTREAM = {"EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128", "EGRESS_UPSTREAM_NO_PROXY": ".direct.example"}
@@ -393,15 +405,14 @@ def test_a_change_of_plain_list_entries_only_is_recognised() -> None:
 def test_the_candidate_parse_is_skipped_when_only_plain_lists_change(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     parsed: list[Path] = []
-    monkeypatch.setattr(supervisor, "parse_check", lambda binary, conf: parsed.append(conf) or [])
+    monkeypatch.setattr(config_pipeline, "parse_check", lambda binary, conf: parsed.append(conf) or [])
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
-    applier = supervisor.ConfigApplier(settings, StatePaths(tmp_path), supervisor.Logger(LogOutput(io.StringIO(), 100)),
-                                       None, 39999)
+    applier = config_pipeline.ConfigApplier(settings, StatePaths(tmp_path), user=None, denial_port=39999,
+                                            upstream_login=None, on_parse_warning=lambda warning: None)
     first = Snapshot(".example.com\n", "v1")
-    document, rendered = applier.build(first, "test")
-    applier.activate(document, rendered, first)
-    applier.build(Snapshot(".example.com\nexact.example.org\n", "v2"), "test")
+    applier.activate(applier.build(first, "test", started=0.0))
+    applier.build(Snapshot(".example.com\nexact.example.org\n", "v2"), "test", started=0.0)
     assert len(parsed) == 1  # the first build only
     applier.build(Snapshot('{"policies": [{"name": "a", "clients": ["10.0.0.0/8"], "allow": [".x.org"]}]}', "v3"),
-                  "test")
+                  "test", started=0.0)
     assert len(parsed) == 2  # another policy: new directives, parsed

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from egress_proxy.config_pipeline import read_upstream_login
 from egress_proxy.settings import SettingsError, load_settings
-from egress_proxy.supervisor import read_upstream_login
 from egress_proxy.upstream_probe import Prober, reachable
 
 

@@ -1,0 +1,218 @@
+"""The config pipeline: from an allowlist snapshot and the settings to a validated policy document and a rendered
+squid.conf, and what describes the config that is active.
+
+Every caller takes the same steps, here and nowhere else: the size check, the policy document (a flat list or a
+document, every problem named by its path), then the rendering. ``validate`` is the first half (``check`` and
+``allowlist push|diff`` stop there); ``build_config`` is the whole (``render``, and the supervisor's
+``ConfigApplier``, which also parse-checks a candidate with ``squid -k parse`` and activates it).
+
+Also owned here: the upstream login (read once at startup, rendered into the config), ``ReloadStats`` (the
+counters the metrics read) and ``Status``, the schema of ``status.json``, which the supervisor writes and
+``egress-proxy health`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .policy import IPNetwork, PolicyDocument, parse_policy_value
+from .settings import Settings, SettingsError, check_login
+from .sources import Snapshot, check_size
+from .squid_conf import RenderedConfig, StatePaths, render
+from .squid_process import atomic_write, parse_check, write_rendered
+
+# --- the pipeline ------------------------------------------------------------------------------------------
+
+
+def validate(snapshot: Snapshot, *, source: str, client_cidrs: Sequence[IPNetwork]) -> PolicyDocument:
+    """The size check, then the document. Raises AllowlistError naming every problem.
+
+    Whole-value rejection: one bad entry (or an oversized or malformed value) rejects the value, and the error
+    lists every bad entry. Skipping bad entries would silently apply a policy nobody wrote."""
+    check_size(snapshot, source)
+    return parse_policy_value(snapshot.text, source=source, client_cidrs=client_cidrs)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A validated document and the config rendered from it."""
+
+    document: PolicyDocument
+    rendered: RenderedConfig
+
+
+def build_config(snapshot: Snapshot, settings: Settings, *, source: str, paths: StatePaths, run_as: str | None,
+                 denial_port: int, upstream_login: str | None) -> Built:
+    """From a snapshot and the settings to a validated document and its rendered config (not yet parse-checked
+    by Squid: that is ``ConfigApplier.build``'s, which has a Squid to run). Raises AllowlistError."""
+    document = validate(snapshot, source=source, client_cidrs=settings.client_cidrs)
+    rendered = render(settings, document, paths, run_as=run_as, denial_port=denial_port,
+                      upstream_login=upstream_login)
+    return Built(document, rendered)
+
+
+def read_upstream_login(settings: Settings) -> str | None:
+    """user:password from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE (one line), or None. Raises SettingsError."""
+    path = settings.upstream_proxy_credentials_file
+    if path is None:
+        return None
+    name = "upstream_proxy_credentials_file"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(name, str(path), f"cannot be read ({exc})",
+                            "point it at a readable file holding user:password") from None
+    try:
+        return check_login(text)
+    except ValueError as exc:
+        fix = getattr(exc, "fix", "write user:password on one line")
+        raise SettingsError(name, str(path), f"holds no valid credentials: {exc}", fix) from None
+
+
+# --- the active config's statistics and status.json ----------------------------------------------------------
+
+
+@dataclass
+class ReloadStats:
+    """Counters the metrics loop and the health check read.
+
+    ``version``/``loaded_at``/``entries`` describe the ACTIVE config; a rejected value never touches them.
+    """
+
+    success: int = 0
+    failure: int = 0
+    loaded_at: float | None = None  # wall-clock time the active config was written (its age: age_seconds())
+    version: str | None = None
+    entries: int = 0
+    last_error: str | None = None
+    rejected_version: str | None = None  # the last version refused (None once a newer one was applied)
+    skipped: int = 0  # changes whose rendered config was identical (no reconfigure)
+    identity: Any = None  # membership.IdentityStats, for the metrics
+
+    def age_seconds(self, now: float | None = None) -> float | None:
+        if self.loaded_at is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.loaded_at)
+
+
+class StatusUnreadable(ValueError):
+    """status.json is missing, unreadable or not this schema."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """status.json in the state directory: the supervisor writes it, ``egress-proxy health`` reads it."""
+
+    config_loaded: bool
+    version: str | None
+    loaded_at: float | None
+    written_at: float
+    config_age_seconds: float | None  # the age at written_at; a reader adds (now - written_at)
+    entries: int
+    reload_success: int
+    reload_failure: int
+    reload_skipped: int
+    rejected_version: str | None
+    last_error: str | None
+    port: int
+    listen_address: str
+
+    @classmethod
+    def of(cls, stats: ReloadStats, *, config_loaded: bool, settings: Settings, now: float) -> Status:
+        age = stats.age_seconds(now)
+        return cls(config_loaded=config_loaded, version=stats.version, loaded_at=stats.loaded_at,
+                   written_at=round(now, 3), config_age_seconds=None if age is None else round(age, 1),
+                   entries=stats.entries, reload_success=stats.success, reload_failure=stats.failure,
+                   reload_skipped=stats.skipped, rejected_version=stats.rejected_version,
+                   last_error=stats.last_error, port=settings.port, listen_address=str(settings.listen_address))
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, path: Path) -> Status:
+        """Raises StatusUnreadable (naming the path) when the file is missing, not JSON or not this schema."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StatusUnreadable(f"no status at {path} ({exc})") from None
+        names = {field.name for field in fields(cls)}
+        if not isinstance(data, dict) or not names <= data.keys():
+            missing = sorted(names - data.keys()) if isinstance(data, dict) else ["(not a JSON object)"]
+            raise StatusUnreadable(f"{path} is not a status file of this version (missing {', '.join(missing)})")
+        return cls(**{name: data[name] for name in names})
+
+
+# --- the supervisor's side: candidates, the last good config ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A source value that passed the policy, the rendering and ``squid -k parse``."""
+
+    snapshot: Snapshot
+    document: PolicyDocument
+    rendered: RenderedConfig
+    added: int
+    removed: int
+    started: float  # monotonic, when the worker started building it
+    unchanged: bool  # renders to exactly the active config: nothing to reconfigure
+    mode_changes: tuple[tuple[str, str, str], ...] = ()  # (policy, old mode, new mode)
+
+
+class ConfigApplier:
+    """Build (validate, render, parse-check) and activate candidates. Keeps the last good config."""
+
+    def __init__(self, settings: Settings, paths: StatePaths, *, user: str | None, denial_port: int,
+                 upstream_login: str | None, on_parse_warning: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.user = user
+        self.denial_port = denial_port
+        self.upstream_login = upstream_login  # from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE, read at startup
+        self.on_parse_warning = on_parse_warning
+        self.active: RenderedConfig | None = None
+        self.active_document: PolicyDocument | None = None
+        self.stats = ReloadStats()
+
+    def build(self, snapshot: Snapshot, source: str, started: float) -> Candidate:
+        """The pipeline, then ``squid -k parse`` on a copy in the candidate directory, unless it renders to the
+        active config or differs from it only in plain list entries. Raises AllowlistError, SquidError, or OSError
+        when the copy cannot be written."""
+        built = build_config(snapshot, self.settings, source=source, paths=self.paths, run_as=self.user,
+                             denial_port=self.denial_port, upstream_login=self.upstream_login)
+        unchanged = built.rendered == self.active
+        # Only list contents changed: Squid already parsed these directives, and the lists hold nothing it can
+        # refuse (see differs_in_plain_lists_only). The 100,000-entry reload saves a full parse of every list.
+        if not unchanged and not built.rendered.differs_in_plain_lists_only(self.active):
+            candidate_paths = self.paths.in_dir(self.paths.candidate_dir)
+            write_rendered(built.rendered.relocated(self.paths, candidate_paths), candidate_paths)
+            for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
+                self.on_parse_warning(warning)
+        previous = self.active_document
+        change = previous.diff(built.document) if previous else None
+        added, removed = (change.added, change.removed) if change else (built.document.entry_count, 0)
+        return Candidate(snapshot, built.document, built.rendered, added, removed, started, unchanged,
+                         change.mode_changes if change else ())
+
+    def activate(self, candidate: Candidate) -> None:
+        write_rendered(candidate.rendered, self.paths)
+        self.active = candidate.rendered
+        self.active_document = candidate.document
+        self.stats.loaded_at = time.time()
+        self.stats.version = candidate.snapshot.version
+        self.stats.entries = candidate.document.entry_count
+        self.write_status()
+
+    def write_status(self) -> None:
+        Status.of(self.stats, config_loaded=self.active is not None, settings=self.settings,
+                  now=time.time()).write(self.paths.status)
+
+
+__all__ = ["Built", "Candidate", "ConfigApplier", "ReloadStats", "Status", "StatusUnreadable",
+           "build_config", "read_upstream_login", "validate"]
