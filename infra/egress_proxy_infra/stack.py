@@ -12,6 +12,8 @@ from constructs import Construct
 
 from egress_proxy_infra import subnets
 from egress_proxy_infra.allowlist_secret import AllowlistSecret
+from egress_proxy_infra.client_identity import CONTEXT_KEYS as IDENTITY_CONTEXT
+from egress_proxy_infra.client_identity import ClientIdentity, IdentityConfig
 from egress_proxy_infra.config import MAX_STOP_TIMEOUT_SECONDS, CapacityMode, InfraConfig
 from egress_proxy_infra.eip_pool import ElasticIpPool
 from egress_proxy_infra.l1 import l1
@@ -126,6 +128,11 @@ class EgressProxyStack(Stack):
             auto_scaling_group=ec2_proxies.auto_scaling_group if ec2_proxies else None,
             maintenance=ec2_proxies.maintenance if ec2_proxies else None,
         )
+
+        # Clients by AWS identity: the task role's permissions for the selectors in use; optionally the proxy
+        # shared as a PrivateLink endpoint service (client_identity.py).
+        identity = IdentityConfig.from_context({key: self.node.try_get_context(key) for key in IDENTITY_CONTEXT})
+        ClientIdentity(self, "ClientIdentity", config=identity, task=task, load_balancer=load_balancer)
 
         self._outputs(params=params, load_balancer=load_balancer, task=task, allowlist=allowlist,
                       proxy_security_group=proxies.security_group)
