@@ -2,6 +2,8 @@
 
 Each error class of the package carries its code as ``exit_code``; ``exit_code_of`` is the single mapping the
 CLI and the supervisor use, so a code cannot mean two things in two places. docs/operations.md lists them.
+Commands raise these errors (``UsageError`` for a command-line input they cannot use) and ``cli.main`` prints
+each once, with ``print_error``.
 """
 
 from __future__ import annotations
