@@ -134,6 +134,17 @@ def test_agrees_with_the_policy_module() -> None:
     expected = [allowlist.allows(host) for host in hosts]
     assert expected.count(True) > 20  # the sample exercises both answers
     assert [sni_helper.allowlisted(host, allowed) for host in hosts] == expected
+    # A deny list, as a policy document writes it: the helper's deny match is the same function.
+    document = parse_policy_value(json.dumps({"policies": [{"name": "p", "clients": ["10.0.0.0/8"],
+                                                            "allow": ["z.aaa.net"],
+                                                            "deny": ENTRIES.split()}]}),
+                                  source="test", client_cidrs=settings.client_cidrs)
+    rendered = render(settings, document, StatePaths(Path("/unused")), run_as=None, denial_port=1)
+    denied = sni_helper.load_allowlist(rendered.lists[("p", "deny")].splitlines())
+    deny_list = document.policies[0].deny
+    expected = [deny_list.allows(host) for host in hosts]
+    assert expected.count(True) > 20
+    assert [sni_helper.allowlisted(host, denied) for host in hosts] == expected
 
 
 def test_empty_allowlist_refuses_everything(tmp_path: Path) -> None:
