@@ -15,7 +15,7 @@ def build_app(app: cdk.App) -> EgressProxyStack:
     node = app.node
     context = {key: node.try_get_context(key)
                for key in ("capacity", "eipPoolSize", "imageUri", "drainSeconds", "imageAssetDir", "arch",
-                           "nlbIdleTimeoutSeconds")}
+                           "nlbIdleTimeoutSeconds", "eipAllocationIds")}
     config = InfraConfig.from_context(context)
     stack = EgressProxyStack(
         app, node.try_get_context(STACK_NAME_CONTEXT) or "EgressProxy", config=config,

@@ -32,6 +32,8 @@ DEFAULT_EIP_POOL_SIZE = 4
 #: needs (a replacement task needs a fresh instance, and a fresh instance needs a free EIP).
 MIN_EIP_POOL_SIZE = 3
 MAX_EIP_POOL_SIZE = 20
+#: An Elastic IP allocation ID (EC2 API, AllocateAddress): "eipalloc-" and 8 or 17 hex digits.
+_ALLOCATION_ID = re.compile(r"eipalloc-[0-9a-f]{8,17}")
 #: The NLB's TCP idle timeout: AWS's default, and the range AWS accepts for the listener attribute
 #: tcp.idle_timeout.seconds (Elastic Load Balancing User Guide for NLBs, "Connection idle timeout").
 #: The proxy's own tunnel idle timeout (EGRESS_TUNNEL_IDLE_TIMEOUT) is set to the same value (stack.py).
@@ -73,6 +75,9 @@ class InfraConfig:
 
     capacity: CapacityMode = CapacityMode.FARGATE
     eip_pool_size: int = DEFAULT_EIP_POOL_SIZE
+    #: Existing Elastic IPs (allocation IDs) to use as the pool instead of allocating new ones; the pool is then
+    #: exactly these. Empty: the stack allocates eip_pool_size addresses.
+    eip_allocation_ids: tuple[str, ...] = ()
     #: An existing image (ECR or public registry). None builds container/Dockerfile as a CDK asset.
     image_uri: str | None = None
     #: The Docker build context when building the image; tests point it at a scratch directory.
@@ -82,6 +87,17 @@ class InfraConfig:
     nlb_idle_timeout_seconds: int = DEFAULT_NLB_IDLE_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
+        if self.eip_allocation_ids and len(self.eip_allocation_ids) != self.eip_pool_size:
+            raise ConfigError(
+                f"eipAllocationIds lists {len(self.eip_allocation_ids)} addresses but eipPoolSize="
+                f"{self.eip_pool_size}: drop eipPoolSize (the pool is then the listed addresses)")
+        bad = [a for a in self.eip_allocation_ids if not _ALLOCATION_ID.fullmatch(a)]
+        if bad or len(set(self.eip_allocation_ids)) != len(self.eip_allocation_ids):
+            raise ConfigError(f"eipAllocationIds={','.join(self.eip_allocation_ids)}: expected distinct allocation "
+                              "IDs such as eipalloc-0123456789abcdef0, comma-separated"
+                              + (f" ({', '.join(bad)} is not one)" if bad else ""))
+        if self.eip_allocation_ids and self.capacity is not CapacityMode.EC2:
+            raise ConfigError("eipAllocationIds: Elastic IPs are for -c capacity=ec2 only")
         if not MIN_EIP_POOL_SIZE <= self.eip_pool_size <= MAX_EIP_POOL_SIZE:
             raise ConfigError(
                 f"eipPoolSize={self.eip_pool_size}: use {MIN_EIP_POOL_SIZE}..{MAX_EIP_POOL_SIZE} "
@@ -107,6 +123,8 @@ class InfraConfig:
             capacity = CapacityMode(raw_capacity)
         except ValueError:
             raise ConfigError(f"capacity={raw_capacity!r}: use 'fargate' or 'ec2'") from None
+        raw_allocations = str(context.get("eipAllocationIds") or "")
+        allocation_ids = tuple(a.strip() for a in raw_allocations.split(",") if a.strip())
         raw_arch = str(context.get("arch") or Architecture.X86_64.value).strip().lower()
         if raw_arch not in _ARCH_ALIASES:
             raise ConfigError(f"arch={raw_arch!r}: use 'x86_64' (alias amd64) or 'arm64' (Graviton)")
@@ -114,7 +132,8 @@ class InfraConfig:
         asset_dir = context.get("imageAssetDir")
         return cls(
             capacity=capacity,
-            eip_pool_size=_as_int(context, "eipPoolSize", DEFAULT_EIP_POOL_SIZE),
+            eip_pool_size=_as_int(context, "eipPoolSize", len(allocation_ids) or DEFAULT_EIP_POOL_SIZE),
+            eip_allocation_ids=allocation_ids,
             image_uri=image_uri,
             image_asset_dir=Path(asset_dir).resolve() if asset_dir else REPO_ROOT,
             arch=_ARCH_ALIASES[raw_arch],

@@ -12,6 +12,8 @@ of the pool's addresses as its public IPv4 address. It needs neither the AWS CLI
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Aws, CfnTag, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -25,10 +27,20 @@ MAX_ATTEMPTS = 72
 
 
 class ElasticIpPool(Construct):
-    def __init__(self, scope: Construct, id: str, *, size: int) -> None:
+    """The pool: `size` addresses the stack allocates, or the existing ones in `existing_allocation_ids`.
+
+    Existing addresses (e.g. retained from an earlier stack, or already allow-listed by partners) must carry the
+    pool tag with this stack's name: the claim function finds the pool, and IAM recognises it, by that tag.
+    Their public IPs are not known to the template, so instances then accept whichever address the hook gives
+    them (they launch without any other public address).
+    """
+
+    def __init__(self, scope: Construct, id: str, *, size: int, existing_allocation_ids: Sequence[str] = ()) -> None:
         super().__init__(scope, id)
         self.pool_tag_value: str = Aws.STACK_NAME
-        self.addresses: list[ec2.CfnEIP] = [
+        self.existing_allocation_ids = tuple(existing_allocation_ids)
+        self.size = len(self.existing_allocation_ids) or size
+        self.addresses: list[ec2.CfnEIP] = [] if self.existing_allocation_ids else [
             ec2.CfnEIP(
                 self, f"Eip{index}", domain="vpc",
                 tags=[CfnTag(key=POOL_TAG_KEY, value=self.pool_tag_value),
@@ -43,8 +55,13 @@ class ElasticIpPool(Construct):
 
     @property
     def public_ips(self) -> list[str]:
-        """`Ref` of an AWS::EC2::EIP is its public address."""
+        """`Ref` of an AWS::EC2::EIP is its public address (none known for existing addresses)."""
         return [address.ref for address in self.addresses]
+
+    @property
+    def labels(self) -> list[str]:
+        """What the outputs show for each address: its public IP, or an existing address's allocation ID."""
+        return self.public_ips or list(self.existing_allocation_ids)
 
     def tag_specifications(self) -> list[dict[str, object]]:
         """Launch-template tags so instances (and their ENIs) are recognisable as pool members to IAM."""
@@ -93,7 +110,8 @@ class ElasticIpPool(Construct):
         No address after MAX_ATTEMPTS x 5 s: the lifecycle hook has abandoned the launch anyway; power off
         rather than join the cluster with an address nobody allow-listed.
         """
-        pool_ips = Fn.join(" ", self.public_ips)
+        # Existing addresses: no list to check against (an empty one accepts the address the hook associated).
+        pool_ips = Fn.join(" ", self.public_ips) if self.public_ips else ""
         return [
             "# --- wait for a pool Elastic IP (the launch lifecycle hook's function associates it) ---",
             "set -uo pipefail",
@@ -104,7 +122,8 @@ class ElasticIpPool(Construct):
             f"for attempt in $(seq 1 {MAX_ATTEMPTS}); do",
             '  PUBLIC_IP=$(curl -sf -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" '
             'http://169.254.169.254/latest/meta-data/public-ipv4 || true)',
-            '  case "$POOL_IPS" in *" $PUBLIC_IP "*) [ -n "$PUBLIC_IP" ] && break ;; esac',
+            # Any pool address; with existing addresses (POOL_IPS blank), the one the hook associated.
+            '  case "$POOL_IPS" in *" $PUBLIC_IP "*|"  ") [ -n "$PUBLIC_IP" ] && break ;; esac',
             '  PUBLIC_IP=""',
             "  sleep 5",
             "done",

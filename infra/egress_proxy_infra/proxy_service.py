@@ -270,7 +270,7 @@ class Ec2ProxyService(Construct):
             self, "Instances", vpc=vpc, launch_template=self.launch_template,
             vpc_subnets=subnets.placeholder_selection(self, "PublicSubnet", public_subnet_ids),
             # Never more instances than addresses: an instance without an address powers itself off.
-            min_capacity=0, max_capacity=len(eip_pool.addresses),
+            min_capacity=0, max_capacity=eip_pool.size,
         )
         cfn_asg = l1(self.auto_scaling_group)
         subnets.override_with_list(cfn_asg, "VPCZoneIdentifier", public_subnet_ids)

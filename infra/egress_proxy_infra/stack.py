@@ -90,7 +90,8 @@ class EgressProxyStack(Stack):
         self.eip_pool: ElasticIpPool | None = None
         proxies: FargateProxyService | Ec2ProxyService
         if ec2_mode:
-            self.eip_pool = ElasticIpPool(self, "EgressIps", size=config.eip_pool_size)
+            self.eip_pool = ElasticIpPool(self, "EgressIps", size=config.eip_pool_size,
+                                          existing_allocation_ids=config.eip_allocation_ids)
             assert params.instance_type and params.ami_id and params.key_name and params.has_key_name
             proxies = Ec2ProxyService(
                 self, "Proxies", cluster=cluster, task=task, public_subnet_ids=params.public_subnet_ids,
@@ -146,11 +147,14 @@ class EgressProxyStack(Stack):
                      description="DNS name of the proxy (internal NLB); set it on the clients.")
         self._output("ProxyPort", value=port, description="Port of the proxy.")
         if self.eip_pool is not None:
-            ips = self.eip_pool.public_ips
-            self._output("ProxyEgressIps", value=Fn.join(",", ips),
-                      description="Elastic IPs the proxies egress from (give these to partners/DNS filters).")
-            for index, ip in enumerate(ips, start=1):
-                self._output(f"EgressIp{index}", value=ip, description=f"Egress Elastic IP {index}.")
+            labels = self.eip_pool.labels
+            existing = bool(self.eip_pool.existing_allocation_ids)
+            self._output("ProxyEgressIps", value=Fn.join(",", labels),
+                         description="Elastic IPs the proxies egress from (give these to partners/DNS filters)"
+                                     + (": your existing addresses, by allocation ID." if existing else "."))
+            for index, label in enumerate(labels, start=1):
+                self._output(f"EgressIp{index}", value=label, description=f"Egress Elastic IP {index}"
+                             + (" (an existing address, by allocation ID)." if existing else "."))
         else:
             self._output("ProxyEgressIps", value=FARGATE_EGRESS_NOTE,
                       description="Egress IPs of the proxies.")

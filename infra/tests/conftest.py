@@ -20,6 +20,16 @@ def ec2(tmp_path_factory: pytest.TempPathFactory) -> Synth:
     return synthesize(tmp_path_factory.mktemp("ec2"), {"capacity": "ec2", "imageUri": ECR_IMAGE})
 
 
+#: Elastic IPs that exist before the stack (-c eipAllocationIds): the pool is these, none is allocated.
+EXISTING_ALLOCATION_IDS = ["eipalloc-0123456789abcdef0", "eipalloc-00000000000000001", "eipalloc-0aaaaaaaaaaaaaaa2"]
+
+
+@pytest.fixture(scope="session")
+def ec2_existing_eips(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return synthesize(tmp_path_factory.mktemp("ec2-existing-eips"),
+                      {"capacity": "ec2", "imageUri": ECR_IMAGE, "eipAllocationIds": ",".join(EXISTING_ALLOCATION_IDS)})
+
+
 @pytest.fixture(scope="session")
 def asset_build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stand-in repo root: the real container/Dockerfile belongs to another part of the repo."""

@@ -153,7 +153,7 @@ def render_user_data(ec2: Synth, ecs_config: Path) -> str:
     parts = template["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Join"][1]
     eips = sorted(ec2.resources("AWS::EC2::EIP"))
     tokens = {json.dumps({"Ref": "AWS::StackName"}): STACK_NAME}
-    tokens.update({json.dumps({"Ref": eip}): ip for eip, ip in zip(eips, POOL_IPS, strict=True)})
+    tokens.update({json.dumps({"Ref": eip}): ip for eip, ip in zip(eips, POOL_IPS[:len(eips)], strict=True)})
 
     def render(part: Any) -> str:
         if isinstance(part, str):
@@ -191,6 +191,11 @@ FAKE_CURL = textwrap.dedent('''\
 
 @pytest.fixture()
 def boot(ec2: Synth, tmp_path: Path) -> Any:
+    return boot_runner(ec2, tmp_path)
+
+
+def boot_runner(ec2: Synth, tmp_path: Path) -> Any:
+    """Runs the synthesized user data in bash, with fake curl (IMDS), sleep, shutdown and systemctl."""
     if shutil.which("bash") is None:
         pytest.fail("the boot-script tests need bash")
     bin_dir, imds = tmp_path / "bin", tmp_path / "imds"
@@ -243,4 +248,39 @@ def test_no_address_at_all_powers_off_with_a_clear_console_line(boot: Any, tmp_p
     result = boot(None)
     assert result.returncode != 0
     assert "egress-proxy: no Elastic IP of the pool after 360 s" in result.stderr
+    assert (tmp_path / "powered-off").exists() and not (tmp_path / "ecs.config").exists()
+
+
+# --- existing Elastic IPs (-c eipAllocationIds) ---------------------------------------------------------------
+
+from conftest import EXISTING_ALLOCATION_IDS as EXISTING  # noqa: E402
+
+
+def test_existing_addresses_are_the_pool_and_none_is_allocated(ec2_existing_eips: Synth) -> None:
+    """Addresses partners already allow-listed (or retained from an earlier stack) are used as they are."""
+    assert not ec2_existing_eips.resources("AWS::EC2::EIP")
+    _, asg = ec2_existing_eips.only("AWS::AutoScaling::AutoScalingGroup")
+    assert asg["Properties"]["MaxSize"] == str(len(EXISTING))
+    assert ec2_existing_eips.data["Parameters"]["MaxCapacity"]["MaxValue"] == len(EXISTING) - 1
+    outputs = ec2_existing_eips.data["Outputs"]
+    assert [outputs[f"EgressIp{i}"]["Value"] for i in range(1, 4)] == EXISTING
+    assert outputs["ProxyEgressIps"]["Value"] == ",".join(EXISTING)
+    # The claim function still finds, and IAM still recognises, the pool by its tag (which the operator adds).
+    statements = _statements(ec2_existing_eips, "EipClaimFunctionRole")
+    (associate,) = [s for s in statements if s["Action"] == "ec2:AssociateAddress"]
+    assert associate["Condition"] == TAG_CONDITION
+
+
+def test_with_existing_addresses_an_instance_takes_the_one_the_hook_gives_it(ec2_existing_eips: Synth,
+                                                                            tmp_path: Path) -> None:
+    """Their public IPs are not in the template; the instance has no other public address to mistake."""
+    result = boot_runner(ec2_existing_eips, tmp_path)("198.51.100.77")
+    assert result.returncode == 0, result.stderr
+    assert "egresses from Elastic IP 198.51.100.77" in result.stdout
+    assert "ECS_CLUSTER=test-cluster" in (tmp_path / "ecs.config").read_text()
+
+
+def test_with_existing_addresses_no_address_still_powers_off(ec2_existing_eips: Synth, tmp_path: Path) -> None:
+    result = boot_runner(ec2_existing_eips, tmp_path)(None)
+    assert result.returncode != 0 and "no Elastic IP of the pool" in result.stderr
     assert (tmp_path / "powered-off").exists() and not (tmp_path / "ecs.config").exists()
