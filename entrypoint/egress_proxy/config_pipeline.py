@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +121,23 @@ class Status:
     last_error: str | None
     port: int
     listen_address: str
+    # What the run-time fault handling reports (the last failed write, the Squid workers, the stdout buffer), for
+    # `health` to judge; None when the supervisor has nothing to say, and in status files that predate them.
+    write_failure: dict[str, Any] | None = None
+    workers: dict[str, Any] | None = None
+    log_sink: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, stats: ReloadStats, *, config_loaded: bool, settings: Settings, now: float) -> Status:
+    def of(cls, stats: ReloadStats, *, config_loaded: bool, settings: Settings, now: float,
+           write_failure: dict[str, Any] | None = None, workers: dict[str, Any] | None = None,
+           log_sink: dict[str, Any] | None = None) -> Status:
         age = stats.age_seconds(now)
         return cls(config_loaded=config_loaded, version=stats.version, loaded_at=stats.loaded_at,
                    written_at=round(now, 3), config_age_seconds=None if age is None else round(age, 1),
                    entries=stats.entries, reload_success=stats.success, reload_failure=stats.failure,
                    reload_skipped=stats.skipped, rejected_version=stats.rejected_version,
-                   last_error=stats.last_error, port=settings.port, listen_address=str(settings.listen_address))
+                   last_error=stats.last_error, port=settings.port, listen_address=str(settings.listen_address),
+                   write_failure=write_failure, workers=workers, log_sink=log_sink)
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps(asdict(self), indent=1))
@@ -141,11 +149,11 @@ class Status:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise StatusUnreadable(f"no status at {path} ({exc})") from None
-        names = {field.name for field in fields(cls)}
-        if not isinstance(data, dict) or not names <= data.keys():
-            missing = sorted(names - data.keys()) if isinstance(data, dict) else ["(not a JSON object)"]
+        required = {field.name for field in fields(cls) if field.default is MISSING}
+        if not isinstance(data, dict) or not required <= data.keys():
+            missing = sorted(required - data.keys()) if isinstance(data, dict) else ["(not a JSON object)"]
             raise StatusUnreadable(f"{path} is not a status file of this version (missing {', '.join(missing)})")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{field.name: data[field.name] for field in fields(cls) if field.name in data})
 
 
 # --- the supervisor's side: candidates, the last good config ---------------------------------------------------
