@@ -52,6 +52,7 @@ class _HostCount:
     requests: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    identities: Counter[str] = field(default_factory=Counter)  # client_identity -> refusals (identity policies)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class HostSuggestion:
     requests: int
     decisions: Mapping[str, int]
     reasons: Mapping[str, int]
+    identities: Mapping[str, int] = field(default_factory=dict)  # which selectors' clients asked for it
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class TrafficSummary:
         counts.requests += 1
         counts.decisions[str(decision)] += 1
         counts.reasons[reason] += 1
+        if record.get("client_identity"):
+            counts.identities[str(record["client_identity"])] += 1
 
     def suggestions(self, *, min_requests: int = 1, policy: str | None = None) -> list[PolicySuggestion]:
         """Per policy (sorted by name), the hosts with at least `min_requests` refusals, grouped under their
@@ -149,7 +153,7 @@ class TrafficSummary:
                 if counts.requests < min_requests:
                     continue
                 grouped.setdefault(registrable_domain(host), []).append(HostSuggestion(
-                    host, counts.requests, dict(counts.decisions), dict(counts.reasons)))
+                    host, counts.requests, dict(counts.decisions), dict(counts.reasons), dict(counts.identities)))
             domains = [
                 DomainSuggestion(domain, tuple(sorted(hosts, key=lambda h: (-h.requests, h.host))))
                 for domain, hosts in grouped.items()
@@ -170,12 +174,7 @@ class TrafficSummary:
                         {
                             "domain": domain.domain,
                             "requests": domain.requests,
-                            "hosts": [
-                                {"host": host.host, "requests": host.requests,
-                                 "decisions": dict(sorted(host.decisions.items())),
-                                 "reasons": dict(sorted(host.reasons.items()))}
-                                for host in domain.hosts
-                            ],
+                            "hosts": [_host_json(host) for host in domain.hosts],
                         }
                         for domain in suggestion.domains
                     ],
@@ -219,6 +218,15 @@ def format_text(suggestions: Iterable[PolicySuggestion]) -> str:
         hosts = sum(len(domain.hosts) for domain in suggestion.domains)
         out.append(f"# policy {suggestion.policy}: {hosts} {_plural(hosts, 'host')}, "
                    f"{suggestion.requests} refused {_plural(suggestion.requests, 'request')}")
+        identities: Counter[str] = Counter()
+        for domain in suggestion.domains:
+            for host in domain.hosts:
+                identities.update(host.identities)
+        if identities:
+            # Policies that select clients by security group, ECS service, tag or endpoint: who asked.
+            out.append("# by client identity: " + ", ".join(
+                f"{name} {count} {_plural(count, 'request')}" for name, count in
+                sorted(identities.items(), key=lambda item: (-item[1], item[0]))))
         width = max(len(host) for host in suggestion.hosts)
         for domain in suggestion.domains:
             count = len(domain.hosts)
@@ -261,12 +269,23 @@ def format_document(document: PolicyDocument) -> str:
     return json.dumps(document.to_json(), indent=2) + "\n"
 
 
+def _host_json(host: HostSuggestion) -> dict[str, Any]:
+    data: dict[str, Any] = {"host": host.host, "requests": host.requests,
+                            "decisions": dict(sorted(host.decisions.items())),
+                            "reasons": dict(sorted(host.reasons.items()))}
+    if host.identities:  # only lines from policies that select clients by identity carry one
+        data["identities"] = dict(sorted(host.identities.items()))
+    return data
+
+
 def _decision_note(host: HostSuggestion) -> str:
     notes = []
     if host.decisions.get("would_deny"):
         notes.append("would_deny" if len(host.decisions) == 1 else f"{host.decisions['would_deny']} would_deny")
     if host.reasons.get("sni_not_allowlisted"):
         notes.append("as TLS SNI")
+    if host.identities:
+        notes.append("from " + ", ".join(sorted(host.identities)))
     return f" ({', '.join(notes)})" if notes else ""
 
 

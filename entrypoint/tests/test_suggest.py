@@ -226,3 +226,20 @@ def test_parse_time(text: str, expected: dt.datetime) -> None:
 def test_parse_time_error_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="use a duration before now such as 30m, 24h or 7d, or an ISO 8601"):
         parse_time("yesterday", NOW)
+
+
+def test_identity_policies_group_what_they_learn_by_client_identity() -> None:
+    summary = TrafficSummary()
+    for _ in range(3):
+        summary.add_line(line("api.stripe.com", "domain_not_allowlisted", policy="payments",
+                              client_identity="sg-0aaaaaaaaaaaaaaaa"))
+    summary.add_line(line("api.stripe.com", "domain_not_allowlisted", policy="payments",
+                          client_identity="ecs:prod/payments"))
+    summary.add_line(line("files.stripe.com", "domain_not_allowlisted", policy="payments",
+                          client_identity="ecs:prod/payments"))
+    text = format_text(summary.suggestions())
+    assert "# by client identity: sg-0aaaaaaaaaaaaaaaa 3 requests, ecs:prod/payments 2 requests" in text
+    assert "api.stripe.com    # 4 requests (from ecs:prod/payments, sg-0aaaaaaaaaaaaaaaa)" in text
+    assert "files.stripe.com  # 1 request (from ecs:prod/payments)" in text
+    hosts = summary.to_json(summary.suggestions())["policies"][0]["domains"][0]["hosts"]
+    assert hosts[0]["identities"] == {"ecs:prod/payments": 1, "sg-0aaaaaaaaaaaaaaaa": 3}

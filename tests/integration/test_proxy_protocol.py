@@ -131,6 +131,17 @@ def test_a_connection_without_a_header_is_refused(pp_proxy: ProxyRunner, http_or
     assert _hits(http_origin, "/pp-missing") == 0
 
 
+def test_an_nlb_health_check_with_a_local_header_is_harmless(pp_proxy: ProxyRunner) -> None:
+    """With proxy protocol on, an NLB's health check connection carries a PROXY v2 header with the LOCAL command
+    and no addresses, then closes. The TCP check passes on the handshake; the proxy keeps serving."""
+    local = SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+    for _ in range(3):
+        with socket.create_connection((pp_proxy.host, pp_proxy.port), timeout=5, source_address=(LB, 0)) as sock:
+            sock.sendall(local)
+    header = proxy_v2(CONSUMER, "10.0.0.5", 40004, 3128, VPCE_A)
+    assert _status(_request(pp_proxy, LB, header, "http://allowed.test/pp-after-health-checks")) == 200
+
+
 def test_the_health_check_reads_squid_through_the_proxy_header_port(pp_proxy: ProxyRunner) -> None:
     """`egress-proxy health` (the container's health check) and the metrics read Squid's cache manager over
     loopback; on a port that requires a PROXY header they send "PROXY UNKNOWN" first."""
