@@ -28,6 +28,7 @@ from typing import Any
 
 import benchenv
 import clients
+import identity_bench
 import policy_bench
 import report
 from benchenv import ORIGIN_NAME, PROXY_PORT, SEED_PORT, CpuWindow, Proxy, SeedSquid, World, proc_stat
@@ -45,7 +46,8 @@ from policy_bench import (
 )
 
 RESULTS = benchenv.ROOT / "bench" / "results"
-SECTIONS = ("throughput", "connections", "http", "supervisor", "scale", "sni", "sni_variants", "policies")
+SECTIONS = ("throughput", "connections", "http", "supervisor", "scale", "sni", "sni_variants", "policies",
+            "identity")
 SCALE_SIZES = (100, 10_000, 100_000)
 
 
@@ -508,6 +510,82 @@ def bench_policies(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, re
     return result
 
 
+def bench_identity(workdir: Path, cacert: str, rounds: int, count: int, identities: int, churn_per_second: int,
+                   churn_seconds: float) -> dict[str, Any]:
+    """Clients by AWS identity: (a) added p50 per new connection of a client selected by its security group (its
+    identity answer cached by Squid) against the same client selected by a CIDR policy, interleaved with direct;
+    (b) ``identities`` ENIs in the group with ``churn_per_second`` joining and as many leaving every second for
+    ``churn_seconds``: reconfigures (must be 0), Squid restarts, membership log lines, and the same latency
+    measured during the churn."""
+    moto = identity_bench.Moto().start()
+    result: dict[str, Any] = {"background_busy_percent_before": background_busy(), "loadavg_before": loadavg(),
+                              "identities": identities}
+    proxies: dict[str, Proxy | SeedSquid] = {}
+    try:
+        started = time.monotonic()
+        enis = identity_bench.Identities(moto, identities)
+        result["setup_s"] = round(time.monotonic() - started, 1)
+        result["describe_all_s"] = round(enis.describe_seconds(), 3)
+        cidr_doc, identity_doc = workdir / "identity-cidr.json", workdir / "identity-sg.json"
+        cidr_doc.write_text(json.dumps({"policies": [
+            {"name": "team", "clients": [identity_bench.SUBNET], "allow": [ORIGIN_NAME]}]}))
+        identity_doc.write_text(json.dumps({"policies": [
+            {"name": "team", "clients": [enis.group], "allow": [ORIGIN_NAME]}]}))
+        ports = {"cidr": PROXY_PORT + 20, "identity": PROXY_PORT + 21}
+        proxies["cidr"] = Proxy(workdir, cidr_doc, port=ports["cidr"], name="state-identity-cidr")
+        proxies["identity"] = Proxy(workdir, identity_doc, {**moto.env, "EGRESS_IDENTITY_REFRESH": "2",
+                                                            "EGRESS_IDENTITY_TTL": "60"},
+                                    port=ports["identity"], name="state-identity-sg")
+        for proxy in proxies.values():
+            assert isinstance(proxy, Proxy)
+            proxy.start()
+        identity_proxy = proxies["identity"]
+        assert isinstance(identity_proxy, Proxy)
+        identity_proxy.wait_event(lambda e: e.get("event") == "identity_membership_changed"
+                                  and e.get("members") == identities, timeout=120)
+        result["first_poll_after_start_s"] = round(time.monotonic() - started - result["setup_s"], 1)
+
+        def measure() -> dict[str, Any]:
+            latency = {}
+            for kind in ("https", "http"):
+                targets = {"direct": Target(kind, False, cacert),
+                           **{name: Target(kind, True, cacert, ports[name], source=identity_bench.CLIENT)
+                              for name in ports}}
+                latency[kind] = compared_latencies(targets, proxies, rounds, count, baseline="cidr",
+                                                   candidate="identity")
+                log(f"  {kind}: added p50 {latency[kind]['added_p50_ms']} ms; identity minus CIDR "
+                    f"{latency[kind]['difference_p50_ms']} ms")
+            return latency
+
+        result["latency"] = measure()
+        squid_before = sorted(identity_proxy.squid_pids())
+        mark = len(identity_proxy.events)
+        enis.churn(churn_per_second)
+        churn_started = time.monotonic()
+        result["latency_during_churn"] = measure()
+        remaining = churn_seconds - (time.monotonic() - churn_started)
+        if remaining > 0:
+            time.sleep(remaining)
+        enis.stop_churn()
+        churned = time.monotonic() - churn_started
+        events = identity_proxy.events[mark:]
+        result["churn"] = {
+            "seconds": round(churned, 1), "per_second": churn_per_second, "eni_changes": enis.changes,
+            "reconfigures": sum(1 for e in events if e.get("event") in {"reloaded", "reload_skipped"}),
+            "squid_restarted": sorted(identity_proxy.squid_pids()) != squid_before,
+            "membership_log_lines": sum(1 for e in events if e.get("event") == "identity_membership_changed"),
+            "refresh_failures": sum(1 for e in events if e.get("event") == "identity_refresh_failed"),
+            "describe_all_s_after": round(enis.describe_seconds(), 3),
+        }
+        log(f"  churn: {result['churn']}")
+    finally:
+        stop_all(proxies)
+        moto.stop()
+    result["background_busy_percent_after"] = background_busy()
+    result["loadavg_after"] = loadavg()
+    return result
+
+
 def stop_all(proxies: dict[str, Proxy | SeedSquid]) -> None:
     """Stop the section's own proxies (the seed-style Squid is shared by the whole run and stays up)."""
     for proxy in proxies.values():
@@ -735,13 +813,18 @@ def main() -> int:
             results["policies"] = bench_policies(proxy, workdir, allowlist, cacert, reps=2 if quick else 4,
                                                  rounds=2 if quick else 7, count=100 if quick else 300,
                                                  lookups=500 if quick else 5000)
+        if "identity" in sections:
+            log("identity: security-group policy vs CIDR policy, and a membership churn")
+            results["identity"] = bench_identity(workdir, cacert, rounds=2 if quick else 7,
+                                                 count=100 if quick else 300, identities=200 if quick else 1000,
+                                                 churn_per_second=10, churn_seconds=20 if quick else 60)
     finally:
         if proxy:
             proxy.stop()
         if seed:
             seed.stop()
         world.stop()
-    if set(sections) - {"sni", "policies"}:  # the flat-list reload figures belong with the other sections
+    if set(sections) - {"sni", "policies", "identity"}:  # the flat-list reload figures belong with the other sections
         results["reload_under_load"] = reload_under_load_results()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["loadavg_at_end"] = loadavg()
