@@ -175,6 +175,8 @@ class ClientIdentity(Construct):
         task.container.add_environment("EGRESS_PROXY_PROTOCOL_FROM", Fn.join(",", subnet_cidrs.value_as_list))
         CfnOutput(stack, "EndpointServiceName",
                   value=self.endpoint_service.vpc_endpoint_service_name,
+                  # Exported like every other output of the stack (<stack name>-<output name>).
+                  export_name=Fn.join("-", [Aws.STACK_NAME, "EndpointServiceName"]),
                   description="Service name consumers create their interface endpoint for (then point "
                               "HTTPS_PROXY at the endpoint's DNS name).")
 

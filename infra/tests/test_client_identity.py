@@ -75,6 +75,8 @@ def test_the_endpoint_service_shares_the_nlb_with_proxy_protocol(shared: Synth) 
             {"Name": "EGRESS_PROXY_PROTOCOL_FROM", "Value": {"Fn::Join": [",", {"Ref": "LoadBalancerSubnetCidrs"}]}},
         ])})]})
     assert "EndpointServiceName" in shared.data["Outputs"]
+    assert shared.data["Outputs"]["EndpointServiceName"]["Export"] == {
+        "Name": {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, "EndpointServiceName"]]}}
     assert shared.data["Parameters"]["LoadBalancerSubnetCidrs"]["Type"] == "CommaDelimitedList"
 
 
