@@ -226,12 +226,15 @@ class PolicyDocument:
         return {policy.name: {"mode": policy.mode, "allow": len(policy.allow), "deny": len(policy.deny)}
                 for policy in self.policies}
 
-    def entries_text(self) -> str:
-        """``team-a: 12 allow + 1 deny, enforce; watch: 3 allow, report``."""
+    def entries_text(self, limit: int = 10) -> str:
+        """``team-a: 12 allow + 1 deny, enforce; watch: 3 allow, report``: the first ``limit`` policies (a log
+        message stays readable with 200 of them; entries_by_policy has them all)."""
         parts = []
-        for policy in self.policies:
+        for policy in self.policies[:limit]:
             deny = f" + {len(policy.deny)} deny" if policy.deny.entries else ""
             parts.append(f"{policy.name}: {len(policy.allow)} allow{deny}, {policy.mode}")
+        if len(self.policies) > limit:
+            parts.append(f"and {len(self.policies) - limit} more policies")
         return "; ".join(parts) or "no policy"
 
     def policy(self, name: str) -> Policy | None:

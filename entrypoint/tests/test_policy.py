@@ -528,3 +528,23 @@ def test_diff_between_forms() -> None:
     diff = flat.diff(document)
     assert diff.lines() == ["form: flat list -> document"]
     assert flat.diff(flat).lines() == []
+
+
+def test_entries_per_policy_for_the_log() -> None:
+    document = parse({"policies": [
+        policy(name="team-a", clients=["10.1.0.0/16"], allow=["a.example.com", "b.example.com"],
+               deny=["x.a.example.com"]),
+        policy(name="watch", clients=["10.2.0.0/16"], mode="report", allow=["c.example.com"]),
+    ]})
+    assert document.entries_by_policy() == {"team-a": {"mode": "enforce", "allow": 2, "deny": 1},
+                                            "watch": {"mode": "report", "allow": 1, "deny": 0}}
+    assert document.entries_text() == "team-a: 2 allow + 1 deny, enforce; watch: 1 allow, report"
+    assert document.entries_text(limit=1) == "team-a: 2 allow + 1 deny, enforce; and 1 more policies"
+
+
+def test_mode_changes_in_a_diff() -> None:
+    before = parse({"policies": [policy(name="ci", clients=["10.1.0.0/16"], mode="report", allow=["a.example.com"])]})
+    after = parse({"policies": [policy(name="ci", clients=["10.1.0.0/16"], allow=["a.example.com"])]})
+    change = before.diff(after)
+    assert change.mode_changes == (("ci", "report", "enforce"),)
+    assert (change.added, change.removed) == (0, 0) and change.lines() == ["policy ci: mode report -> enforce"]
