@@ -156,6 +156,8 @@ def _without_password(raw: str) -> str:
 
 
 def _no_proxy_domains(raw: str) -> tuple[str, ...]:
+    if not raw.strip():
+        return ()  # before the import: the CDK app renders the nftables ruleset without the allowlist's packages
     from .allowlist import AllowlistError, parse_allowlist
 
     try:

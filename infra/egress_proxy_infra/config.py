@@ -85,6 +85,8 @@ class InfraConfig:
     #: Built for, and run on, this architecture whatever the machine running `cdk deploy` is.
     arch: Architecture = Architecture.X86_64
     nlb_idle_timeout_seconds: int = DEFAULT_NLB_IDLE_TIMEOUT_SECONDS
+    #: EC2 mode only: the instances become the private subnets' default route (transparent_mode.py).
+    transparent: bool = False
 
     def __post_init__(self) -> None:
         if self.eip_allocation_ids and len(self.eip_allocation_ids) != self.eip_pool_size:
@@ -109,6 +111,9 @@ class InfraConfig:
                 f"{MAX_NLB_IDLE_TIMEOUT_SECONDS} (the range the NLB accepts; AWS's default is "
                 f"{DEFAULT_NLB_IDLE_TIMEOUT_SECONDS})"
             )
+        if self.transparent and self.capacity is not CapacityMode.EC2:
+            raise ConfigError("transparent=on needs capacity=ec2: only instances can be the route target of the "
+                              "private subnets (deploy with -c capacity=ec2 -c transparent=on)")
         if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
             raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
 
@@ -138,6 +143,7 @@ class InfraConfig:
             image_asset_dir=Path(asset_dir).resolve() if asset_dir else REPO_ROOT,
             arch=_ARCH_ALIASES[raw_arch],
             nlb_idle_timeout_seconds=_as_int(context, "nlbIdleTimeoutSeconds", DEFAULT_NLB_IDLE_TIMEOUT_SECONDS),
+            transparent=_as_on_off(context, "transparent"),
         )
 
 
@@ -149,3 +155,10 @@ def _as_int(context: Mapping[str, Any], key: str, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r}: expected a whole number") from None
+
+
+def _as_on_off(context: Mapping[str, Any], key: str) -> bool:
+    value = str(context.get(key) or "off").strip().lower()
+    if value not in {"on", "off", "true", "false"}:
+        raise ConfigError(f"{key}={value!r}: use on or off")
+    return value in {"on", "true"}

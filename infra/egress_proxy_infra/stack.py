@@ -22,6 +22,7 @@ from egress_proxy_infra.monitoring import AlarmTopic, ProxyMonitoring
 from egress_proxy_infra.parameters import ProxyParameters, define_parameters, dns_servers_of
 from egress_proxy_infra.proxy_service import Ec2ProxyService, FargateProxyService
 from egress_proxy_infra.proxy_task import ProxyEnvironment, ProxyTask, container_image
+from egress_proxy_infra.transparent_mode import TransparentMode
 from egress_proxy_infra.vpc_endpoints import VpcEndpoints, interface_hostnames
 
 #: Never through the proxy: instance metadata (IMDS) and the ECS task metadata/credentials endpoint.
@@ -107,6 +108,9 @@ class EgressProxyStack(Stack):
                 max_capacity=params.max_capacity, dns_servers=dns_servers,
             )
         load_balancer.admit(proxies.security_group)
+        if config.transparent and isinstance(proxies, Ec2ProxyService) and self.eip_pool is not None:
+            TransparentMode(self, "Transparent", proxies=proxies, task=task, client_cidr=params.client_cidr,
+                            pool_tag_value=self.eip_pool.pool_tag_value)
         self.proxies = proxies
 
         VpcEndpoints(

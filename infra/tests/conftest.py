@@ -31,6 +31,13 @@ def ec2_existing_eips(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 
 
 @pytest.fixture(scope="session")
+def transparent(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    """EC2 mode as the private subnets' route target (transparent_mode.py)."""
+    return synthesize(tmp_path_factory.mktemp("transparent"),
+                      {"capacity": "ec2", "imageUri": ECR_IMAGE, "transparent": "on"})
+
+
+@pytest.fixture(scope="session")
 def asset_build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stand-in repo root: the real container/Dockerfile belongs to another part of the repo."""
     root = tmp_path_factory.mktemp("repo")

@@ -1,0 +1,154 @@
+"""EC2 mode's transparent mode (`-c transparent=on`): the proxy instances become the default route of the private
+subnets, a NAT replacement that filters by name, with the same fixed Elastic IPs.
+
+* The task runs with EGRESS_TRANSPARENT=on: Squid opens its intercept ports beside the explicit one.
+* The instances apply the product's own nftables ruleset (`egress-proxy nft-rules`, rendered here at synth
+  time with ClientCidr substituted at deploy time) from a boot unit, before Docker and ECS start, and power off
+  if they cannot: the container never holds NET_ADMIN, so code it confines cannot flush its rules.
+* The security group admits ClientCidr on every port and protocol; the host rules decide (redirect tcp/80 and
+  tcp/443 to Squid, count and drop everything else).
+* `route_failover` (lambda_src/) points each route table in TransparentRouteTableIds at a healthy instance of its
+  own AZ, else of another AZ (and back), and turns off source/dest checking; on every EC2 state change and every
+  minute. Never at a NAT gateway: a failover that bypasses the filter is no failover for an egress filter.
+
+Intercepted traffic leaves from the instance's Elastic IP: Squid opens the outbound connection itself, so nothing
+is forwarded or masqueraded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from aws_cdk import CfnParameter, Duration, Fn, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from cdk_nag import NagPackSuppression, NagSuppressions
+from constructs import Construct
+
+from egress_proxy_infra.config import REPO_ROOT
+from egress_proxy_infra.ec2_lifecycle import _function
+from egress_proxy_infra.eip_pool import POOL_TAG_KEY
+from egress_proxy_infra.proxy_service import Ec2ProxyService
+from egress_proxy_infra.proxy_task import ProxyTask
+
+NFT_UNIT = "egress-proxy-nft.service"
+NFT_RULES_PATH = "/etc/egress-proxy/transparent.nft"
+#: Stands in for ClientCidr while the ruleset is rendered; replaced by the parameter's value at deploy time.
+_CIDR_SENTINEL = "198.18.255.0/24"
+
+
+def nft_ruleset() -> str:
+    """The ruleset `egress-proxy nft-rules` prints for the task's settings, with ``${ClientCidr}`` for the client
+    range (an Fn::Sub template). One renderer for the product and the stack: the entrypoint package's."""
+    entrypoint = str(REPO_ROOT / "entrypoint")
+    if entrypoint not in sys.path:
+        sys.path.append(entrypoint)
+    from egress_proxy.nft_rules import render_nft_rules  # type: ignore[import-not-found]
+    from egress_proxy.settings import load_settings  # type: ignore[import-not-found]
+
+    settings = load_settings({}, {"EGRESS_TRANSPARENT": "on", "EGRESS_CLIENT_CIDRS": _CIDR_SENTINEL})
+    rules: str = render_nft_rules(settings)
+    assert _CIDR_SENTINEL in rules and "${" not in rules
+    return rules.replace(_CIDR_SENTINEL, "${ClientCidr}")
+
+
+def nft_boot_script(client_cidr: str) -> list[str]:
+    """User-data lines: install the ruleset as a boot unit (a reboot does not re-run user data), fail closed."""
+    return [
+        "# --- transparent mode: redirect the clients' tcp/80 and tcp/443 to Squid, drop the rest ---",
+        "command -v nft >/dev/null || dnf install -y nftables",
+        f"mkdir -p {NFT_RULES_PATH.rsplit('/', 1)[0]}",
+        f"cat > {NFT_RULES_PATH} <<'NFT'",
+        Fn.sub(nft_ruleset().rstrip("\n"), {"ClientCidr": client_cidr}),
+        "NFT",
+        f"cat > /etc/systemd/system/{NFT_UNIT} <<'UNIT'",
+        "[Unit]",
+        "Description=egress-proxy transparent mode: nftables ruleset (egress-proxy nft-rules)",
+        "Before=docker.service ecs.service",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        f"ExecStart=/usr/sbin/nft -f {NFT_RULES_PATH}",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "UNIT",
+        f"if ! {{ systemctl daemon-reload && systemctl enable --now {NFT_UNIT}; }}; then",
+        f'  echo "egress-proxy: could not apply {NFT_RULES_PATH} (systemctl status {NFT_UNIT}); powering off" >&2',
+        "  shutdown -h now",
+        "  exit 1",
+        "fi",
+    ]
+
+
+class TransparentMode(Construct):
+    def __init__(self, scope: Construct, id: str, *, proxies: Ec2ProxyService, task: ProxyTask,
+                 client_cidr: CfnParameter, pool_tag_value: str) -> None:
+        super().__init__(scope, id)
+        stack = Stack.of(self)
+        # On the stack, so that its logical ID (the console's parameter name) is exactly this.
+        self.route_table_ids = CfnParameter(
+            stack, "TransparentRouteTableIds", type="CommaDelimitedList",
+            description="Transparent mode: the private subnets' route tables whose default route (0.0.0.0/0) "
+                        "the proxy instances take over (rtb-..., comma-separated), at least one per AZ of "
+                        "PublicSubnetIds.")
+
+        task.container.add_environment("EGRESS_TRANSPARENT", "on")
+        proxies.launch_template.user_data.add_commands(*nft_boot_script(client_cidr.value_as_string))  # type: ignore[union-attr]
+        proxies.security_group.add_ingress_rule(
+            ec2.Peer.ipv4(client_cidr.value_as_string), ec2.Port.all_traffic(),
+            "Transparent mode: clients route through the instances; the nftables rules decide")
+        NagSuppressions.add_resource_suppressions(proxies.security_group, [NagPackSuppression(
+            id="CdkNagValidationFailure", applies_to=["AwsSolutions-EC23"],
+            reason="AwsSolutions-EC23 cannot evaluate the ClientCidr parameter at synth time; the parameter's "
+                   "AllowedPattern only accepts /8 to /32, and the instances' nftables rules decide what clients "
+                   "may send.",
+        )])
+
+        self.function, self.log_group = _function(
+            self, "RouteFailover", module="route_failover", timeout=Duration.minutes(1),
+            description="egress-proxy: point the private route tables at a healthy proxy instance (failover "
+                        "across AZs and back)",
+            environment={"ROUTE_TABLE_IDS": Fn.join(",", self.route_table_ids.value_as_list),
+                         "POOL_TAG_KEY": POOL_TAG_KEY, "POOL_TAG_VALUE": pool_tag_value},
+        )
+        role = self.function.role
+        assert role is not None
+        self._grant(role, pool_tag_value)
+        self.state_rule = events.Rule(
+            self, "InstanceStateRule",
+            description="egress-proxy: an instance changed state; re-point the private routes if needed",
+            event_pattern=events.EventPattern(source=["aws.ec2"],
+                                              detail_type=["EC2 Instance State-change Notification"]),
+            targets=[targets.LambdaFunction(self.function, retry_attempts=2)],
+        )
+        self.schedule_rule = events.Rule(
+            self, "HealthSchedule",
+            description="egress-proxy: every minute, re-point routes away from instances whose status checks fail",
+            schedule=events.Schedule.rate(Duration.minutes(1)),
+            targets=[targets.LambdaFunction(self.function, retry_attempts=0)],
+        )
+
+    def _grant(self, role: iam.IRole, pool_tag_value: str) -> None:
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="Describe", resources=["*"],
+            actions=["ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:DescribeRouteTables",
+                     "ec2:DescribeSubnets"]))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="RouteTablesOfThisAccountAndRegion", actions=["ec2:CreateRoute", "ec2:ReplaceRoute"],
+            resources=[Stack.of(self).format_arn(service="ec2", resource="route-table", resource_name="*")]))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="SourceDestCheckOfPoolInstancesOnly", actions=["ec2:ModifyInstanceAttribute"],
+            resources=[Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")],
+            conditions={"StringEquals": {f"aws:ResourceTag/{POOL_TAG_KEY}": pool_tag_value}}))
+        NagSuppressions.add_resource_suppressions(role, [NagPackSuppression(
+            id="AwsSolutions-IAM5",
+            applies_to=["Resource::*",
+                        "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*",
+                        "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:route-table/*"],
+            reason="The Describe calls have no resource-level permissions; ModifyInstanceAttribute is limited to "
+                   "instances carrying this stack's pool tag (their IDs are not known before launch). The route "
+                   "tables arrive as a list parameter, which CloudFormation cannot turn into one ARN each (a "
+                   "Fn::Join may not nest in another); the function only ever routes the listed tables.",
+        )], apply_to_children=True)
