@@ -215,6 +215,7 @@ class IdentityRefresher:
         self._looked_up: dict[str, tuple[set[str], float]] = {}  # address -> (selectors, learned at)
         self._negative: dict[str, float] = {}  # address -> when "no selector" expires
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._bucket = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock)
@@ -227,8 +228,14 @@ class IdentityRefresher:
     # --- component ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.write()  # an empty table, so helpers never read a previous run's
-        self._server = self._listen()
-        threading.Thread(target=self._accept, name="identity-lookup", daemon=True).start()
+        try:
+            self._server = self._listen()
+        except OSError as exc:  # e.g. a state dir path too long for a unix socket: lookups fail closed, polls go on
+            self.logger.event("error", "identity_lookup_unavailable",
+                              f"cannot listen on {self.paths.lookup_socket} ({exc}); addresses no poll has seen "
+                              "are refused until a poll finds them", error=str(exc))
+        else:
+            threading.Thread(target=self._accept, name="identity-lookup", daemon=True).start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -264,12 +271,15 @@ class IdentityRefresher:
         return {address: sorted(found) for address, found in sorted(self._merged().items()) if found}
 
     def write(self) -> None:
-        table = self.table()
-        self.stats.members = len(table)
-        try:
-            atomic_write(self.paths.membership, json.dumps({"members": table}, separators=(",", ":")))
-        except OSError as exc:  # the helpers keep the last table they read; the next change retries
-            self.logger.event("error", "identity_write_failed", f"cannot write {self.paths.membership}: {exc}")
+        # One writer at a time (the poll thread and lookup threads share atomic_write's temp file name), and the
+        # table read inside the lock, so the last file written is the newest table.
+        with self._write_lock:
+            table = self.table()
+            self.stats.members = len(table)
+            try:
+                atomic_write(self.paths.membership, json.dumps({"members": table}, separators=(",", ":")))
+            except OSError as exc:  # the helpers keep the last table they read; the next change retries
+                self.logger.event("error", "identity_write_failed", f"cannot write {self.paths.membership}: {exc}")
 
     # --- polling -------------------------------------------------------------------------------------------
     def _run(self) -> None:

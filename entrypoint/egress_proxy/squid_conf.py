@@ -297,6 +297,18 @@ def identity_policy_file(document: PolicyDocument) -> str | None:
                                     for policy in document.policies]}, indent=1)
 
 
+def settings_warnings(settings: Settings, document: PolicyDocument) -> list[str]:
+    """Selectors that the settings make unmatchable: a vpce- selector needs the endpoint ID that only a PROXY
+    header carries."""
+    if settings.proxy_protocol == "required":
+        return []
+    return [f"policies[{index}].clients[{position}] {selector.text!r} can never match: EGRESS_PROXY_PROTOCOL is "
+            "off, so no connection carries a VPC endpoint ID; set EGRESS_PROXY_PROTOCOL=required behind the endpoint "
+            "service's load balancer"
+            for index, policy in enumerate(document.policies)
+            for position, selector in enumerate(policy.selectors) if selector.kind == "vpce"]
+
+
 def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str, Any] | None:
     """With any identity selector, the helper judges every policy's membership: first match in document order
     runs over all kinds, so a CIDR policy listed after a security group's must not claim that group's members."""

@@ -43,7 +43,7 @@ from .metrics import DecisionCounter, MetricsLoop, manager_host
 from .policy import PolicyDocument
 from .settings import Settings, SettingsError
 from .sources import Snapshot, Source, SourceUnavailable, make_source
-from .squid_conf import StatePaths, default_error_page, service_name
+from .squid_conf import StatePaths, default_error_page, service_name, settings_warnings
 from .squid_process import (
     LogRelay,
     SquidError,
@@ -74,7 +74,9 @@ class Logger:
         self.write_line(json.dumps(record, separators=(",", ":"), default=str))
 
 
-def _log_warnings(logger: Logger, document: PolicyDocument) -> None:
+def _log_warnings(logger: Logger, document: PolicyDocument, settings: Settings) -> None:
+    for warning in settings_warnings(settings, document):
+        logger.event("warning", "allowlist_warning", warning)
     for warning in document.warnings[:50]:
         logger.event("warning", "allowlist_warning", warning)
     if len(document.warnings) > 50:
@@ -284,13 +286,7 @@ class Supervisor:
         # identity helpers through the table file, without a reconfigure.
         self.identity = IdentityRefresher(self.settings, self.paths, self.logger, self.user)
         self.applier.stats.identity = self.identity.stats
-        try:
-            self._start(self.identity)
-        except OSError as exc:
-            self.logger.event("error", "startup_failed", f"cannot open the identity lookup socket "
-                              f"{self.paths.lookup_socket}: {describe_os_error(exc)}",
-                              exit_code=int(ExitCode.STARTUP_IO))
-            return ExitCode.STARTUP_IO
+        self._start(self.identity)
         self._start(_Named("denier", self.denier.start, self.denier.stop))
         if self.settings.prometheus_port is not None and not self._start_prometheus(self.applier):
             return ExitCode.BAD_CONFIG
@@ -436,7 +432,7 @@ class Supervisor:
     # --- on the loop thread --------------------------------------------------------------------------------
     def _start_squid(self, candidate: Candidate) -> Event | None:
         assert self.applier is not None
-        _log_warnings(self.logger, candidate.document)
+        _log_warnings(self.logger, candidate.document, self.settings)
         try:
             self.applier.activate(candidate)
         except OSError as exc:
@@ -481,7 +477,7 @@ class Supervisor:
 
     def _activate(self, candidate: Candidate) -> Event | None:
         assert self.applier is not None
-        _log_warnings(self.logger, candidate.document)
+        _log_warnings(self.logger, candidate.document, self.settings)
         try:
             self.applier.activate(candidate)
         except OSError as exc:  # Squid was not told: the config it runs is still the previous one
@@ -494,7 +490,7 @@ class Supervisor:
 
     def _skip(self, candidate: Candidate) -> None:
         assert self.applier is not None
-        _log_warnings(self.logger, candidate.document)
+        _log_warnings(self.logger, candidate.document, self.settings)
         stats = self.applier.stats
         stats.rejected_version = None
         stats.version = candidate.snapshot.version

@@ -179,3 +179,14 @@ def test_proxy_protocol_settings_are_checked(env: dict[str, str], name: str) -> 
     with pytest.raises(SettingsError) as caught:
         load_settings({}, env)
     assert caught.value.name == name
+
+
+def test_endpoint_selectors_without_the_proxy_protocol_are_warned_about() -> None:
+    from egress_proxy.squid_conf import settings_warnings
+
+    document = parse_policy_value(_document(
+        {"name": "consumer", "clients": ["10.0.0.0/8", VPCE_A], "allow": ["a.com"]}), source="test", client_cidrs=GATE)
+    (warning,) = settings_warnings(load_settings({}, {}), document)
+    assert warning.startswith(f"policies[0].clients[1] '{VPCE_A}' can never match: EGRESS_PROXY_PROTOCOL is off")
+    on = load_settings({}, {"EGRESS_PROXY_PROTOCOL": "required", "EGRESS_PROXY_PROTOCOL_FROM": "10.0.0.0/24"})
+    assert settings_warnings(on, document) == []

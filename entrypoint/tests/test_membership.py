@@ -124,3 +124,16 @@ def test_a_task_without_an_eni_has_no_address() -> None:
     eni = {"type": "ElasticNetworkInterface", "details": [{"name": "privateIPv4Address", "value": "10.0.0.7"}]}
     assert task_addresses({"lastStatus": "RUNNING", "attachments": [eni]}) == ["10.0.0.7"]
     assert task_addresses({"lastStatus": "STOPPED", "attachments": [eni]}) == []
+
+
+def test_a_lookup_socket_that_cannot_listen_is_logged_and_polls_go_on(tmp_path: Path) -> None:
+    refresher, aws, events, _ = _refresher(tmp_path)
+    (tmp_path / "identity" / "lookup.sock").mkdir()  # in the way: bind fails
+    aws.members = {"10.0.0.5": {SG}}  # before start: the refresher's own first poll finds the same
+    refresher.start()
+    try:
+        assert events.named("identity_lookup_unavailable")
+        refresher.poll_once()
+        assert _table(tmp_path) == {"10.0.0.5": [SG]}
+    finally:
+        refresher.stop()
