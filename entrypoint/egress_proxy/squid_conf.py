@@ -352,8 +352,16 @@ def _list_text(entries: Allowlist) -> str:
 
 def address_list(networks: Iterable[IPNetwork]) -> list[str]:
     """An address list as a Squid src/dst ACL takes it: collapsed (Squid drops one of two overlapping entries,
-    networks.py), never empty (Squid rejects an empty list; NO_ADDRESS matches no client)."""
-    return [str(net) for net in normalise(networks)] or [NO_ADDRESS]
+    networks.py), never empty (Squid rejects an empty list; NO_ADDRESS matches no client), and without
+    0.0.0.0/0, which Squid 5.7 rejects ("needs to be replaced by the term 'all'", and 'all' would take IPv6 too):
+    its two halves say the same."""
+    listed: list[str] = []
+    for net in normalise(networks):
+        listed += ["0.0.0.0/1", "128.0.0.0/1"] if net == EVERY_IPV4 else [str(net)]
+    return listed or [NO_ADDRESS]
+
+
+EVERY_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
 
 
 def _upstream_context(settings: Settings, login: str | None) -> dict[str, object] | None:

@@ -416,3 +416,15 @@ def test_the_candidate_parse_is_skipped_when_only_plain_lists_change(tmp_path: P
     applier.build(Snapshot('{"policies": [{"name": "a", "clients": ["10.0.0.0/8"], "allow": [".x.org"]}]}', "v3"),
                   "test", started=0.0)
     assert len(parsed) == 2  # another policy: new directives, parsed
+
+
+def test_every_ipv4_address_is_rendered_as_two_halves() -> None:
+    # Squid 5.7 refuses 0.0.0.0/0 in an ACL; a catch-all policy or gate must still load.
+    settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", "EGRESS_CLIENT_CIDRS": "0.0.0.0/1,128.0.0.0/1"})
+    document = parse_policy_value(json.dumps({"policies": [
+        {"name": "rest", "clients": ["0.0.0.0/0"], "allow": ["a.example.com"]}]}), source="t",
+        client_cidrs=settings.client_cidrs)
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    for name in ("clients", "policy_rest", "in_a_policy"):
+        assert f"acl {name} src 0.0.0.0/1 128.0.0.0/1\n" in conf
+    assert "0.0.0.0/0" not in conf

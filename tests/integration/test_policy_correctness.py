@@ -235,6 +235,8 @@ OVERLAPPING: dict[str, Any] = {"policies": [
     # .44 is inside the /27 (and .40 is taken by the first policy): Squid keeps only one of two overlapping
     # entries of a src ACL, so unnormalised this list loses either the /27 or the /32.
     {"name": "second", "clients": ["127.0.0.32/27", f"{SECOND_LISTED}/32"], "allow": [".wild.test"]},
+    # A catch-all last policy: Squid refuses 0.0.0.0/0 in an ACL ("needs to be replaced by the term 'all'").
+    {"name": "rest", "clients": ["0.0.0.0/0"], "allow": ["allowed.test", "other.wild.test"]},
 ]}
 
 
@@ -249,6 +251,7 @@ def overlapping_proxy(public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin)
     (FIRST, "first", "allowed.test", "build.wild.test"),
     (SECOND, "second", "build.wild.test", "allowed.test"),
     (SECOND_LISTED, "second", "build.wild.test", "allowed.test"),
+    ("127.0.0.70", "rest", "other.wild.test", "build.wild.test"),
 ])
 def test_overlapping_client_ranges_keep_every_client(overlapping_proxy: ProxyRunner, http_origin: HttpOrigin,
                                                      client: str, policy: str, allowed: str, refused: str) -> None:
@@ -314,8 +317,9 @@ def test_start_and_reload_lines_name_each_policy_and_its_mode(overlapping_proxy:
                                                                public_tmp: Path) -> None:
     [started] = overlapping_proxy.events("started")
     assert started["policy_entries"] == {"first": {"mode": "enforce", "allow": 1, "deny": 0},
-                                         "second": {"mode": "enforce", "allow": 1, "deny": 0}}
-    assert "(first: 1 allow, enforce; second: 1 allow, enforce)" in started["message"]
+                                         "second": {"mode": "enforce", "allow": 1, "deny": 0},
+                                         "rest": {"mode": "enforce", "allow": 2, "deny": 0}}
+    assert "(first: 1 allow, enforce; second: 1 allow, enforce; rest: 2 allow, enforce)" in started["message"]
     document = json.loads(json.dumps(OVERLAPPING))
     document["policies"][1]["mode"] = "report"
     try:
