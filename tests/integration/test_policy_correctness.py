@@ -350,3 +350,18 @@ def test_allowlist_diff_compares_two_files(public_tmp: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["policy ci: mode report -> enforce", "  + allow files.pythonhosted.org"]
     assert "1 to add, 0 to remove, 1 mode change" in result.stderr
+
+
+def test_punycode_spellings_meet_the_deny_rule_in_a_tunnel(strict_proxy: ProxyRunner, tls_origin: TlsOrigin) -> None:
+    handshakes = len(tls_origin.snis)
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED, b"CONNECT XN--BCHER-KVA.idn.test.:443 HTTP/1.1\r\n"
+                             b"Host: XN--BCHER-KVA.idn.test.:443\r\n\r\n")
+    assert (status, _headers(head, "X-Egress-Reason")) == (403, [b"domain_denied"]), head
+    # An allowed CONNECT target fronting the denied name's punycode, in capitals, in the SNI.
+    with send_hello((strict_proxy.host, strict_proxy.port), "allowed.idn.test",
+                    with_server_names([b"XN--BCHER-KVA.IDN.TEST"]), source=ENFORCED) as sock:
+        assert closed_without_data(sock)
+    record = strict_proxy.access(mark, client_ip=ENFORCED, method="CONNECT", host="allowed.idn.test")
+    assert (record["reason"], record["decision"]) == ("domain_denied", "denied")
+    assert len(tls_origin.snis) == handshakes
