@@ -569,6 +569,12 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str], *,
     if values["prometheus_port"] is not None and values["prometheus_port"] == values["port"]:
         raise SettingsError("prometheus_port", raw_by_name["prometheus_port"], "is the proxy's own port",
                             "use another port, e.g. 9128")
+    if values["transparent"] and values["upstream_proxy"] is not None:
+        # Not tested together: an intercepted connection is pinned to the IP the client chose, which a parent proxy
+        # cannot be told. Refused rather than shipped untested.
+        raise SettingsError("transparent", raw_by_name["transparent"],
+                            "transparent mode cannot be combined with EGRESS_UPSTREAM_PROXY yet",
+                            "unset EGRESS_UPSTREAM_PROXY, or run transparent mode without an upstream proxy")
     if values["transparent"]:
         taken = {"port": values["port"], "prometheus_port": values["prometheus_port"]}
         for name in ("intercept_http_port", "intercept_https_port"):

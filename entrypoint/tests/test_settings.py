@@ -148,3 +148,8 @@ def test_transparent_defaults() -> None:
     settings = load_settings({}, {})
     assert not settings.transparent
     assert (settings.intercept_http_port, settings.intercept_https_port) == (3129, 3130)
+
+
+def test_transparent_mode_refuses_an_upstream_proxy() -> None:
+    with pytest.raises(SettingsError, match="cannot be combined with EGRESS_UPSTREAM_PROXY"):
+        load_settings({}, {"EGRESS_TRANSPARENT": "on", "EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128"})

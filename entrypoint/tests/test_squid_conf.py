@@ -247,8 +247,10 @@ PROXY_PROTOCOL = {"EGRESS_PROXY_PROTOCOL": "required", "EGRESS_PROXY_PROTOCOL_FR
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
 @pytest.mark.parametrize(("value", "env"), [(".example.com", {}), (POLICY_DOCUMENT, {}), (".example.com", UPSTREAM),
                                             (IDENTITY_DOCUMENT, PROXY_PROTOCOL), (IDENTITY_DOCUMENT, {}),
-                                            (POLICY_DOCUMENT, {"EGRESS_TRANSPARENT": "on"})],
-                         ids=["flat", "document", "upstream", "identity-proxy-protocol", "identity", "transparent"])
+                                            (POLICY_DOCUMENT, {"EGRESS_TRANSPARENT": "on"}),
+                                            (IDENTITY_DOCUMENT, {"EGRESS_TRANSPARENT": "on"})],
+                         ids=["flat", "document", "upstream", "identity-proxy-protocol", "identity", "transparent",
+                              "transparent-identity"])
 def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dict[str, str]) -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path), **env})
     paths = StatePaths(tmp_path)

@@ -416,3 +416,40 @@ def test_reload_during_intercepted_traffic_drops_nothing(topology: Topology, ori
     for sock in (tls, keepalive, stream):
         sock.close()
     write_allowlist(policy_file, json.dumps(DOCUMENT))
+
+
+# --- real clients with no proxy setting ------------------------------------------------------------------------------
+
+
+def _client_with_hosts(topology: Topology, tmp_path: Path, *command: str) -> None:
+    """Run ``command`` in the client namespace with allowed.test in /etc/hosts (a private mount namespace): pip and
+    git resolve names themselves and have no --resolve. No proxy variable is set."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{ORIGIN} allowed.test\n")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path)}
+    topology.client.run("unshare", "--mount", "--", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$@"', "sh",
+                        *command, check=False, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("client", ["pip", "git"])
+def test_pip_and_git_reach_an_allowed_origin_with_no_proxy_setting(
+        topology: Topology, origins: dict[str, Any], ca: TestCA, transparent_proxy: NamespacedProxy,
+        tmp_path: Path, client: str) -> None:
+    """The origin is no package index or git server, so the clients fail after their first request; what counts is
+    that the request reached the origin through the intercept port, as the client sent it."""
+    import sys
+
+    mark = transparent_proxy.mark()
+    if client == "pip":
+        _client_with_hosts(topology, tmp_path, sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                           "--retries", "0", "--cert", str(ca.ca_path), "--index-url", "https://allowed.test/simple/",
+                           "-d", str(tmp_path), "egress-probe")
+        path, agent = "/simple/egress-probe/", "pip/"
+    else:
+        _client_with_hosts(topology, tmp_path, "git", "-c", f"http.sslCAInfo={ca.ca_path}", "ls-remote",
+                           "https://allowed.test/probe.git")
+        path, agent = "/probe.git/info/refs?service=git-upload-pack", "git/"
+    seen = [r for r in origins["tls"].requests if r["path"] == path]
+    assert seen and seen[0]["headers"].get("User-Agent", "").startswith(agent), origins["tls"].requests[-3:]
+    line = transparent_proxy.access(start=mark, sni="allowed.test", client_ip=CLIENT)
+    assert line["mode"] == "intercept" and line["decision"] == "allowed"
