@@ -47,6 +47,7 @@ Members = dict[str, set[str]]  # address -> membership selectors (their text)
 # unknown addresses must not starve anyone else. Over the budget a lookup fails closed (identity_error).
 LOOKUP_RATE = 10.0
 LOOKUP_BURST = 20
+ECS_LOOKUP_REUSE = 1.0  # seconds an on-demand listing of the ecs: services serves further lookups
 LOOKUP_THREADS = 16  # concurrent on-demand lookups; more are answered "busy" at once
 LOG_ADDRESSES = 20  # addresses named in one membership-change line (the counts are always complete)
 
@@ -113,7 +114,9 @@ class AwsMembership:
 
     def by_address(self, address: str, selectors: Iterable[Selector]) -> set[str]:
         """The ENI-based selectors (sg-, tag:) among ``selectors`` that the ENI holding ``address`` is in."""
-        chosen = list(selectors)
+        chosen = [s for s in selectors if s.kind in {"sg", "tag"}]
+        if not chosen:
+            return set()  # only ecs: selectors: no EC2 call
         name = "addresses.private-ip-address" if ipaddress.ip_address(address).version == 4 else \
             "ipv6-addresses.ipv6-address"
         found: set[str] = set()
@@ -216,6 +219,8 @@ class IdentityRefresher:
         self._negative: dict[str, float] = {}  # address -> when "no selector" expires
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._ecs_lock = threading.Lock()
+        self._ecs_listed: tuple[float, Members] = (float("-inf"), {})
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._bucket = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock)
@@ -371,8 +376,7 @@ class IdentityRefresher:
             return {"error": "lookup_rate_limited"}
         try:
             found = self.aws.by_address(address, selectors)
-            for selector in (s for s in selectors if s.kind == "ecs"):
-                found |= {sel for addr, sel in self.aws.service_addresses(selector).items() if addr == address}
+            found |= self._ecs_members(selectors).get(address, set())
         except Exception as exc:
             self.stats.lookup_failures += 1
             self.logger.event("warning", "identity_lookup_failed",
@@ -390,6 +394,22 @@ class IdentityRefresher:
             self._log_changes(before, self._merged())
             self.write()
         return {"members": sorted(found)}
+
+    def _ecs_members(self, selectors: tuple[Selector, ...]) -> Members:
+        """Every ecs: selector's task addresses, listed at most once per ECS_LOOKUP_REUSE seconds for all the
+        lookups meanwhile: a burst of new clients (a service scaling out) costs one round of ListTasks and
+        DescribeTasks per service, not one per client."""
+        services = [s for s in selectors if s.kind == "ecs"]
+        if not services:
+            return {}
+        with self._ecs_lock:
+            listed_at, members = self._ecs_listed
+            if self.clock() - listed_at >= ECS_LOOKUP_REUSE:
+                members = {}
+                for selector in services:
+                    _add_all(members, self.aws.service_addresses(selector))
+                self._ecs_listed = (self.clock(), members)
+            return members
 
     def _listen(self) -> socket.socket:
         path = self.paths.lookup_socket

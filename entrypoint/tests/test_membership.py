@@ -22,6 +22,7 @@ class FakeAws:
         self.members: dict[str, set[str]] = {}
         self.error: Exception | None = None
         self.by_address_calls = 0
+        self.ecs_calls = 0
         self.bridge_services: set[str] = set()
 
     def poll(self, selectors: Iterable[Selector]) -> dict[str, set[str]]:
@@ -36,7 +37,8 @@ class FakeAws:
         return set(self.members.get(address, set()))
 
     def service_addresses(self, selector: Selector) -> dict[str, str]:
-        return {}
+        self.ecs_calls += 1
+        return {address: selector.text for address, found in self.members.items() if selector.text in found}
 
 
 class Events:
@@ -137,3 +139,19 @@ def test_a_lookup_socket_that_cannot_listen_is_logged_and_polls_go_on(tmp_path: 
         assert _table(tmp_path) == {"10.0.0.5": [SG]}
     finally:
         refresher.stop()
+
+
+def test_a_burst_of_new_ecs_tasks_lists_the_service_once(tmp_path: Path) -> None:
+    refresher, aws, _, clock = _refresher(tmp_path)
+    document = parse_policy_value(json.dumps({"policies": [
+        {"name": "p", "clients": ["ecs:prod/api"], "allow": ["a.com"]}]}), source="test",
+        client_cidrs=load_settings({}, {}).client_cidrs)
+    refresher.set_document(document)
+    aws.members = {f"10.0.3.{n}": {"ecs:prod/api"} for n in range(1, 6)}
+    answers = [refresher.lookup(f"10.0.3.{n}") for n in range(1, 6)]
+    assert answers == [{"members": ["ecs:prod/api"]}] * 5
+    assert aws.ecs_calls == 1
+    clock.now += 1.5
+    aws.members["10.0.3.9"] = {"ecs:prod/api"}
+    assert refresher.lookup("10.0.3.9") == {"members": ["ecs:prod/api"]}
+    assert aws.ecs_calls == 2
