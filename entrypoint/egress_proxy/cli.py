@@ -7,6 +7,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from .sources import SourceUnavailable, make_source
 from .squid_conf import StatePaths
 from .squid_process import run_as_user
 from .supervisor import Supervisor
+from .workers import judge
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -178,15 +180,64 @@ def _health(settings: Settings) -> int:
         print("unhealthy: no config loaded")
         return ExitCode.UNHEALTHY
     host = manager_host(settings)
+    workers = status.workers or {}
     try:
-        # A real HTTP answer from Squid's cache manager, not just a TCP accept: a wedged Squid whose kernel
-        # still accepts connections fails here. Loopback manager reads are not access-logged.
-        read_counters(host, settings.port, timeout=3, proxy_header=settings.proxy_protocol == "required")
+        if workers.get("up", 0) < workers.get("configured", 0):
+            # Squid's cache manager answers for all workers at once and waits for a missing one until it times
+            # out (measured), so with a worker down only the port is probed (a bare connect is not logged).
+            socket.create_connection((host, settings.port), timeout=3).close()
+        else:
+            # A real HTTP answer from Squid's cache manager, not just a TCP accept: a wedged Squid whose kernel
+            # still accepts connections fails here. Loopback manager reads are not access-logged.
+            read_counters(host, settings.port, timeout=3,
+                          proxy_header=settings.proxy_protocol == "required")
     except (OSError, http.client.HTTPException) as exc:
         print(f"unhealthy: Squid on {host}:{settings.port} did not answer: {exc}")
         return ExitCode.UNHEALTHY
-    print(f"healthy: {host}:{settings.port}, allowlist version {status.version}, {status.entries} entries")
+    serving = f"{host}:{settings.port}, allowlist version {status.version}, {status.entries} entries"
+    verdict, problems = degradations(status, paths, time.time())
+    if verdict == "unhealthy":
+        print(f"unhealthy: {'; '.join(problems)} (serving {serving})")
+        return ExitCode.UNHEALTHY
+    if problems:
+        # Still serving: ECS must not replace a task that carries traffic (its open tunnels would drop) for a fault
+        # that degrades it; the log lines and metrics say what to fix.
+        print(f"degraded: {'; '.join(problems)}; serving {serving}")
+        return ExitCode.OK
+    print(f"healthy: {serving}")
     return ExitCode.OK
+
+
+STALE_STATUS_SECONDS = 30.0  # status.json is rewritten every 10 s while the proxy runs
+LOW_SPACE_BYTES = 1024 * 1024
+
+
+def degradations(status: Status, paths: StatePaths, now: float) -> tuple[str, list[str]]:
+    """What a running proxy's status (and its state dir) says is wrong: ("ok" | "degraded" | "unhealthy",
+    problems)."""
+    verdict, problems = "ok", []
+    if status.workers is not None:
+        worker_verdict, why = judge(status.workers, now)
+        if why is not None:
+            verdict = worker_verdict
+            problems.append(why)
+    failure = status.write_failure
+    if failure is not None:
+        problems.append(f"cannot write {failure.get('path')} ({failure.get('errno')}: {failure.get('message')}); "
+                        "allowlist changes wait until it can, the last good config keeps serving")
+    if now - status.written_at > STALE_STATUS_SECONDS:
+        problems.append(f"{paths.status} not updated for {now - status.written_at:.0f} s")
+    try:
+        space = os.statvfs(paths.state)
+        free = space.f_bavail * space.f_frsize
+        if free < LOW_SPACE_BYTES or (space.f_files and not space.f_favail):
+            problems.append(f"the state dir {paths.state} is full ({free} bytes, {space.f_favail} inodes free)")
+    except OSError:
+        pass
+    sink = status.log_sink
+    if sink is not None and sink.get("blocked"):
+        problems.append(f"stdout is not taking log lines ({sink.get('dropped_total')} dropped so far)")
+    return ("degraded" if problems and verdict == "ok" else verdict), problems
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ counters the metrics read) and ``Status``, the schema of ``status.json``, which 
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -173,11 +174,37 @@ class Candidate:
     mode_changes: tuple[tuple[str, str, str], ...] = ()  # (policy, old mode, new mode)
 
 
+class WriteFailures:
+    """The last write in the state dir that failed (a full disk), until a write to the same path succeeds. At run
+    time a failed write is never fatal: it is reported once per path and errno (``report("write_failed", ...)``),
+    shown in status.json and by ``health``, and its end is reported too (``"write_recovered"``)."""
+
+    def __init__(self, report: Callable[[str, dict[str, Any]], None]) -> None:
+        self.report = report
+        self.current: dict[str, Any] | None = None  # path, errno (ENOSPC), message, since
+
+    def failed(self, exc: OSError) -> None:
+        failure = {"path": str(exc.filename) if exc.filename else None,
+                   "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                   "message": exc.strerror or str(exc), "since": round(time.time(), 3)}
+        if self.current is None or (self.current["path"], self.current["errno"]) != (failure["path"],
+                                                                                     failure["errno"]):
+            self.current = failure
+            self.report("write_failed", failure)
+
+    def succeeded(self, path: Path) -> None:
+        if self.current is not None and self.current["path"] == str(path):
+            failure, self.current = self.current, None
+            self.report("write_recovered", failure)
+
+
 class ConfigApplier:
     """Build (validate, render, parse-check) and activate candidates. Keeps the last good config."""
 
     def __init__(self, settings: Settings, paths: StatePaths, *, user: str | None, denial_port: int,
-                 upstream_login: str | None, on_parse_warning: Callable[[str], None]) -> None:
+                 upstream_login: str | None, on_parse_warning: Callable[[str], None],
+                 writes: WriteFailures | None = None,
+                 status_extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.settings = settings
         self.paths = paths
         self.user = user
@@ -187,6 +214,8 @@ class ConfigApplier:
         self.active: RenderedConfig | None = None
         self.active_document: PolicyDocument | None = None
         self.stats = ReloadStats()
+        self.writes = writes or WriteFailures(lambda event, failure: None)
+        self.status_extra = status_extra  # more of status.json (the workers, the log sink), from the supervisor
 
     def build(self, snapshot: Snapshot, source: str, started: float) -> Candidate:
         """The pipeline, then ``squid -k parse`` on a copy in the candidate directory, unless it renders to the
@@ -209,6 +238,7 @@ class ConfigApplier:
                          change.mode_changes if change else ())
 
     def activate(self, candidate: Candidate) -> None:
+        """Write the config files (all or nothing; raises OSError, and then nothing changed), then the status."""
         write_rendered(candidate.rendered, self.paths)
         self.active = candidate.rendered
         self.active_document = candidate.document
@@ -218,9 +248,17 @@ class ConfigApplier:
         self.write_status()
 
     def write_status(self) -> None:
-        Status.of(self.stats, config_loaded=self.active is not None, settings=self.settings,
-                  now=time.time()).write(self.paths.status)
+        """Never raises: a status that cannot be written (a full disk) is a WriteFailures entry, not an outage."""
+        extra = self.status_extra() if self.status_extra is not None else {}
+        status = Status.of(self.stats, config_loaded=self.active is not None, settings=self.settings,
+                           now=time.time(), write_failure=self.writes.current, **extra)
+        try:
+            status.write(self.paths.status)
+        except OSError as exc:
+            self.writes.failed(exc)
+            return
+        self.writes.succeeded(self.paths.status)
 
 
-__all__ = ["Built", "Candidate", "ConfigApplier", "ReloadStats", "Status", "StatusUnreadable",
+__all__ = ["Built", "Candidate", "ConfigApplier", "ReloadStats", "Status", "StatusUnreadable", "WriteFailures",
            "build_config", "read_upstream_login", "validate"]

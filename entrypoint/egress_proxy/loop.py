@@ -47,6 +47,7 @@ class LoopConfig:
     max_backoff: float = 300.0
     probe_every: float = 0.1  # port probe cadence while launching or confirming
     status_every: float = 10.0  # status.json refresh (config_age_seconds)
+    local_retry_every: float = 10.0  # a version whose files could not be written (disk full) is tried again
 
 
 # --- events (what happened) -------------------------------------------------------------------------------
@@ -104,7 +105,8 @@ class SquidExited:
 @dataclass(frozen=True)
 class LocalFailure:
     """Writing the active config failed (an OSError: disk full, state dir gone): at startup that is exit 6;
-    while running, the reload is refused and the previous config keeps serving."""
+    while running, the reload is refused, the previous config keeps serving, and the same version is tried
+    again every ``local_retry_every`` seconds until the files can be written."""
 
     error: str
 
@@ -153,6 +155,7 @@ class Reject:
     version: str
     error: str
     bad_entries: tuple[str, ...] = ()  # the paths (or entries) of an invalid value's problems
+    retry: bool = False  # a local write failed (not the value): the same version will be tried again
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ class LoopState(Generic[C]):
     probe_at: float | None = None  # next port probe (launching, or confirming a reload)
     deadline: float | None = None  # launching: give up; draining: SIGKILL Squid
     status_at: float = 0.0
+    retry_version: str | None = None  # its files could not be written (disk full): build it again
     exit_code: ExitCode | None = None
 
 
@@ -277,7 +281,7 @@ def step(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig
     if isinstance(event, SquidExited):
         return _on_squid_exit(state, event.code)
     if isinstance(event, LocalFailure):
-        return _on_local_failure(state, event.error)
+        return _on_local_failure(state, event.error, now, config)
     if state.phase is Phase.STARTING:
         return _starting(state, event, now, config)
     if state.phase is Phase.LAUNCHING:
@@ -330,15 +334,24 @@ def _on_squid_exit(state: LoopState[C], code: int | None) -> Step[C, S]:
                        _fields(exit_code=code)), *actions]
 
 
-def _on_local_failure(state: LoopState[C], error: str) -> Step[C, S]:
+def _on_local_failure(state: LoopState[C], error: str, now: float, config: LoopConfig) -> Step[C, S]:
+    """Exit 6 at startup only. While running, nothing local is worth an outage: Squid keeps its config."""
     if state.phase in (Phase.STARTING, Phase.LAUNCHING):
         state, actions = _finish(state, ExitCode.STARTUP_IO)
         return state, [Log("error", "startup_failed", error, _fields(exit_code=int(ExitCode.STARTUP_IO))),
                        KillSquid(), *actions]
     if state.phase is Phase.RUNNING and state.pending is not None:
         version = state.pending.version
-        return replace(state, pending=None, probe_at=None), [Reject(version, error)]
+        state = _retry_later(replace(state, pending=None, probe_at=None), version, now, config)
+        return state, [Reject(version, error, retry=True)]
     return state, []
+
+
+def _retry_later(state: LoopState[C], version: str, now: float, config: LoopConfig) -> LoopState[C]:
+    """The files of ``version`` could not be written: poll again (reading the whole value) and rebuild it, at
+    the local retry cadence, until they can."""
+    return replace(state, retry_version=version,
+                   next_poll=now + max(config.poll_interval, config.local_retry_every))
 
 
 def _starting(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
@@ -399,7 +412,9 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
         if state.backoff:
             actions.append(SourceBack())
             state = replace(state, backoff=0.0)
-        if event.version is None or event.snapshot is None or event.version == state.seen_version:
+        retry = state.retry_version is not None and event.version == state.retry_version
+        state = replace(state, retry_version=None)
+        if event.version is None or event.snapshot is None or (event.version == state.seen_version and not retry):
             if answers_hup:  # the operator asked; every other poll that finds nothing stays quiet
                 actions.append(Log("info", "source_unchanged", f"SIGHUP: the source has not moved from version "
                                    f"{state.seen_version}; nothing to apply", _fields(version=state.seen_version)))
@@ -407,6 +422,9 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
         return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.snapshot)]
     if isinstance(event, CandidateBuilt):
         state = _schedule_poll(state, now, config, 1.0)
+        if event.error is not None and event.error_code is ExitCode.STARTUP_IO:
+            state = _retry_later(state, event.version, now, config)
+            return state, [Reject(event.version, event.error, retry=True)]
         if event.error is not None or event.candidate is None:
             return state, [Reject(event.version, event.error or "no candidate", event.bad_entries)]
         if event.unchanged:
@@ -439,5 +457,6 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
         actions.append(WriteStatus())
     if not state.busy and (state.poll_now or now >= state.next_poll):
         state = replace(state, busy=True, poll_now=False, hup_poll=state.poll_now)
-        actions.append(PollSource(state.seen_version))
+        # A version to retry is read whole: the cheap change check would say "unchanged".
+        actions.append(PollSource(None if state.retry_version else state.seen_version))
     return state, actions

@@ -59,6 +59,9 @@ PROXY_METRICS: dict[str, StandardUnitType] = {
     "reload.success": "Count",
     "reload.failure": "Count",
     "config.age_seconds": "Seconds",
+    "log.lines_dropped": "Count",
+    "workers.up": "Count",
+    "workers.configured": "Count",
 }
 # Client identity (membership.py): addresses in the membership table, and 1 while AWS polls fail (the last known
 # membership keeps serving meanwhile).
@@ -121,6 +124,17 @@ class ProxyTotals:
     would_deny: int = 0
     reload_success: int = 0
     reload_failure: int = 0
+    log_lines_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeFigures:
+    """The faults the supervisor watches, at one moment: Squid's workers and the log lines stdout did not take."""
+
+    workers_up: int
+    workers_configured: int
+    worker_deaths: int
+    log_lines_dropped: Mapping[str, int]  # by type (access, cache_log, supervisor), since start
 
 
 def proxy_values(previous: ProxyTotals, current: ProxyTotals, entries: int, loaded_at: float | None,
@@ -133,6 +147,7 @@ def proxy_values(previous: ProxyTotals, current: ProxyTotals, entries: int, load
         "allowlist.entries": float(entries),
         "reload.success": counter_delta(previous.reload_success, current.reload_success),
         "reload.failure": counter_delta(previous.reload_failure, current.reload_failure),
+        "log.lines_dropped": counter_delta(previous.log_lines_dropped, current.log_lines_dropped),
     }
     if loaded_at is not None:
         values["config.age_seconds"] = max(0.0, now - loaded_at)
@@ -321,11 +336,13 @@ class MetricsLoop:
     def __init__(self, settings: Settings, logger: EventLogger, stats: Callable[[], ReloadStatsLike],
                  decisions: DecisionCounter, *, client_factory: Callable[[], CloudWatchClient] = cloudwatch_client,
                  read: Callable[[], str] | None = None, instance_id: Callable[[], str] | None = None,
+                 runtime: Callable[[], RuntimeFigures] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.logger = logger
         self.stats = stats
         self.decisions = decisions
+        self.runtime = runtime
         self.namespace = settings.metrics_namespace
         self.interval = settings.metrics_interval
         self._client_factory = client_factory
@@ -395,7 +412,14 @@ class MetricsLoop:
     def _totals(self) -> ProxyTotals:
         allowed, denied, would_deny = self.decisions.totals()
         stats = self.stats()
-        return ProxyTotals(allowed, denied, would_deny, stats.success, stats.failure)
+        dropped = sum(self.runtime().log_lines_dropped.values()) if self.runtime is not None else 0
+        return ProxyTotals(allowed, denied, would_deny, stats.success, stats.failure, dropped)
+
+    def _gauges(self) -> dict[str, float]:
+        if self.runtime is None:
+            return {}
+        figures = self.runtime()
+        return {"workers.up": float(figures.workers_up), "workers.configured": float(figures.workers_configured)}
 
     def tick(self) -> None:
         """Sample, turn the sample into datums, publish what is pending (unless backing off)."""
@@ -413,6 +437,7 @@ class MetricsLoop:
             if final and self._previous is not None and now > self._previous.at:
                 stats = self.stats()
                 own = proxy_values(self._previous.totals, totals, stats.entries, stats.loaded_at, wall)
+                own.update(self._gauges())
                 timestamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
                 self._queue(build_datums(own, self.instance or socket.gethostname(), timestamp))
                 return
@@ -434,6 +459,7 @@ class MetricsLoop:
                                                  own_requests=1 if previous.from_read else 0)
         values.update(proxy_values(previous.totals, totals, stats.entries, stats.loaded_at, wall))
         values.update(identity_values(stats))
+        values.update(self._gauges())
         timestamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
         self._queue(build_datums(values, self.instance or socket.gethostname(), timestamp))
 

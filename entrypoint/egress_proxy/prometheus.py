@@ -17,7 +17,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .metrics import SEED_COUNTERS, DecisionCounter, ReloadStatsLike, manager_host, parse_counters, read_counters
+from .metrics import (
+    SEED_COUNTERS,
+    DecisionCounter,
+    ReloadStatsLike,
+    RuntimeFigures,
+    manager_host,
+    parse_counters,
+    read_counters,
+)
 from .settings import Settings
 
 PREFIX = "egress_proxy_"
@@ -49,9 +57,11 @@ class ProxyCollector(Collector):
     ``egress_proxy_squid_up 0`` and Squid's counters are left out of that scrape."""
 
     def __init__(self, stats: Callable[[], ReloadStatsLike], decisions: DecisionCounter,
-                 read: Callable[[], str], clock: Callable[[], float]) -> None:
+                 read: Callable[[], str], clock: Callable[[], float],
+                 runtime: Callable[[], RuntimeFigures] | None = None) -> None:
         self.stats = stats
         self.decisions = decisions
+        self.runtime = runtime
         self.read = read
         self.clock = clock
 
@@ -87,6 +97,8 @@ class ProxyCollector(Collector):
             lookups.add_metric(["answered"], identity.lookups)
             lookups.add_metric(["failed"], identity.lookup_failures)
             yield lookups
+        if self.runtime is not None:
+            yield from self._runtime(self.runtime())
         try:
             counters = parse_counters(self.read())
         except (OSError, ValueError):
@@ -98,11 +110,27 @@ class ProxyCollector(Collector):
             yield CounterMetricFamily(PREFIX + metric, help_text, value=value * scale)
 
 
+    @staticmethod
+    def _runtime(figures: RuntimeFigures) -> Iterator[Metric]:
+        dropped = CounterMetricFamily(PREFIX + "log_lines_dropped", "Log lines dropped because stdout did not take "
+                                      "them and the buffer (EGRESS_LOG_BUFFER_LINES) was full, by type (access, "
+                                      "cache_log, supervisor).", labels=["type"])
+        for kind, count in sorted(figures.log_lines_dropped.items()):
+            dropped.add_metric([kind], count)
+        yield dropped
+        yield GaugeMetricFamily(PREFIX + "workers_up", "Squid worker processes running now.",
+                                value=figures.workers_up)
+        yield GaugeMetricFamily(PREFIX + "workers_configured", "Squid worker processes configured (EGRESS_WORKERS).",
+                                value=figures.workers_configured)
+        yield CounterMetricFamily(PREFIX + "worker_deaths", "Squid worker processes that died since the proxy "
+                                  "started (Squid's master revives them).", value=figures.worker_deaths)
+
+
 class PrometheusExporter:
     """``/metrics`` on EGRESS_LISTEN_ADDRESS:EGRESS_PROMETHEUS_PORT, in a daemon thread of the supervisor."""
 
     def __init__(self, settings: Settings, stats: Callable[[], ReloadStatsLike], decisions: DecisionCounter,
-                 *, clock: Callable[[], float]) -> None:
+                 *, clock: Callable[[], float], runtime: Callable[[], RuntimeFigures] | None = None) -> None:
         assert settings.prometheus_port is not None
         self.address = str(settings.listen_address)
         self.port = settings.prometheus_port
@@ -110,7 +138,7 @@ class PrometheusExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         proxy_header = settings.proxy_protocol == "required"
         self.registry.register(ProxyCollector(stats, decisions, lambda: read_counters(
-            host, squid_port, proxy_header=proxy_header), clock))
+            host, squid_port, proxy_header=proxy_header), clock, runtime))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

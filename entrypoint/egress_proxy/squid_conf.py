@@ -263,6 +263,7 @@ def render(
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
         "workers": settings.workers,
+        "worker_revival_delay": WORKER_REVIVAL_DELAY_SECONDS,
         "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
         "python": PYTHON,
         "sni_helper": _sni_helper_command(paths),
@@ -318,6 +319,9 @@ def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str,
     return {"ttl": settings.identity_ttl, "timeout": IDENTITY_LOOKUP_TIMEOUT, "selectors": selectors,
             "report_policies": [policy.name for policy in document.policies if policy.mode == "report"]}
 
+
+# Squid's hopeless_kid_revival_delay (the template says why this value).
+WORKER_REVIVAL_DELAY_SECONDS = 30
 
 # A source address no TCP client has (IPv4 broadcast): stands in for an empty client list, which Squid rejects.
 NO_ADDRESS = "255.255.255.255/32"

@@ -65,23 +65,48 @@ def _chown_to(path: Path, user: str | None) -> None:
 
 def atomic_write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     """Write via a temp file + rename, so a reader (Squid on reconfigure) never sees half a file."""
+    _replace_all([(path, _write_temp(path, text, mode))])
+
+
+def _write_temp(path: Path, text: str | bytes, mode: int) -> Path:
+    """``text`` in a temp file beside ``path``; on failure (a full disk) nothing is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write or fsync names no file: name the one we were writing
+            exc.filename = str(path)
+        raise
+    return tmp
+
+
+def _replace_all(temps: list[tuple[Path, Path]]) -> None:
+    for path, tmp in temps:
+        os.replace(tmp, path)
 
 
 def write_rendered(rendered: RenderedConfig, paths: StatePaths) -> None:
-    """Write a rendered config (list files first, then squid.conf: Squid reads them when told to reconfigure)
-    and remove the list files of policies it no longer has: the SNI helper loads every list in the directory at
-    each (re)start, and a stale 50,000-entry list would slow it for nothing."""
+    """Write a rendered config (list files and squid.conf) all or nothing: every file goes to a temp file first,
+    and only when all of them are written are they renamed into place (a rename needs no free space). So a full
+    disk leaves the previous config whole, which matters because Squid re-reads these files whenever it revives
+    a worker, not only on reconfigure. Then remove the list files of policies it no longer has: the SNI helper
+    loads every list in the directory at each (re)start, and a stale 50,000-entry list would slow it for nothing."""
     files = rendered.files(paths)
-    for path, text in files.items():
-        atomic_write(path, text)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            temps.append((path, _write_temp(path, text, 0o644)))
+    except OSError:
+        for _, tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    _replace_all(temps)
     for stale in set(paths.policy_dir.glob("*")) - set(files):
         stale.unlink(missing_ok=True)
 

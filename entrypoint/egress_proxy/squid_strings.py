@@ -40,8 +40,37 @@ PARSE_WARNING_MARKER = "WARNING"
 EXPECTED_PARSE_WARNINGS = ("HTTP requires the use of Via",)
 
 
+# --- processes ---------------------------------------------------------------------------------------------
+# In SMP mode the master execs each kid with argv[0] "(squid-N)" for worker N and "(squid-coord-M)" for the
+# coordinator.
+WORKER_ARGV0_PREFIX = "(squid-"
+
+
+def worker_name(argv0: str) -> str | None:
+    """``"(squid-2)"`` -> ``"squid-2"``; None for the coordinator or anything else."""
+    if not argv0.startswith(WORKER_ARGV0_PREFIX) or not argv0.endswith(")"):
+        return None
+    name = argv0[1:-1]
+    return name if name[len("squid-"):].isdigit() else None
+
+
 def is_accepting(line: str) -> bool:
     return all(marker in line for marker in ACCEPTING_MARKERS)
+
+
+FATAL_MARKERS = ("FATAL:", "assertion failed")
+
+
+def is_fatal(line: str) -> bool:
+    """A line a Squid process logs just before it dies of its own accord."""
+    return any(marker in line for marker in FATAL_MARKERS)
+
+
+def kid_of(line: str) -> str | None:
+    """``"2026/11/27 10:00:00 kid1| ..."`` -> ``"kid1"`` (which SMP process logged it), else None."""
+    head, sep, _ = line.partition("| ")
+    last = head.rsplit(" ", 1)[-1]
+    return last if sep and last.startswith("kid") and last[3:].isdigit() else None
 
 
 def is_peer_connect_failure(line: str, host: str, port: int) -> bool:

@@ -34,12 +34,12 @@ from typing import Any, Protocol, TextIO
 from . import loop
 from . import squid_strings as strings
 from .allowlist import AllowlistError
-from .config_pipeline import Candidate, ConfigApplier, read_upstream_login
+from .config_pipeline import Candidate, ConfigApplier, WriteFailures, read_upstream_login
 from .denier import Denier
 from .errors import ExitCode, describe_os_error, exit_code_of
 from .log_output import LogOutput
 from .membership import IdentityRefresher
-from .metrics import DecisionCounter, MetricsLoop, manager_host
+from .metrics import DecisionCounter, MetricsLoop, RuntimeFigures, manager_host
 from .policy import PolicyDocument
 from .settings import Settings, SettingsError
 from .sources import Snapshot, Source, SourceUnavailable, make_source
@@ -52,6 +52,7 @@ from .squid_process import (
     prepare_state_dir,
     run_as_user,
 )
+from .workers import WorkerWatch, read_workers
 
 # The loop's events and actions, with this supervisor's source values and candidates.
 Event = loop.Event[Snapshot, Candidate]
@@ -229,6 +230,9 @@ class Supervisor:
         self.applier: ConfigApplier | None = None
         self.metrics: MetricsLoop | None = None
         self.worker = Worker(self.events.post)
+        self.workers = WorkerWatch(settings.workers)  # Squid's worker processes (not the I/O worker thread)
+        self.writes = WriteFailures(self._report_write)
+        self._fatal_lines: dict[str, tuple[float, str]] = {}  # Squid kid (kid1) -> its last FATAL line
         self._components: list[Component] = []  # started ones, in start order
 
     # --- main ------------------------------------------------------------------------------------------
@@ -279,7 +283,8 @@ class Supervisor:
                               "make EGRESS_STATE_DIR a writable directory", exit_code=int(ExitCode.STARTUP_IO))
             return ExitCode.STARTUP_IO
         self.applier = ConfigApplier(self.settings, self.paths, user=self.user, denial_port=self.denier.port,
-                                     upstream_login=upstream_login, on_parse_warning=self._parse_warning)
+                                     upstream_login=upstream_login, on_parse_warning=self._parse_warning,
+                                     writes=self.writes, status_extra=self._status_extra)
         self._start(self.worker)
         # The membership table and its on-demand lookup socket: idle (no AWS call) until a document names clients
         # by security group, ECS service or tag. Never part of the reload path: membership changes reach the
@@ -300,7 +305,8 @@ class Supervisor:
         to fix, so it stops the start."""
         from .prometheus import PrometheusExporter  # only when enabled: with it off, the library is never loaded
 
-        exporter = PrometheusExporter(self.settings, lambda: applier.stats, self.decisions, clock=time.time)
+        exporter = PrometheusExporter(self.settings, lambda: applier.stats, self.decisions, clock=time.time,
+                                      runtime=self.runtime_figures)
         try:
             self._start(_Named("prometheus", exporter.start, exporter.stop))
         except OSError as exc:
@@ -350,6 +356,8 @@ class Supervisor:
                     self._squid_exit_reported = True
                     batch.append(loop.SquidExited(code))
             batch.append(loop.Tick())
+            if state.phase is loop.Phase.RUNNING:
+                self._watch_workers()
             actions = []
             for event in batch:
                 state, more = loop.step(state, event, self.clock(), self.config)
@@ -373,8 +381,8 @@ class Supervisor:
                 return self._activate(candidate)
             case loop.SkipUnchanged(candidate):
                 self._skip(candidate)
-            case loop.Reject(version, error, bad_entries):
-                self._reject(version, error, bad_entries)
+            case loop.Reject(version, error, bad_entries, retry):
+                self._reject(version, error, bad_entries, retry=retry)
             case loop.ReloadDone(candidate, confirmed):
                 self._reload_done(candidate, confirmed)
             case loop.SourceUnavailableNow(error, retry_in):
@@ -422,6 +430,7 @@ class Supervisor:
                    if isinstance(exc, AllowlistError) else ())
             return loop.CandidateBuilt(snapshot.version, error=str(exc), error_code=code, bad_entries=bad)
         except OSError as exc:
+            self.writes.failed(exc)
             return loop.CandidateBuilt(snapshot.version, error=f"cannot write the candidate config: "
                                        f"{describe_os_error(exc)}", error_code=ExitCode.STARTUP_IO)
         return loop.CandidateBuilt(snapshot.version, candidate=candidate, unchanged=candidate.unchanged)
@@ -440,6 +449,10 @@ class Supervisor:
                                      "make EGRESS_STATE_DIR a writable directory with free space")
         if self.identity is not None:
             self.identity.set_document(candidate.document)
+        if self.writes.current is not None:  # at startup, a status that health cannot read is fatal (exit 6)
+            failure = self.writes.current
+            return loop.LocalFailure(f"cannot write {failure['path']}: {failure['message']}; make EGRESS_STATE_DIR "
+                                     "a writable directory with free space")
         access_lines = functools.partial(self.output.put_many, "access")
         self._start(LogRelay("access", access_sink(access_lines, self.decisions.observe),
                              fifo=self.paths.access_fifo))
@@ -468,7 +481,8 @@ class Supervisor:
                           source=self.source.description, pid=self.squid.pid)
         if self.settings.metrics:  # its own thread; CloudWatch trouble never reaches this loop
             applier = self.applier
-            self.metrics = MetricsLoop(self.settings, self.logger, lambda: applier.stats, self.decisions)
+            self.metrics = MetricsLoop(self.settings, self.logger, lambda: applier.stats, self.decisions,
+                                       runtime=self.runtime_figures)
             self.metrics.start()  # now: Squid's counters are zero, the first baseline
 
     def _policies(self) -> int:
@@ -480,7 +494,8 @@ class Supervisor:
         _log_warnings(self.logger, candidate.document, self.settings)
         try:
             self.applier.activate(candidate)
-        except OSError as exc:  # Squid was not told: the config it runs is still the previous one
+        except OSError as exc:  # Squid was not told: the config it runs (and its files) are still the previous
+            self.writes.failed(exc)
             return loop.LocalFailure(f"cannot write the config to {self.paths.conf_dir}: {describe_os_error(exc)}")
         self.applier.stats.rejected_version = None
         if self.identity is not None:
@@ -500,16 +515,27 @@ class Supervisor:
                           "not; Squid was not reconfigured", version=candidate.snapshot.version,
                           entries=candidate.document.entry_count)
 
-    def _reject(self, version: str, error: str, bad_entries: tuple[str, ...]) -> None:
+    def _reject(self, version: str, error: str, bad_entries: tuple[str, ...], *, retry: bool = False) -> None:
+        """``retry``: the value is fine but its files could not be written (a full disk): reason write_failed,
+        and the loop tries the same version again."""
         assert self.applier is not None
         stats = self.applier.stats
         stats.failure += 1
         stats.last_error = error
         stats.rejected_version = version
         self.applier.write_status()
+        if retry:
+            failure = self.writes.current or {}
+            self.logger.event("error", "reload_rejected", f"cannot apply allowlist version {version}: {error}; "
+                              f"version {stats.version} keeps serving; retrying every "
+                              f"{max(self.config.poll_interval, self.config.local_retry_every):g} s",
+                              version=version, active_version=stats.version, reason="write_failed",
+                              path=failure.get("path"), errno=failure.get("errno"), source=self.source.description)
+            return
         self.logger.event("error", "reload_rejected", f"rejected allowlist version {version}; "
                           f"version {stats.version} keeps serving: {error}", version=version,
-                          active_version=stats.version, bad_entries=list(bad_entries), source=self.source.description)
+                          active_version=stats.version, reason="invalid", bad_entries=list(bad_entries),
+                          source=self.source.description)
 
     def _reload_done(self, candidate: Candidate, confirmed: bool) -> None:
         assert self.applier is not None
@@ -541,6 +567,59 @@ class Supervisor:
         except OSError:
             return False
 
+    def runtime_figures(self) -> RuntimeFigures:
+        """For the metrics threads: plain reads of counters the relays and the loop keep."""
+        return RuntimeFigures(self.workers.up, self.workers.configured, self.workers.deaths, self.output.dropped())
+
+    def _report_write(self, event: str, failure: dict[str, Any]) -> None:
+        if event == "write_failed":
+            self.logger.event("error", "write_failed", f"cannot write {failure['path']}: {failure['message']} "
+                              f"({failure['errno']}); the proxy keeps serving its current config",
+                              path=failure["path"], errno=failure["errno"], error=failure["message"])
+        else:
+            self.logger.event("info", "write_recovered", f"{failure['path']} can be written again",
+                              path=failure["path"], failed_since=failure["since"])
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"workers": self.workers.status(), "log_sink": self._log_sink_status()}
+
+    def _log_sink_status(self) -> dict[str, Any]:
+        dropped = self.output.dropped()
+        return {"blocked": self.output.blocked(), "buffered": self.output.buffered(),
+                "dropped_total": sum(dropped.values()), "dropped_by_type": dropped}
+
+    def _watch_workers(self) -> None:
+        """Squid's master revives dead workers and reports it only to syslog: notice it here (a /proc read of a
+        few entries per tick) and log, count and show it to health."""
+        assert self.applier is not None
+        if self.squid.pid is None or (current := read_workers(self.squid.pid)) is None:
+            return  # the master is gone: the loop hears of that as SquidExited
+        now = time.time()
+        changes = self.workers.update(current, now)
+        for change in changes:
+            if change.kind == "died":
+                fatal = self._fatal_lines.pop(f"kid{change.worker.rsplit('-', 1)[-1]}", None)
+                cause = fatal[1] if fatal is not None and now - fatal[0] < 30 else None
+                self.logger.event(
+                    "error", "worker_died",
+                    f"Squid worker {change.worker} (pid {change.pid}) died: "
+                    + (cause or "it logged no reason, so it was killed by a signal (SIGKILL, e.g. the OOM killer); "
+                       "Squid reports the exit status only to syslog")
+                    + f"; {self.workers.up} of {self.workers.configured} workers up",
+                    worker=change.worker, pid=change.pid, cause=cause, workers_up=self.workers.up,
+                    workers_configured=self.workers.configured, deaths=self.workers.deaths)
+            else:
+                self.logger.event("info", "worker_started", f"Squid revived worker {change.worker} (pid {change.pid})"
+                                  f"; {self.workers.up} of {self.workers.configured} workers up",
+                                  worker=change.worker, pid=change.pid, workers_up=self.workers.up,
+                                  workers_configured=self.workers.configured)
+        recovered = self.workers.recovered(now)
+        if recovered:
+            self.logger.event("info", "workers_recovered", f"all {self.workers.configured} Squid workers have been up "
+                              "for a minute: no longer degraded", workers_up=self.workers.up)
+        if changes or recovered:
+            self.applier.write_status()
+
     # --- log relays (their own threads) ---------------------------------------------------------------------
     def _cache_log_lines(self, lines: list[str]) -> None:
         out: list[str] = []
@@ -552,6 +631,8 @@ class Supervisor:
                 continue
             if strings.is_accepting(text):
                 self.events.post(loop.WorkerAccepting())
+            elif strings.is_fatal(text) and (kid := strings.kid_of(text)) is not None:
+                self._fatal_lines[kid] = (time.time(), strings.strip_timestamp(text))
             out.append(json.dumps({"type": "cache_log", "message": text}, separators=(",", ":")))
         self.output.put_many("cache_log", out)
 

@@ -245,7 +245,43 @@ def test_unwritable_config_while_running_rejects_the_reload_and_keeps_serving() 
     driver = reloading(Driver().running())
     actions = driver.feed(loop.LocalFailure("No space left on device"))
     assert kinds(actions) == ["Reject"] and driver.state.pending is None
-    assert driver.state.phase is loop.Phase.RUNNING
+    assert driver.state.phase is loop.Phase.RUNNING and driver.state.exit_code is None
+    assert actions[0].retry  # type: ignore[union-attr]
+
+
+def _retried(driver: Driver) -> Driver:
+    """After a local failure of v2: the next poll reads the value whole and builds v2 again."""
+    assert driver.state.retry_version == "v2"
+    assert driver.state.next_poll >= driver.now + CONFIG.local_retry_every
+    polls = [a for a in driver.feed(loop.Tick(), at=driver.state.next_poll) if isinstance(a, loop.PollSource)]
+    assert polls == [loop.PollSource(known_version=None)]
+    assert kinds(driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))) == ["BuildCandidate"]
+    return driver
+
+
+def test_a_version_that_could_not_be_written_is_tried_again_until_it_can() -> None:
+    activating = reloading(Driver().running())
+    activating.feed(loop.LocalFailure("No space left on device"))  # writing the active files failed
+    _retried(activating)
+    driver = Driver().running()  # writing the candidate failed
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))
+    actions = driver.feed(loop.CandidateBuilt("v2", error="cannot write the candidate config: No space left on "
+                                              "device: /state/candidate/squid.conf", error_code=ExitCode.STARTUP_IO))
+    assert kinds(actions) == ["Reject"] and actions[0].retry  # type: ignore[union-attr]
+    _retried(driver)
+    # Space is back: the build succeeds and the retry is over.
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", candidate="cand2"))) == ["Activate"]
+    assert driver.state.retry_version is None
+
+
+def test_an_invalid_value_is_not_retried() -> None:
+    driver = Driver().running()
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"))
+    actions = driver.feed(loop.CandidateBuilt("v2", error="bad entry"))
+    assert kinds(actions) == ["Reject"] and not actions[0].retry  # type: ignore[union-attr]
+    assert driver.state.retry_version is None
 
 
 # --- stopping ------------------------------------------------------------------------------------------------

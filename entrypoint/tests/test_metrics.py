@@ -20,6 +20,7 @@ from egress_proxy.metrics import (
     DecisionCounter,
     MetricsLoop,
     ProxyTotals,
+    RuntimeFigures,
     backoff_delay,
     batched,
     build_datums,
@@ -104,12 +105,14 @@ def test_counter_rates_reject_a_non_positive_interval() -> None:
 
 
 def test_proxy_values_counts_per_interval_and_gauges() -> None:
-    values = proxy_values(ProxyTotals(allowed=5, denied=2, would_deny=1, reload_success=1, reload_failure=0),
-                          ProxyTotals(allowed=9, denied=2, would_deny=4, reload_success=2, reload_failure=1),
+    values = proxy_values(ProxyTotals(allowed=5, denied=2, would_deny=1, reload_success=1, reload_failure=0,
+                                      log_lines_dropped=10),
+                          ProxyTotals(allowed=9, denied=2, would_deny=4, reload_success=2, reload_failure=1,
+                                      log_lines_dropped=17),
                           entries=42, loaded_at=1000.0, now=1030.5)
     assert values == {
         "requests.allowed": 4, "requests.denied": 0, "requests.would_deny": 3, "allowlist.entries": 42,
-        "reload.success": 1,
+        "reload.success": 1, "log.lines_dropped": 7,
         "reload.failure": 1, "config.age_seconds": 30.5,
     }
     assert "config.age_seconds" not in proxy_values(ProxyTotals(), ProxyTotals(), 0, None, 5.0)
@@ -250,8 +253,10 @@ def make_loop(interval: str = "10") -> tuple[MetricsLoop, FakeCloudWatch, FakeSq
     settings = load_settings({"metrics_interval": interval, "allowed_domains": "example.com"}, {})
     cloudwatch, squid, logger, clock = FakeCloudWatch(), FakeSquid(), FakeLogger(), Clock()
     decisions, stats = DecisionCounter(), FakeStats()
+    runtime = RuntimeFigures(workers_up=1, workers_configured=2, worker_deaths=3, log_lines_dropped={"access": 4})
     loop = MetricsLoop(settings, logger, lambda: stats, decisions, client_factory=lambda: cloudwatch,  # type: ignore[arg-type,return-value]
-                       read=squid.read, instance_id=lambda: "test", clock=clock, wall=lambda: 2000.0)
+                       read=squid.read, instance_id=lambda: "test", clock=clock, wall=lambda: 2000.0,
+                       runtime=lambda: runtime)
     loop.instance = "test"
     return loop, cloudwatch, squid, logger, clock, decisions, stats
 

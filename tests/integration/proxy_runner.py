@@ -40,6 +40,8 @@ class ProxyRunner(LogReader):
         self.args = args or []
         self.process: subprocess.Popen[str] | None = None
         self.exit_code: int | None = None
+        self.reading = threading.Event()  # clear it to stop reading stdout: the proxy's log sink stalls
+        self.reading.set()
 
     @property
     def proxy_url(self) -> str:
@@ -72,7 +74,11 @@ class ProxyRunner(LogReader):
 
     def _read(self) -> None:
         assert self.process and self.process.stdout
-        for line in self.process.stdout:
+        while True:
+            self.reading.wait()
+            line = self.process.stdout.readline()
+            if not line:
+                return
             self.feed(line)
 
     def squid_starts(self) -> dict[str, int]:
