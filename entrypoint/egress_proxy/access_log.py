@@ -35,6 +35,8 @@ REASONS: dict[str, str] = {
     "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
     "manager_denied": "the cache manager is reachable from the proxy host only",
     "upstream_unavailable": "the upstream proxy (EGRESS_UPSTREAM_PROXY) is not accepting connections",
+    "log_unavailable": "the proxy cannot write its log lines now (stdout stalled) and EGRESS_LOG_FULL=refuse says "
+    "no log, no traffic",
     "host_header_forgery": "an intercepted connection's Host header or TLS SNI does not resolve to the IP address "
     "the client connected to (transparent mode), or an explicit request's Host header names another host than "
     "its URL",

@@ -4,9 +4,12 @@ env var."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -97,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         _json_excepthooks()
+        # `kill -USR2 <pid>` prints every thread's stack on stderr: what a stuck supervisor is waiting on.
+        with contextlib.suppress(ValueError, OSError):  # a stderr without a file descriptor (tests): no dump
+            faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     try:
         if args.command == "allowlist":
             return allowlist_cli.run(args)

@@ -28,7 +28,7 @@ _MAX_HEAD = 256 * 1024
 
 
 # Not every refusal is a policy decision: an unreachable upstream proxy is an outage.
-_STATUS = {"upstream_unavailable": "503 Service Unavailable"}
+_STATUS = {"upstream_unavailable": "503 Service Unavailable", "log_unavailable": "503 Service Unavailable"}
 
 
 def refusal(reason: str, policy: str | None = None) -> bytes:

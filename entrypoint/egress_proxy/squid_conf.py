@@ -134,6 +134,15 @@ class StatePaths:
         return self.state / "bin" / "upstream_probe.py"
 
     @property
+    def log_gate(self) -> Path:
+        return self.state / "bin" / "log_gate.py"
+
+    @property
+    def log_blocked_flag(self) -> Path:
+        """Exists while the supervisor cannot write log lines (EGRESS_LOG_FULL=refuse); log_gate.py checks it."""
+        return self.state / "logs" / "log_blocked"
+
+    @property
     def identity_helper(self) -> Path:
         return self.state / "bin" / "identity_helper.py"
 
@@ -264,6 +273,8 @@ def render(
         "denial_port": denial_port,
         "workers": settings.workers,
         "worker_revival_delay": WORKER_REVIVAL_DELAY_SECONDS,
+        "log_gate": ({"script": paths.log_gate, "flag": paths.log_blocked_flag} if settings.log_full == "refuse"
+                     else None),
         "own_address": "" if listen.is_unspecified or listen.is_loopback else str(listen),
         "python": PYTHON,
         "sni_helper": _sni_helper_command(paths),
@@ -449,6 +460,10 @@ def _sni_helper_command(paths: StatePaths) -> str:
 
 def sni_helper_script() -> str:
     return (resources.files("egress_proxy") / "sni_helper.py").read_text(encoding="utf-8")
+
+
+def log_gate_script() -> str:
+    return (resources.files("egress_proxy") / "log_gate.py").read_text(encoding="utf-8")
 
 
 def upstream_probe_script() -> str:

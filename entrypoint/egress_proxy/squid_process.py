@@ -29,6 +29,7 @@ from .squid_conf import (
     StatePaths,
     compiled_sni_helper,
     identity_helper_script,
+    log_gate_script,
     sni_helper_script,
     upstream_error_page,
     upstream_probe_script,
@@ -132,6 +133,8 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     else:
         paths.sni_helper_binary.unlink(missing_ok=True)
     atomic_write(paths.upstream_probe, upstream_probe_script(), mode=0o644)
+    atomic_write(paths.log_gate, log_gate_script(), mode=0o644)
+    paths.log_blocked_flag.unlink(missing_ok=True)  # a previous run's: lines flow until shown otherwise
     atomic_write(paths.identity_helper, identity_helper_script(), mode=0o644)
     for fifo in (paths.access_fifo, paths.cache_fifo):
         if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):

@@ -233,6 +233,7 @@ class Supervisor:
         self.workers = WorkerWatch(settings.workers)  # Squid's worker processes (not the I/O worker thread)
         self.writes = WriteFailures(self._report_write)
         self._fatal_lines: dict[str, tuple[float, str]] = {}  # Squid kid (kid1) -> its last FATAL line
+        self._refusing = False  # EGRESS_LOG_FULL=refuse and the log gate's flag file is up
         self._components: list[Component] = []  # started ones, in start order
 
     # --- main ------------------------------------------------------------------------------------------
@@ -358,6 +359,7 @@ class Supervisor:
             batch.append(loop.Tick())
             if state.phase is loop.Phase.RUNNING:
                 self._watch_workers()
+                self._gate_traffic_on_log()
             actions = []
             for event in batch:
                 state, more = loop.step(state, event, self.clock(), self.config)
@@ -587,6 +589,33 @@ class Supervisor:
         dropped = self.output.dropped()
         return {"blocked": self.output.blocked(), "buffered": self.output.buffered(),
                 "dropped_total": sum(dropped.values()), "dropped_by_type": dropped}
+
+    def _gate_traffic_on_log(self) -> None:
+        """EGRESS_LOG_FULL=refuse ("no log, no traffic"): while stdout takes no lines, a flag file tells Squid's
+        log_gate helper to refuse new requests (reason log_unavailable). Lifted once lines flow again and the
+        buffer is back under half full, so that the lines of the requests let through then still fit."""
+        if self.settings.log_full != "refuse" or self.applier is None:
+            return
+        blocked = self.output.blocked() or (self._refusing and self.output.buffered() >= self.output.capacity // 2)
+        if blocked == self._refusing:
+            return
+        flag = self.paths.log_blocked_flag
+        try:
+            if blocked:
+                os.close(os.open(flag, os.O_WRONLY | os.O_CREAT, 0o644))
+            else:
+                flag.unlink(missing_ok=True)
+        except OSError as exc:  # the next tick tries again
+            exc.filename = exc.filename or str(flag)
+            self.writes.failed(exc)
+            return
+        self._refusing = blocked
+        if blocked:
+            self.logger.event("warning", "log_refusing", "stdout is not taking log lines: refusing new requests "
+                              "(reason log_unavailable) until it does (EGRESS_LOG_FULL=refuse)",
+                              buffered=self.output.buffered())
+        else:
+            self.logger.event("info", "log_flowing", "stdout takes log lines again: requests are served again")
 
     def _watch_workers(self) -> None:
         """Squid's master revives dead workers and reports it only to syslog: notice it here (a /proc read of a

@@ -85,7 +85,8 @@ def test_policy_directives() -> None:
             assert covered(network, forbidden), network
     for reason in REASONS:
         assert f"acl reason_{reason} annotate_transaction reason={reason}" in conf
-        page = "503:ERR_EGRESS_UPSTREAM" if reason == "upstream_unavailable" else "ERR_EGRESS_DENIED"
+        page = {"upstream_unavailable": "503:ERR_EGRESS_UPSTREAM", "log_unavailable": "503:ERR_EGRESS_DENIED"}.get(
+            reason, "ERR_EGRESS_DENIED")
         assert f"deny_info {page} reason_{reason}" in conf
     assert SQUID_LOGFORMAT in conf
 
@@ -430,3 +431,22 @@ def test_every_ipv4_address_is_rendered_as_two_halves() -> None:
     for name in ("clients", "policy_rest", "in_a_policy"):
         assert f"acl {name} src 0.0.0.0/1 128.0.0.0/1\n" in conf
     assert "0.0.0.0/0" not in conf
+
+
+def test_logging_directives() -> None:
+    """Squid never blocks on its access log (daemon:, not stdio:), gives up on a crash-looping worker for 30 s
+    only, and refuses traffic on a stalled log only when EGRESS_LOG_FULL=refuse says so."""
+    conf = _render()
+    assert "access_log daemon:/srv/state/logs/access.fifo logformat=egress" in conf and "access_log stdio:" not in conf
+    assert "logfile_daemon /usr/lib/squid/log_file_daemon" in conf
+    assert "hopeless_kid_revival_delay 30 seconds" in conf
+    assert "log_unavailable external" not in conf and "log_unavailable reason_log_unavailable" not in conf
+    refusing = _render({"EGRESS_LOG_FULL": "refuse"})
+    lines = refusing.splitlines()
+    assert "acl log_unavailable external log_gate now" in lines
+    # First after the manager rules (health and metrics keep working), and before any policy rule.
+    assert lines.index("http_access deny !CONNECT log_unavailable reason_log_unavailable") == lines.index(
+        "http_access deny manager reason_manager_denied") + 1
+    assert lines.index("ssl_bump splice step1 log_unavailable reason_log_unavailable") < lines.index(
+        "ssl_bump splice step1 !clients reason_client_not_allowed")
+    assert "log_unavailable" in next(line for line in lines if line.startswith("acl refused_connect note reason"))

@@ -70,6 +70,7 @@ class Load:
         self.proxies = proxy.proxies
         self.ok = 0
         self.failed: list[str] = []
+        self.refused_no_log = 0  # 503 with X-Egress-Reason: log_unavailable
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -79,19 +80,25 @@ class Load:
         session.trust_env = False
         while not self._stop.is_set():
             try:
-                status = session.get("http://allowed.test/", proxies=self.proxies, timeout=10).status_code
-                outcome = None if status == 200 else f"status {status}"
+                response = session.get("http://allowed.test/", proxies=self.proxies, timeout=10)
+                outcome = f"{response.status_code} {response.headers.get('X-Egress-Reason', '')}".strip()
             except requests.RequestException as exc:
                 outcome = type(exc).__name__
             with self._lock:
-                if outcome is None:
+                if outcome == "200":
                     self.ok += 1
+                elif outcome == "503 log_unavailable":
+                    self.refused_no_log += 1
                 else:
                     self.failed.append(outcome)
 
     def count(self) -> int:
         with self._lock:
             return self.ok
+
+    def refused(self) -> int:
+        with self._lock:
+            return self.refused_no_log
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -147,8 +154,13 @@ def test_a_stalled_stdout_costs_log_lines_never_proxying(public_tmp: Path, dns: 
         proxy.wait_for(lambda _: _allowed_lines(proxy) + _dropped_access(proxy) == total, timeout=40)
         dropped = _dropped_access(proxy)
         assert dropped > 0 and _metric(proxy, "egress_proxy_log_lines_dropped_total", type="access") == dropped
-        times = [r["time"] for r in proxy.records if r.get("type") == "access"]
-        assert times == sorted(times)
+        # In order: the requests of one keep-alive connection are served one after another by one worker, so
+        # their lines must arrive in that order (the two workers' lines interleave by a millisecond or so).
+        by_connection: dict[int, list[float]] = {}
+        for record in proxy.records:
+            if record.get("type") == "access":
+                by_connection.setdefault(record["client_port"], []).append(record["time"])
+        assert all(times == sorted(times) for times in by_connection.values())
         assert proxy.stop() == 0
     finally:
         proxy.reading.set()
@@ -169,6 +181,33 @@ def test_sigterm_while_stdout_is_stalled_exits_within_the_drain_time(public_tmp:
             # margin after it (10 s), the last lines' flush (5 s); plus slack for a busy machine.
             code = proxy.process.wait(timeout=1 + 10 + 5 + 30)
         assert code == 0
+    finally:
+        proxy.reading.set()
+        proxy.stop()
+
+
+def test_no_log_no_traffic_refuses_while_stdout_is_stalled_and_loses_no_allowed_line(
+        public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin) -> None:
+    proxy = _runner(public_tmp, "stall-refuse", 3195, EGRESS_LOG_FULL="refuse", EGRESS_LOG_BUFFER_LINES="3000").start()
+    try:
+        with Load(proxy) as load:
+            _wait(lambda: load.count() > 50, "traffic flowing", 30)
+            proxy.reading.clear()
+            # Each worker caches the gate's answer for a second, so give both the time to see it.
+            _wait(lambda: load.refused() > 100, "requests refused with reason log_unavailable", 60)
+            served_while_refusing = load.count()
+            _wait(lambda: load.refused() > 400, "the proxy keeps answering (refusals) while stdout is stalled", 60)
+            assert load.count() - served_while_refusing < 20, "requests served while no line could be written"
+            proxy.reading.set()
+            _wait(lambda: load.count() > served_while_refusing + 100, "requests served again", 60)
+        assert not load.failed, f"requests that neither succeeded nor were refused: {load.failed[:5]}"
+        # The audit property: every request that went through has its access line (none was dropped).
+        proxy.wait_for(lambda _: sum(1 for r in list(proxy.records) if r.get("type") == "access"
+                                     and r.get("decision") == "allowed") == load.ok, timeout=40)
+        refusals = [r for r in proxy.records if r.get("reason") == "log_unavailable"]
+        assert refusals and all(r["status"] == 503 and r["decision"] == "denied" for r in refusals)
+        assert proxy.events("log_refusing") and proxy.events("log_flowing")
+        assert proxy.stop() == 0
     finally:
         proxy.reading.set()
         proxy.stop()
@@ -300,7 +339,12 @@ def test_a_full_disk_refuses_the_reload_keeps_serving_and_recovers(public_tmp: P
         # the retry (every 10 s) is logged again while the process lives on.
         assert (status("allowed.test"), status("denied.test")) == (200, 403)
         retried = proxy.mark()
-        proxy.wait_for(lambda r: r.get("event") == "reload_rejected", start=retried, timeout=40)
+        try:
+            proxy.wait_for(lambda r: r.get("event") == "reload_rejected", start=retried, timeout=40)
+        except TimeoutError:
+            proxy.signal(signal.SIGUSR2)  # the supervisor's thread stacks, for the failure message
+            time.sleep(2)
+            raise AssertionError("no retry of the reload:\n" + proxy.tail(60)) from None
         assert proxy.process is not None and proxy.process.poll() is None, proxy.tail()
         assert not proxy.events("startup_failed")
         health = _health(proxy)
