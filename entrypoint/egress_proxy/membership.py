@@ -30,8 +30,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .identity_helper import Selector
@@ -48,7 +48,12 @@ Members = dict[str, set[str]]  # address -> membership selectors (their text)
 LOOKUP_RATE = 10.0
 LOOKUP_BURST = 20
 ECS_LOOKUP_REUSE = 1.0  # seconds an on-demand listing of the ecs: services serves further lookups
-LOOKUP_THREADS = 16  # concurrent on-demand lookups; more are answered "busy" at once
+LOOKUP_THREADS = 64  # lookups waiting at once (for the next batch); more are answered "busy" at once
+# Lookups arriving within this window share one EC2 call (up to LOOKUP_BATCH addresses): a task scaling out, or a
+# fresh proxy meeting hundreds of clients, costs a few calls, not one per client. The rate above counts calls.
+LOOKUP_BATCH_WINDOW = 0.02
+LOOKUP_BATCH = 200
+LOOKUP_WAIT = 1.8  # a lookup's answer within the helper's 2 s (IDENTITY_LOOKUP_TIMEOUT), or lookup_timeout
 LOG_ADDRESSES = 20  # addresses named in one membership-change line (the counts are always complete)
 
 
@@ -112,19 +117,27 @@ class AwsMembership:
             _add_all(members, self.service_addresses(selector))
         return members
 
-    def by_address(self, address: str, selectors: Iterable[Selector]) -> set[str]:
-        """The ENI-based selectors (sg-, tag:) among ``selectors`` that the ENI holding ``address`` is in."""
+    def by_addresses(self, addresses: Sequence[str], selectors: Iterable[Selector]) -> Members:
+        """The ENI-based selectors (sg-, tag:) among ``selectors`` of the ENIs holding ``addresses`` (at most
+        200 a call: one filter takes at most 200 values). Addresses in no selector are absent."""
         chosen = [s for s in selectors if s.kind in {"sg", "tag"}]
+        found: Members = {}
         if not chosen:
-            return set()  # only ecs: selectors: no EC2 call
-        name = "addresses.private-ip-address" if ipaddress.ip_address(address).version == 4 else \
-            "ipv6-addresses.ipv6-address"
-        found: set[str] = set()
-        for eni in self._enis([{"Name": name, "Values": [address]}]):
-            groups = {group.get("GroupId") for group in eni.get("Groups", [])}
-            tags = {f"tag:{tag.get('Key')}={tag.get('Value')}" for tag in eni.get("TagSet", [])}
-            found |= {s.text for s in chosen if (s.kind == "sg" and s.text in groups)
-                      or (s.kind == "tag" and s.text in tags)}
+            return found  # only ecs: selectors: no EC2 call
+        wanted = set(addresses)
+        by_family = {4: [a for a in addresses if ipaddress.ip_address(a).version == 4],
+                     6: [a for a in addresses if ipaddress.ip_address(a).version == 6]}
+        names = {4: "addresses.private-ip-address", 6: "ipv6-addresses.ipv6-address"}
+        for family, values in by_family.items():
+            if not values:
+                continue
+            for eni in self._enis([{"Name": names[family], "Values": values}]):
+                groups = {group.get("GroupId") for group in eni.get("Groups", [])}
+                tags = {f"tag:{tag.get('Key')}={tag.get('Value')}" for tag in eni.get("TagSet", [])}
+                matched = {s.text for s in chosen if (s.kind == "sg" and s.text in groups)
+                           or (s.kind == "tag" and s.text in tags)}
+                if matched:
+                    _add(found, [a for a in eni_addresses(eni) if a in wanted], *matched)
         return found
 
     def service_addresses(self, selector: Selector) -> dict[str, str]:
@@ -170,14 +183,29 @@ def task_addresses(task: Mapping[str, Any]) -> list[str]:
     return addresses
 
 
-def _add(members: Members, addresses: Iterable[str], selector: str) -> None:
+def _add(members: Members, addresses: Iterable[str], *selectors: str) -> None:
     for address in addresses:
-        members.setdefault(address, set()).add(selector)
+        members.setdefault(address, set()).update(selectors)
 
 
 def _add_all(members: Members, found: Mapping[str, str]) -> None:
     for address, selector in found.items():
         members.setdefault(address, set()).add(selector)
+
+
+@dataclass
+class _Waiter:
+    """One address waiting for its batch: the answer, or why there is none."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    members: set[str] = field(default_factory=set)
+    error: str | None = None
+
+
+def _finish(batch: Mapping[str, _Waiter], error: str | None = None) -> None:
+    for waiter in batch.values():
+        waiter.error = error
+        waiter.done.set()
 
 
 class TokenBucket:
@@ -220,6 +248,9 @@ class IdentityRefresher:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._ecs_lock = threading.Lock()
+        self._batch: dict[str, _Waiter] = {}  # addresses waiting for the next on-demand lookup
+        self._batch_lock = threading.Lock()
+        self._batch_ready = threading.Condition(self._batch_lock)
         self._ecs_listed: tuple[float, Members] = (float("-inf"), {})
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -241,11 +272,18 @@ class IdentityRefresher:
                               "are refused until a poll finds them", error=str(exc))
         else:
             threading.Thread(target=self._accept, name="identity-lookup", daemon=True).start()
+        self.serve_lookups()
         self._thread.start()
+
+    def serve_lookups(self) -> None:
+        """Start answering lookups (the batching thread); start() does it."""
+        threading.Thread(target=self._run_batches, name="identity-batch", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        with self._batch_lock:
+            self._batch_ready.notify_all()
         if self._server is not None:
             with contextlib.suppress(OSError):
                 self._server.close()
@@ -355,45 +393,80 @@ class IdentityRefresher:
 
     # --- on-demand lookups ---------------------------------------------------------------------------------
     def lookup(self, address: str) -> dict[str, Any]:
-        """One address's membership selectors, for a helper: {"members": [...]} or {"error": why}."""
+        """One address's membership selectors, for a helper: {"members": [...]} or {"error": why}. Waits for the
+        batch it joins (at most LOOKUP_WAIT seconds)."""
         try:
             address = str(ipaddress.ip_address(address))
         except ValueError:
             return {"error": "bad_address"}
-        now = self.clock()
+        cached = self._cached(address)
+        if cached is not None:
+            return {"members": sorted(cached)}
+        with self._batch_lock:
+            waiter = self._batch.setdefault(address, _Waiter())
+            self._batch_ready.notify()
+        if not waiter.done.wait(LOOKUP_WAIT):
+            self.stats.lookup_failures += 1
+            return {"error": "lookup_timeout"}
+        if waiter.error is not None:
+            return {"error": waiter.error}
+        return {"members": sorted(waiter.members)}
+
+    def _cached(self, address: str) -> set[str] | None:
+        """What is known without asking AWS: the table, or "no selector" (negative, or nothing to look for)."""
         with self._lock:
-            selectors = self._selectors
             known = self._polled.get(address)
             if known is None and address in self._looked_up:
                 known = self._looked_up[address][0]
-            negative = self._negative.get(address, 0.0) > now
-        if known:
-            return {"members": sorted(known)}
-        if negative or not selectors:
-            return {"members": []}
-        if not self._bucket.take():
-            self.stats.lookup_failures += 1
-            return {"error": "lookup_rate_limited"}
-        try:
-            found = self.aws.by_address(address, selectors)
-            found |= self._ecs_members(selectors).get(address, set())
-        except Exception as exc:
-            self.stats.lookup_failures += 1
-            self.logger.event("warning", "identity_lookup_failed",
-                              f"on-demand lookup of {address} failed: {type(exc).__name__}: {exc}",
-                              address=address)
-            return {"error": "lookup_failed"}
-        self.stats.lookups += 1
-        before = self._merged()
+            if known:
+                return known
+            if not self._selectors or self._negative.get(address, 0.0) > self.clock():
+                return set()
+        return None
+
+    def _run_batches(self) -> None:
+        while not self._stopping.is_set():
+            with self._batch_lock:
+                while not self._batch and not self._stopping.is_set():
+                    self._batch_ready.wait(1)
+            if self._stopping.is_set():
+                return
+            self._stopping.wait(LOOKUP_BATCH_WINDOW)  # let the lookups arriving together share the call
+            with self._batch_lock:
+                batch = dict(list(self._batch.items())[:LOOKUP_BATCH])
+                for address in batch:
+                    del self._batch[address]
+            self._lookup_batch(batch)
+
+    def _lookup_batch(self, batch: dict[str, _Waiter]) -> None:
         with self._lock:
-            if found:
-                self._looked_up[address] = (found, self.clock())
-            else:
-                self._negative[address] = self.clock() + self.settings.identity_ttl
-        if found:
+            selectors = self._selectors
+        if not self._bucket.take():
+            self.stats.lookup_failures += len(batch)
+            return _finish(batch, error="lookup_rate_limited")
+        try:
+            found = self.aws.by_addresses(list(batch), selectors)
+            ecs = self._ecs_members(selectors)
+        except Exception as exc:
+            self.stats.lookup_failures += len(batch)
+            self.logger.event("warning", "identity_lookup_failed",
+                              f"on-demand lookup of {len(batch)} addresses failed: {type(exc).__name__}: {exc}",
+                              addresses=sorted(batch)[:LOG_ADDRESSES])
+            return _finish(batch, error="lookup_failed")
+        self.stats.lookups += len(batch)
+        before = self._merged()
+        now = self.clock()
+        with self._lock:
+            for address, waiter in batch.items():
+                waiter.members = found.get(address, set()) | ecs.get(address, set())
+                if waiter.members:
+                    self._looked_up[address] = (waiter.members, now)
+                else:
+                    self._negative[address] = now + self.settings.identity_ttl
+        if any(waiter.members for waiter in batch.values()):
             self._log_changes(before, self._merged())
             self.write()
-        return {"members": sorted(found)}
+        _finish(batch)
 
     def _ecs_members(self, selectors: tuple[Selector, ...]) -> Members:
         """Every ecs: selector's task addresses, listed at most once per ECS_LOOKUP_REUSE seconds for all the

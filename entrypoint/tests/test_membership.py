@@ -30,11 +30,11 @@ class FakeAws:
             raise self.error
         return {address: set(found) for address, found in self.members.items()}
 
-    def by_address(self, address: str, selectors: Iterable[Selector]) -> set[str]:
+    def by_addresses(self, addresses: list[str], selectors: Iterable[Selector]) -> dict[str, set[str]]:
         self.by_address_calls += 1
         if self.error:
             raise self.error
-        return set(self.members.get(address, set()))
+        return {a: set(self.members[a]) for a in addresses if self.members.get(a)}
 
     def service_addresses(self, selector: Selector) -> dict[str, str]:
         self.ecs_calls += 1
@@ -67,6 +67,7 @@ def _refresher(tmp_path: Path) -> tuple[IdentityRefresher, FakeAws, Events, Cloc
     document = parse_policy_value(json.dumps({"policies": [{"name": "p", "clients": [SG], "allow": ["a.com"]}]}),
                                   source="test", client_cidrs=settings.client_cidrs)
     refresher.set_document(document)
+    refresher.serve_lookups()
     return refresher, aws, events, clock
 
 
@@ -155,3 +156,19 @@ def test_a_burst_of_new_ecs_tasks_lists_the_service_once(tmp_path: Path) -> None
     aws.members["10.0.3.9"] = {"ecs:prod/api"}
     assert refresher.lookup("10.0.3.9") == {"members": ["ecs:prod/api"]}
     assert aws.ecs_calls == 2
+
+
+def test_lookups_arriving_together_share_one_call(tmp_path: Path) -> None:
+    import threading
+
+    refresher, aws, _, _ = _refresher(tmp_path)
+    aws.members = {f"10.0.4.{n}": {SG} for n in range(0, 50, 2)}
+    answers: dict[str, Any] = {}
+    threads = [threading.Thread(target=lambda a=f"10.0.4.{n}": answers.__setitem__(a, refresher.lookup(a)))
+               for n in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers["10.0.4.2"] == {"members": [SG]} and answers["10.0.4.3"] == {"members": []}
+    assert aws.by_address_calls < 10  # 50 lookups, a handful of calls (whatever arrived within each window)
