@@ -36,6 +36,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -259,7 +260,9 @@ class Membership:
 
 
 def ask_supervisor(socket_path: str, address: str, timeout: float) -> tuple[list[str] | None, str | None]:
-    """One on-demand lookup: (the address's membership selectors, None) or (None, why it failed)."""
+    """One on-demand lookup: (the address's membership selectors, None) or (None, why it failed). The whole
+    exchange takes at most ``timeout`` seconds: Squid waits for this answer."""
+    deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -267,6 +270,10 @@ def ask_supervisor(socket_path: str, address: str, timeout: float) -> tuple[list
             sock.sendall(address.encode("ascii") + b"\n")
             data = b""
             while not data.endswith(b"\n"):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
                 chunk = sock.recv(65536)
                 if not chunk:
                     break

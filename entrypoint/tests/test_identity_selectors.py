@@ -190,3 +190,15 @@ def test_endpoint_selectors_without_the_proxy_protocol_are_warned_about() -> Non
     assert warning.startswith(f"policies[0].clients[1] '{VPCE_A}' can never match: EGRESS_PROXY_PROTOCOL is off")
     on = load_settings({}, {"EGRESS_PROXY_PROTOCOL": "required", "EGRESS_PROXY_PROTOCOL_FROM": "10.0.0.0/24"})
     assert settings_warnings(on, document) == []
+
+
+def test_a_silent_supervisor_is_a_timeout_within_the_bound(tmp_path: Path) -> None:
+    import socket as socket_module
+
+    from egress_proxy.identity_helper import ask_supervisor
+
+    path = str(tmp_path / "silent.sock")
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)  # accepts (the kernel does), never answers
+        assert ask_supervisor(path, "10.0.0.1", 0.3) == (None, "lookup_timeout")
