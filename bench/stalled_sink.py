@@ -43,6 +43,8 @@ WINDOW = 5.0
 class Load:
     def __init__(self, proxies: dict[str, str] | None, threads: int) -> None:
         self.proxies = proxies or {}
+        # Direct: the origin by address (the bench's names resolve only through its own DNS server, for Squid).
+        self.url = "http://allowed.test/" if proxies else f"http://{ORIGIN_IP}/"
         self.ok = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -54,7 +56,7 @@ class Load:
         session.trust_env = False
         while not self._stop.is_set():
             try:
-                good = session.get("http://allowed.test/", proxies=self.proxies, timeout=60).status_code == 200
+                good = session.get(self.url, proxies=self.proxies, timeout=60).status_code == 200
             except requests.RequestException:
                 good = False
             with self._lock:
@@ -88,6 +90,7 @@ def main() -> int:
     parser.add_argument("--name", default="run")
     parser.add_argument("--stall", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--buffer-lines", type=int, help="EGRESS_LOG_BUFFER_LINES (default: the proxy's)")
     args = parser.parse_args()
 
     dns = DnsServer({"allowed.test": [ORIGIN_IP]}, host="127.0.0.1", port=53)
@@ -102,6 +105,8 @@ def main() -> int:
                 "EGRESS_ALLOW_DESTINATIONS": f"{ORIGIN_IP}/32", "EGRESS_DRAIN_SECONDS": "1"})
     if args.tree:
         env["PYTHONPATH"] = str(args.tree / "entrypoint")
+    if args.buffer_lines:
+        env["EGRESS_LOG_BUFFER_LINES"] = str(args.buffer_lines)
     proxy = subprocess.Popen([sys.executable, "-m", "egress_proxy.cli", "run"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
     assert proxy.stdout is not None
@@ -127,6 +132,7 @@ def main() -> int:
 
     threading.Thread(target=read, daemon=True).start()
     result: dict[str, object] = {"name": args.name, "tree": str(args.tree or ROOT), "stall_seconds": args.stall,
+                                 "buffer_lines": args.buffer_lines,
                                  "threads": args.threads, "window_seconds": WINDOW}
     try:
         if not started.wait(90):
@@ -136,11 +142,11 @@ def main() -> int:
             result["direct"] = direct.windows(10)
         proxies = {"http": f"http://127.0.0.1:{PORT}"}
         with Load(proxies, args.threads) as load:
-            result["before"] = load.windows(10)
+            result["unstalled"] = load.windows(10)
             reading.clear()
             result["stalled"] = load.windows(args.stall)
             reading.set()
-            result["after"] = load.windows(10)
+            result["recovered"] = load.windows(10)
         result["proxied_ok"], result["proxied_failed"] = load.ok, load.failed
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -158,14 +164,14 @@ def main() -> int:
         origin.__exit__(None, None, None)
         dns.stop()
     per_second = {key: [round(count / WINDOW, 1) for count in result[key]]  # type: ignore[attr-defined]
-                  for key in ("direct", "before", "stalled", "after")}
+                  for key in ("direct", "unstalled", "stalled", "recovered")}
     result["per_second"] = per_second
     direct_rate = sum(result["direct"]) / 10  # type: ignore[arg-type]
     stalled_rate = sum(result["stalled"]) / args.stall  # type: ignore[arg-type]
-    before_rate = sum(result["before"]) / 10  # type: ignore[arg-type]
-    result["ratios"] = {"before_vs_direct": round(before_rate / direct_rate, 3),
+    unstalled_rate = sum(result["unstalled"]) / 10  # type: ignore[arg-type]
+    result["ratios"] = {"unstalled_vs_direct": round(unstalled_rate / direct_rate, 3),
                         "stalled_vs_direct": round(stalled_rate / direct_rate, 3),
-                        "stalled_vs_before": round(stalled_rate / before_rate, 3) if before_rate else None}
+                        "stalled_vs_unstalled": round(stalled_rate / unstalled_rate, 3) if unstalled_rate else None}
     out = ROOT / "bench" / "results" / f"{datetime.date.today()}-stalled-sink-{args.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
