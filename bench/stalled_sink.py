@@ -28,60 +28,14 @@ import threading
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from harness import DnsServer, HttpOrigin, wait_for_port  # noqa: E402
+from harness import DnsServer, HttpOrigin, RequestLoad, wait_for_port  # noqa: E402
 
 ORIGIN_IP = "127.0.0.2"
 PORT = 3128
 WINDOW = 5.0
-
-
-class Load:
-    def __init__(self, proxies: dict[str, str] | None, threads: int) -> None:
-        self.proxies = proxies or {}
-        # Direct: the origin by address (the bench's names resolve only through its own DNS server, for Squid).
-        self.url = "http://allowed.test/" if proxies else f"http://{ORIGIN_IP}/"
-        self.ok = 0
-        self.failed = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        while not self._stop.is_set():
-            try:
-                good = session.get(self.url, proxies=self.proxies, timeout=60).status_code == 200
-            except requests.RequestException:
-                good = False
-            with self._lock:
-                if good:
-                    self.ok += 1
-                else:
-                    self.failed += 1
-
-    def windows(self, seconds: float) -> list[int]:
-        counts: list[int] = []
-        for _ in range(round(seconds / WINDOW)):
-            before = self.ok
-            time.sleep(WINDOW)
-            counts.append(self.ok - before)
-        return counts
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(70)
 
 
 def main() -> int:
@@ -138,22 +92,23 @@ def main() -> int:
         if not started.wait(90):
             raise SystemExit("the proxy did not start")
         wait_for_port("127.0.0.1", PORT)
-        with Load(None, args.threads) as direct:
-            result["direct"] = direct.windows(10)
+        # Direct: the origin by address (the bench's names resolve only through its own DNS server, for Squid).
+        with RequestLoad(f"http://{ORIGIN_IP}/", threads=args.threads, timeout=60) as direct:
+            result["direct"] = direct.windows(10, WINDOW)
         proxies = {"http": f"http://127.0.0.1:{PORT}"}
-        with Load(proxies, args.threads) as load:
-            result["unstalled"] = load.windows(10)
+        with RequestLoad("http://allowed.test/", proxies, threads=args.threads, timeout=60) as load:
+            result["unstalled"] = load.windows(10, WINDOW)
             reading.clear()
-            result["stalled"] = load.windows(args.stall)
+            result["stalled"] = load.windows(args.stall, WINDOW)
             reading.set()
-            result["recovered"] = load.windows(10)
-        result["proxied_ok"], result["proxied_failed"] = load.ok, load.failed
+            result["recovered"] = load.windows(10, WINDOW)
+        result["proxied_ok"], result["proxied_failed"] = load.ok, len(load.failed)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             access = sum(1 for r in lines if r.get("type") == "access")
             dropped = sum(int(r.get("dropped_by_type", {}).get("access", 0))  # type: ignore[union-attr]
                           for r in lines if r.get("event") == "log_lines_dropped")
-            if access + dropped >= load.ok + load.failed:
+            if access + dropped >= load.ok + len(load.failed):
                 break
             time.sleep(0.5)
         result["access_lines"], result["access_lines_dropped"] = access, dropped

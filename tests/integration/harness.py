@@ -1246,3 +1246,67 @@ def client_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False
     return session
+
+
+class RequestLoad:
+    """Client threads sending GETs to ``url`` (through ``proxies`` if given), each on a keep-alive session, until
+    the ``with`` block ends. Outcomes are counted as they come: ``ok`` (200), ``refused_no_log`` (503 with
+    X-Egress-Reason: log_unavailable) and ``failed`` (anything else, named). Used by the fault tests and the
+    stalled-sink bench."""
+
+    def __init__(self, url: str, proxies: dict[str, str] | None = None, threads: int = 4,
+                 timeout: float = 10.0) -> None:
+        self.url = url
+        self.proxies = proxies or {}
+        self.timeout = timeout
+        self.ok = 0
+        self.refused_no_log = 0
+        self.failed: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        while not self._stop.is_set():
+            try:
+                response = session.get(self.url, proxies=self.proxies, timeout=self.timeout)
+                outcome = f"{response.status_code} {response.headers.get('X-Egress-Reason', '')}".strip()
+            except requests.RequestException as exc:
+                outcome = type(exc).__name__
+            with self._lock:
+                if outcome == "200":
+                    self.ok += 1
+                elif outcome == "503 log_unavailable":
+                    self.refused_no_log += 1
+                else:
+                    self.failed.append(outcome)
+
+    def count(self) -> int:
+        with self._lock:
+            return self.ok
+
+    def refused(self) -> int:
+        with self._lock:
+            return self.refused_no_log
+
+    def served_during(self, seconds: float) -> int:
+        """Requests that succeeded during the next ``seconds`` (a count over a window, not a timing)."""
+        before = self.count()
+        time.sleep(seconds)  # the window itself
+        return self.count() - before
+
+    def windows(self, seconds: float, window: float) -> list[int]:
+        """Successes per ``window`` seconds, for ``seconds``."""
+        return [self.served_during(window) for _ in range(round(seconds / window))]
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 5)

@@ -8,7 +8,6 @@ import errno
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ORIGIN_IP
-from harness import DnsServer, HttpOrigin, free_port, write_allowlist
+from harness import DnsServer, HttpOrigin, RequestLoad, free_port, write_allowlist
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_runner import ProxyRunner, egress_proxy_command
 
@@ -62,60 +61,9 @@ def _wait(condition: object, what: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-class Load:
-    """Client threads sending plain-HTTP GETs through the proxy, each on a keep-alive session; counts what
-    succeeded and failed, and can be read at any moment."""
-
-    def __init__(self, proxy: ProxyRunner, threads: int = 4) -> None:
-        self.proxies = proxy.proxies
-        self.ok = 0
-        self.failed: list[str] = []
-        self.refused_no_log = 0  # 503 with X-Egress-Reason: log_unavailable
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        while not self._stop.is_set():
-            try:
-                response = session.get("http://allowed.test/", proxies=self.proxies, timeout=10)
-                outcome = f"{response.status_code} {response.headers.get('X-Egress-Reason', '')}".strip()
-            except requests.RequestException as exc:
-                outcome = type(exc).__name__
-            with self._lock:
-                if outcome == "200":
-                    self.ok += 1
-                elif outcome == "503 log_unavailable":
-                    self.refused_no_log += 1
-                else:
-                    self.failed.append(outcome)
-
-    def count(self) -> int:
-        with self._lock:
-            return self.ok
-
-    def refused(self) -> int:
-        with self._lock:
-            return self.refused_no_log
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(15)
-
-
-def _served_during(load: Load, seconds: float) -> int:
-    """Requests that succeeded during the next ``seconds`` (a count over a window, not a timing)."""
-    before = load.count()
-    time.sleep(seconds)  # the window itself: the assertion is on what was served in it
-    return load.count() - before
+def _load(proxy: ProxyRunner, threads: int = 4) -> RequestLoad:
+    """GETs of an allowlisted host through ``proxy``."""
+    return RequestLoad("http://allowed.test/", proxy.proxies, threads=threads)
 
 
 def _allowed_lines(proxy: ProxyRunner) -> int:
@@ -135,14 +83,14 @@ def test_a_stalled_stdout_costs_log_lines_never_proxying(public_tmp: Path, dns: 
     # A small buffer, so that 30 s of stall overflow it and the drop accounting is exercised.
     proxy = _runner(public_tmp, "stall", 3191, EGRESS_LOG_BUFFER_LINES="500").start()
     try:
-        with Load(proxy) as load:
-            unstalled = _served_during(load, 10)
+        with _load(proxy) as load:
+            unstalled = load.served_during(10)
             proxy.reading.clear()  # the log driver stops taking lines
-            first = _served_during(load, 20)
+            first = load.served_during(20)
             _wait(lambda: _metric(proxy, "egress_proxy_log_lines_dropped_total", type="access") > 0,
                   "the drop counter moves while stdout is stalled", 30)
             health = _health(proxy)
-            last = _served_during(load, 10)
+            last = load.served_during(10)
             proxy.reading.set()  # the sink recovers
         total = load.ok + len(load.failed)
         assert not load.failed, f"{len(load.failed)} requests failed during the stall: {load.failed[:5]}"
@@ -171,7 +119,7 @@ def test_sigterm_while_stdout_is_stalled_exits_within_the_drain_time(public_tmp:
                                                                      http_origin: HttpOrigin) -> None:
     proxy = _runner(public_tmp, "stall-term", 3192, EGRESS_LOG_BUFFER_LINES="200").start()
     try:
-        with Load(proxy, threads=2):
+        with _load(proxy, threads=2):
             proxy.reading.clear()
             _wait(lambda: _metric(proxy, "egress_proxy_log_lines_dropped_total", type="access") > 0,
                   "stdout stalled and the buffer full", 60)
@@ -190,7 +138,7 @@ def test_no_log_no_traffic_refuses_while_stdout_is_stalled_and_loses_no_allowed_
         public_tmp: Path, dns: DnsServer, http_origin: HttpOrigin) -> None:
     proxy = _runner(public_tmp, "stall-refuse", 3195, EGRESS_LOG_FULL="refuse", EGRESS_LOG_BUFFER_LINES="3000").start()
     try:
-        with Load(proxy) as load:
+        with _load(proxy) as load:
             _wait(lambda: load.count() > 50, "traffic flowing", 30)
             proxy.reading.clear()
             # Each worker caches the gate's answer for a second, so give both the time to see it.
