@@ -41,6 +41,7 @@ class LoopConfig:
     poll_interval: float  # the source's: 1 s for a file, EGRESS_RELOAD_INTERVAL for a secret
     workers: int  # Squid workers; each confirms a reconfigure in cache.log
     drain_seconds: float
+    listeners: int = 1  # listening ports per worker: each logs one "Accepting" line per port (squid_conf.listeners)
     confirm_timeout: float = 30.0  # how long Squid may take to confirm a reconfigure
     launch_timeout: float = 60.0  # how long Squid may take to accept its first connection
     kill_margin: float = 10.0  # SIGKILL this long after the drain should have ended
@@ -376,7 +377,7 @@ def _launching(state: LoopState[C], event: Event[S, C], now: float, config: Loop
     # still opening its socket, and Squid would kill and restart it ("FATAL: Unable to open HTTP Socket").
     if isinstance(event, WorkerAccepting):
         state = replace(state, launch_accepting=state.launch_accepting + 1)
-        if state.launch_accepting == config.workers:
+        if state.launch_accepting == config.workers * config.listeners:
             return replace(state, probe_at=None), [ProbePort()]
         return state, []
     if isinstance(event, PortProbed):
@@ -391,7 +392,7 @@ def _launching(state: LoopState[C], event: Event[S, C], now: float, config: Loop
             return state, [Log("error", "startup_failed", f"Squid did not accept connections within "
                                f"{config.launch_timeout:g} s"), KillSquid(), *actions]
         if (state.probe_at is not None and now >= state.probe_at
-                and state.launch_accepting >= config.workers):
+                and state.launch_accepting >= config.workers * config.listeners):
             return replace(state, probe_at=None), [ProbePort()]
     return state, []
 
@@ -435,7 +436,7 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
         if state.pending is None:
             return state, []
         pending = replace(state.pending, accepting=state.pending.accepting + 1)
-        if pending.accepting >= config.workers:
+        if pending.accepting >= config.workers * config.listeners:
             # A worker logs "Accepting" just before it listens again: the port must accept too.
             return replace(state, pending=pending, probe_at=None), [ProbePort()]
         return replace(state, pending=pending), []

@@ -334,6 +334,14 @@ def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str,
 # Squid's hopeless_kid_revival_delay (the template says why this value).
 WORKER_REVIVAL_DELAY_SECONDS = 30
 
+
+def listeners(settings: Settings) -> int:
+    """How many ports each worker listens on (the template's http_port and https_port lines). Each logs its own
+    "Accepting" line, so "every worker accepts" means workers x this many lines: counting one line per worker let
+    the supervisor declare Squid serving while a worker's intercept port was still closed."""
+    return 3 if settings.transparent else 1
+
+
 # A source address no TCP client has (IPv4 broadcast): stands in for an empty client list, which Squid rejects.
 NO_ADDRESS = "255.255.255.255/32"
 

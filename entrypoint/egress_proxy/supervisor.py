@@ -43,7 +43,7 @@ from .metrics import DecisionCounter, MetricsLoop, RuntimeFigures, manager_host
 from .policy import PolicyDocument
 from .settings import Settings, SettingsError
 from .sources import Snapshot, Source, SourceUnavailable, make_source
-from .squid_conf import StatePaths, default_error_page, service_name, settings_warnings
+from .squid_conf import StatePaths, default_error_page, listeners, service_name, settings_warnings
 from .squid_process import (
     LogRelay,
     SquidError,
@@ -224,7 +224,7 @@ class Supervisor:
         self.decisions = DecisionCounter()  # access-log decisions, for the metrics
         self.squid = SquidProcess(settings.squid_binary, self.paths.squid_conf, service_name(self.paths))
         self.config = loop.LoopConfig(poll_interval=self.source.poll_interval, workers=settings.workers,
-                                      drain_seconds=settings.drain_seconds)
+                                      listeners=listeners(settings), drain_seconds=settings.drain_seconds)
         self.denier: Denier | None = None
         self.identity: IdentityRefresher | None = None
         self.applier: ConfigApplier | None = None

@@ -52,6 +52,23 @@ def logged(actions: list[loop.Action]) -> list[str]:
 # --- startup -------------------------------------------------------------------------------------------------
 
 
+def test_with_several_listening_ports_every_port_of_every_worker_must_accept() -> None:
+    # Transparent mode: each worker logs one "Accepting" line per port (proxy, intercept HTTP, intercept TLS).
+    driver = Driver(loop.LoopConfig(poll_interval=30.0, workers=2, listeners=3, drain_seconds=5.0))
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
+    driver.feed(loop.CandidateBuilt("v1", candidate="cand"))
+    for _ in range(5):
+        assert kinds(driver.feed(loop.WorkerAccepting())) == []
+    assert kinds(driver.feed(loop.WorkerAccepting())) == ["ProbePort"]
+    assert kinds(driver.feed(loop.PortProbed(True))) == ["Serving"]
+    # A reload is confirmed by the same count.
+    driver.feed(loop.SourcePolled(version="v2", snapshot="snap2"), at=driver.now + 31)
+    assert kinds(driver.feed(loop.CandidateBuilt("v2", candidate="cand2"))) == ["Activate"]
+    for _ in range(5):
+        assert kinds(driver.feed(loop.WorkerAccepting())) == []
+    assert kinds(driver.feed(loop.WorkerAccepting())) == ["ProbePort"]
+
+
 def test_startup_reads_builds_starts_and_waits_for_the_port() -> None:
     driver = Driver()
     assert kinds(driver.actions) == ["PollSource"]
