@@ -48,11 +48,13 @@ from test_transparent import (  # noqa: E402
 EXPLICIT = (ROUTER_CLIENT_SIDE, 3128)
 CDN_NAME = "rr.test"
 CDN_ADDRESSES = [ORIGIN, "203.0.113.11"]
+#: Another resolver, for clients that do not share the proxy's.
+CLIENT_RESOLVER = "203.0.113.54"
 
 
 class RotatingDns(DnsServer):
     """Answers CDN_NAME as a CDN might: every address in a rotating order ("all"), one address per answer, the
-    next one each time ("one"), or one picked at random ("random")."""
+    next one each time ("one"), one picked at random ("random"), or always the same one ("first", "second")."""
 
     style = "all"
     _turn = 0
@@ -66,24 +68,27 @@ class RotatingDns(DnsServer):
         addresses = [ipaddress.ip_address(a) for a in CDN_ADDRESSES]
         if self.style == "random":
             return [random.choice(addresses)]
+        if self.style in {"first", "second"}:  # a CDN that answers each resolver with its own address
+            return [addresses[0 if self.style == "first" else 1]]
         rotated = addresses[turn % 2:] + addresses[:turn % 2]
         return rotated if self.style == "all" else rotated[:1]
 
 
-def _client_lookup(topology: Topology) -> str:
-    """The client's own lookup of CDN_NAME, from the same resolver as the proxy's (the VPC resolver's role: clients
-    reach it without crossing the proxy instance, so it is asked from the internet namespace here)."""
+def _client_lookup(topology: Topology, resolver: str) -> str:
+    """The client's own lookup of CDN_NAME (a resolver clients reach without crossing the proxy instance, as the
+    VPC resolver is, so it is asked from the internet namespace here)."""
     with topology.internet.entered():
-        answer = DNSRecord.parse(DNSRecord.question(CDN_NAME).send(DNS_IP, 53, timeout=5))
+        answer = DNSRecord.parse(DNSRecord.question(CDN_NAME).send(resolver, 53, timeout=5))
     return str(answer.rr[0].rdata)
 
 
-def _dns_refusals(topology: Topology, dns: RotatingDns, context: ssl.SSLContext, count: int) -> dict[str, Any]:
+def _dns_refusals(topology: Topology, dns: RotatingDns, resolver: str, context: ssl.SSLContext,
+                  count: int) -> dict[str, Any]:
     """Connections to CDN_NAME over intercepted HTTPS, each to the first address of the client's own fresh
     lookup: how many does the destination check refuse?"""
     failed: dict[str, int] = {}
     for _ in range(count):
-        address = _client_lookup(topology)
+        address = _client_lookup(topology, resolver)
         with topology.client.entered():
             try:
                 with socket.create_connection((address, 443), timeout=10) as sock, \
@@ -142,10 +147,12 @@ def main() -> int:
     ca = TestCA(work / "ca")
     servers = []
     try:
-        topology.internet.run("ip", "addr", "add", f"{CDN_ADDRESSES[1]}/32", "dev", "lo")
+        for address in (CDN_ADDRESSES[1], CLIENT_RESOLVER):
+            topology.internet.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
         dns = RotatingDns({"allowed.test": [ORIGIN]}, host=DNS_IP, port=53)
+        client_dns = RotatingDns({}, host=CLIENT_RESOLVER, port=53)
         with topology.internet.entered():
-            servers = [dns, HttpOrigin(ORIGIN, 80, name="bench-http"),
+            servers = [dns, client_dns, HttpOrigin(ORIGIN, 80, name="bench-http"),
                        TlsOrigin(ORIGIN, 443, ca, ["allowed.test", CDN_NAME], name="bench-tls"),
                        TlsOrigin(CDN_ADDRESSES[1], 443, ca, [CDN_NAME], name="bench-tls-2")]
             for server in servers:
@@ -187,13 +194,19 @@ def main() -> int:
         document["policies"][0]["allow"].append(CDN_NAME)
         policy.write_text(json.dumps(document))
         dns_results = []
-        for index, (style, ttl) in enumerate((("all", 1), ("one", 1), ("one", 30), ("random", 1), ("random", 30))):
+        # (the proxy's resolver's answers, the client's resolver's answers or None for the same resolver, TTL)
+        cases = [("all", None, 1), ("one", None, 1), ("one", None, 30), ("random", None, 1), ("random", None, 30),
+                 ("first", "second", 30), ("all", "first", 30)]
+        for index, (style, client_style, ttl) in enumerate(cases):
             dns.style, dns.ttl = style, ttl
+            client_dns.style, client_dns.ttl = client_style or style, ttl
             fresh = NamespacedProxy(topology.router, work / f"state-dns-{index}", env, host=ROUTER_CLIENT_SIDE,
                                     port=3128)
             fresh.start()
             try:
-                row = _dns_refusals(topology, dns, context, args.dns_count)
+                row = _dns_refusals(topology, dns, CLIENT_RESOLVER if client_style else DNS_IP, context,
+                                    args.dns_count)
+                row["client_resolver"] = f"another one, answering {client_style}" if client_style else "the same"
                 reasons = [str(r.get("reason")) for r in fresh.records
                            if r.get("type") == "access" and r.get("sni") == CDN_NAME]
                 row["refused"] = reasons.count("host_header_forgery")  # the proxy's own word, from its log
@@ -221,11 +234,12 @@ def main() -> int:
                 "ratio_to_direct": round(median / direct, 2), "samples": len(values)}
             lines.append(f"| {name} | {route} | {median * 1000:.2f} | {p90 * 1000:.2f} | {median / direct:.2f}x |")
     report["dns_destination_check"] = dns_results
-    lines += ["", "Destination check with a name whose DNS answers change (client and proxy ask the same resolver):",
-              "", "| answers | TTL s | connections | refused (host_header_forgery) | client failures (any cause) |",
-              "|---|---:|---:|---:|---|"]
+    lines += ["", "Destination check with a name whose DNS answers change (a fresh proxy per row):",
+              "", "| proxy's answers | client's resolver | TTL s | connections | refused (host_header_forgery) "
+              "| client failures (any cause) |", "|---|---|---:|---:|---:|---|"]
     for row in dns_results:
-        lines.append(f"| {row['answers']} | {row['ttl_s']} | {row['connections']} | {row['refused']} "
+        lines.append(f"| {row['answers']} | {row['client_resolver']} | {row['ttl_s']} | {row['connections']} "
+                     f"| {row['refused']} "
                      f"({row['refused'] / row['connections']:.0%}) | {row['client_failures'] or 'none'} |")
     out = ROOT / "bench" / "results" / f"transparent-{args.name}"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
