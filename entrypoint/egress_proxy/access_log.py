@@ -23,7 +23,8 @@ REASONS: dict[str, str] = {
     "port_not_allowed": "the destination port is not in EGRESS_ALLOWED_PORTS for this kind of request",
     "ip_literal": "the destination is an IP address; only allowlisted names are reachable",
     "invalid_host": "the host is not an ASCII host name (raw Unicode, a percent escape or another character no "
-    "DNS name has); send an internationalised name in its punycode (xn--) form",
+    "DNS name has, a label over 63 characters or a name over 253); send an internationalised name in its punycode "
+    "(xn--) form",
     "domain_not_allowlisted": "the host is not on the allowlist",
     "domain_denied": "the host (or the TLS SNI) is on the policy's deny list",
     "destination_not_public": "the host resolves to a private, loopback, link-local or metadata address",

@@ -90,7 +90,12 @@ _IP_LITERAL = re.compile(r"[0-9.]+|\[?[0-9a-f:.]*:[0-9a-f:.]*\]?")
 # one) and the IPv6 literal's ':[]' (refused as ip_literal later). The template's `invalid_host` ACL is this very
 # pattern (POSIX ERE and Python agree on it: ']' first in the set is literal, '-' last is literal).
 INVALID_HOST_CHARACTER = r"[^]a-zA-Z0-9._:[-]"
-_INVALID_HOST = re.compile(INVALID_HOST_CHARACTER)
+# ... and so is a host no DNS name can be: a label over 63 octets, or over 253 octets in all (254 with the one
+# trailing dot). Squid passes such a name on to its resolver, which cannot encode it: the request was held for the
+# whole DNS timeout (35 s) and then logged as an allowed request whose forwarding failed, tying up a connection
+# for each. (No IPv6 literal has 64 characters without a dot, nor is any IP literal that long.)
+INVALID_HOST_SHAPES = (INVALID_HOST_CHARACTER, r"[^.]{64}", r"^.{253}[^.]", r"^.{255}")
+_INVALID_HOST = re.compile("|".join(INVALID_HOST_SHAPES))
 
 _EXAMPLE_POLICY = '{"name": "default", "clients": ["10.0.0.0/8"], "allow": [".example.com"]}'
 _DOCUMENT_FIX = (

@@ -23,7 +23,7 @@ from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
 from .networks import IPNetwork, normalise, subtract_all
-from .policy import INVALID_HOST_CHARACTER, REPORTABLE_REASONS, PolicyDocument
+from .policy import INVALID_HOST_SHAPES, REPORTABLE_REASONS, PolicyDocument
 from .settings import Settings
 from .squid_strings import CERTGEN, LOG_FILE_DAEMON
 
@@ -265,7 +265,7 @@ def render(
                                        for net in policy["networks"]),
         "report_policies": any(policy["mode"] == "report" for policy in policies),
         "reportable_reasons": sorted(REPORTABLE_REASONS),
-        "invalid_host_character": INVALID_HOST_CHARACTER,
+        "invalid_host_shapes": INVALID_HOST_SHAPES,
         "allowed_ports": settings.allowed_ports,
         "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],
         "reasons": list(REASONS),

@@ -387,11 +387,19 @@ def test_decide_by_name(document: PolicyDocument, client: str, host: str, expect
 
 @pytest.mark.parametrize("client", ["10.1.2.3", "10.0.8.7"])  # enforce, report
 @pytest.mark.parametrize("host", ["gist.gith\u00fcb.com", "gist\uff0egithub.com", "gist.github.c%6fm",
-                                  "GIST.GITH\u00dcB.COM", "gist github.com"])
+                                  "GIST.GITH\u00dcB.COM", "gist github.com",
+                                  # no DNS name: a 64-octet label; 254 octets without the trailing dot
+                                  "x" * 64 + ".github.com", "a" * 54 + "." + ("b" * 62 + ".") * 3 + "github.com"])
 def test_a_host_that_is_not_ascii_is_refused_in_every_mode(document: PolicyDocument, client: str,
                                                            host: str) -> None:
     verdict = document.decide(client, host)
     assert (verdict.decision, verdict.reason) == ("denied", "invalid_host")
+
+
+@pytest.mark.parametrize("host", ["x" * 63 + ".github.com", "a" * 53 + "." + ("b" * 62 + ".") * 3 + "github.com",
+                                  "a" * 53 + "." + ("b" * 62 + ".") * 3 + "github.com."])
+def test_the_longest_dns_names_are_judged_by_name(document: PolicyDocument, host: str) -> None:
+    assert document.decide("10.1.2.3", host).reason != "invalid_host"
 
 
 def test_a_client_in_the_gate_but_in_no_policy_is_refused() -> None:
