@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import sys
 import urllib.parse
@@ -260,6 +261,7 @@ def render(
         "dns_servers": [str(ip) for ip in settings.dns_servers],
         "client_cidrs": address_list(settings.client_cidrs),
         "policies": policies,
+        "policy_groups": _policy_groups(policies),
         "policy_clients": address_list(net for policy in policies for net in policy["networks"]),
         "report_clients": address_list(net for policy in policies if policy["mode"] == "report"
                                        for net in policy["networks"]),
@@ -371,6 +373,16 @@ def _rendered_policies(document: PolicyDocument, paths: StatePaths) -> list[dict
 
 def _list_text(entries: Allowlist) -> str:
     return "".join(entry + "\n" for entry in sorted(entries.entries, key=squid_domain_order))
+
+
+def _policy_groups(policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The policies in document order, cut into about sqrt(N) groups of about sqrt(N) each: the rules walk one
+    membership check per group, then one per policy of the client's group (see the name checks in squid.conf.j2).
+    ``clients`` is the union of the group's clients (disjoint already: each policy holds only its own)."""
+    size = max(1, math.isqrt(len(policies) - 1) + 1) if policies else 1
+    return [{"name": f"policies_{start // size + 1}", "policies": policies[start:start + size],
+             "clients": address_list(net for policy in policies[start:start + size] for net in policy["networks"])}
+            for start in range(0, len(policies), size)]
 
 
 def address_list(networks: Iterable[IPNetwork]) -> list[str]:

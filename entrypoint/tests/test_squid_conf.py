@@ -273,22 +273,32 @@ def test_policies_render_in_document_order_with_disjoint_clients() -> None:
     networks = [ipaddress.ip_network(cidr) for cidr in default_src.split()[3:]]
     assert not any(net.overlaps(ipaddress.ip_network("10.0.8.0/22")) for net in networks)
     assert sum(net.num_addresses for net in networks) == 2**24 - 2**10
-    # Enforce refuses; report notes the reason and goes on (the rule never matches: !all).
-    assert ("http_access deny policy_default policy_default_named policy_default_deny reason_domain_denied"
+    # Enforce refuses; report notes the reason and goes on (the tree never matches: !all). Deny before allow; the
+    # policy's clients first, then its name note, then the verdict.
+    assert "acl policy_default_http_denied all-of policy_default_deny reason_domain_denied\n" in conf
+    assert "acl policy_default_http_unlisted all-of !policy_default_allow refused_by_host\n" in conf
+    assert ("acl policy_default_http_verdict any-of policy_default_http_denied policy_default_http_unlisted\n"
             in conf)
-    assert "http_access deny policy_default !policy_default_allow refused_by_host" in conf
-    assert ("http_access deny policy_ci-runners policy_ci-runners_named policy_ci-runners_deny "
-            "would_domain_denied !all" in conf)
-    assert ("ssl_bump splice step1 policy_ci-runners !policy_ci-runners_deny !policy_ci-runners_allow "
-            "tunnel_would_refuse_by_host !all" in conf)
-    assert conf.index("policy_ci-runners_named") < conf.index("policy_default_named policy_default_deny")
+    assert ("acl policy_default_http_refused all-of policy_default policy_default_named "
+            "policy_default_http_verdict\n" in conf)
+    assert "acl policy_ci-runners_http_denied all-of policy_ci-runners_deny would_domain_denied !all\n" in conf
+    assert ("acl policy_ci-runners_tunnel_unlisted all-of !policy_ci-runners_deny !policy_ci-runners_allow "
+            "tunnel_would_refuse_by_host !all\n" in conf)
+    assert ("acl policy_ci-runners_tunnel_refused all-of policy_ci-runners policy_ci-runners_tunnel_named "
+            "policy_ci-runners_tunnel_verdict\n" in conf)
+    # Three policies: groups of two, in document order; one rule per group and phase.
+    assert "acl policies_1_http_refused any-of policy_ci-runners_http_refused policy_default_http_refused\n" in conf
+    assert "acl policies_2 src 192.168.0.0/16\n" in conf
+    assert "http_access deny policies_1 policies_1_http_refused\n" in conf
+    assert "ssl_bump splice step1 policies_1 policies_1_tunnel_refused\n" in conf
     # The SSRF guard comes after the name checks and is never relaxed by report mode.
-    assert conf.index("would_refuse_by_host !all") < conf.index(
+    assert conf.index("http_access deny policies_1 ") < conf.index(
         "http_access deny forbidden_destination reason_destination_not_public")
     assert "ssl_bump splice step2 report_clients sni_verdict_not_allowlisted tunnel_would_sni_not_allowlisted" in conf
     assert "acl report_clients src 10.0.8.0/22 fd00:8::/64\n" in conf  # enforce clients: no splice without an OK
-    # Two rules per policy and phase: the cost a client in the last of many policies pays.
-    assert len([line for line in conf.splitlines() if line.startswith("http_access deny policy_")]) == 2 * 3
+    # One rule per group of policies and phase: the cost a client in the last of many policies pays.
+    assert [line for line in conf.splitlines() if line.startswith("http_access deny polic")] == [
+        "http_access deny policies_1 policies_1_http_refused", "http_access deny policies_2 policies_2_http_refused"]
 
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
