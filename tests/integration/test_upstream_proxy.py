@@ -9,6 +9,7 @@ EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE.
 from __future__ import annotations
 
 import base64
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from harness import (
 )
 from harness import client_session as session
 from proxy_runner import ProxyRunner
+from tls_hello import real_client_hello
 from upstream_proxy import RecordingProxy
 
 CREDENTIALS = "egress:s3cret p@ss"  # a blank and an @: the proxy must escape them for Squid
@@ -191,3 +193,37 @@ def test_upstream_outage_is_a_503_with_a_reason(chained: ProxyRunner, upstream: 
 
     wait_until(lambda: session().get("http://allowed.test/back", proxies=chained.proxies,
                                      timeout=10).status_code == 200, 15, "recovery after the outage")
+
+
+# Claims about the client a client could make itself. The upstream proxy (and what it forwards to) may trust such a
+# header from this proxy's address, to log or to choose a policy by: only this proxy speaks for the client there,
+# and it says nothing (forwarded_for delete), so a client's own claims are removed too.
+FORGED_IDENTITY = (b"Proxy-Authorization: Basic Zm9yZ2VkOmZvcmdlZA==\r\nX-Forwarded-For: 10.9.9.9\r\n"
+                   b"Forwarded: for=10.9.9.9;by=egress\r\nX-Real-IP: 10.9.9.9\r\nX-Client-IP: 10.9.9.9\r\n"
+                   b"True-Client-IP: 10.9.9.9\r\nVia: 1.1 forged\r\n")
+IDENTITY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "via")
+
+
+@pytest.mark.parametrize("kind", ["http", "connect"])
+def test_the_upstream_sees_no_identity_the_client_claimed(chained: ProxyRunner, upstream: RecordingProxy,
+                                                          kind: str) -> None:
+    before = len(upstream.forwarded)
+    with socket.create_connection((chained.host, chained.port), timeout=10) as sock:
+        if kind == "http":
+            sock.sendall(b"GET http://allowed.test/claims HTTP/1.1\r\nHost: allowed.test\r\n" + FORGED_IDENTITY
+                         + b"Connection: close\r\n\r\n")
+        else:
+            sock.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n" + FORGED_IDENTITY
+                         + b"\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+            sock.sendall(real_client_hello("allowed.test"))
+        wait_until(lambda: len(upstream.forwarded) > before, 10, "the request never reached the upstream: "
+                   + chained.tail())
+    [seen] = upstream.forwarded[before:]
+    assert seen.method == ("GET" if kind == "http" else "CONNECT")
+    # The proxy's own login, once; never the client's.
+    assert seen.proxy_authorization == EXPECTED_AUTH
+    assert [line for line in seen.header_lines if line.lower().startswith("proxy-authorization:")] == [
+        f"Proxy-Authorization: {EXPECTED_AUTH}"]
+    claimed = [line for line in seen.header_lines if line.split(":", 1)[0].strip().lower() in IDENTITY_HEADERS]
+    assert claimed == [], seen.header_lines

@@ -1,7 +1,7 @@
 """A small recording HTTP proxy for the upstream-proxy tests: CONNECT tunnels and absolute-form requests.
 
 It resolves names with the test DNS server's table (never the system resolver), records every request it receives
-(method, target, Proxy-Authorization) before forwarding, and can demand Basic credentials (407 otherwise).
+(method, target, Proxy-Authorization, header lines) before forwarding, and can demand Basic credentials (407 otherwise).
 ``stop()`` closes the listening socket (an outage: connections are refused); ``start()`` listens again on the
 same port.
 """
@@ -25,6 +25,7 @@ class Forwarded:
     method: str
     target: str  # host:port for CONNECT, the absolute URL otherwise
     proxy_authorization: str | None
+    header_lines: tuple[str, ...] = ()  # every header line as received, in order (duplicates kept)
 
 
 def _read_head(sock: socket.socket) -> bytes:
@@ -78,7 +79,7 @@ class _Handler(socketserver.BaseRequestHandler):
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         owner = self.server.owner
         auth = headers.get("proxy-authorization")
-        owner.record(Forwarded(method, target, auth))
+        owner.record(Forwarded(method, target, auth, tuple(lines[1:])))
         if owner.expected_auth is not None and auth != owner.expected_auth:
             client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=t\r\n"
                            b"Content-Length: 0\r\nConnection: close\r\n\r\n")
