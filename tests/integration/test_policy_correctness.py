@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ORIGIN_IP, RAW_IP, curl
+from conftest import INTERNAL_IP, ORIGIN_IP, RAW_IP, curl
 from harness import DnsServer, HttpOrigin, RawTcpServer, TlsOrigin, free_port
 from proxy_runner import ProxyRunner, egress_proxy_command
 from tls_hello import closed_without_data, send_hello, with_server_names
@@ -405,3 +405,42 @@ def test_the_longest_names_dns_can_carry_still_pass(strict_proxy: ProxyRunner, h
                                  "Connection: close\r\n\r\n".encode())
         assert status == 200, (host, head)
         assert [r["path"] for r in http_origin.requests if r["path"] == path] == [path]
+
+
+def test_an_origin_sees_no_identity_the_client_claimed(strict_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
+    # An origin may trust a forwarding header from the proxy's fixed address; the proxy forwards none, so a client
+    # cannot make one up either (the upstream-proxy suite checks the same towards the upstream).
+    forged = (b"X-Forwarded-For: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\n"
+              b"X-Client-IP: 10.9.9.9\r\nTrue-Client-IP: 10.9.9.9\r\nVia: 1.1 forged\r\n")
+    status, head = _exchange(strict_proxy, ENFORCED, b"GET http://allowed.test/claims HTTP/1.1\r\n"
+                             b"Host: allowed.test\r\n" + forged + b"Connection: close\r\n\r\n")
+    assert status == 200, head
+    [seen] = [r for r in http_origin.requests if r["path"] == "/claims"]
+    claims = {"x-forwarded-for", "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "via"}
+    assert not [name for name in seen["headers"] if name.lower() in claims], seen["headers"]
+
+
+# 127.0.0.3 (not exempt from the SSRF guard) as a resolver library spells it: decimal, hex, octal, short forms and
+# IPv4-mapped IPv6. Squid reads each as that address, and so does the guard.
+INTERNAL_SPELLINGS = ["2130706435", "0x7f000003", "0x7f.0.0.3", "0177.0.0.3", "127.3", "0177.3", "127.0.0.3.",
+                      "[::ffff:127.0.0.3]", "[::ffff:7f00:3]"]
+
+
+@pytest.mark.parametrize(("client", "reason"), [(ENFORCED, "ip_literal"), (REPORTED, "destination_not_public")],
+                         ids=["enforce", "report"])
+@pytest.mark.parametrize("spelling", INTERNAL_SPELLINGS)
+def test_a_private_address_in_any_spelling_is_refused(strict_proxy: ProxyRunner, internal_origin: HttpOrigin,
+                                                      client: str, reason: str, spelling: str) -> None:
+    path = f"/spelt-{spelling}"
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, client, f"GET http://{spelling}{path} HTTP/1.1\r\nHost: {spelling}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+    record = strict_proxy.access(mark, client_ip=client, method="GET")
+    assert (status, _headers(head, "X-Egress-Reason"), record["reason"]) == (403, [reason.encode()], reason), head
+    with RawTcpServer(INTERNAL_IP, 443) as internal_tls:
+        status, head = _exchange(strict_proxy, client, f"CONNECT {spelling}:443 HTTP/1.1\r\nHost: {spelling}:443\r\n"
+                                 "\r\n".encode())
+        record = strict_proxy.access(mark, client_ip=client, method="CONNECT")
+        assert (status, _headers(head, "X-Egress-Reason"), record["reason"]) == (403, [reason.encode()], reason)
+        assert internal_tls.connections == 0
+    assert not [r for r in internal_origin.requests if r["path"] == path]
