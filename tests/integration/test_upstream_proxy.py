@@ -191,8 +191,11 @@ def test_upstream_outage_is_a_503_with_a_reason(chained: ProxyRunner, upstream: 
     finally:
         upstream.start()
 
-    wait_until(lambda: session().get("http://allowed.test/back", proxies=chained.proxies,
-                                     timeout=10).status_code == 200, 15, "recovery after the outage")
+    # Every worker's probe must have seen the upstream back (each caches its answer, and each new connection lands
+    # on any worker), or the next test meets a stale "unreachable": several fresh connections in a row, as above.
+    wait_until(lambda: all(session().get("http://allowed.test/back", proxies=chained.proxies,
+                                         timeout=10).status_code == 200 for _ in range(2 * WORKERS + 2)),
+               15, "recovery after the outage")
 
 
 # Claims about the client a client could make itself. The upstream proxy (and what it forwards to) may trust such a
