@@ -32,7 +32,8 @@ REASONS: dict[str, str] = {
     "sni_not_allowlisted": "the TLS SNI names a host that is not on the allowlist (domain fronting)",
     "sni_malformed": "the TLS ClientHello's SNI is malformed: more than one name or extension, or not a valid "
     "host name (NUL or control bytes, an IP address, an over-long label)",
-    "sni_unchecked": "the SNI check did not answer (its helper failed), so the tunnel was refused",
+    "sni_unchecked": "the SNI check did not finish (its helper failed, or a reload cut it short), so the tunnel "
+                     "was refused",
     "not_tls": "the CONNECT tunnel did not start with a TLS ClientHello",
     "manager_denied": "the cache manager is reachable from the proxy host only",
     "upstream_unavailable": "the upstream proxy (EGRESS_UPSTREAM_PROXY) is not accepting connections",

@@ -23,6 +23,7 @@ binds an ephemeral port; the chosen port is then available as ``.port``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import itertools
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
@@ -509,6 +510,7 @@ class DnsServer(_Background):
         self._udp: _DnsUDPServer | None = None
         self._tcp: _DnsTCPServer | None = None
         self._threads: list[threading.Thread] = []
+        self._held: dict[str, tuple[threading.Event, threading.Event]] = {}  # name -> (asked, released)
         for name, addrs in (records or {}).items():
             self.set(name, addrs)
 
@@ -556,6 +558,21 @@ class DnsServer(_Background):
                     return list(self._wildcards[suffix])
         return None
 
+    @contextlib.contextmanager
+    def holding(self, name: str) -> Iterator[threading.Event]:
+        """Hold the answers for ``name`` until the block ends; yields an Event set when the first query for it
+        arrives (a resolver is waiting). One thread answers UDP, so every other UDP answer waits too: hold only
+        while nothing else needs DNS."""
+        asked, released = threading.Event(), threading.Event()
+        with self._lock:
+            self._held[_norm_name(name)] = (asked, released)
+        try:
+            yield asked
+        finally:
+            with self._lock:
+                del self._held[_norm_name(name)]
+            released.set()
+
     # query log -------------------------------------------------------------
     def clear_queries(self) -> None:
         with self._lock:
@@ -586,6 +603,10 @@ class DnsServer(_Background):
         qtype_name: str = QTYPE.get(qtype_num, f"TYPE{qtype_num}")
         with self._lock:
             self.queries.append((qname, qtype_name))
+            held = self._held.get(qname)
+        if held is not None:
+            held[0].set()
+            held[1].wait(60)
 
         edns_len: int | None = None
         for rr in request.ar:

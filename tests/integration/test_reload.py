@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ORIGIN_IP, RAW_IP
+from conftest import INTERNAL_IP, ORIGIN_IP, RAW_IP
 from connect_probe import ConnectProbe
 from harness import (
     DnsServer,
@@ -178,6 +178,29 @@ def test_no_new_connection_is_refused_across_reloads(proxy: ProxyRunner, allowli
             assert probe.answered > before or probe.refused or probe.failed, "the probe stalled"
     print(f"connect probe across 5 reloads: {probe.summary()}")
     probe.assert_clean()
+
+
+def test_a_connect_whose_checks_a_reload_cuts_short_is_refused_never_tunnelled(
+        proxy: ProxyRunner, allowlist_file: Path, dns: DnsServer, restore: None) -> None:
+    """Squid 5 drops an access check that is waiting (here for DNS, for the destination check) when a reconfigure
+    replaces the rules, and applies the directive's default: for ssl_bump, splice. Without the guard this CONNECT
+    to an allowed name on a forbidden address was tunnelled to it ("200 Connection established"). Now it fails
+    closed: the denier's 403, reason sni_unchecked, and nothing reaches the address."""
+    dns.set("held.wild.test", [INTERNAL_IP])  # allowlisted, but not an exempt destination
+    change(proxy, allowlist_file, BASE_ALLOWLIST + "held.wild.test\n")
+    with socket.create_server((INTERNAL_IP, 443)) as forbidden:
+        with socket.create_connection(PROXY, timeout=30) as client:
+            with dns.holding("held.wild.test") as asked:
+                client.sendall(b"CONNECT held.wild.test:443 HTTP/1.1\r\nHost: held.wild.test:443\r\n\r\n")
+                assert asked.wait(FILE_INTERVAL + MARGIN), "Squid never asked for the name"
+                # The worker's destination check is waiting for this answer while it reconfigures.
+                change(proxy, allowlist_file, BASE_ALLOWLIST + "held.wild.test\nother.wild.test\n")
+            head = _read_head(client)
+        dns.remove("held.wild.test")
+        forbidden.setblocking(False)
+        with pytest.raises(BlockingIOError):  # Squid connects before it answers 200, so a tunnel would be here
+            forbidden.accept()
+    assert head.startswith(b"HTTP/1.1 403") and b"X-Egress-Reason: sni_unchecked" in head, head
 
 
 def test_open_tunnel_and_keepalive_connection_survive_five_reloads(
