@@ -78,7 +78,19 @@ class AwsMembership:
     def __init__(self, ec2: Any = None, ecs: Any = None) -> None:
         self._ec2 = ec2
         self._ecs = ecs
+        self._clients = threading.Lock()  # the poll and lookup threads both reach for a client first
         self.bridge_services: set[str] = set()  # ecs: selectors seen with tasks that have no ENI
+
+    def prepare(self, selectors: Iterable[Selector]) -> None:
+        """Create the clients ``selectors`` need, with the models of the calls they make, now rather than in the
+        first on-demand lookup: importing boto3 and loading the EC2 model takes about a second of CPU (several
+        on a busy or small task), which a new client's first request would spend inside its 2 s lookup deadline,
+        and be refused. Raises what boto3 raises (no region, say); the polls report it."""
+        kinds = {selector.kind for selector in selectors}
+        if kinds & {"sg", "tag"}:
+            self.ec2.get_paginator("describe_network_interfaces")
+        if "ecs" in kinds:
+            self.ecs.get_paginator("list_tasks")
 
     def _client(self, name: str) -> Any:
         import boto3
@@ -89,15 +101,17 @@ class AwsMembership:
 
     @property
     def ec2(self) -> Any:
-        if self._ec2 is None:
-            self._ec2 = self._client("ec2")
-        return self._ec2
+        with self._clients:
+            if self._ec2 is None:
+                self._ec2 = self._client("ec2")
+            return self._ec2
 
     @property
     def ecs(self) -> Any:
-        if self._ecs is None:
-            self._ecs = self._client("ecs")
-        return self._ecs
+        with self._clients:
+            if self._ecs is None:
+                self._ecs = self._client("ecs")
+            return self._ecs
 
     def poll(self, selectors: Iterable[Selector]) -> Members:
         members: Members = {}
@@ -294,6 +308,10 @@ class IdentityRefresher:
         selectors = tuple(dict.fromkeys(s for policy in document.policies for s in policy.selectors
                                         if s.membership))
         self.stats.active = bool(selectors)
+        if selectors:
+            # Before Squid is started or reconfigured with this document: its helpers may ask at once.
+            with contextlib.suppress(Exception):  # no region, no credentials: the polls report it
+                self.aws.prepare(selectors)
         with self._lock:
             changed = selectors != self._selectors
             self._selectors = selectors

@@ -23,7 +23,11 @@ class FakeAws:
         self.error: Exception | None = None
         self.by_address_calls = 0
         self.ecs_calls = 0
+        self.prepared: list[set[str]] = []  # the selector kinds of each prepare()
         self.bridge_services: set[str] = set()
+
+    def prepare(self, selectors: Iterable[Selector]) -> None:
+        self.prepared.append({selector.kind for selector in selectors})
 
     def poll(self, selectors: Iterable[Selector]) -> dict[str, set[str]]:
         if self.error:
@@ -172,3 +176,12 @@ def test_lookups_arriving_together_share_one_call(tmp_path: Path) -> None:
         thread.join()
     assert answers["10.0.4.2"] == {"members": [SG]} and answers["10.0.4.3"] == {"members": []}
     assert aws.by_address_calls < 10  # 50 lookups, a handful of calls (whatever arrived within each window)
+
+
+def test_the_aws_clients_are_prepared_when_a_document_names_clients_before_any_lookup(tmp_path: Path) -> None:
+    # set_document runs before Squid starts (or reconfigures) with the document: the first lookup must not pay for
+    # importing boto3 and loading the EC2 model inside its deadline.
+    refresher, aws, _, _ = _refresher(tmp_path)
+    assert aws.prepared == [{"sg"}] and aws.by_address_calls == 0
+    refresher.set_document(parse_policy_value("a.com\n", source="test", client_cidrs=refresher.settings.client_cidrs))
+    assert aws.prepared == [{"sg"}]  # a document of CIDRs alone needs no client
