@@ -19,6 +19,7 @@ class ConnectProbe:
         self.refused: list[str] = []
         self.failed: list[str] = []
         self._lock = threading.Lock()
+        self._result = threading.Condition(self._lock)  # notified on every answer, refusal or failure
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, name=f"probe-{i}") for i in range(threads)]
 
@@ -32,12 +33,15 @@ class ConnectProbe:
             except ConnectionRefusedError as exc:
                 with self._lock:
                     self.refused.append(repr(exc))
+                    self._result.notify_all()
                 continue
             except (OSError, ValueError) as exc:
                 with self._lock:
                     self.failed.append(repr(exc))
+                    self._result.notify_all()
                 continue
             with self._lock:
+                self._result.notify_all()
                 if status_line.split(b" ")[1:2] == [b"200"]:
                     self.answered += 1
                 else:
@@ -55,6 +59,19 @@ class ConnectProbe:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+
+    def results(self) -> int:
+        """Every probe connection that ended so far: answered, refused or failed."""
+        with self._lock:
+            return self.answered + len(self.refused) + len(self.failed)
+
+    def wait_for_result_after(self, count: int, timeout: float) -> bool:
+        """Wait until a probe connection ends after the first ``count`` (see results()). A reconfigure pauses every
+        worker at once, so the connections opened meanwhile are answered only as the workers accept again: often
+        just after the confirmed reload, not before it. False if none ends within ``timeout`` (the probe stalled)."""
+        with self._lock:
+            return self._result.wait_for(
+                lambda: self.answered + len(self.refused) + len(self.failed) > count, timeout)
 
     def summary(self) -> str:
         return f"{self.answered} answered, {len(self.refused)} refused, {len(self.failed)} failed"
