@@ -289,6 +289,33 @@ def parse_allowlist_items(
     return _build(tokens, source, empty_warning=None)
 
 
+# UTS 46's deviation characters: IDNA2008 keeps them, so 'straße.example' is 'xn--strae-oqa.example'; IDNA2003 and
+# UTS 46's transitional processing (still used by some resolver libraries and clients, Python's own 'idna' codec
+# among them) map them away and send 'strasse.example' for the same spelling. Both are real, distinct DNS names.
+_DEVIATIONS = {"\u00df": "ss", "\u1e9e": "ss", "\u03c2": "\u03c3", "\u200c": "", "\u200d": ""}
+
+
+def transitional_spelling(entry: str) -> str | None:
+    """The name a transitional (IDNA2003) client sends for ``entry`` when that differs from the entry's own
+    (IDNA2008) form, else None. ``entry`` as written in a list: Unicode or 'xn--' labels, with an optional '.'
+    or '*.' prefix. Deny lists hold both forms, so a deny rule holds whichever mapping the client applies."""
+    if not isinstance(entry, str) or entry.isascii() and "xn--" not in entry.lower():
+        return None
+    labels = []
+    for label in entry.split("."):
+        if label.lower().startswith("xn--"):
+            try:
+                label = idna.decode(label)
+            except (idna.IDNAError, UnicodeError):
+                return None  # the parser names the bad label
+        labels.append(label)
+    unicode_form = ".".join(labels)
+    mapped = unicode_form
+    for deviation, replacement in _DEVIATIONS.items():
+        mapped = mapped.replace(deviation, replacement)
+    return mapped if mapped != unicode_form else None
+
+
 def parse_allowlist_value(value: str, *, source: str) -> Allowlist:
     """Parse a Secrets Manager secret value.
 

@@ -38,6 +38,7 @@ from .allowlist import (
     _truncate,
     parse_allowlist_items,
     parse_allowlist_value,
+    transitional_spelling,
 )
 from .identity_helper import BadSelector, Selector, normalise_address, parse_cidr, parse_selector, resolve
 from .networks import covered
@@ -567,6 +568,8 @@ def _parse_policy(
 
     allow = _parse_list(item.get("allow", []), f"{path}.allow", problems, warnings)
     deny = _parse_list(item.get("deny", []), f"{path}.deny", problems, warnings)
+    if deny is not None:
+        deny = _with_transitional_spellings(deny, item.get("deny", []), f"{path}.deny", warnings)
     if len(problems) > count or name is None or selectors is None or allow is None or deny is None:
         return None
     clients = tuple(s.network for s in selectors if s.kind == "cidr" and s.network is not None)
@@ -673,6 +676,26 @@ def _parse_cidr(raw: object, path: str, problems: list[AllowlistProblem]) -> IPN
     except BadSelector as bad:
         problems.append(AllowlistProblem(raw, bad.why, bad.fix, path=path))
         return None
+
+
+def _with_transitional_spellings(deny: Allowlist, items: list[object], path: str,
+                                 warnings: list[str]) -> Allowlist:
+    """``deny`` (parsed from ``items``) plus the name each entry has for clients that map IDNA the old
+    (transitional) way: deny 'straße.example' and 'strasse.example' is refused too, whichever the client sends."""
+    extra: list[object] = []
+    for index, entry in enumerate(items):
+        spelling = transitional_spelling(entry) if isinstance(entry, str) else None
+        if spelling is None:
+            continue
+        try:
+            parse_allowlist_items([spelling], path=f"{path}[{index}]")
+        except AllowlistError:
+            continue  # no valid name: no client can send it
+        extra.append(spelling)
+        warnings.append(f"{path}[{index}] {entry!r} is also denied as {spelling!r}: clients that map internationalised "
+                        "names the IDNA2003 (transitional) way send that name for it")
+    # The entries parsed once already; the warnings were given for them.
+    return parse_allowlist_items([*items, *extra], path=path) if extra else deny
 
 
 def _parse_list(

@@ -556,3 +556,19 @@ def test_mode_changes_in_a_diff() -> None:
     change = before.diff(after)
     assert change.mode_changes == (("ci", "report", "enforce"),)
     assert (change.added, change.removed) == (0, 0) and change.lines() == ["policy ci: mode report -> enforce"]
+
+
+def test_a_deny_rule_holds_for_both_idna_mappings() -> None:
+    # IDNA2008 keeps the deviation characters (ß, ς, ZWJ, ZWNJ); IDNA2003 clients map them away: both are denied.
+    document = parse({"policies": [policy(name="p", clients=["10.0.0.0/8"], allow=[".example.com"],
+                                          deny=["straße.example.com", ".xn--3xa.example.com", "bücher.example.com"])]})
+    assert document.policies[0].deny.entries == (".xn--3xa.example.com", ".xn--4xa.example.com", "strasse.example.com",
+                                                 "xn--bcher-kva.example.com", "xn--strae-oqa.example.com")
+    for host in ("strasse.example.com", "xn--strae-oqa.example.com", "a.xn--4xa.example.com"):
+        assert document.decide("10.1.2.3", host).reason == "domain_denied"
+    assert document.decide("10.1.2.3", "strasse2.example.com").reason == "allowed"
+    assert [w for w in document.warnings if "transitional" in w] == [
+        "policies[0].deny[0] 'straße.example.com' is also denied as 'strasse.example.com': clients that map "
+        "internationalised names the IDNA2003 (transitional) way send that name for it",
+        "policies[0].deny[1] '.xn--3xa.example.com' is also denied as '.σ.example.com': clients that map "
+        "internationalised names the IDNA2003 (transitional) way send that name for it"]

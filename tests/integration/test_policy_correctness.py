@@ -25,7 +25,7 @@ REPORTED = "127.0.0.31"  # policy watch (report)
 
 DOCUMENT: dict[str, Any] = {"policies": [
     {"name": "team", "clients": [f"{ENFORCED}/32"], "allow": [".idn.test", "allowed.test", "raw.test"],
-     "deny": ["bücher.idn.test"]},
+     "deny": ["bücher.idn.test", "straße.idn.test"]},
     {"name": "watch", "clients": [f"{REPORTED}/32"], "mode": "report", "allow": [".idn.test"],
      "deny": ["bücher.idn.test"]},
 ]}
@@ -446,3 +446,24 @@ def test_a_private_address_in_any_spelling_is_refused(strict_proxy: ProxyRunner,
         assert (status, _headers(head, "X-Egress-Reason"), record["reason"]) == (403, [reason.encode()], reason)
         assert internal_tls.connections == 0
     assert not [r for r in internal_origin.requests if r["path"] == path]
+
+
+@pytest.mark.parametrize("spelling", ["strasse.idn.test", "xn--strae-oqa.idn.test", "STRASSE.idn.test."])
+def test_a_deny_rule_holds_for_both_idna_mappings(strict_proxy: ProxyRunner, http_origin: HttpOrigin,
+                                                  tls_origin: TlsOrigin, spelling: str) -> None:
+    # The deny list says 'straße.idn.test'. IDNA2008 clients send xn--strae-oqa; IDNA2003 (transitional) ones, Python's
+    # own 'idna' codec among them, send 'strasse': two DNS names, one that a wildcard resolves as well as the other.
+    assert "straße.idn.test".encode("idna") == b"strasse.idn.test"
+    path = f"/deviation-{spelling}"
+    handshakes = len(tls_origin.snis)
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED, f"GET http://{spelling}{path} HTTP/1.1\r\nHost: {spelling}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+    assert (status, _headers(head, "X-Egress-Reason")) == (403, [b"domain_denied"]), head
+    status, head = _exchange(strict_proxy, ENFORCED, f"CONNECT {spelling}:443 HTTP/1.1\r\nHost: {spelling}:443\r\n"
+                             "\r\n".encode())
+    assert (status, _headers(head, "X-Egress-Reason")) == (403, [b"domain_denied"]), head
+    record = strict_proxy.access(mark, client_ip=ENFORCED, method="CONNECT")
+    assert (record["reason"], record["policy"]) == ("domain_denied", "team")
+    assert not [r for r in http_origin.requests if r["path"] == path]
+    assert len(tls_origin.snis) == handshakes
