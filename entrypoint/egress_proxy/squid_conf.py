@@ -55,6 +55,13 @@ PRIVATE_DESTINATIONS: tuple[IPNetwork, ...] = tuple(
     )
 )
 
+# Never exempt, whatever EGRESS_ALLOW_DESTINATIONS says: the endpoints that hand out the proxy's own credentials
+# and identity. An exemption such as 169.254.0.0/16 (for a link-local service) or a broad 0.0.0.0/0 would otherwise
+# let every client read the task role's or the instance's credentials through the proxy: EC2's instance metadata
+# (IPv4 and IPv6) and ECS's task metadata and credentials endpoint.
+METADATA_DESTINATIONS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(cidr) for cidr in ("169.254.169.254/32", "169.254.170.2/32", "fd00:ec2::254/128"))
+
 # NAT64's well-known prefix (RFC 6052): with DNS64 on (Route 53 Resolver offers it per subnet), an IPv4-only name
 # is answered 64:ff9b::<IPv4>, and a NAT gateway translates it back. So every private IPv4 range is private
 # inside this prefix too.
@@ -416,11 +423,12 @@ def forbidden_destinations(exempt: tuple[IPNetwork, ...]) -> list[IPNetwork]:
     One ``dst`` ACL must say it: Squid's ``dst`` matches when ANY resolved address matches, so the obvious
     ``deny private_destination !exempt_destination`` lets an answer holding one exempt address disarm the rule,
     and Squid then connects to another, non-exempt one. ``deny forbidden_destination`` refuses a name when any of
-    its addresses is forbidden. Never empty: when the exemptions cover every range, a documentation-only address
-    (RFC 5737) stands in so the ACL stays valid and matches nothing real."""
+    its addresses is forbidden. The metadata endpoints stay forbidden whatever is exempt (so the ACL is never
+    empty)."""
     private = list(PRIVATE_DESTINATIONS) + [_nat64(net) for net in _ipv4(PRIVATE_DESTINATIONS)]
     holes = list(exempt) + [_nat64(net) for net in _ipv4(exempt)]
-    return list(normalise(subtract_all(private, holes))) or [ipaddress.ip_network("192.0.2.1/32")]
+    metadata = list(METADATA_DESTINATIONS) + [_nat64(net) for net in _ipv4(METADATA_DESTINATIONS)]
+    return list(normalise([*subtract_all(private, holes), *metadata]))
 
 
 def _ipv4(networks: Iterable[IPNetwork]) -> list[ipaddress.IPv4Network]:

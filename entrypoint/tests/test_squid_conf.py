@@ -108,11 +108,18 @@ def _forbidden(exempt: str, address: str) -> bool:
         ("127.0.0.2/32", "127.0.0.3", True),
         ("127.0.0.2/32", "127.0.0.2", False),
         ("", "fd00:ec2::254", True),
-        ("fd00:ec2::/32", "fd00:ec2::254", False),
+        ("fd00:ec2::/32", "fd00:ec2::253", False),
+        # the metadata and credential endpoints are never exempt: the proxy's own credentials live there
+        ("fd00:ec2::/32", "fd00:ec2::254", True),
+        ("169.254.0.0/16", "169.254.169.254", True),
+        ("169.254.0.0/16", "169.254.170.2", True),
+        ("169.254.0.0/16", "169.254.169.123", False),
+        ("0.0.0.0/0 ::/0", "169.254.169.254", True),
+        ("0.0.0.0/0", "64:ff9b::a9fe:a9fe", True),
         ("fd00:ec2::/32", "fd00:ec3::1", True),
         ("", "8.8.8.8", False),
         ("", "2600::1", False),
-        ("0.0.0.0/0 ::/0", "10.0.0.1", False),  # everything exempt: the stand-in matches nothing real
+        ("0.0.0.0/0 ::/0", "10.0.0.1", False),
     ],
 )
 def test_forbidden_destinations_are_private_minus_exempt(exempt: str, address: str, forbidden: bool) -> None:

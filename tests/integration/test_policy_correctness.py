@@ -467,3 +467,22 @@ def test_a_deny_rule_holds_for_both_idna_mappings(strict_proxy: ProxyRunner, htt
     assert (record["reason"], record["policy"]) == ("domain_denied", "team")
     assert not [r for r in http_origin.requests if r["path"] == path]
     assert len(tls_origin.snis) == handshakes
+
+
+def test_metadata_stays_refused_under_a_broad_exemption(public_tmp: Path, dns: DnsServer,
+                                                        isolated_network: bool) -> None:
+    # An operator exempts link-local (for some internal service) from the SSRF guard: the instance metadata service,
+    # and the proxy's own credentials behind it, must still be out of reach. Here something listens on it.
+    if not isolated_network:
+        pytest.skip("needs the private network namespace scripts/test creates")
+    subprocess.run(["ip", "addr", "replace", "169.254.169.254/32", "dev", "lo"], check=True)
+    document = {"policies": [{"name": "team", "clients": [f"{ENFORCED}/32"], "allow": ["metadata.test"]}]}
+    runner = _policy_proxy(public_tmp, "metadata-exempt", document, gate="127.0.0.0/24")
+    runner.env["EGRESS_ALLOW_DESTINATIONS"] = "169.254.0.0/16"
+    with HttpOrigin("169.254.169.254", 80, name="imds") as imds, runner:
+        mark = runner.mark()
+        status, head = _exchange(runner, ENFORCED, b"GET http://metadata.test/latest/meta-data/ HTTP/1.1\r\n"
+                                 b"Host: metadata.test\r\nConnection: close\r\n\r\n")
+        record = runner.access(mark, client_ip=ENFORCED, host="metadata.test")
+        assert (status, record["reason"]) == (403, "destination_not_public"), head
+        assert imds.requests == []
