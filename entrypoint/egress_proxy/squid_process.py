@@ -234,6 +234,9 @@ def parse_check(squid_binary: str, conf: Path) -> list[str]:
     except FileNotFoundError:
         raise SquidError(f"Squid not found ({squid_binary!r}); install Debian's squid-openssl "
                          "or set EGRESS_SQUID_BINARY") from None
+    except subprocess.TimeoutExpired:
+        raise SquidError(f"squid -k parse of {conf} did not finish within 120 s (the host is overloaded, or the "
+                         "lists are far too long); the current config keeps serving") from None
     lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     problems = [line for line in lines if strings.is_parse_problem(line)]
     if result.returncode != 0 or problems:

@@ -435,6 +435,9 @@ class Supervisor:
             self.writes.failed(exc)
             return loop.CandidateBuilt(snapshot.version, error=f"cannot write the candidate config: "
                                        f"{describe_os_error(exc)}", error_code=ExitCode.STARTUP_IO)
+        except Exception as exc:  # a bug must not end the worker: every later reload would wait for it in silence
+            return loop.CandidateBuilt(snapshot.version, error=f"building the config failed: {type(exc).__name__}: "
+                                       f"{exc}", error_code=ExitCode.SQUID_FAILED)
         return loop.CandidateBuilt(snapshot.version, candidate=candidate, unchanged=candidate.unchanged)
 
     def _parse_warning(self, warning: str) -> None:

@@ -309,6 +309,16 @@ def test_policies_render_in_document_order_with_disjoint_clients() -> None:
 
 
 @pytest.mark.skipif(shutil.which("squid") is None, reason="needs squid-openssl")
+def test_a_parse_check_that_does_not_finish_is_a_squid_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a crash of the worker thread (which would leave every later reload waiting for it).
+    def never_finishes(*args: object, **kwargs: object) -> None:
+        raise squid_process.subprocess.TimeoutExpired("squid", 120)
+
+    monkeypatch.setattr(squid_process.subprocess, "run", never_finishes)
+    with pytest.raises(SquidError, match="did not finish within 120 s"):
+        parse_check("squid", tmp_path / "squid.conf")
+
+
 def test_parse_check_names_the_problem(tmp_path: Path) -> None:
     conf = tmp_path / "squid.conf"
     conf.write_text("http_port 3128\nacl broken dstdomain\nno_such_directive on\n")
