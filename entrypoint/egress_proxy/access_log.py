@@ -43,7 +43,8 @@ REASONS: dict[str, str] = {
     "the client connected to (transparent mode), or an explicit request's Host header names another host than "
     "its URL",
     "forward_failed": "allowed, but the proxy could not complete the request: the destination (or the upstream "
-    "proxy) could not be reached or did not answer; the line's error field says how",
+    "proxy) could not be reached or did not answer, or Squid itself would not forward it (a forwarding loop: the "
+    "request already carried this proxy's Via); the line's error field says how",
     "denied": "no rule allowed the request",
 }
 
@@ -162,9 +163,9 @@ def forward_outcome(record: dict[str, Any]) -> None:
     """An allowed request that the proxy could not complete keeps ``decision: allowed`` (the policy allowed it)
     but gets ``reason: forward_failed``, so that nobody counting reasons reads a failure as a success: Squid's
     own error answer to a plain-HTTP request (a 5xx with an error code: the origin or the upstream proxy refused
-    the connection, did not answer, or its name did not resolve), or an allowed CONNECT whose origin was
-    unreachable (``client_view`` names it ERR_CONNECT_FAIL). A client that went away is no failure of the proxy.
-    A report-mode line keeps its would_deny reason, which is what that mode is for."""
+    the connection, did not answer, or its name did not resolve; a 403 for a forwarding loop), or an allowed
+    CONNECT whose origin was unreachable (``client_view`` names it ERR_CONNECT_FAIL). A client that went away is
+    no failure of the proxy. A report-mode line keeps its would_deny reason, which is what that mode is for."""
     if record.get("decision") != "allowed" or record.get("reason") != "allowed":
         return
     error = record.get("error")
@@ -173,7 +174,10 @@ def forward_outcome(record: dict[str, Any]) -> None:
     if record.get("method") == "CONNECT":
         failed = error == strings.ERR_CONNECT_FAIL
     else:
-        failed = (record.get("status") or 0) >= 500
+        # Squid's own error page (an error code) for a request the policy allowed: a 5xx, or a 403 for a
+        # forwarding loop (a Via naming this proxy, which a client can send itself). An origin's own 4xx has no
+        # error code.
+        failed = (record.get("status") or 0) >= 400
     if failed:
         record["reason"] = "forward_failed"
 

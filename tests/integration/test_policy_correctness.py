@@ -486,3 +486,16 @@ def test_metadata_stays_refused_under_a_broad_exemption(public_tmp: Path, dns: D
         record = runner.access(mark, client_ip=ENFORCED, host="metadata.test")
         assert (status, record["reason"]) == (403, "destination_not_public"), head
         assert imds.requests == []
+
+
+def test_a_forwarding_loop_is_not_logged_as_an_allowed_success(strict_proxy: ProxyRunner,
+                                                               http_origin: HttpOrigin) -> None:
+    # A client can send a Via naming this proxy; Squid then sees a loop and answers 403 itself. The line said
+    # 'allowed'; it must say the request failed, as for any other answer of Squid's own to an allowed request.
+    mark = strict_proxy.mark()
+    status, head = _exchange(strict_proxy, ENFORCED, b"GET http://allowed.test/looped HTTP/1.1\r\n"
+                             b"Host: allowed.test\r\nVia: 1.1 egress-proxy (squid)\r\nConnection: close\r\n\r\n")
+    record = strict_proxy.access(mark, client_ip=ENFORCED, host="allowed.test")
+    assert status == 403, head
+    assert (record["decision"], record["reason"], record["error"]) == ("allowed", "forward_failed", "ERR_ACCESS_DENIED")
+    assert not [r for r in http_origin.requests if r["path"] == "/looped"]
