@@ -751,3 +751,37 @@ def test_covers_and_overlaps(entries: str, entry: str, covers: bool, overlaps: b
     allowlist = parse_allowlist(entries)
     assert allowlist.covers(entry) is covers
     assert allowlist.overlaps(entry) is overlaps
+
+
+def test_the_public_suffix_shortcut_answers_as_the_library_does_for_every_rule() -> None:
+    # _is_public_suffix skips the library for a name that no rule names and whose parent no rule names; check
+    # that against the library itself on every name a rule is about, its parent and two names under it.
+    from egress_proxy import allowlist
+
+    psl = allowlist._psl()
+    rule_names = allowlist._public_suffix_rule_names()
+    assert rule_names is not None and "co.uk" in rule_names and "kawasaki.jp" in rule_names
+    names = set()
+    for rule_name in rule_names:
+        names.update({rule_name, rule_name.partition(".")[2], f"city.{rule_name}", f"www.city.{rule_name}"})
+    names.discard("")
+    differing = [name for name in sorted(names) if allowlist._is_public_suffix(name) != bool(psl.is_public(name))]
+    assert differing == []
+    assert allowlist._is_public_suffix("kobe.jp") and not allowlist._is_public_suffix("city.kobe.jp")
+
+
+@pytest.mark.parametrize("raw", [
+    "example.com", ".example.com", "Example.COM", "a.b.c.d.example.org", "co.uk", ".co.uk", "example.co.uk",
+    "kawasaki.jp", "city.kawasaki.jp", "x.city.kawasaki.jp", "city.kobe.jp", "github.io", ".github.io",
+    "1.2.3.4", ".1.2.3.4", "10.1", "a.b.123", "a.b.0x1", "xn--bcher-kva.example", "xn--zz.example",
+    "-a.example.com", "a-.example.com", "a--b.example.com", "rr1---sn-abc.googlevideo.com", "localhost", ".test",
+    "example.com.", "example..com", "a_b.example.com", f"{'a' * 63}.com", f"{'a' * 64}.com",
+    ".".join(["abcdefghi"] * 25) + ".com", ".".join(["abcdefghi"] * 26) + ".com", "bücher.example",
+    "*.example.com", "example.com:443", "https://example.com", "example.com/path", "[::1]", "EXAMPLE.com",
+])
+def test_the_plain_entry_shortcut_gives_the_full_checks_answer(raw: str) -> None:
+    from egress_proxy import allowlist
+
+    shortcut = allowlist._plain_entry(raw)
+    assert shortcut is None or shortcut == allowlist._classify_fully(raw)
+    assert allowlist._classify(raw) == allowlist._classify_fully(raw)
