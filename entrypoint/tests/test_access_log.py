@@ -84,8 +84,12 @@ def test_a_failed_forward_is_not_logged_as_a_plain_success() -> None:
     # An allowed CONNECT whose origin was unreachable: the client saw 200, then a closed tunnel.
     tunnel = parse_line(_line(method="CONNECT", status="503", reason="allowed", squid_status="NONE_NONE"))
     assert (tunnel["status"], tunnel["error"], tunnel["reason"]) == (200, "ERR_CONNECT_FAIL", "forward_failed")
-    # Not failures: the origin's own 5xx, an idle tunnel the proxy closed, a client that went away.
+    # Squid's own 403 for a forwarding loop (the request carried this proxy's Via).
+    assert parse_line(_line(method="GET", status="403", reason="allowed", error="ERR_ACCESS_DENIED"))[
+        "reason"] == "forward_failed"
+    # Not failures: the origin's own 5xx or 4xx, an idle tunnel the proxy closed, a client that went away.
     assert parse_line(_line(method="GET", status="502", reason="allowed"))["reason"] == "allowed"
+    assert parse_line(_line(method="GET", status="404", reason="allowed"))["reason"] == "allowed"
     assert parse_line(_line(method="CONNECT", status="200", reason="allowed", squid_status="TCP_TUNNEL",
                             error="ERR_READ_TIMEOUT"))["reason"] == "allowed"
     assert parse_line(_line(method="GET", status="0", reason="allowed", error="ERR_CLIENT_GONE"))[
