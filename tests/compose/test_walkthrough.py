@@ -238,6 +238,10 @@ def test_appending_to_the_allowlist_takes_effect(walk: Walkthrough) -> None:
 
 
 def test_logs_show_json_access_lines(walk: Walkthrough) -> None:
+    # The relay batches Squid's access lines (a line may reach stdout up to 200 ms after its request): wait for the
+    # last request's line, so that the README's two log commands below read the same log.
+    walk.wait_log("proxy", lambda r: r.get("type") == "access" and r.get("method") == "CONNECT"
+                  and r.get("host") == "www.example.com" and r.get("decision") == "allowed")
     grepped = walk.ok(LOGS_GREP).splitlines()
     assert grepped and all(re.match(r"^proxy-1\s+\| \{", line) for line in grepped), grepped
     jq_lines = [json.loads(line) for line in walk.ok(LOGS_JQ).splitlines()]
