@@ -13,7 +13,7 @@ Fixtures:
 * :class:`RawTcpServer` -- records raw bytes, optionally sends a banner.
 
 Raw proxy clients: :func:`connect_tunnel`, :func:`tls_over_tunnel`,
-:func:`http_get_over` (plus :func:`read_body`).
+:func:`http_get_over` (plus :func:`read_body`), :func:`proxy_get`.
 
 Servers run in background threads; ``start()`` returns once listening,
 ``stop()`` severs open connections and joins the threads.  Every server is a
@@ -68,6 +68,7 @@ __all__ = [
     "connect_tunnel",
     "free_port",
     "http_get_over",
+    "proxy_get",
     "read_body",
     "tls_over_tunnel",
     "wait_for_port",
@@ -1259,6 +1260,22 @@ def http_get_over(
     while 100 <= _status_of(head) < 200:  # skip interim responses
         head = _read_head(sock)
     return _status_of(head), read_body(sock, head)
+
+
+def proxy_get(
+    proxy: tuple[str, int], source: str, url: str, timeout: float = 15.0
+) -> tuple[int, bytes, bytes]:
+    """One plain-HTTP proxy request (absolute URL, ``Connection: close``) from the local address ``source``:
+    ``(status, head, body)``. Raw bytes, so a test sees Squid's own answer (its X-Egress-* headers, its error
+    page) exactly as sent, with no client library adding or retrying anything."""
+    host = url.split("/")[2]
+    with socket.create_connection(proxy, timeout=timeout, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return _status_of(head), head, body
 
 
 def client_session() -> requests.Session:

@@ -44,6 +44,10 @@ class ProxyRunner(LogReader):
         self.reading.set()
 
     @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
     def proxy_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 

@@ -9,7 +9,6 @@ the answers themselves (each request is a round trip through Squid), never on sl
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import MotoServer, curl
 from ecs_standin import EcsStandIn
-from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port
+from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port, proxy_get
 from proxy_runner import ProxyRunner
 from tls_hello import closed_without_data, send_hello, with_server_names
 
@@ -92,18 +91,6 @@ def identity_proxy(public_tmp: Path, aws: Aws, ecs: EcsStandIn, dns: DnsServer, 
     runner.stop()
 
 
-def _get(proxy: ProxyRunner, source: str, url: str) -> tuple[int, bytes]:
-    """A plain-HTTP proxy request from ``source``: (status, head)."""
-    host = url.split("/")[2]
-    with socket.create_connection((proxy.host, proxy.port), timeout=15, source_address=(source, 0)) as sock:
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
-    head = response.partition(b"\r\n\r\n")[0]
-    return int(head.split()[1]), head
-
-
 def _hits(origin: HttpOrigin, path: str) -> int:
     return sum(1 for r in origin.requests if r["path"] == path)
 
@@ -118,11 +105,11 @@ def _after_change(proxy: ProxyRunner, start: int, selector: str, address: str, c
                    and address in r.get(change, []), start=start, timeout=DEPARTURE_BOUND)
     expired = time.monotonic() + TTL + 0.5
     while time.monotonic() < expired:
-        _get(proxy, source, SETTLING_URL)
+        proxy_get(proxy.address, source, SETTLING_URL)
     host = url.split("/")[2]
     mark = proxy.mark()
     for _ in range(4):
-        _get(proxy, source, url)
+        proxy_get(proxy.address, source, url)
     # Access lines may trail the responses (Squid's logger is asynchronous): match them by client and host.
     proxy.wait_for(lambda _: len(_lines(proxy, mark, source, host)) >= 4, start=mark)
     return _lines(proxy, mark, source, host)
@@ -137,18 +124,18 @@ def test_a_new_eni_gets_its_groups_policy_on_its_first_request(
         identity_proxy: ProxyRunner, aws: Aws, http_origin: HttpOrigin) -> None:
     aws.eni("127.0.10.11", aws.payments)
     mark = identity_proxy.mark()
-    status, _ = _get(identity_proxy, "127.0.10.11", "http://allowed.test/first-request")
+    status, _, _ = proxy_get(identity_proxy.address, "127.0.10.11", "http://allowed.test/first-request")
     assert status == 200
     record = identity_proxy.access(mark, client_ip="127.0.10.11", host="allowed.test")
     assert (record["policy"], record["client_identity"], record["decision"]) == ("payments", aws.payments, "allowed")
-    status, head = _get(identity_proxy, "127.0.10.11", "http://a.wild.test/first-request")
+    status, head, _ = proxy_get(identity_proxy.address, "127.0.10.11", "http://a.wild.test/first-request")
     assert status == 403 and b"X-Egress-Policy: payments" in head
     assert _hits(http_origin, "/first-request") == 1
 
 
 def test_an_address_in_no_selector_is_refused(identity_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
     mark = identity_proxy.mark()
-    status, head = _get(identity_proxy, "127.0.10.99", "http://allowed.test/stranger")
+    status, head, _ = proxy_get(identity_proxy.address, "127.0.10.99", "http://allowed.test/stranger")
     assert status == 403 and b"X-Egress-Reason: client_not_allowed" in head
     assert identity_proxy.access(mark, client_ip="127.0.10.99", host="allowed.test")["policy"] is None
     assert _hits(http_origin, "/stranger") == 0
@@ -156,11 +143,11 @@ def test_an_address_in_no_selector_is_refused(identity_proxy: ProxyRunner, http_
 
 def test_cidr_and_tag_selectors_in_the_same_document(identity_proxy: ProxyRunner, aws: Aws) -> None:
     mark = identity_proxy.mark()
-    assert _get(identity_proxy, "127.0.0.1", "http://c.wild.test/cidr")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.0.1", "http://c.wild.test/cidr")[0] == 200
     assert identity_proxy.access(mark, client_ip="127.0.0.1", host="c.wild.test")["client_identity"] == "127.0.0.1/32"
     aws.eni("127.0.10.31", aws.elsewhere, tags={"team": "ml"})
     mark = identity_proxy.mark()
-    assert _get(identity_proxy, "127.0.10.31", "http://b.wild.test/tag")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.31", "http://b.wild.test/tag")[0] == 200
     record = identity_proxy.access(mark, client_ip="127.0.10.31", host="b.wild.test")
     assert (record["policy"], record["client_identity"]) == ("tagged", "tag:team=ml")
 
@@ -168,7 +155,7 @@ def test_cidr_and_tag_selectors_in_the_same_document(identity_proxy: ProxyRunner
 def test_an_eni_leaving_its_group_is_refused_within_the_documented_time(
         identity_proxy: ProxyRunner, aws: Aws, http_origin: HttpOrigin) -> None:
     eni = aws.eni("127.0.10.12", aws.payments)
-    assert _get(identity_proxy, "127.0.10.12", "http://allowed.test/leaving")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.12", "http://allowed.test/leaving")[0] == 200
     mark = identity_proxy.mark()
     aws.ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Groups=[aws.elsewhere])
     records = _after_change(identity_proxy, mark, aws.payments, "127.0.10.12", "removed", "127.0.10.12",
@@ -179,7 +166,7 @@ def test_an_eni_leaving_its_group_is_refused_within_the_documented_time(
 
 def test_a_reused_address_takes_the_new_groups_policy(identity_proxy: ProxyRunner, aws: Aws) -> None:
     old = aws.eni("127.0.10.13", aws.payments)
-    assert _get(identity_proxy, "127.0.10.13", "http://allowed.test/reused")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.13", "http://allowed.test/reused")[0] == 200
     mark = identity_proxy.mark()
     aws.ec2.delete_network_interface(NetworkInterfaceId=old)
     aws.eni("127.0.10.13", aws.data)
@@ -188,7 +175,7 @@ def test_a_reused_address_takes_the_new_groups_policy(identity_proxy: ProxyRunne
     assert {(r["policy"], r["client_identity"], r["decision"]) for r in records} == {("data", aws.data, "allowed")}
     # Once moved, never back: the old identity is not carried over.
     mark = identity_proxy.mark()
-    assert _get(identity_proxy, "127.0.10.13", "http://allowed.test/reused")[0] == 200  # report mode
+    assert proxy_get(identity_proxy.address, "127.0.10.13", "http://allowed.test/reused")[0] == 200  # report mode
     record = identity_proxy.access(mark, client_ip="127.0.10.13", host="allowed.test")
     assert (record["policy"], record["decision"]) == ("data", "would_deny")
 
@@ -196,7 +183,7 @@ def test_a_reused_address_takes_the_new_groups_policy(identity_proxy: ProxyRunne
 def test_ecs_service_tasks_by_their_eni_address(identity_proxy: ProxyRunner, ecs: EcsStandIn) -> None:
     ecs.set_tasks("prod", "etl", {"task1": "127.0.10.21", "bridge1": None})
     mark = identity_proxy.mark()
-    assert _get(identity_proxy, "127.0.10.21", "http://a.wild.test/ecs")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.21", "http://a.wild.test/ecs")[0] == 200
     record = identity_proxy.access(mark, client_ip="127.0.10.21", host="a.wild.test")
     assert (record["policy"], record["client_identity"]) == ("data", "ecs:prod/etl")
     identity_proxy.wait_for(lambda r: r.get("event") == "identity_ecs_not_awsvpc", start=0,
@@ -213,12 +200,12 @@ def test_report_mode_ssrf_and_sni_checks_hold_for_identity_policies(
     aws.eni("127.0.10.41", aws.data)  # data: report mode
     aws.eni("127.0.10.42", aws.payments)  # payments: enforce
     mark = identity_proxy.mark()
-    assert _get(identity_proxy, "127.0.10.41", "http://allowed.test/report")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.41", "http://allowed.test/report")[0] == 200
     record = identity_proxy.access(mark, client_ip="127.0.10.41", host="allowed.test")
     assert (record["decision"], record["reason"], record["policy"]) == ("would_deny", "domain_not_allowlisted", "data")
     assert _hits(http_origin, "/report") == 1
     # SSRF: an allowlisted name that resolves to a private address is refused in every mode.
-    status, head = _get(identity_proxy, "127.0.10.42", "http://internal.test/ssrf")
+    status, head, _ = proxy_get(identity_proxy.address, "127.0.10.42", "http://internal.test/ssrf")
     assert status == 403 and b"X-Egress-Reason: destination_not_public" in head
     # SNI: a tunnel to an allowed name whose ClientHello names another host is refused, for an identity policy.
     mark = identity_proxy.mark()
@@ -241,7 +228,7 @@ def test_an_aws_outage_keeps_the_last_known_membership(
         identity_proxy: ProxyRunner, aws: Aws, http_origin: HttpOrigin) -> None:
     """Last in the module: it stops this module's moto_server for good."""
     aws.eni("127.0.10.51", aws.payments)
-    assert _get(identity_proxy, "127.0.10.51", "http://allowed.test/outage")[0] == 200
+    assert proxy_get(identity_proxy.address, "127.0.10.51", "http://allowed.test/outage")[0] == 200
     identity_proxy.wait_for(lambda r: r.get("event") == "identity_membership_changed"
                             and "127.0.10.51" in r.get("added", []), timeout=DEPARTURE_BOUND)
     mark = identity_proxy.mark()
@@ -250,7 +237,7 @@ def test_an_aws_outage_keeps_the_last_known_membership(
     # Past Squid's cache of the last answer (EGRESS_IDENTITY_TTL), the helper still answers from the table.
     until = time.monotonic() + TTL + 1
     while time.monotonic() < until:
-        status, _ = _get(identity_proxy, "127.0.10.51", "http://allowed.test/outage")
+        status, _, _ = proxy_get(identity_proxy.address, "127.0.10.51", "http://allowed.test/outage")
         assert status == 200
     failures = [r for r in identity_proxy.records[mark:] if r.get("event") == "identity_refresh_failed"]
     assert len(failures) == 1  # logged once per change, not once per poll

@@ -5,7 +5,6 @@ no policy, and a bad document keeping the last good one. Clients bind to differe
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from harness import (
     connect_tunnel,
     free_port,
     http_get_over,
+    proxy_get,
     tls_over_tunnel,
     write_allowlist,
 )
@@ -66,18 +66,6 @@ def policy_proxy(public_tmp: Path, policy_file: Path, dns: DnsServer, http_origi
     runner.stop()
 
 
-def _get(proxy: ProxyRunner, source: str, url: str) -> tuple[int, bytes, bytes]:
-    """A plain-HTTP proxy request from ``source``: (status, head, body)."""
-    host = url.split("/")[2]
-    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), head, body
-
-
 def _https_curl(proxy: ProxyRunner, source: str, url: str, ca: TestCA) -> Any:
     return curl("--interface", source, "-x", proxy.proxy_url, "--cacert", str(ca.ca_path), "-o", "/dev/null",
                 "-w", "%{http_code}", url)
@@ -92,17 +80,17 @@ def _paths(origin: HttpOrigin, path: str) -> list[str]:
 
 def test_each_client_gets_its_own_policy(policy_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
     mark = policy_proxy.mark()
-    status, _, _ = _get(policy_proxy, TEAM, "http://build.wild.test/own-policy")
+    status, _, _ = proxy_get(policy_proxy.address, TEAM, "http://build.wild.test/own-policy")
     assert status == 200
     assert policy_proxy.access(mark, host="build.wild.test", client_ip=TEAM)["policy"] == "team-a"
     # The same name from the default policy's client is not on its list.
-    status, head, body = _get(policy_proxy, LOCAL, "http://build.wild.test/own-policy")
+    status, head, body = proxy_get(policy_proxy.address, LOCAL, "http://build.wild.test/own-policy")
     assert status == 403 and b"X-Egress-Reason: domain_not_allowlisted" in head
     assert b"X-Egress-Policy: default" in head and b"default" in body  # the page names the policy
     record = policy_proxy.access(mark, host="build.wild.test", client_ip=LOCAL)
     assert record["policy"] == "default" and record["decision"] == "denied"
     # ... and team-a's list does not hold the default policy's name.
-    status, head, _ = _get(policy_proxy, TEAM, "http://allowed.test/own-policy")
+    status, head, _ = proxy_get(policy_proxy.address, TEAM, "http://allowed.test/own-policy")
     assert status == 403 and b"X-Egress-Policy: team-a" in head
     assert _paths(http_origin, "/own-policy") == ["build.wild.test"]
 
@@ -112,7 +100,7 @@ def test_each_client_gets_its_own_policy(policy_proxy: ProxyRunner, http_origin:
 
 def test_deny_wins_over_allow_for_http(policy_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
     mark = policy_proxy.mark()
-    status, head, _ = _get(policy_proxy, TEAM, "http://gist.wild.test/deny-http")
+    status, head, _ = proxy_get(policy_proxy.address, TEAM, "http://gist.wild.test/deny-http")
     assert status == 403 and b"X-Egress-Reason: domain_denied" in head
     record = policy_proxy.access(mark, host="gist.wild.test")
     assert (record["decision"], record["reason"], record["policy"]) == ("denied", "domain_denied", "team-a")
@@ -160,7 +148,7 @@ def test_allowed_https_through_a_policy(policy_proxy: ProxyRunner, tls_origin: T
 def test_report_mode_lets_http_through_and_logs_would_deny(policy_proxy: ProxyRunner, http_origin: HttpOrigin,
                                                             host: str, reason: str) -> None:
     mark = policy_proxy.mark()
-    status, _, body = _get(policy_proxy, WATCHED, f"http://{host}/report-http")
+    status, _, body = proxy_get(policy_proxy.address, WATCHED, f"http://{host}/report-http")
     assert status == 200 and b"hello from http-origin" in body
     record = policy_proxy.access(mark, host=host)
     assert (record["decision"], record["reason"], record["policy"]) == ("would_deny", reason, "watch")
@@ -195,7 +183,7 @@ def test_report_mode_logs_a_fronted_sni(policy_proxy: ProxyRunner, tls_origin: T
 def test_report_mode_never_relaxes_the_ssrf_guard(policy_proxy: ProxyRunner, internal_origin: HttpOrigin,
                                                   host: str) -> None:
     mark = policy_proxy.mark()
-    status, head, _ = _get(policy_proxy, WATCHED, f"http://{host}/report-ssrf")
+    status, head, _ = proxy_get(policy_proxy.address, WATCHED, f"http://{host}/report-ssrf")
     assert status == 403 and b"X-Egress-Reason: destination_not_public" in head
     record = policy_proxy.access(mark, host=host)
     assert (record["decision"], record["reason"], record["policy"]) == ("denied", "destination_not_public",
@@ -221,7 +209,7 @@ def test_report_mode_still_refuses_a_malformed_sni(policy_proxy: ProxyRunner, ra
 
 def test_a_client_in_no_policy_is_refused(policy_proxy: ProxyRunner, http_origin: HttpOrigin) -> None:
     mark = policy_proxy.mark()
-    status, head, _ = _get(policy_proxy, STRANGER, "http://allowed.test/no-policy")
+    status, head, _ = proxy_get(policy_proxy.address, STRANGER, "http://allowed.test/no-policy")
     assert status == 403 and b"X-Egress-Reason: client_not_allowed" in head
     sock, status, head = connect_tunnel((policy_proxy.host, policy_proxy.port), "allowed.test", 443, source=STRANGER)
     sock.close()
@@ -243,21 +231,21 @@ def test_bad_document_keeps_the_last_good_one(policy_proxy: ProxyRunner, policy_
     rejected = policy_proxy.wait_for(lambda r: r.get("event") == "reload_rejected", timeout=15, start=mark)
     assert "policies[0].allow[1]" in rejected["bad_entries"] and "policies[1].clients[0]" in rejected["bad_entries"]
     # The last good document keeps serving: team-a's name still passes, gist is still denied.
-    assert _get(policy_proxy, TEAM, "http://build.wild.test/still-good")[0] == 200
-    assert _get(policy_proxy, TEAM, "http://gist.wild.test/still-good")[0] == 403
+    assert proxy_get(policy_proxy.address, TEAM, "http://build.wild.test/still-good")[0] == 200
+    assert proxy_get(policy_proxy.address, TEAM, "http://gist.wild.test/still-good")[0] == 403
     write_allowlist(policy_file, json.dumps(DOCUMENT))
     policy_proxy.wait_for(lambda r: r.get("event") in {"reloaded", "reload_skipped"}, timeout=15, start=mark)
 
 
 def test_switching_report_to_enforce_takes_effect_live(policy_proxy: ProxyRunner, policy_file: Path) -> None:
-    assert _get(policy_proxy, WATCHED, "http://denied.test/rollout")[0] == 200
+    assert proxy_get(policy_proxy.address, WATCHED, "http://denied.test/rollout")[0] == 200
     enforced = json.loads(json.dumps(DOCUMENT))
     enforced["policies"][1]["mode"] = "enforce"
     mark = policy_proxy.mark()
     write_allowlist(policy_file, json.dumps(enforced))
     try:
         policy_proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=20, start=mark)
-        status, head, _ = _get(policy_proxy, WATCHED, "http://denied.test/rollout")
+        status, head, _ = proxy_get(policy_proxy.address, WATCHED, "http://denied.test/rollout")
         assert status == 403 and b"X-Egress-Reason: domain_not_allowlisted" in head
     finally:
         mark = policy_proxy.mark()
