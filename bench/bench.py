@@ -362,18 +362,24 @@ def time_render_and_parse(text: str, proxy: Proxy) -> dict[str, float]:
 
 
 def parse_profile(workdir: Path, proxy: Proxy) -> dict[str, float]:
-    """Where ``squid -k parse`` spends its time on a big list: the same allowlist file loaded by minimal configs
-    with one ACL, with both ACLs the template uses, and with the entries sorted the way Squid compares them."""
+    """Where ``squid -k parse`` spends its time on a big list: the active allowlist file (written in Squid's own
+    comparison order) loaded by a minimal config with one ACL, then by one with both ACLs a seed-style config uses,
+    then the same entries label by label (the order written before) and shuffled."""
+    import random
+
     from egress_proxy.squid_conf import StatePaths
 
     active = StatePaths(proxy.state_dir).policy_list("default", "allow")
     entries = [line for line in active.read_text().splitlines() if line]
-    by_reversed_labels = workdir / "allowlist-sorted.txt"
-    by_reversed_labels.write_text("\n".join(sorted(entries, key=lambda e: e.lstrip(".").split(".")[::-1])) + "\n")
+    by_labels = workdir / "allowlist-label-order.txt"
+    by_labels.write_text("\n".join(sorted(entries, key=lambda e: e.lstrip(".").split(".")[::-1])) + "\n")
+    shuffled = workdir / "allowlist-shuffled.txt"
+    shuffled.write_text("\n".join(random.Random(1).sample(entries, len(entries))) + "\n")
     variants = {
         "dstdomain_only": f'acl a dstdomain -n "{active}"',
         "dstdomain_and_ssl_server_name": f'acl a dstdomain -n "{active}"\nacl b ssl::server_name "{active}"',
-        "dstdomain_only_sorted_by_reversed_labels": f'acl a dstdomain -n "{by_reversed_labels}"',
+        "dstdomain_only_label_order": f'acl a dstdomain -n "{by_labels}"',
+        "dstdomain_only_shuffled": f'acl a dstdomain -n "{shuffled}"',
     }
     out = {}
     for name, acls in variants.items():

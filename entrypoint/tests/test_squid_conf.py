@@ -47,16 +47,61 @@ def test_allowlist_text_is_minimal_and_sorted() -> None:
     settings = load_settings({}, {})
     rendered = render(settings, _flat("b.example.com .example.com a.example.org", settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
-    assert rendered.lists[("default", "allow")] == ".example.com\na.example.org\n"
+    assert rendered.lists[("default", "allow")] == "a.example.org\n.example.com\n"
     assert rendered.lists[("default", "deny")] == ""
 
 
-def test_allowlist_text_is_in_squids_label_order() -> None:
-    # Labels compared from the right, as Squid's splay tree does, so its inserts stay at the tree's edge.
+def _match_domain_name(h: str, d: str) -> int:
+    """Squid 5.7's matchDomainName (src/anyp/Uri.cc) without its flags, line by line: the comparison its dstdomain
+    splay tree is ordered by (aclDomainCompare). <0, 0 (h is d, or lies under a '.d'), >0."""
+    h = h.lstrip(".")
+    hl, dl = len(h), len(d)
+    if hl == 0:
+        return -1
+    while True:
+        hl, dl = hl - 1, dl - 1
+        if h[hl].lower() != d[dl].lower():
+            break
+        if hl == 0 and dl == 0:
+            return 0
+        if hl == 0:
+            return 0 if dl == 1 and d[0] == "." else -1
+        if dl == 0:
+            return 0 if d[0] == "." else 1
+    if d[dl] == ".":
+        return 1
+    if h[hl] == ".":
+        return -1
+    return ord(h[hl].lower()) - ord(d[dl].lower())
+
+
+def test_allowlist_text_is_in_squids_own_order() -> None:
+    # Characters compared from the right, a '.' first: 'api2' and 'api19' differ at their last character, so the
+    # label-by-label order ('api19' < 'api2') is not Squid's.
     settings = load_settings({}, {})
-    rendered = render(settings, _flat("a.example.org b.example.com z.aaa.net", settings),
+    rendered = render(settings, _flat("api19.svc.example.org api2.svc.example.org a-b.example.org .b.example.org "
+                                      "z.aaa.net b.example.com", settings),
                       StatePaths(Path("/s")), run_as=None, denial_port=39999)
-    assert rendered.lists[("default", "allow")] == "b.example.com\nz.aaa.net\na.example.org\n"
+    assert rendered.lists[("default", "allow")] == (
+        ".b.example.org\na-b.example.org\napi2.svc.example.org\napi19.svc.example.org\nb.example.com\nz.aaa.net\n")
+
+
+def test_squid_domain_order_is_squids_comparison() -> None:
+    """Every pair of a minimal list compares the same way in Squid's matchDomainName (both argument orders) as in
+    squid_domain_order: names sharing long suffixes, digits, hyphens, '.domain' entries, names ending others."""
+    random = __import__("random").Random(25)
+    alphabet = "ab9-"
+    names = {"example.com", "com.example", "a-b.example.com", "ab.example.com", "b.example.com", "xa.com",
+             "a.com"}
+    for _ in range(400):
+        labels = ["".join(random.choice(alphabet) for _ in range(random.randint(1, 4))).strip("-") or "a"
+                  for _ in range(random.randint(1, 3))]
+        names.add(("." if random.random() < 0.3 else "") + ".".join([*labels, random.choice(["com", "co", "ba"])]))
+    entries = parse_allowlist(" ".join(names)).entries  # minimal: what the lists hold
+    ordered = sorted(entries, key=squid_conf.squid_domain_order)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            assert _match_domain_name(a, b) < 0 and _match_domain_name(b, a) > 0, (a, b)
 
 
 def test_policy_directives() -> None:
