@@ -254,6 +254,9 @@ def render(
     (user:password) is the upstream proxy's login when it is not in EGRESS_UPSTREAM_PROXY itself."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
+    # Intercept ports on an unspecified listen address take a bare port: Squid then opens one socket for IPv4 and
+    # IPv6, as the nft ruleset redirects both families' clients there (0.0.0.0:PORT would refuse IPv6 clients).
+    intercept_text = "" if listen.is_unspecified else f"{listen_text}:"
     policies = _rendered_policies(document, paths)
     identity = _identity_context(settings, document)
     context = {
@@ -295,8 +298,8 @@ def render(
         "proxy_protocol_from": ([str(net) for net in normalise(settings.proxy_protocol_from)]
                                 if settings.proxy_protocol == "required" else []),
         "transparent": settings.transparent,
-        "intercept": {"http": f"{listen_text}:{settings.intercept_http_port}",
-                      "https": f"{listen_text}:{settings.intercept_https_port}"},
+        "intercept": {"http": f"{intercept_text}{settings.intercept_http_port}",
+                      "https": f"{intercept_text}{settings.intercept_https_port}"},
     }
     squid_conf = _environment().get_template("squid.conf.j2").render(context)
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.

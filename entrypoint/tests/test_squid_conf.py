@@ -447,14 +447,29 @@ def test_every_address_list_is_rendered_without_overlaps() -> None:
 def test_transparent_mode_opens_intercept_ports_beside_the_explicit_one() -> None:
     conf = _render({"EGRESS_TRANSPARENT": "on", "EGRESS_INTERCEPT_HTTP_PORT": "4129"})
     assert "http_port 0.0.0.0:3128 ssl-bump" in conf
-    assert "http_port 0.0.0.0:4129 intercept name=intercept_http" in conf
-    assert "https_port 0.0.0.0:3130 intercept ssl-bump name=intercept_https" in conf
+    # On an unspecified listen address, the intercept ports take IPv4 and IPv6 clients (a bare port).
+    assert "\nhttp_port 4129 intercept name=intercept_http" in conf
+    assert "\nhttps_port 3130 intercept ssl-bump name=intercept_https" in conf
     assert "\nhost_verify_strict on\n" in conf
     # Intercepted TLS peeks at step 1 (its CONNECT names only an IP), so the step-2 SNI check and Squid's host
     # forgery check both run; the explicit step-1 name rules come after and never see it.
-    peek = conf.index("ssl_bump peek step1 intercepted_tls policy_default reason_allowed")
+    peek = conf.index("ssl_bump peek step1 intercepted_tls\n")
     assert peek < conf.index("ssl_bump splice step1 !clients")
+    # Its client and destination are judged at step 2 (a step-1 refusal's log line has none of its notes), before
+    # the SNI check lets it through.
+    destination = conf.index("ssl_bump terminate step2 intercepted_tls forbidden_destination "
+                             "reason_destination_not_public")
+    assert conf.index("ssl_bump terminate step2 intercepted_tls !clients") < destination
+    assert destination < conf.index("ssl_bump splice step2 sni_ok sni_judged")
     assert "access_log daemon:/srv/state/logs/access.fifo logformat=egress !local_manager mode_noted" in conf
+
+
+@pytest.mark.parametrize(("listen", "expected"), [("::", "http_port 3129 intercept"),
+                                                    ("10.0.0.5", "http_port 10.0.0.5:3129 intercept"),
+                                                    ("fd00::5", "http_port [fd00::5]:3129 intercept")])
+def test_intercept_ports_listen_where_the_explicit_port_does(listen: str, expected: str) -> None:
+    conf = _render({"EGRESS_TRANSPARENT": "on", "EGRESS_LISTEN_ADDRESS": listen})
+    assert f"\n{expected} name=intercept_http" in conf
 
 
 def test_no_intercept_ports_or_strict_host_check_by_default() -> None:

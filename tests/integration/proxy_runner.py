@@ -11,9 +11,11 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from harness import wait_for_port
 from log_reader import LogReader
+from netns import Namespace
 
 
 def egress_proxy_command() -> list[str]:
@@ -127,3 +129,27 @@ class ProxyRunner(LogReader):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NamespacedProxy(ProxyRunner):
+    """The real supervisor, run inside a network namespace (the transparent-mode tests' router, the "EC2
+    instance"). ``host`` is an address of that namespace: where its explicit port is awaited (the ruleset drops
+    direct dials of the intercept ports)."""
+
+    def __init__(self, namespace: Namespace, *args: Any, **kwargs: Any) -> None:
+        self.namespace = namespace
+        super().__init__(*args, **kwargs)
+
+    def command(self) -> list[str]:
+        return self.namespace.command(super().command())
+
+    def wait_until_listening(self) -> None:
+        with self.namespace.entered():
+            wait_for_port(self.host, self.port)
+
+    def apply_nft_rules(self) -> str:
+        """``egress-proxy nft-rules | nft -f -`` in the namespace, with this proxy's settings; returns the ruleset."""
+        rules = subprocess.run([*egress_proxy_command(), "nft-rules"], env=self.env, capture_output=True, text=True,
+                               check=True).stdout
+        self.namespace.run("nft", "-f", "-", input=rules)
+        return rules

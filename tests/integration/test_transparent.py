@@ -8,28 +8,29 @@
 
 The client has no proxy setting: its default route points at the router, whose nftables rules redirect tcp/80 and
 tcp/443 to Squid's intercept ports and drop everything else. The origins and the DNS server are the harness's,
-bound inside the internet namespace, so every request they record is one that really crossed the router.
-Clients resolve with curl --resolve: that is the answer a client holds, which may differ from the proxy's.
+bound inside the internet namespace, so every request they record is one that really crossed the router
+(netns.RoutedTopology builds the namespaces). Clients resolve with curl --resolve: that is the answer a client
+holds, which may differ from the proxy's.
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin, wait_for_port, write_allowlist
-from netns import Namespace, link
-from proxy_runner import ProxyRunner, egress_proxy_command
+from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin, write_allowlist
+from netns import RoutedTopology as Topology
+from netns import curl_in, serving
+from proxy_runner import NamespacedProxy
 
 CLIENT = "10.200.1.2"
 REPORT_CLIENT = "10.200.1.3"
-ROUTER_CLIENT_SIDE = "10.200.1.1"
+ROUTER_CLIENT_SIDE = Topology.ROUTER_V4
 ORIGIN = "203.0.113.10"
 WRONG_IP = "203.0.113.66"
 DNS_IP = "203.0.113.53"
@@ -44,56 +45,9 @@ DOCUMENT = {
 }
 
 
-class NamespacedProxy(ProxyRunner):
-    """The real supervisor, run inside the router namespace."""
-
-    def __init__(self, router: Namespace, *args: Any, **kwargs: Any) -> None:
-        self.router = router
-        super().__init__(*args, **kwargs)
-
-    def command(self) -> list[str]:
-        return self.router.command(super().command())
-
-    def wait_until_listening(self) -> None:
-        # Only the explicit port: the ruleset drops direct dials of the intercept ports.
-        with self.router.entered():
-            wait_for_port(ROUTER_CLIENT_SIDE, self.port)
-
-
-class Topology:
-    def __init__(self) -> None:
-        self.namespaces: list[Namespace] = []
-        self.client = self._namespace("client")
-        self.router = self._namespace("router")
-        self.internet = self._namespace("internet")
-        link(self.client, "c0", f"{CLIENT}/24", self.router, "r-clients", f"{ROUTER_CLIENT_SIDE}/24")
-        self.client.run("ip", "addr", "add", f"{REPORT_CLIENT}/24", "dev", "c0")
-        self.client.run("ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE)
-        link(self.router, "r-uplink", "198.51.100.1/24", self.internet, "i0", "198.51.100.2/24")
-        self.router.run("ip", "route", "add", "default", "via", "198.51.100.2")
-        self.router.sysctl("net.ipv4.ip_forward", "1")
-        for address in (ORIGIN, WRONG_IP, DNS_IP):
-            self.internet.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-        self.internet.run("ip", "route", "add", "default", "via", "198.51.100.1")
-
-    def _namespace(self, name: str) -> Namespace:
-        namespace = Namespace(name)
-        self.namespaces.append(namespace)
-        return namespace
-
-    def close(self) -> None:
-        for namespace in reversed(self.namespaces):
-            namespace.close()
-
-    def dropped(self) -> int:
-        """Packets counted by the ruleset's 'dropped' counter."""
-        out = self.router.run("nft", "-j", "list", "counter", "inet", "egress_proxy", "dropped").stdout
-        return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
-
-
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
-    topo = Topology()
+    topo = Topology("v4", [CLIENT, REPORT_CLIENT], [ORIGIN, WRONG_IP, DNS_IP])
     yield topo
     topo.close()
 
@@ -101,20 +55,17 @@ def topology() -> Iterator[Topology]:
 @pytest.fixture(scope="module")
 def origins(topology: Topology, ca: TestCA) -> Iterator[dict[str, Any]]:
     names = ["allowed.test", "wild.test", "*.wild.test"]
-    servers: dict[str, Any] = {}
-    with topology.internet.entered():
-        servers["dns"] = DnsServer({"allowed.test": [ORIGIN], "wild.test": [ORIGIN]}, host=DNS_IP, port=53)
-        servers["dns"].set_wildcard("wild.test", [ORIGIN])
-        servers["http"] = HttpOrigin(ORIGIN, 80, name="internet-http")
-        servers["tls"] = TlsOrigin(ORIGIN, 443, ca, names, name="internet-tls")
-        servers["wrong_http"] = HttpOrigin(WRONG_IP, 80, name="wrong-http")
-        servers["wrong_tls"] = TlsOrigin(WRONG_IP, 443, ca, names, name="wrong-tls")
-        servers["other_port"] = RawTcpServer(ORIGIN, OTHER_PORT, banner=b"SSH-2.0-origin\r\n")
-        for server in servers.values():
-            server.start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    dns = DnsServer({"allowed.test": [ORIGIN], "wild.test": [ORIGIN]}, host=DNS_IP, port=53)
+    dns.set_wildcard("wild.test", [ORIGIN])
+    with serving(topology.internet, {
+        "dns": dns,
+        "http": HttpOrigin(ORIGIN, 80, name="internet-http"),
+        "tls": TlsOrigin(ORIGIN, 443, ca, names, name="internet-tls"),
+        "wrong_http": HttpOrigin(WRONG_IP, 80, name="wrong-http"),
+        "wrong_tls": TlsOrigin(WRONG_IP, 443, ca, names, name="wrong-tls"),
+        "other_port": RawTcpServer(ORIGIN, OTHER_PORT, banner=b"SSH-2.0-origin\r\n"),
+    }) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +81,7 @@ def transparent_proxy(topology: Topology, origins: dict[str, Any], public_tmp: P
         "EGRESS_TRANSPARENT": "on",
     }
     runner = NamespacedProxy(topology.router, state, env, host=ROUTER_CLIENT_SIDE, port=3128)
-    rules = subprocess.run([*egress_proxy_command(), "nft-rules"], env=runner.env, capture_output=True, text=True,
-                           check=True).stdout
-    topology.router.run("nft", "-f", "-", input=rules)
+    runner.apply_nft_rules()
     runner.start()
     yield runner
     runner.stop()
@@ -140,12 +89,8 @@ def transparent_proxy(topology: Topology, origins: dict[str, Any], public_tmp: P
 
 def client_curl(topology: Topology, *args: str, source: str = CLIENT, timeout: float = 10
                 ) -> tuple[int, str, str]:
-    """curl in the client namespace with no proxy setting at all (none in its environment either; give --proxy to
-    use the explicit port). Returns (exit code, stdout, stderr)."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    result = topology.client.run("curl", "-sS", "--interface", source, "--max-time", str(timeout),
-                                 *args, check=False, env=env, timeout=timeout + 10)
-    return result.returncode, result.stdout, result.stderr
+    """curl in the client namespace with no proxy setting (netns.curl_in)."""
+    return curl_in(topology.client, source, *args, timeout=timeout)
 
 
 # --- allowed traffic ---------------------------------------------------------------------------------------------
