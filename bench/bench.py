@@ -222,36 +222,120 @@ def _cpu_share(usage: dict[str, Any]) -> float:
     return sum(usage[group]["cpu_percent"] for group in ("squid", "helpers", "supervisor") if group in usage) / 100
 
 
-def bench_throughput(proxy: Proxy, seed: SeedSquid, cacert: str, reps: int) -> dict[str, Any]:
+# The downloads: (name, path, concurrent streams, the proxy on its own core). With every process free to use both
+# cores, curl (decrypting), nginx (encrypting) and Squid share them, and the ratio against direct is bounded by CPU
+# alone: the proxied route spends Squid's CPU per GB on top of the endpoints'. On AWS the proxy runs on its own
+# instances, apart from both endpoints: the "own core" download models that, with curl and nginx on CPU 0 in every
+# route (direct included) and every process of both proxies on CPU 1.
+DOWNLOADS = (("single_1gib", "/1g", 1, False), ("parallel_16x64mib", "/64m", 16, False),
+             ("single_1gib_own_core", "/1g", 1, True))
+ENDPOINT_CPUS, PROXY_CPUS = {0}, {1}
+
+
+def _proxy_tree(proxy: Proxy | SeedSquid) -> list[int]:
+    """Every process of a proxy: the supervisor (egress-proxy only), Squid and its helpers."""
+    return sorted({proxy.pid, proxy.squid_pid, *benchenv.descendants(proxy.squid_pid)})
+
+
+def _download(route: str, path: str, streams: int, cacert: str, proxies: dict[str, Proxy | SeedSquid],
+              origin_pids: list[int], cpus: set[int] | None) -> dict[str, Any]:
+    """One download, with what it cost each party per GB: curl, nginx, Squid and (egress-proxy) its other
+    processes; and Squid's read and write system calls per MB, which show how it moves the bytes."""
+    proxy = proxies.get(route)
+    squid = proxy.squid_pids() if proxy else []
+    everything = _proxy_tree(proxy) if proxy else []
+    squid0, proxy0, origin0 = benchenv.cpu_ns(squid), benchenv.cpu_ns(everything), benchenv.cpu_ns(origin_pids)
+    calls0 = benchenv.syscalls(squid)
+    busy0 = benchenv.machine_busy()
+    run = clients.download(path, cacert, route != "direct", streams, _port(route), cpus=cpus)
+    busy1 = benchenv.machine_busy()
+    gb, mb = run["bytes"] / 1e9, run["bytes"] / 1e6
+    out: dict[str, Any] = {
+        "mb_per_s": run["mb_per_s"],
+        "machine_busy_percent": round(100 * (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]), 1),
+        "client_core_s_per_gb": round(run["client_cpu_s"] / gb, 3),
+        "origin_core_s_per_gb": round((benchenv.cpu_ns(origin_pids) - origin0) / 1e9 / gb, 3)}
+    if proxy:
+        reads, writes, read_bytes = (b - a for a, b in zip(calls0, benchenv.syscalls(squid), strict=True))
+        out.update({"squid_core_s_per_gb": round((benchenv.cpu_ns(squid) - squid0) / 1e9 / gb, 3),
+                    "proxy_core_s_per_gb": round((benchenv.cpu_ns(everything) - proxy0) / 1e9 / gb, 3),
+                    "squid_reads_per_mb": round(reads / mb, 1), "squid_writes_per_mb": round(writes / mb, 1),
+                    "squid_kib_per_read": round(read_bytes / max(1, reads) / 1024, 1)})
+    return out
+
+
+def _median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return round(statistics.median(values), 3) if values else None
+
+
+def _cpu_ceiling(cost: dict[str, dict[str, float | None]], route: str) -> float:
+    """The best ratio against direct that ``route`` can reach when every process shares the same busy cores: the
+    endpoints' CPU per GB direct, over the endpoints' plus every proxy process's CPU per GB through the proxy."""
+    def endpoints(r: str) -> float:
+        return (cost[r]["client"] or 0) + (cost[r]["origin"] or 0)
+    return endpoints("direct") / (endpoints(route) + (cost[route]["proxy"] or 0))
+
+
+def bench_throughput(proxy: Proxy, seed: SeedSquid, cacert: str, reps: int, origin_pids: list[int]
+                     ) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    groups = {"proxy": proxy.groups(), "seed": seed.groups(), "direct": {}}
-    for name, path, streams in (("single_1gib", "/1g", 1), ("parallel_16x64mib", "/64m", 16)):
-        runs: dict[str, list[float]] = {route: [] for route in ROUTES}
-        cpu: dict[str, Any] = {}
-        for rep in range(reps):
-            for route in _routes_in_turn(rep):
-                window = CpuWindow(groups[route]).start()
-                run = clients.download(path, cacert, route != "direct", streams, _port(route))
-                cpu[route] = window.stop()
-                runs[route].append(run["mb_per_s"])
-                squid = f", Squid {cpu[route]['squid']['cpu_percent']}% of a core" if route != "direct" else ""
-                log(f"  {name} {route}: {run['mb_per_s']} MB/s, machine {cpu[route]['machine_busy_percent']}% "
-                    f"busy{squid}")
+    proxies: dict[str, Proxy | SeedSquid] = {"proxy": proxy, "seed": seed}
+    all_cpus = os.sched_getaffinity(0)
+    for name, path, streams, own_core in DOWNLOADS:
+        if own_core and not (ENDPOINT_CPUS | PROXY_CPUS) <= all_cpus:
+            log(f"  {name}: skipped, it needs CPUs {sorted(ENDPOINT_CPUS | PROXY_CPUS)}")
+            continue
+        if own_core:
+            benchenv.pin(origin_pids, ENDPOINT_CPUS)
+            for p in proxies.values():
+                benchenv.pin(_proxy_tree(p), PROXY_CPUS)
+        try:
+            runs: dict[str, list[dict[str, Any]]] = {route: [] for route in ROUTES}
+            for rep in range(reps):
+                for route in _routes_in_turn(rep):
+                    run = _download(route, path, streams, cacert, proxies, origin_pids,
+                                    ENDPOINT_CPUS if own_core else None)
+                    runs[route].append(run)
+                    squid = (f", Squid {run['squid_core_s_per_gb']} core-s/GB, {run['squid_kib_per_read']} KiB "
+                             f"per read" if route != "direct" else "")
+                    log(f"  {name} {route}: {run['mb_per_s']} MB/s, machine {run['machine_busy_percent']}% busy, "
+                        f"curl {run['client_core_s_per_gb']} and nginx {run['origin_core_s_per_gb']} core-s/GB"
+                        f"{squid}")
+        finally:
+            if own_core:
+                benchenv.pin(origin_pids, all_cpus)
+                for p in proxies.values():
+                    benchenv.pin(_proxy_tree(p), all_cpus)
         # Each ratio is the median of each rep's ratio against the direct run of the same rep: this machine's speed
         # drifts by 2x over a minute, and runs close in time share the drift.
-        ratios = {route: [p / d for d, p in zip(runs["direct"], runs[route], strict=True)]
+        mb_per_s = {route: [r["mb_per_s"] for r in runs[route]] for route in ROUTES}
+        ratios = {route: [p / d for d, p in zip(mb_per_s["direct"], mb_per_s[route], strict=True)]
                   for route in ("proxy", "seed")}
-        result[name] = {"streams": streams, "total_bytes": 1024**3, "runs_mb_per_s": runs,
-                        **{f"{route}_mb_per_s": statistics.median(runs[route]) for route in ROUTES},
-                        "pair_ratios": [round(r, 3) for r in ratios["proxy"]],
-                        "ratio": round(statistics.median(ratios["proxy"]), 3),
-                        "seed_pair_ratios": [round(r, 3) for r in ratios["seed"]],
-                        "seed_ratio": round(statistics.median(ratios["seed"]), 3), "cpu_last_run": cpu,
-                        # Squid's own cost, independent of how many cores the endpoints got: core-seconds per GB.
-                        "squid_core_s_per_gb": round(cpu["proxy"]["squid"]["cpu_percent"] / 100 /
-                                                     (runs["proxy"][-1] / 1000), 3) or None,
-                        "seed_squid_core_s_per_gb": round(cpu["seed"]["squid"]["cpu_percent"] / 100 /
-                                                          (runs["seed"][-1] / 1000), 3) or None}
+        # Core-seconds per GB, medians over the reps: steadier than MB/s on a busy machine.
+        cost = {route: {key: _median_of(runs[route], f"{key}_core_s_per_gb")
+                        for key in ("client", "origin", "squid", "proxy")} for route in ROUTES}
+
+        entry: dict[str, Any] = {
+            "streams": streams, "total_bytes": 1024**3, "own_core": own_core, "runs": runs,
+            "runs_mb_per_s": mb_per_s, **{f"{route}_mb_per_s": statistics.median(mb_per_s[route]) for route in ROUTES},
+            "pair_ratios": [round(r, 3) for r in ratios["proxy"]],
+            "ratio": round(statistics.median(ratios["proxy"]), 3),
+            "seed_pair_ratios": [round(r, 3) for r in ratios["seed"]],
+            "seed_ratio": round(statistics.median(ratios["seed"]), 3),
+            "core_s_per_gb": cost,
+            "machine_busy_percent": {route: _median_of(runs[route], "machine_busy_percent") for route in ROUTES},
+            "squid_syscalls": {route: {key: _median_of(runs[route], f"squid_{key}")
+                                       for key in ("reads_per_mb", "writes_per_mb", "kib_per_read")}
+                               for route in ("proxy", "seed")},
+            # Squid's own cost, independent of how many cores the endpoints got: core-seconds per GB.
+            "squid_core_s_per_gb": cost["proxy"]["squid"], "seed_squid_core_s_per_gb": cost["seed"]["squid"]}
+        if not own_core:
+            # When every process shares the cores and they are all busy, no proxy can beat this: the endpoints'
+            # CPU per GB direct, over the endpoints' plus the whole proxy's CPU per GB through it.
+            for route, key in (("proxy", "cpu_ceiling_ratio"), ("seed", "seed_cpu_ceiling_ratio")):
+                entry[key] = round(_cpu_ceiling(cost, route), 3)
+        result[name] = entry
     return result
 
 
@@ -791,7 +875,8 @@ def main() -> int:
             f"{results['squid_workers']} worker(s)")
         if "throughput" in sections:
             log("throughput")
-            results["throughput"] = bench_throughput(proxy, seed, cacert, reps=1 if quick else 5)
+            results["throughput"] = bench_throughput(proxy, seed, cacert, reps=1 if quick else 5,
+                                                     origin_pids=world.origin.pids())
         if "connections" in sections:
             log("new connections")
             results["connections"] = bench_connections(proxy, seed, cacert, count=200 if quick else 1000,

@@ -167,6 +167,33 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def syscalls(pids: list[int]) -> tuple[int, int, int]:
+    """(read-type syscalls, write-type syscalls, bytes read) made so far by these processes, from /proc/<pid>/io:
+    counted by the kernel, so reading them costs the traced process nothing (strace would slow it down)."""
+    reads = writes = read_bytes = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as handle:
+                fields = dict(line.split(":", 1) for line in handle)
+        except OSError:
+            continue
+        reads, writes = reads + int(fields["syscr"]), writes + int(fields["syscw"])
+        read_bytes += int(fields["rchar"])
+    return reads, writes, read_bytes
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Restrict every thread of these processes to ``cpus``; processes that have exited are skipped."""
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
 class CpuWindow:
     """CPU used by groups of processes between start() and stop(), as a share of one core; plus the whole
     machine's busy share (100% = every core busy), which tells whether a run was CPU-bound."""
@@ -224,6 +251,11 @@ class Origin:
                 while handle.read(8 * MiB):
                     pass
         return self
+
+    def pids(self) -> list[int]:
+        """nginx's master and workers."""
+        assert self.process
+        return [self.process.pid, *descendants(self.process.pid)]
 
     def stop(self) -> None:
         stop_process(self.process, signal.SIGQUIT, 10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import resource
 import socket
 import ssl
 import subprocess
@@ -29,10 +30,14 @@ def curl_command(path: str, cacert: str, via_proxy: bool, proxy_port: int = PROX
             "-w", "%{size_download} %{time_total}\n", f"https://{ORIGIN_NAME}{path}"]
 
 
-def download(path: str, cacert: str, via_proxy: bool, streams: int = 1, proxy_port: int = PROXY_PORT
-             ) -> dict[str, float]:
-    """``streams`` concurrent curl processes fetching ``path``; aggregate bytes / wall time."""
+def download(path: str, cacert: str, via_proxy: bool, streams: int = 1, proxy_port: int = PROXY_PORT,
+             cpus: set[int] | None = None) -> dict[str, float]:
+    """``streams`` concurrent curl processes fetching ``path`` (on ``cpus`` only, when given); aggregate bytes / wall
+    time, and the CPU seconds the curl processes used."""
     command = curl_command(path, cacert, via_proxy, proxy_port)
+    if cpus is not None:
+        command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV)
              for _ in range(streams)]
@@ -43,7 +48,10 @@ def download(path: str, cacert: str, via_proxy: bool, streams: int = 1, proxy_po
             raise RuntimeError(f"curl failed ({proc.returncode}): {err.strip()}")
         total += int(float(out.split()[0]))
     wall = time.monotonic() - started
-    return {"bytes": total, "seconds": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1)}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    return {"bytes": total, "seconds": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1),
+            "client_cpu_s": round(client_cpu, 4)}
 
 
 # --- wrk: plain HTTP requests per second -------------------------------------------------------------------
