@@ -370,7 +370,7 @@ class Settings:
         "Directory for the rendered config, the throwaway ssl-bump key and log FIFOs.", "DIR")
     reload_interval: float = _option(
         _positive_float, "30",
-        "Seconds between Secrets Manager polls (with +-10% jitter). A file source is checked every second.",
+        "Seconds between Secrets Manager polls (with +-10% jitter). A file source is checked four times a second.",
         "SECONDS")
     drain_seconds: float = _option(
         _non_negative_float, "30", "On SIGTERM, how long open connections may finish before Squid closes them.",

@@ -26,6 +26,11 @@ MAX_FILE_BYTES = 8 * 1024 * 1024
 # A file whose mtime is this recent is hashed even when stat() looks unchanged: a second write within the
 # filesystem's timestamp granularity that keeps the size would otherwise go unseen ("racy git" problem).
 _RACY_SECONDS = 2.0
+# How often a file source is checked. A check that finds nothing costs one stat() (about 10 us, in the worker
+# thread) and two loop wake-ups, so four a second cost next to nothing, and a write waits 0.125 s on average (at
+# most 0.275 s with the jitter) to be seen, where once a second made it 0.5 s (at most 1.1 s): the largest share of
+# a 100,000-entry reload's time from the write to every worker applying it.
+FILE_POLL_SECONDS = 0.25
 
 
 class SourceUnavailable(RuntimeError):
@@ -90,11 +95,12 @@ class InlineSource:
 
 
 class FileSource:
-    """Checked every second: the content hash is the version, so editors that rewrite in place or swap
-    files (vim, sed -i, a ConfigMap symlink flip) are all seen. A poll costs one stat() while nothing moved:
-    the file is read and hashed only when its (device, inode, size, mtime) changed or its mtime is recent."""
+    """Checked four times a second (``FILE_POLL_SECONDS``): the content hash is the version, so editors that
+    rewrite in place or swap files (vim, sed -i, a ConfigMap symlink flip) are all seen. A poll costs one stat()
+    while nothing moved: the file is read and hashed only when its (device, inode, size, mtime) changed or its mtime
+    is recent."""
 
-    def __init__(self, path: Path, poll_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, poll_interval: float = FILE_POLL_SECONDS) -> None:
         self.path = path
         self.description = f"file {path}"
         self.poll_interval = poll_interval
