@@ -477,7 +477,8 @@ def parse_profile(workdir: Path, proxy: Proxy) -> dict[str, float]:
     return out
 
 
-def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count: int) -> dict[str, Any]:
+def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count: int, reps: int
+                ) -> dict[str, Any]:
     rows = []
     for generation, size in enumerate(SCALE_SIZES, start=1):
         text = allowlist_text(size, generation)
@@ -512,7 +513,59 @@ def bench_scale(proxy: Proxy, workdir: Path, allowlist: Path, cacert: str, count
         log(f"  {size} entries: reload {row['reload_s']} s (write->event {row['write_to_event_s']} s), "
             f"Squid RSS {row['squid_rss_mb']} MB, https added p50 {latency['https']['added_p50_ms']} ms, "
             f"http added p50 {latency['http']['added_p50_ms']} ms; probe during reload: {row['probe_during_reload']}")
-    return {"sizes": rows}
+    return {"sizes": rows, "user_reloads": user_reloads(proxy, allowlist, max(SCALE_SIZES), reps)}
+
+
+def edited(text: str, count: int, tag: str) -> str:
+    """``text`` with ``count`` of its entries (never the comment or the bench origin) replaced by new names: an
+    operator's edit of a long list."""
+    import random
+
+    lines = text.splitlines()
+    for i, index in enumerate(random.Random(tag).sample(range(2, len(lines)), count)):
+        lines[index] = f"edit{i}-{tag}.edited-bench.net"
+    return "\n".join(lines) + "\n"
+
+
+def user_reloads(proxy: Proxy, allowlist: Path, size: int, reps: int) -> dict[str, Any]:
+    """The reload as a user sees it, ``reps`` times for each of two changes, alternating: a new list (every entry
+    changed) and an edit (10 entries of the active list replaced). Each is timed from writing the file to the
+    supervisor's ``reloaded`` event: detection (the file source's poll), validation, render, the write, and every
+    worker accepting again with the new config. The supervisor's own duration and its phases come from the event;
+    the 1-minute load average is taken beside each, because on a shared machine it moves the figure most."""
+    import random
+
+    rows = []
+    text = allowlist.read_text()
+    for rep in range(reps):
+        for kind in ("new_list", "edit"):
+            text = allowlist_text(size, 100 + rep) if kind == "new_list" else edited(text, 10, f"r{rep}")
+            time.sleep(random.Random(rep).uniform(0.3, 1.0))  # a write at any point of the poll interval
+            mark = proxy.mark()
+            load = loadavg()[0]
+            started = time.monotonic()
+            write_atomic(allowlist, text)
+            event = proxy.wait_event(lambda e: e.get("event") in {"reloaded", "reload_rejected"}, timeout=120,
+                                     start=mark)
+            wall = time.monotonic() - started
+            if event["event"] != "reloaded" or event.get("entries") != size:
+                raise RuntimeError(f"reload of {size} entries ({kind}) went wrong: {event.get('message')}")
+            rows.append({"rep": rep, "kind": kind, "write_to_applied_s": round(wall, 3),
+                         "reload_s": round(event["duration_ms"] / 1000, 3), "added": event["added"],
+                         "removed": event["removed"], "phases_ms": event.get("phases_ms", {}),
+                         "confirmed": event["confirmed"], "loadavg_1m": load})
+            log(f"  {kind}: write -> applied {wall:.3f} s (supervisor {rows[-1]['reload_s']} s, "
+                f"phases {rows[-1]['phases_ms']}), load {load}")
+    summary: dict[str, Any] = {}
+    for kind in ("new_list", "edit"):
+        walls = [r["write_to_applied_s"] for r in rows if r["kind"] == kind]
+        reloads = [r["reload_s"] for r in rows if r["kind"] == kind]
+        summary[kind] = {"write_to_applied_s": {"median": round(statistics.median(walls), 3), "min": min(walls),
+                                                "max": max(walls)},
+                         "reload_s": {"median": round(statistics.median(reloads), 3), "min": min(reloads),
+                                      "max": max(reloads)}}
+    return {"entries": size, "reps": reps, "rows": rows, "summary": summary,
+            "loadavg_1m": [min(r["loadavg_1m"] for r in rows), max(r["loadavg_1m"] for r in rows)]}
 
 
 def reload_to(proxy: Proxy, allowlist: Path, text: str, entries: int) -> dict[str, Any]:
@@ -890,7 +943,8 @@ def main() -> int:
                                                      load_seconds=2 if quick else 5)
         if "scale" in sections:
             log("allowlist scale")
-            results["scale"] = bench_scale(proxy, workdir, allowlist, cacert, count=100 if quick else 300)
+            results["scale"] = bench_scale(proxy, workdir, allowlist, cacert, count=100 if quick else 300,
+                                           reps=2 if quick else 5)
         if "sni" in sections:
             log("SNI helper: compiled vs Python vs the seed-style Squid, same run")
             results["sni"] = bench_sni(workdir, seed, cacert, rounds=2 if quick else 7, count=100 if quick else 300,

@@ -45,16 +45,19 @@ class Built:
 
     document: PolicyDocument
     rendered: RenderedConfig
+    phases: tuple[tuple[str, float], ...] = ()  # ("validate", seconds), ("render", seconds)
 
 
 def build_config(snapshot: Snapshot, settings: Settings, *, source: str, paths: StatePaths, run_as: str | None,
                  denial_port: int, upstream_login: str | None) -> Built:
     """From a snapshot and the settings to a validated document and its rendered config (not yet parse-checked
     by Squid: that is ``ConfigApplier.build``'s, which has a Squid to run). Raises AllowlistError."""
+    started = time.monotonic()
     document = validate(snapshot, source=source, client_cidrs=settings.client_cidrs)
+    validated = time.monotonic()
     rendered = render(settings, document, paths, run_as=run_as, denial_port=denial_port,
                       upstream_login=upstream_login)
-    return Built(document, rendered)
+    return Built(document, rendered, (("validate", validated - started), ("render", time.monotonic() - validated)))
 
 
 def read_upstream_login(settings: Settings) -> str | None:
@@ -172,6 +175,9 @@ class Candidate:
     started: float  # monotonic, when the worker started building it
     unchanged: bool  # renders to exactly the active config: nothing to reconfigure
     mode_changes: tuple[tuple[str, str, str], ...] = ()  # (policy, old mode, new mode)
+    # Seconds the build spent in each part: validate, render, parse_check (0 when skipped). The reload event adds
+    # the write of the files and the workers' reconfigure, so an operator sees where a slow reload went.
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 class WriteFailures:
@@ -224,6 +230,7 @@ class ConfigApplier:
         built = build_config(snapshot, self.settings, source=source, paths=self.paths, run_as=self.user,
                              denial_port=self.denial_port, upstream_login=self.upstream_login)
         unchanged = built.rendered == self.active
+        checking = time.monotonic()
         # Only list contents changed: Squid already parsed these directives, and the lists hold nothing it can
         # refuse (see differs_in_plain_lists_only). The 100,000-entry reload saves a full parse of every list.
         if not unchanged and not built.rendered.differs_in_plain_lists_only(self.active):
@@ -231,11 +238,12 @@ class ConfigApplier:
             write_rendered(built.rendered.relocated(self.paths, candidate_paths), candidate_paths)
             for warning in parse_check(self.settings.squid_binary, candidate_paths.squid_conf):
                 self.on_parse_warning(warning)
+        phases = (*built.phases, ("parse_check", time.monotonic() - checking))
         previous = self.active_document
         change = previous.diff(built.document) if previous else None
         added, removed = (change.added, change.removed) if change else (built.document.entry_count, 0)
         return Candidate(snapshot, built.document, built.rendered, added, removed, started, unchanged,
-                         change.mode_changes if change else ())
+                         change.mode_changes if change else (), phases)
 
     def activate(self, candidate: Candidate) -> None:
         """Write the config files (all or nothing; raises OSError, and then nothing changed), then the status."""

@@ -366,6 +366,9 @@ class Supervisor:
                 actions += more
 
     _squid_exit_reported = False
+    # The last reload's write of the config files and the moment Squid was told (SIGHUP), for its reloaded line.
+    _write_seconds = 0.0
+    _reconfigured_at = 0.0
 
     # --- performing actions --------------------------------------------------------------------------------
     def _perform(self, action: Action) -> Event | None:
@@ -497,6 +500,7 @@ class Supervisor:
     def _activate(self, candidate: Candidate) -> Event | None:
         assert self.applier is not None
         _log_warnings(self.logger, candidate.document, self.settings)
+        writing = time.monotonic()
         try:
             self.applier.activate(candidate)
         except OSError as exc:  # Squid was not told: the config it runs (and its files) are still the previous
@@ -505,6 +509,8 @@ class Supervisor:
         self.applier.stats.rejected_version = None
         if self.identity is not None:
             self.identity.set_document(candidate.document)
+        self._reconfigured_at = time.monotonic()
+        self._write_seconds = self._reconfigured_at - writing
         self.squid.reconfigure()
         return None
 
@@ -546,7 +552,11 @@ class Supervisor:
         assert self.applier is not None
         self.applier.stats.success += 1
         self.applier.write_status()
-        elapsed_ms = round((time.monotonic() - candidate.started) * 1000, 1)
+        now = time.monotonic()
+        elapsed_ms = round((now - candidate.started) * 1000, 1)
+        phases = {name: round(seconds * 1000, 1) for name, seconds in candidate.phases}
+        phases["write"] = round(self._write_seconds * 1000, 1)
+        phases["workers"] = round((now - self._reconfigured_at) * 1000, 1)
         version = candidate.snapshot.version
         for name, old, new in candidate.mode_changes:  # a rollout's step: one line per policy that switched
             self.logger.event("info", "policy_mode_changed", f"policy {name}: mode {old} -> {new} "
@@ -561,7 +571,7 @@ class Supervisor:
             + ("" if confirmed else f"; Squid did not confirm within {self.config.confirm_timeout:g} s"),
             version=version, added=candidate.added, removed=candidate.removed, entries=candidate.document.entry_count,
             policy_entries=candidate.document.entries_by_policy(),
-            duration_ms=elapsed_ms, confirmed=confirmed,
+            duration_ms=elapsed_ms, phases_ms=phases, confirmed=confirmed,
         )
 
     def _port_accepts(self) -> bool:

@@ -24,6 +24,7 @@ def test_build_config_is_validate_then_render() -> None:
     document = parse_policy_value(snapshot.text, source="test", client_cidrs=settings.client_cidrs)
     assert built.document == document and built.document.allowlist.entries == (".example.com", "b.example.org")
     assert built.rendered == render(settings, document, paths, run_as="proxy", denial_port=39999)
+    assert [name for name, seconds in built.phases if seconds >= 0] == ["validate", "render"]
 
 
 def test_validate_applies_the_sources_size_limit_before_parsing() -> None:

@@ -128,6 +128,10 @@ def test_added_domain_passes_and_removed_domain_is_refused(proxy: ProxyRunner, a
 
     assert record["added"] == 1 and record["removed"] == 1 and record["entries"] == 2
     assert record["version"].startswith("sha256:") and record["duration_ms"] > 0
+    # Where the reload's time went: the build's parts, the write of the files, the workers' reconfigure.
+    phases = record["phases_ms"]
+    assert list(phases) == ["validate", "render", "parse_check", "write", "workers"]
+    assert all(isinstance(ms, float) and ms >= 0 for ms in phases.values()) and phases["workers"] > 0
     assert http_status(proxy, "added.wild.test") == 200
     assert http_status(proxy, "allowed.test") == 403
     assert http_status(proxy, "keep.wild.test") == 200
