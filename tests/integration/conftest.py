@@ -10,6 +10,7 @@ The proxy exempts only 127.0.0.2/32 and 127.0.0.4/32 from the private-destinatio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin
+from netns import Namespace
 from proxy_runner import ProxyRunner
 
 ORIGIN_IP = "127.0.0.2"
@@ -171,10 +173,13 @@ def state_dir(proxy: ProxyRunner) -> Path:
 
 class MotoServer:
     """A real moto_server process on loopback: Secrets Manager and CloudWatch for boto3 via AWS_ENDPOINT_URL.
-    ``stop()``/``start()`` simulate an outage; the port stays the same so clients recover by themselves."""
+    ``stop()``/``start()`` simulate an outage; the port stays the same so clients recover by themselves.
+    With ``namespace``, it serves on that network namespace's loopback (the transparent-mode tests' router, where
+    the proxy runs): make the test's own calls inside ``namespace.entered()``."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, namespace: Namespace | None = None) -> None:
         self.port = port
+        self.namespace = namespace
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -197,10 +202,12 @@ class MotoServer:
 
         from harness import wait_for_port
 
-        moto = Path(sys.executable).parent / "moto_server"
-        self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.port, timeout=30)
+        command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+        if self.namespace:
+            command = self.namespace.command(command)
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with self.namespace.entered() if self.namespace else contextlib.nullcontext():
+            wait_for_port("127.0.0.1", self.port, timeout=30)
 
     def stop(self) -> None:
         """Gone at once, as in an outage. SIGKILL: moto_server's SIGTERM handler exits through Python, which then
@@ -215,6 +222,30 @@ class MotoServer:
 
         return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+class MotoVpc:
+    """A VPC with one subnet in a moto_server: security groups and ENIs, for the clients named by AWS identity."""
+
+    def __init__(self, moto: MotoServer, cidr: str, subnet_cidr: str, subnet_ipv6_cidr: str | None = None) -> None:
+        self.moto = moto
+        self.ec2 = moto.client("ec2")
+        ipv6 = {"AmazonProvidedIpv6CidrBlock": True} if subnet_ipv6_cidr else {}
+        self.vpc = self.ec2.create_vpc(CidrBlock=cidr, **ipv6)["Vpc"]["VpcId"]
+        subnet_ipv6 = {"Ipv6CidrBlock": subnet_ipv6_cidr} if subnet_ipv6_cidr else {}
+        self.subnet = self.ec2.create_subnet(VpcId=self.vpc, CidrBlock=subnet_cidr, **subnet_ipv6)["Subnet"]["SubnetId"]
+
+    def group(self, name: str) -> str:
+        return str(self.ec2.create_security_group(GroupName=name, Description=name, VpcId=self.vpc)["GroupId"])
+
+    def eni(self, address: str, group: str, tags: dict[str, str] | None = None, ipv6: str | None = None) -> str:
+        """An ENI with the private IPv4 ``address`` (and the IPv6 address ``ipv6``) in the security group ``group``."""
+        spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] \
+            if tags else []
+        extra = {"Ipv6Addresses": [{"Ipv6Address": ipv6}]} if ipv6 else {}
+        eni = self.ec2.create_network_interface(SubnetId=self.subnet, PrivateIpAddress=address, Groups=[group],
+                                                TagSpecifications=spec, **extra)["NetworkInterface"]
+        return str(eni["NetworkInterfaceId"])
 
 
 @pytest.fixture(scope="session")

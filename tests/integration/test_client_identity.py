@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MotoServer, curl
+from conftest import MotoServer, MotoVpc, curl
 from ecs_standin import EcsStandIn
 from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port, proxy_get
 from proxy_runner import ProxyRunner
@@ -27,27 +27,14 @@ TTL = 1
 DEPARTURE_BOUND = REFRESH + TTL + 5  # the documented bound, plus a poll's duration and this busy machine's slack
 
 
-class Aws:
+class Aws(MotoVpc):
     """The test's own moto_server (the API-failure test stops it) and its VPC on 127.0.0.0/16."""
 
     def __init__(self, moto: MotoServer) -> None:
-        self.moto = moto
-        self.ec2 = moto.client("ec2")
-        self.vpc = self.ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
-        self.subnet = self.ec2.create_subnet(VpcId=self.vpc, CidrBlock="127.0.10.0/24")["Subnet"]["SubnetId"]
+        super().__init__(moto, "127.0.0.0/16", "127.0.10.0/24")
         self.payments = self.group("payments")
         self.data = self.group("data")
         self.elsewhere = self.group("elsewhere")  # in no policy
-
-    def group(self, name: str) -> str:
-        return str(self.ec2.create_security_group(GroupName=name, Description=name, VpcId=self.vpc)["GroupId"])
-
-    def eni(self, address: str, group: str, tags: dict[str, str] | None = None) -> str:
-        spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] \
-            if tags else []
-        eni = self.ec2.create_network_interface(SubnetId=self.subnet, PrivateIpAddress=address, Groups=[group],
-                                                TagSpecifications=spec)["NetworkInterface"]
-        return str(eni["NetworkInterfaceId"])
 
 
 @pytest.fixture(scope="module")
