@@ -443,9 +443,6 @@ def _nat64(net: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network((base, 96 + net.prefixlen))
 
 
-_DOT_FIRST = str.maketrans(".", "\0")
-
-
 def squid_domain_order(entry: str) -> str:
     """The order of Squid's dstdomain splay tree (matchDomainName, via aclDomainCompare): names compared character
     by character from their right end (the leading '.' of a '.domain' entry aside), a '.' before every other
@@ -456,7 +453,7 @@ def squid_domain_order(entry: str) -> str:
     written before) or shuffled; of 100,000 varied names, 0.04 s against 0.15 s and 0.43 s. Only the speed depends
     on it: a minimal list (no entry covers another) loads the same entries in any order. Lists hold lower-case LDH
     names only, so no case folding is needed here."""
-    return entry.lstrip(".")[::-1].translate(_DOT_FIRST)
+    return entry.lstrip(".")[::-1].replace(".", "\0")  # '\0' sorts before every character of a name
 
 
 def service_name(paths: StatePaths) -> str:
