@@ -5,8 +5,10 @@ supervisor and the product's nftables ruleset on the router; the harness origins
 Each sample is one new TCP connection from the client namespace, one request and its response, and the close:
 - direct: the router only routes (the ruleset is removed for these rounds), the client reaches the origin itself;
 - intercept: no proxy setting, the ruleset redirects to Squid's intercept port;
-- explicit: the proxy port, as a proxy-aware client uses it (CONNECT for HTTPS, an absolute URL for HTTP).
-The three routes run interleaved in rounds, so a busy machine slows them alike; the figures are ratios to direct.
+- explicit: the proxy port, as a proxy-aware client uses it (CONNECT for HTTPS, an absolute URL for HTTP);
+- direct6, intercept6: the same over IPv6 (client fd00:c1::2, an origin with an AAAA record only), as a ratio to
+  direct6.
+The routes run interleaved in rounds, so a busy machine slows them alike; the figures are ratios to direct.
 
     unshare --net -- sh -c 'ip link set lo up && exec "$0" "$@"' .venv/bin/python bench/transparent.py [--count N]
 """
@@ -46,6 +48,9 @@ from test_transparent import (  # noqa: E402
 )
 
 EXPLICIT = (ROUTER_CLIENT_SIDE, 3128)
+CLIENT6 = "fd00:c1::2"
+ORIGIN6 = "fd00:203::10"  # exempt from the SSRF guard below: it stands for public IPv6 space
+NAME6 = "v6.wild.test"  # allowed by DOCUMENT's .wild.test; AAAA only
 CDN_NAME = "rr.test"
 CDN_ADDRESSES = [ORIGIN, "203.0.113.11"]
 #: Another resolver, for clients that do not share the proxy's.
@@ -100,23 +105,34 @@ def _dns_refusals(topology: Topology, dns: RotatingDns, resolver: str, context: 
     return {"answers": dns.style, "ttl_s": dns.ttl, "connections": count, "client_failures": failed}
 
 
+def _target(route: str) -> tuple[str, str]:
+    """(origin address, name) of a route: the IPv6 routes end in 6."""
+    return (ORIGIN6, NAME6) if route.endswith("6") else (ORIGIN, "allowed.test")
+
+
+def _cdn_lines(proxy: NamespacedProxy) -> list[dict[str, Any]]:
+    return [r for r in proxy.records if r.get("type") == "access" and r.get("sni") == CDN_NAME]
+
+
 def _https(route: str, context: ssl.SSLContext) -> None:
+    address, name = _target(route)
     if route == "explicit":
         sock = socket.create_connection(EXPLICIT, timeout=10)
         sock.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
         assert b" 200 " in _read_head(sock)
     else:
-        sock = socket.create_connection((ORIGIN, 443), timeout=10)
-    with context.wrap_socket(sock, server_hostname="allowed.test") as tls:
-        status, _ = http_get_over(tls, "allowed.test", "/bench")
+        sock = socket.create_connection((address, 443), timeout=10)
+    with context.wrap_socket(sock, server_hostname=name) as tls:
+        status, _ = http_get_over(tls, name, "/bench")
         assert status == 200, status
 
 
 def _http(route: str, _: ssl.SSLContext) -> None:
-    target = EXPLICIT if route == "explicit" else (ORIGIN, 80)
+    address, name = _target(route)
+    target = EXPLICIT if route == "explicit" else (address, 80)
     path = "http://allowed.test/bench" if route == "explicit" else "/bench"
     with socket.create_connection(target, timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
         head = _read_head(sock)
         assert b" 200 " in head.split(b"\r\n", 1)[0], head
         read_body(sock, head)
@@ -143,17 +159,17 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="egress-bench-transparent-"))
     work.chmod(0o755)
-    topology = Topology()
+    topology = Topology("bench", [CLIENT, CLIENT6], [ORIGIN, ORIGIN6, DNS_IP, CDN_ADDRESSES[1], CLIENT_RESOLVER])
     ca = TestCA(work / "ca")
     servers = []
     try:
-        for address in (CDN_ADDRESSES[1], CLIENT_RESOLVER):
-            topology.internet.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-        dns = RotatingDns({"allowed.test": [ORIGIN]}, host=DNS_IP, port=53)
+        dns = RotatingDns({"allowed.test": [ORIGIN], NAME6: [ORIGIN6]}, host=DNS_IP, port=53)
         client_dns = RotatingDns({}, host=CLIENT_RESOLVER, port=53)
         with topology.internet.entered():
             servers = [dns, client_dns, HttpOrigin(ORIGIN, 80, name="bench-http"),
                        TlsOrigin(ORIGIN, 443, ca, ["allowed.test", CDN_NAME], name="bench-tls"),
+                       HttpOrigin(ORIGIN6, 80, name="bench-http6"),
+                       TlsOrigin(ORIGIN6, 443, ca, [NAME6], name="bench-tls6"),
                        TlsOrigin(CDN_ADDRESSES[1], 443, ca, [CDN_NAME], name="bench-tls-2")]
             for server in servers:
                 server.start()
@@ -169,11 +185,21 @@ def main() -> int:
                                          (topology.internet, "198.51.100.0/24", "i0", "198.51.100.2")):
             namespace.run("ip", "route", "replace", net, "dev", dev, "proto", "kernel", "scope", "link", "src", src,
                           "quickack", "1")
+        for namespace, gateway in ((topology.client, Topology.ROUTER_V6), (topology.router, "fd00:e0::2"),
+                                   (topology.internet, "fd00:e0::1")):
+            namespace.run("ip", "-6", "route", "replace", "default", "via", gateway, "quickack", "1")
+        for namespace, net, dev in ((topology.client, "fd00:c1::/64", "c0"),
+                                    (topology.router, "fd00:c1::/64", "r-clients"),
+                                    (topology.router, "fd00:e0::/64", "r-uplink"),
+                                    (topology.internet, "fd00:e0::/64", "i0")):
+            namespace.run("ip", "-6", "route", "replace", net, "dev", dev, "proto", "kernel", "quickack", "1")
         policy = work / "policies.json"
-        policy.write_text(json.dumps(DOCUMENT))
+        document = json.loads(json.dumps(DOCUMENT))
+        document["policies"][0]["clients"].append(f"{CLIENT6}/128")
+        policy.write_text(json.dumps(document))
         env = {"EGRESS_ALLOWLIST_FILE": str(policy), "EGRESS_DNS_SERVERS": DNS_IP,
-               "EGRESS_CLIENT_CIDRS": "10.200.1.0/24", "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
-               "EGRESS_TRANSPARENT": "on"}
+               "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64", "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",
+               "EGRESS_LISTEN_ADDRESS": "0.0.0.0", "EGRESS_TRANSPARENT": "on"}
         proxy = NamespacedProxy(topology.router, work / "state", env, host=ROUTER_CLIENT_SIDE, port=3128)
         rules = subprocess.run([*egress_proxy_command(), "nft-rules"], env=proxy.env, capture_output=True,
                                text=True, check=True).stdout
@@ -183,14 +209,14 @@ def main() -> int:
         for _ in range(args.rounds):
             for name, kind in (("https", _https), ("http", _http)):
                 topology.router.run("nft", "delete", "table", "inet", "egress_proxy", check=False)
-                samples[name].setdefault("direct", []).extend(_batch(topology, kind, "direct", args.count, context))
+                for route in ("direct", "direct6"):
+                    samples[name].setdefault(route, []).extend(_batch(topology, kind, route, args.count, context))
                 topology.router.run("nft", "-f", "-", input=rules)
-                for route in ("intercept", "explicit"):
+                for route in ("intercept", "explicit", "intercept6"):
                     samples[name].setdefault(route, []).extend(_batch(topology, kind, route, args.count, context))
         proxy.stop()
         # The destination check against changing DNS answers: a fresh proxy for each answer style, so that no
         # style inherits another's cached answers.
-        document = json.loads(json.dumps(DOCUMENT))
         document["policies"][0]["allow"].append(CDN_NAME)
         policy.write_text(json.dumps(document))
         dns_results = []
@@ -207,8 +233,9 @@ def main() -> int:
                 row = _dns_refusals(topology, dns, CLIENT_RESOLVER if client_style else DNS_IP, context,
                                     args.dns_count)
                 row["client_resolver"] = f"another one, answering {client_style}" if client_style else "the same"
-                reasons = [str(r.get("reason")) for r in fresh.records
-                           if r.get("type") == "access" and r.get("sni") == CDN_NAME]
+                # Every connection's line, refused or not: the relay may hand the last ones over up to 200 ms late.
+                fresh.wait_for(lambda _, p=fresh: len(_cdn_lines(p)) >= args.dns_count, timeout=10)
+                reasons = [str(r.get("reason")) for r in _cdn_lines(fresh)]
                 row["refused"] = reasons.count("host_header_forgery")  # the proxy's own word, from its log
                 row["reasons"] = {reason: reasons.count(reason) for reason in sorted(set(reasons))}
             finally:
@@ -225,8 +252,8 @@ def main() -> int:
     lines = [f"# Transparent mode: intercepted vs explicit vs direct ({args.name})", "",
              "| request | route | median ms | p90 ms | median vs direct |", "|---|---|---:|---:|---:|"]
     for name, routes in samples.items():
-        direct = statistics.median(routes["direct"])
         for route, values in routes.items():
+            direct = statistics.median(routes["direct6" if route.endswith("6") else "direct"])
             median = statistics.median(values)
             p90 = statistics.quantiles(values, n=10)[-1]
             report["results"][f"{name}/{route}"] = {  # type: ignore[index]
