@@ -1,5 +1,5 @@
-"""Command line: run, check, render, health, nft-rules, allowlist push/diff. Each setting is a flag and an EGRESS_*
-env var."""
+"""Command line: run, check, render, health, nft-rules, nft-sets, allowlist push/diff. Each setting is a flag and
+an EGRESS_* env var."""
 
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from typing import TextIO
 from . import __version__, allowlist_cli
 from .allowlist import AllowlistError
 from .config_pipeline import Status, StatusUnreadable, build_config, read_upstream_login, validate
+from .dns_lookup import LookupFailed, resolve, system_servers
 from .errors import ExitCode, UsageError, describe_os_error, exit_code_of, print_error
 from .metrics import manager_host, read_counters
-from .nft_rules import render_nft_rules
+from .nft_rules import Memory, forget_expired, remember, render_nft_rules, render_port_sets
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import SourceUnavailable, make_source
-from .squid_conf import StatePaths
-from .squid_process import run_as_user
+from .squid_conf import StatePaths, forbidden_destinations
+from .squid_process import atomic_write, run_as_user
 from .supervisor import Supervisor
 from .workers import judge
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("health", "Exit 0 when the proxy accepts connections and a config is loaded."),
         ("nft-rules", "Print the host's nftables ruleset for transparent mode (apply it with 'nft -f -' on the "
                       "host, as root; the proxy itself needs no NET_ADMIN)."),
+        ("nft-sets", "Print the nft transaction that fills the ruleset's ports sets from the running proxy's "
+                     "policies and fresh DNS answers (the host applies it with 'nft -f -' on a timer)."),
     ):
         _add_setting_flags(commands.add_parser(name, help=help_text, description=help_text))
     allowlist = commands.add_parser("allowlist", help="Manage the allowlist secret; learn a list from traffic.")
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     cli = {option.name: getattr(args, option.name, None) for option in OPTIONS}
     # health reads a running proxy's state and nft-rules only the network settings; the others need an allowlist.
-    return load_settings(cli, os.environ, require_source=args.command not in {"health", "nft-rules"})
+    # nft-sets reads the document the running proxy loaded (its state dir), not the source.
+    return load_settings(cli, os.environ, require_source=args.command not in {"health", "nft-rules", "nft-sets"})
 
 
 def _json_error(message: str, code: ExitCode) -> None:
@@ -117,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(settings)
         if args.command == "nft-rules":
             return _nft_rules(settings)
+        if args.command == "nft-sets":
+            return _nft_sets(settings)
     except (SettingsError, AllowlistError, SourceUnavailable, UsageError, OSError) as exc:
         # The one place an error becomes an exit code (errors.exit_code_of).
         code = exit_code_of(exc) or ExitCode.BAD_CONFIG
@@ -172,6 +178,46 @@ def _nft_rules(settings: Settings) -> int:
         raise UsageError("EGRESS_TRANSPARENT is off, so Squid opens no intercept port to redirect to; set "
                          "EGRESS_TRANSPARENT=on (--transparent on) with the same settings the proxy runs with")
     sys.stdout.write(render_nft_rules(settings))
+    return ExitCode.OK
+
+
+def _nft_sets(settings: Settings) -> int:
+    """Resolve the loaded policies' port names now and print the transaction for the host. Degrades, never
+    fails on DNS: a name no server answers for keeps the addresses it had until they age out (a warning on
+    stderr), so a resolver outage closes nothing early and opens nothing new."""
+    if not settings.transparent:
+        raise UsageError("EGRESS_TRANSPARENT is off, so the host has no ports sets to fill; set EGRESS_TRANSPARENT=on "
+                         "with the same settings the proxy runs with")
+    paths = StatePaths(settings.state_dir)
+    try:
+        rules = json.loads(paths.port_rules.read_text(encoding="utf-8"))["rules"]
+    except FileNotFoundError:
+        print(f"warning: {paths.port_rules} does not exist yet (no config loaded): the ports sets stay empty",
+              file=sys.stderr)
+        rules = []
+    try:
+        memory: Memory = json.loads(paths.port_addresses.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memory = {}  # first run, or unreadable: only fresh answers open anything
+    now = time.time()
+    names = sorted({rule["host"] for rule in rules if "host" in rule})
+    servers = list(settings.dns_servers) or system_servers()
+    for name in names:
+        try:
+            answers = resolve(name, servers)
+        except LookupFailed as exc:
+            print(f"warning: {name}: {exc}; its known addresses stay until they age out", file=sys.stderr)
+            continue
+        remember(memory, name, [(str(answer.address), answer.ttl) for answer in answers], now,
+                 settings.port_address_hold)
+    memory = forget_expired(memory, now, names)
+    try:
+        atomic_write(paths.port_addresses, json.dumps(memory, sort_keys=True))
+    except OSError as exc:
+        print(f"warning: cannot keep {paths.port_addresses} ({describe_os_error(exc)}): addresses DNS stops "
+              "returning close at the next run instead of when they age out", file=sys.stderr)
+    forbidden = forbidden_destinations(settings.allow_destinations)
+    sys.stdout.write(render_port_sets(settings, rules, memory, now, forbidden))
     return ExitCode.OK
 
 

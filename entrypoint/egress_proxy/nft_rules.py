@@ -8,22 +8,49 @@ What the ruleset does, for packets from EGRESS_CLIENT_CIDRS:
 - every other packet that the host would forward (any other port, UDP/443 QUIC, DNS to outside resolvers, ICMP)
   is dropped, counted in the named counter ``dropped``, and logged with a rate limit;
 - the intercept ports accept only redirected connections: a client that dials them directly is dropped too (Squid
-  would treat its own address as the original destination).
+  would treat its own address as the original destination);
+- a policy's extra ports (``"ports": ["github.com:22"]``) are forwarded: a new TCP connection whose (client,
+  destination, port) is in the set ``ports_v4``/``ports_v6`` is counted in ``port_flows``, logged with a rate
+  limit, marked, and masqueraded to the host's own address (so it leaves from the instance's Elastic IP); its later
+  packets pass by the mark. The sets start empty: ``egress-proxy nft-sets`` prints the transaction that fills them
+  from fresh DNS answers, and the host runs it on a timer.
 Applying it again replaces the table atomically (``nft -f`` runs the file as one transaction).
+
+The sets' elements come from the policy document the proxy last loaded (``ports.json`` beside squid.conf, written
+with the config it belongs to, so a rejected document changes nothing), resolved with the servers Squid uses.
+Each name's addresses stay in the set for their TTL, and at least EGRESS_PORT_ADDRESS_HOLD seconds after DNS last
+returned them (a client may hold an older answer); the kernel drops an element when its timeout runs out, so if
+the refresh stops, the names' addresses close by themselves. CIDR targets have no timeout.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from .networks import normalise
+from .networks import normalise, subtract_all
 from .settings import IPNetwork, Settings
+
+if TYPE_CHECKING:  # the CDK app imports this module without the allowlist's packages
+    from .policy import PolicyDocument
 
 TABLE = "egress_proxy"
 COUNTER = "dropped"
 LOG_PREFIX = "egress-proxy drop: "
 # A log line per dropped packet would let one noisy client flood the journal; the counter counts every one.
 LOG_RATE = "10/second burst 20 packets"
+PORTS_COUNTER = "port_flows"
+PORTS_LOG_PREFIX = "egress-proxy port: "
+# The conntrack mark of a flow a `ports` entry admitted: its later packets pass, and only it is masqueraded.
+PORTS_MARK = "0x00006570"
+#: What the host accepts from `egress-proxy nft-sets` (a POSIX ERE, one line at a time; the CDK's refresh script
+#: refuses a transaction with any other line): flushing and filling the two port sets of this table, nothing else.
+#: The proxy's container must not be able to hand the host any other nft command.
+PORT_SET_LINE = (r"^(|#[^{};]*|flush set inet egress_proxy ports_v[46]|add element inet egress_proxy ports_v[46] "
+                 r"\{ [0-9a-f.:/]+ \. [0-9a-f.:/]+ \. [0-9]+(-[0-9]+)?( timeout [0-9]+s)? \})$")
 
 
 def _set(name: str, kind: str, networks: list[IPNetwork]) -> list[str]:
@@ -81,15 +108,30 @@ def render_nft_rules(settings: Settings) -> str:
         f"\tcounter {COUNTER} {{",
         '\t\tcomment "dropped from client ranges: other ports and protocols, QUIC, direct intercept-port dials"',
         "\t}",
+        f"\tcounter {PORTS_COUNTER} {{",
+        "\t\tcomment \"new TCP connections forwarded for a policy's ports entries\"",
+        "\t}",
     ]
     for version, networks in families:
         lines += _set(f"clients_v{version}", f"ipv{version}_addr", networks)
+    for version, _ in families:
+        kind = f"ipv{version}_addr"
+        # Filled by 'egress-proxy nft-sets': (client network, destination, ports); names' addresses time out.
+        lines += [f"\tset ports_v{version} {{", f"\t\ttype {kind} . {kind} . inet_service; flags interval, timeout;",
+                  "\t}"]
     lines += ["", "\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat; policy accept;"]
     for version, _ in families:
         match = _client_match(version)
         lines.append(f"\t\t{match} tcp dport 80 {_redirect_target(settings, http, version)}")
         lines.append(f"\t\t{match} tcp dport 443 {_redirect_target(settings, https, version)}")
     lines += ["\t}", "", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
+    if families:
+        lines.append(f"\t\tct mark {PORTS_MARK} accept")
+    for version, _ in families:
+        family = "ip" if version == 4 else "ip6"
+        flow = f"{family} saddr . {family} daddr . tcp dport @ports_v{version} ct state new"
+        lines.append(f'\t\t{flow} limit rate {LOG_RATE} log prefix "{PORTS_LOG_PREFIX}" level info')
+        lines.append(f"\t\t{flow} ct mark set {PORTS_MARK} counter name {PORTS_COUNTER} accept")
     for version, _ in families:
         match = _client_match(version)
         lines.append(f'\t\t{match} limit rate {LOG_RATE} log prefix "{LOG_PREFIX}" level info')
@@ -103,6 +145,97 @@ def render_nft_rules(settings: Settings) -> str:
         f"\t\ttcp dport {{ {http}, {https} }} ct status dnat accept",
         f"\t\ttcp dport {{ {http}, {https} }} counter name {COUNTER} drop",
         "\t}",
+        "",
+        "\tchain postrouting {",
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        # The host's own address: on EC2 the one its Elastic IP maps to, as for Squid's own connections.
+        f"\t\tct mark {PORTS_MARK} masquerade",
+        "\t}",
         "}",
     ]
+    return "\n".join(lines) + "\n"
+
+
+# --- the ports sets -------------------------------------------------------------------------------------------------
+
+
+def port_rules(document: PolicyDocument) -> list[dict[str, Any]]:
+    """What ``ports.json`` holds for ``document``: per ``ports`` entry, the policy, the client networks that
+    really land in that policy (inside EGRESS_CLIENT_CIDRS, minus every network an earlier policy claims: the
+    first match wins, as in Squid), the target (a name or a CIDR) and the ports. Pure."""
+    rules: list[dict[str, Any]] = []
+    earlier: list[IPNetwork] = []
+    for policy in document.policies:
+        inside = [client if client.prefixlen >= gate.prefixlen else gate
+                  for client in policy.clients for gate in document.client_cidrs
+                  if client.version == gate.version and client.overlaps(gate)]
+        networks = [net for net in normalise(subtract_all(inside, [*earlier, *LOOPBACK]))]
+        earlier.extend(policy.clients)
+        for rule in policy.ports:
+            if not networks:
+                continue
+            target = rule.host if rule.host is not None else str(rule.network)
+            rules.append({"policy": policy.name, "entry": rule.text, "clients": [str(net) for net in networks],
+                          "host" if rule.host is not None else "network": target, "ports": rule.port_text})
+    return rules
+
+
+def port_rules_text(document: PolicyDocument) -> str:
+    return json.dumps({"rules": port_rules(document)}, indent=1) + "\n"
+
+
+#: name -> {address: when it stops being open (epoch seconds)}
+Memory = dict[str, dict[str, float]]
+
+
+def remember(memory: Memory, name: str, answers: Iterable[tuple[str, int]], now: float, hold: int) -> None:
+    """Record a fresh DNS answer for ``name``: each address is open until ``now`` plus its TTL, or plus ``hold``
+    when that is longer. Addresses of earlier answers keep their own expiry (a client may still hold them)."""
+    known = memory.setdefault(name, {})
+    for address, ttl in answers:
+        known[address] = max(known.get(address, 0.0), now + max(ttl, hold))
+
+
+def forget_expired(memory: Memory, now: float, names: Iterable[str]) -> Memory:
+    """The memory without expired addresses, and without names no rule uses any more."""
+    wanted = set(names)
+    return {name: {address: until for address, until in addresses.items() if until > now}
+            for name, addresses in memory.items() if name in wanted}
+
+
+def _inside(network: IPNetwork, others: Iterable[IPNetwork]) -> bool:
+    return any(network.version == other.version and network.subnet_of(other)  # type: ignore[arg-type]
+               for other in others)
+
+
+def render_port_sets(settings: Settings, rules: Iterable[Mapping[str, Any]], memory: Memory, now: float,
+                     forbidden: Iterable[IPNetwork]) -> str:
+    """The transaction that makes the ports sets exactly this: flush both, then one element per (client network,
+    destination, ports), each name's address with its remaining time as the element's timeout. Destinations in
+    ``forbidden`` (the SSRF guard's ranges, as Squid's) are never opened. Every line matches PORT_SET_LINE."""
+    blocked = list(forbidden)
+    elements: dict[tuple[int, str], float] = {}  # (version, element) -> timeout in seconds (inf: none)
+    for rule in rules:
+        clients = [ipaddress.ip_network(text) for text in rule["clients"]]
+        if "network" in rule:
+            targets = [(net, math.inf) for net in subtract_all([ipaddress.ip_network(rule["network"])], blocked)]
+        else:
+            targets = [(ipaddress.ip_network(address), until - now)
+                       for address, until in memory.get(rule["host"], {}).items() if until > now]
+            targets = [(net, left) for net, left in targets if not _inside(net, blocked)]
+        for client in clients:
+            for target, left in targets:
+                if target.version != client.version:
+                    continue
+                shown = str(target.network_address) if target.num_addresses == 1 else str(target)
+                key = (client.version, f"{client} . {shown} . {rule['ports']}")
+                elements[key] = max(elements.get(key, 0.0), left)
+    lines = ["# egress-proxy nft-sets: the policies' ports, from fresh DNS answers (apply with 'nft -f -')"]
+    for version, _ in _families(settings):  # the sets render_nft_rules created
+        lines.append(f"flush set inet {TABLE} ports_v{version}")
+        for (element_version, element), left in sorted(elements.items()):
+            if element_version != version:
+                continue
+            timeout = "" if left == math.inf else f" timeout {max(1, math.ceil(left))}s"
+            lines.append(f"add element inet {TABLE} ports_v{version} {{ {element}{timeout} }}")
     return "\n".join(lines) + "\n"

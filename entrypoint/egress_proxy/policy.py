@@ -24,9 +24,9 @@ import difflib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .allowlist import (
     MAX_WARNINGS,
@@ -50,6 +50,7 @@ __all__ = [
     "POLICY_KEYS",
     "REPORTABLE_REASONS",
     "Policy",
+    "PortRule",
     "PolicyDiff",
     "PolicyDocument",
     "Tunnel",
@@ -65,7 +66,10 @@ Decision = Literal["allowed", "denied", "would_deny"]
 
 DEFAULT_POLICY = "default"
 MODES: tuple[Mode, ...] = ("enforce", "report")
-POLICY_KEYS = ("name", "clients", "mode", "allow", "deny")
+POLICY_KEYS = ("name", "clients", "mode", "allow", "deny", "ports")
+# tcp/80 and tcp/443 always go to Squid's name checks (the host redirects them before any forwarding rule), so a
+# `ports` entry for them could never apply.
+INTERCEPTED_PORTS = (80, 443)
 POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 # Report mode turns exactly these refusals into 'would_deny' (they are about names, which is what an operator
@@ -129,6 +133,23 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class PortRule:
+    """One ``ports`` entry: the policy's clients may open TCP connections to ``host`` (an exact name, which the
+    host's firewall resolves) or to ``network`` (a CIDR), on ports ``first`` to ``last``. These never pass through
+    Squid: the host's nftables rules forward them (see nft_rules.py). ``text`` is the normalised entry."""
+
+    text: str
+    first: int
+    last: int
+    host: str | None = None
+    network: IPNetwork | None = None
+
+    @property
+    def port_text(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
 class Policy:
     """One validated policy. ``allow`` and ``deny`` are minimal, sorted lists in the allowlist grammar.
 
@@ -142,6 +163,7 @@ class Policy:
     allow: Allowlist = field(default_factory=lambda: Allowlist(()))
     deny: Allowlist = field(default_factory=lambda: Allowlist(()))
     selectors: tuple[Selector, ...] = ()
+    ports: tuple[PortRule, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.selectors:
@@ -186,14 +208,18 @@ class Policy:
         return "sni_not_allowlisted"
 
     def to_json(self) -> dict[str, object]:
-        """The normalised policy, as written back to a document (every key explicit)."""
-        return {
+        """The normalised policy, as written back to a document (every key explicit, but ``ports`` only when it
+        has entries: it means something in transparent mode only, and most documents never need it)."""
+        policy: dict[str, object] = {
             "name": self.name,
             "clients": [selector.text for selector in self.selectors],
             "mode": self.mode,
             "allow": list(self.allow.entries),
             "deny": list(self.deny.entries),
         }
+        if self.ports:
+            policy["ports"] = [rule.text for rule in self.ports]
+        return policy
 
 
 @dataclass(frozen=True)
@@ -352,14 +378,15 @@ class PolicyChange:
     clients: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (added, removed)
     allow: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     deny: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     @property
     def added(self) -> int:
-        return len(self.clients[0]) + len(self.allow[0]) + len(self.deny[0])
+        return len(self.clients[0]) + len(self.allow[0]) + len(self.deny[0]) + len(self.ports[0])
 
     @property
     def removed(self) -> int:
-        return len(self.clients[1]) + len(self.allow[1]) + len(self.deny[1])
+        return len(self.clients[1]) + len(self.allow[1]) + len(self.deny[1]) + len(self.ports[1])
 
     def lines(self) -> list[str]:
         old_mode, new_mode = self.mode
@@ -372,7 +399,8 @@ class PolicyChange:
         else:
             head = f"policy {self.name}:"
         lines = [head]
-        for kind, (added, removed) in (("client", self.clients), ("allow", self.allow), ("deny", self.deny)):
+        for kind, (added, removed) in (("client", self.clients), ("allow", self.allow), ("deny", self.deny),
+                                       ("port", self.ports)):
             lines.extend(f"  + {kind} {item}" for item in added)
             lines.extend(f"  - {kind} {item}" for item in removed)
         return lines
@@ -415,12 +443,14 @@ class PolicyDiff:
                 changes.append(PolicyChange(
                     policy.name, "added", mode=(None, policy.mode),
                     clients=(tuple(s.text for s in policy.selectors), ()),
-                    allow=(policy.allow.entries, ()), deny=(policy.deny.entries, ())))
+                    allow=(policy.allow.entries, ()), deny=(policy.deny.entries, ()),
+                    ports=(tuple(rule.text for rule in policy.ports), ())))
                 continue
             change = PolicyChange(
                 policy.name, "changed", mode=(before.mode, policy.mode),
                 clients=_set_diff([s.text for s in before.selectors], [s.text for s in policy.selectors]),
-                allow=before.allow.diff(policy.allow), deny=before.deny.diff(policy.deny))
+                allow=before.allow.diff(policy.allow), deny=before.deny.diff(policy.deny),
+                ports=_set_diff([rule.text for rule in before.ports], [rule.text for rule in policy.ports]))
             if change.added or change.removed or before.mode != policy.mode:
                 changes.append(change)
         for policy in old.policies:
@@ -428,7 +458,8 @@ class PolicyDiff:
                 changes.append(PolicyChange(
                     policy.name, "removed", mode=(policy.mode, None),
                     clients=((), tuple(str(n) for n in policy.clients)),
-                    allow=((), policy.allow.entries), deny=((), policy.deny.entries)))
+                    allow=((), policy.allow.entries), deny=((), policy.deny.entries),
+                    ports=((), tuple(rule.text for rule in policy.ports))))
         old_order = tuple(name for name in old_by_name if name in new_by_name)
         new_order = tuple(name for name in new_by_name if name in old_by_name)
         order = (tuple(old_by_name), tuple(new_by_name)) if old_order != new_order else None
@@ -570,9 +601,14 @@ def _parse_policy(
     deny = _parse_list(item.get("deny", []), f"{path}.deny", problems, warnings)
     if deny is not None:
         deny = _with_transitional_spellings(deny, item.get("deny", []), f"{path}.deny", warnings)
-    if len(problems) > count or name is None or selectors is None or allow is None or deny is None:
+    ports = _parse_ports(item.get("ports", []), f"{path}.ports", problems)
+    if len(problems) > count or name is None or selectors is None or allow is None or deny is None or ports is None:
         return None
     clients = tuple(s.network for s in selectors if s.kind == "cidr" and s.network is not None)
+    if ports:
+        _check_port_clients(ports, selectors, clients, deny, label, f"{path}.ports", problems, warnings)
+        if len(problems) > count:
+            return None
 
     if not allow.entries:
         refused = "would be refused (logged would_deny)" if mode == "report" else "is refused"
@@ -587,7 +623,7 @@ def _parse_policy(
             warnings.append(
                 f"{allow.paths.get(entry, path + '.allow')} {entry!r} is entirely covered by the deny list, so "
                 "it allows nothing; remove it, or narrow the deny entry")
-    return Policy(name, clients, mode, allow, deny, selectors)
+    return Policy(name, clients, mode, allow, deny, selectors, ports)
 
 
 def _parse_name(value: object, path: str, problems: list[AllowlistProblem]) -> str | None:
@@ -635,22 +671,32 @@ def _parse_clients(
             "", "is empty, so the policy applies to nobody", "list its client networks, or remove the policy",
             path=path))
         return None
-    selectors: list[Selector] = []
+    return _parse_each(value, path, _parse_selector, "list each client selector once", problems)
+
+
+_Item = TypeVar("_Item", Selector, PortRule)
+
+
+def _parse_each(value: list[object], path: str, parse: Callable[[object, str, list[AllowlistProblem]], _Item | None],
+                fix_repeat: str, problems: list[AllowlistProblem]) -> tuple[_Item, ...] | None:
+    """Each item of a list through ``parse``; an item whose normalised ``text`` repeats an earlier one is a
+    problem too. None when any item is bad (every problem appended)."""
+    items: list[_Item] = []
     seen: dict[str, int] = {}
     ok = True
     for index, raw in enumerate(value):
-        selector = _parse_selector(raw, f"{path}[{index}]", problems)
-        if selector is None:
+        item = parse(raw, f"{path}[{index}]", problems)
+        if item is None:
             ok = False
-        elif selector.text in seen:
+        elif item.text in seen:
             problems.append(AllowlistProblem(
-                raw, f"repeats {path}[{seen[selector.text]}]", "list each client selector once",
+                raw if isinstance(raw, str) else json.dumps(raw), f"repeats {path}[{seen[item.text]}]", fix_repeat,
                 path=f"{path}[{index}]"))
             ok = False
         else:
-            seen[selector.text] = index
-            selectors.append(selector)
-    return tuple(selectors) if ok else None
+            seen[item.text] = index
+            items.append(item)
+    return tuple(items) if ok else None
 
 
 def _parse_selector(raw: object, path: str, problems: list[AllowlistProblem]) -> Selector | None:
@@ -696,6 +742,103 @@ def _with_transitional_spellings(deny: Allowlist, items: list[object], path: str
                         "names the IDNA2003 (transitional) way send that name for it")
     # The entries parsed once already; the warnings were given for them.
     return parse_allowlist_items([*items, *extra], path=path) if extra else deny
+
+
+_PORT_EXAMPLE = '"ports": ["github.com:22"]'
+
+
+def _parse_ports(value: object, path: str, problems: list[AllowlistProblem]) -> tuple[PortRule, ...] | None:
+    """A policy's ``ports``: ``HOST:PORT``, ``HOST:FIRST-LAST``, ``CIDR:PORT`` or ``[IPV6-CIDR]:PORT``, all TCP."""
+    if not isinstance(value, list):
+        problems.append(AllowlistProblem(
+            _truncate(json.dumps(value)), f"is a JSON {_json_type(value)}, not a list",
+            f"write a list of HOST:PORT entries, e.g. {_PORT_EXAMPLE}", path=path))
+        return None
+    return _parse_each(value, path, _parse_port_rule, "list each port entry once", problems)
+
+
+def _parse_port_rule(raw: object, path: str, problems: list[AllowlistProblem]) -> PortRule | None:
+    def bad(why: str, fix: str) -> None:
+        problems.append(AllowlistProblem(raw if isinstance(raw, str) else _truncate(json.dumps(raw)), why, fix,
+                                         path=path))
+
+    if not isinstance(raw, str):
+        bad(f"is a JSON {_json_type(raw)}, not a string", 'write each entry as a string, e.g. "github.com:22"')
+        return None
+    text = raw.strip()
+    if text.startswith("["):
+        target, _, port_text = text[1:].partition("]")
+        if not port_text.startswith(":"):
+            bad("has no port after the bracketed IPv6 range", "write e.g. \"[2001:db8::/48]:22\"")
+            return None
+        port_text = port_text[1:]
+    else:
+        target, colon, port_text = text.rpartition(":")
+        if not colon or not target:
+            bad("has no port", f"write HOST:PORT, e.g. \"{text or 'github.com'}:22\" (TCP)")
+            return None
+        if ":" in target:
+            bad("is an IPv6 range without brackets", f"write it as \"[{target}]:{port_text}\"")
+            return None
+    ports = _parse_port_range(port_text)
+    if ports is None:
+        bad(f"has {port_text!r} for a port", "use a TCP port from 1 to 65535, or a range such as 8000-8100")
+        return None
+    first, last = ports
+    intercepted = [port for port in INTERCEPTED_PORTS if first <= port <= last]
+    if intercepted:
+        bad(f"includes tcp/{intercepted[0]}, which always goes through the proxy's name checks",
+            "allow the name in 'allow' instead (or pick a range without 80 and 443)")
+        return None
+    port_shown = str(first) if first == last else f"{first}-{last}"
+    if target[:1].isdigit() or ":" in target:
+        try:
+            network = parse_cidr(target if "/" in target else f"{target}/{32 if ':' not in target else 128}")
+        except BadSelector as exc:
+            bad(exc.why, exc.fix)
+            return None
+        shown = f"[{network}]" if network.version == 6 else str(network)
+        return PortRule(f"{shown}:{port_shown}", first, last, network=network)
+    if target.startswith((".", "*")):
+        bad("names a whole domain, which the host's firewall cannot resolve (it opens the addresses of names)",
+            f"list each host name, e.g. \"{target.lstrip('.*')}:{port_shown}\"")
+        return None
+    try:
+        parsed = parse_allowlist_items([target], path=path)
+    except AllowlistError as exc:
+        for problem in exc.problems:
+            bad(problem.why, problem.fix)
+        return None
+    return PortRule(f"{parsed.entries[0]}:{port_shown}", first, last, host=parsed.entries[0])
+
+
+def _parse_port_range(text: str) -> tuple[int, int] | None:
+    first, dash, last = text.partition("-")
+    if not first.isdigit() or (dash and not last.isdigit()):
+        return None
+    low, high = int(first), int(last) if dash else int(first)
+    return (low, high) if 1 <= low <= high <= 65535 else None
+
+
+def _check_port_clients(ports: tuple[PortRule, ...], selectors: tuple[Selector, ...], clients: tuple[IPNetwork, ...],
+                        deny: Allowlist, label: str, path: str, problems: list[AllowlistProblem],
+                        warnings: list[str]) -> None:
+    """The host's firewall sees addresses only: ``ports`` apply to a policy's CIDR clients, never to clients it
+    names by identity (security group, tag, ECS service, VPC endpoint). A name the deny list refuses is a
+    contradiction, not a carve-out: refused."""
+    if not clients:
+        problems.append(AllowlistProblem(
+            "", "belong to a policy that names its clients by identity only, and the host's firewall sees only "
+            "source addresses", "give the ports to a policy whose clients are CIDRs", path=path))
+        return
+    if len(clients) < len(selectors):
+        warnings.append(f"{path}: {label} names some clients by identity; its ports apply to its CIDR clients only "
+                        "(the host's firewall sees only source addresses)")
+    for index, rule in enumerate(ports):
+        if rule.host is not None and deny.allows(rule.host):
+            problems.append(AllowlistProblem(
+                rule.text, "names a host this policy's deny list refuses",
+                "remove the port entry, or narrow the deny entry", path=f"{path}[{index}]"))
 
 
 def _parse_list(

@@ -85,6 +85,12 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _hold_seconds(raw: str) -> int:
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 86400:
+        raise _Bad("must be a whole number of seconds from 1 to 86400", "use e.g. 300 (five minutes)")
+    return int(raw)
+
+
 def _positive_float(raw: str) -> float:
     try:
         value = float(raw)
@@ -460,6 +466,11 @@ class Settings:
     intercept_https_port: int = _option(
         _port, "3130", "Port of the intercept listener for redirected TLS (tcp/443), with EGRESS_TRANSPARENT.",
         "PORT")
+    port_address_hold: int = _option(
+        _hold_seconds, "300",
+        "Transparent mode: how long an address that a policy's 'ports' name resolved to stays open after DNS last "
+        "returned it ('egress-proxy nft-sets'), when its TTL is shorter: clients may hold an answer past its "
+        "TTL.", "SECONDS")
 
     @property
     def source_kind(self) -> str:

@@ -24,6 +24,7 @@ from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
 from .networks import IPNetwork, normalise, subtract_all
+from .nft_rules import port_rules_text
 from .policy import INVALID_HOST_SHAPES, REPORTABLE_REASONS, PolicyDocument
 from .settings import Settings
 from .squid_strings import CERTGEN, LOG_FILE_DAEMON
@@ -96,6 +97,16 @@ class StatePaths:
         """One policy's ``allow`` or ``deny`` list, one entry a line, read by Squid (dstdomain) and the SNI
         helper alike."""
         return self.policy_dir / f"{policy}.{kind}"
+
+    @property
+    def port_rules(self) -> Path:
+        """The loaded document's ``ports`` entries, for ``egress-proxy nft-sets`` (nft_rules.port_rules)."""
+        return self.conf_dir / "ports.json"
+
+    @property
+    def port_addresses(self) -> Path:
+        """``egress-proxy nft-sets``' memory of the addresses it opened, and until when."""
+        return self.state / "port-addresses.json"
 
     @property
     def candidate_dir(self) -> Path:
@@ -211,6 +222,7 @@ class RenderedConfig:
     squid_conf: str
     lists: dict[tuple[str, str], str]  # (policy name, "allow" | "deny") -> the list file's text
     identity: str | None = None  # the identity helper's policy file, when policies name clients by identity
+    ports: str = ""  # ports.json: the policies' extra ports, for the host's firewall (nft_rules.port_rules)
 
     def differs_in_plain_lists_only(self, active: RenderedConfig | None) -> bool:
         """True when this config differs from ``active`` only in what its list files hold, and every line of them is
@@ -226,7 +238,7 @@ class RenderedConfig:
         listed = {paths.policy_list(name, kind): text for (name, kind), text in self.lists.items()}
         if self.identity is not None:
             listed[paths.identity_policies] = self.identity
-        return {**listed, paths.empty_list: "", paths.squid_conf: self.squid_conf}
+        return {**listed, paths.empty_list: "", paths.port_rules: self.ports, paths.squid_conf: self.squid_conf}
 
     def relocated(self, rendered_for: StatePaths, to: StatePaths) -> RenderedConfig:
         """The same config with its own files (squid.conf, the lists, the identity file) in ``to``'s config
@@ -305,7 +317,8 @@ def render(
     # Squid reads an empty ACL file as "matches nothing", which is what an empty list means.
     lists = {(policy.name, kind): _list_text(getattr(policy, kind))
              for policy in document.policies for kind in ("allow", "deny")}
-    return RenderedConfig(squid_conf=squid_conf, lists=lists, identity=identity_policy_file(document))
+    return RenderedConfig(squid_conf=squid_conf, lists=lists, identity=identity_policy_file(document),
+                          ports=port_rules_text(document))
 
 
 # How long the identity helper waits for the supervisor's on-demand lookup (one EC2 call) before it answers ERR.

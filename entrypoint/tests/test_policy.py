@@ -174,7 +174,7 @@ def test_every_problem_is_reported_by_path_with_a_fix() -> None:
         "allowed_domains: is not a key of a policy document (it has only 'policies'); "
         "move it into a policy, or remove it",
         "policies[0]: has an unknown key 'allwo'; did you mean 'allow'? "
-        "a policy has only name, clients, mode, allow, deny",
+        "a policy has only name, clients, mode, allow, deny, ports",
         "policies[0].name: 'CI Runners' is not a valid policy name; use 'ci-runners' "
         "(names are 1-32 lowercase letters, digits and '-', starting with a letter or digit)",
         "policies[0].clients[0]: '10.0.8.1/22' has host bits set; use '10.0.8.0/22' (the network containing it)",

@@ -11,8 +11,13 @@ subnets, a NAT replacement that filters by name, with the same fixed Elastic IPs
   own AZ, else of another AZ (and back), and turns off source/dest checking; on every EC2 state change and every
   minute. Never at a NAT gateway: a failover that bypasses the filter is no failover for an egress filter.
 
-Intercepted traffic leaves from the instance's Elastic IP: Squid opens the outbound connection itself, so nothing
-is forwarded or masqueraded.
+* A policy's extra ports (``"ports": ["github.com:22"]``): a systemd timer on the instance runs
+  ``egress-proxy nft-sets`` in the proxy container every 15 s (it resolves the loaded policies' names with the VPC
+  resolver the clients use) and applies the transaction only if every line is in the grammar the host accepts
+  (``nft_rules.PORT_SET_LINE``): the container can fill the ports sets, and do nothing else to the host's rules.
+
+Intercepted traffic leaves from the instance's Elastic IP: Squid opens the outbound connection itself. A policy's
+extra-port flows are forwarded and masqueraded to the instance's address, so they leave from the same Elastic IP.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ from egress_proxy_infra.config import REPO_ROOT
 from egress_proxy_infra.ec2_lifecycle import _function
 from egress_proxy_infra.eip_pool import POOL_TAG_KEY
 from egress_proxy_infra.proxy_service import Ec2ProxyService
-from egress_proxy_infra.proxy_task import ProxyTask
+from egress_proxy_infra.proxy_task import CONTAINER_NAME, ProxyTask
 
 NFT_UNIT = "egress-proxy-nft.service"
 NFT_RULES_PATH = "/etc/egress-proxy/transparent.nft"
+PORTS_UNIT = "egress-proxy-ports"
+PORTS_SCRIPT_PATH = "/usr/local/sbin/egress-proxy-ports-refresh"
+#: How often the host refreshes the ports sets. A name's address stays open at least EGRESS_PORT_ADDRESS_HOLD
+#: (300 s) after DNS last returned it, so a missed run or two close nothing; a new address opens within this.
+PORTS_REFRESH_SECONDS = 15
 #: Stands in for ClientCidr while the ruleset is rendered; replaced by the parameter's value at deploy time.
 _CIDR_SENTINEL = "198.18.255.0/24"
 
@@ -42,9 +52,7 @@ _CIDR_SENTINEL = "198.18.255.0/24"
 def nft_ruleset() -> str:
     """The ruleset `egress-proxy nft-rules` prints for the task's settings, with ``${ClientCidr}`` for the client
     range (an Fn::Sub template). One renderer for the product and the stack: the entrypoint package's."""
-    entrypoint = str(REPO_ROOT / "entrypoint")
-    if entrypoint not in sys.path:
-        sys.path.append(entrypoint)
+    _product()
     from egress_proxy.nft_rules import render_nft_rules  # type: ignore[import-not-found]
     from egress_proxy.settings import load_settings  # type: ignore[import-not-found]
 
@@ -52,6 +60,77 @@ def nft_ruleset() -> str:
     rules: str = render_nft_rules(settings)
     assert _CIDR_SENTINEL in rules and "${" not in rules
     return rules.replace(_CIDR_SENTINEL, "${ClientCidr}")
+
+
+def _product() -> None:
+    entrypoint = str(REPO_ROOT / "entrypoint")
+    if entrypoint not in sys.path:
+        sys.path.append(entrypoint)
+
+
+def ports_refresh_script() -> str:
+    """The host's refresh of the ports sets: ask the running proxy container for the transaction, refuse it whole
+    if any line is outside the grammar (so the container cannot flush or rewrite the host's rules), apply it.
+    With no proxy container running it changes nothing: the names' addresses age out by their timeouts."""
+    _product()
+    from egress_proxy.nft_rules import PORT_SET_LINE
+
+    assert "'" not in PORT_SET_LINE and "${" not in PORT_SET_LINE
+    return "\n".join([
+        "#!/bin/sh",
+        "# egress-proxy transparent mode: fill the policies' ports sets from fresh DNS answers (egress-proxy nft-sets)",
+        "set -eu",
+        f"grammar='{PORT_SET_LINE}'",
+        f"container=$(docker ps --quiet --filter label=com.amazonaws.ecs.container-name={CONTAINER_NAME} "
+        "--filter status=running | head -n 1)",
+        'if [ -z "$container" ]; then',
+        '  echo "egress-proxy-ports: no proxy container is running; the sets keep their elements until they '
+        'age out" >&2',
+        "  exit 0",
+        "fi",
+        "transaction=$(mktemp)",
+        "trap 'rm -f \"$transaction\"' EXIT",
+        'docker exec "$container" egress-proxy nft-sets > "$transaction"',
+        'if grep -Evq "$grammar" "$transaction"; then',
+        '  echo "egress-proxy-ports: refused the transaction, these lines are outside the ports grammar:" >&2',
+        '  grep -Ev "$grammar" "$transaction" | head -n 5 >&2',
+        "  exit 1",
+        "fi",
+        'nft -f "$transaction"',
+    ]) + "\n"
+
+
+def ports_refresh_units() -> list[str]:
+    """User-data lines: the refresh script, its oneshot service and the timer that runs it."""
+    return [
+        "# --- transparent mode: keep the policies' ports sets current (egress-proxy nft-sets) ---",
+        f"cat > {PORTS_SCRIPT_PATH} <<'SCRIPT'",
+        ports_refresh_script().rstrip("\n"),
+        "SCRIPT",
+        f"chmod 0755 {PORTS_SCRIPT_PATH}",
+        f"cat > /etc/systemd/system/{PORTS_UNIT}.service <<'UNIT'",
+        "[Unit]",
+        "Description=egress-proxy transparent mode: refresh the ports sets (egress-proxy nft-sets)",
+        f"After={NFT_UNIT} docker.service",
+        f"Requires={NFT_UNIT}",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={PORTS_SCRIPT_PATH}",
+        "TimeoutStartSec=60",
+        "UNIT",
+        f"cat > /etc/systemd/system/{PORTS_UNIT}.timer <<'UNIT'",
+        "[Unit]",
+        "Description=egress-proxy transparent mode: refresh the ports sets every "
+        f"{PORTS_REFRESH_SECONDS} s",
+        "[Timer]",
+        f"OnBootSec={PORTS_REFRESH_SECONDS}s",
+        f"OnUnitActiveSec={PORTS_REFRESH_SECONDS}s",
+        "AccuracySec=1s",
+        "[Install]",
+        "WantedBy=timers.target",
+        "UNIT",
+        f"systemctl daemon-reload && systemctl enable --now {PORTS_UNIT}.timer",
+    ]
 
 
 def nft_boot_script(client_cidr: str) -> list[str]:
@@ -96,6 +175,7 @@ class TransparentMode(Construct):
 
         task.container.add_environment("EGRESS_TRANSPARENT", "on")
         proxies.launch_template.user_data.add_commands(*nft_boot_script(client_cidr.value_as_string))  # type: ignore[union-attr]
+        proxies.launch_template.user_data.add_commands(*ports_refresh_units())  # type: ignore[union-attr]
         proxies.security_group.add_ingress_rule(
             ec2.Peer.ipv4(client_cidr.value_as_string), ec2.Port.all_traffic(),
             "Transparent mode: clients route through the instances; the nftables rules decide")
