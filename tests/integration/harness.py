@@ -1015,7 +1015,7 @@ class _RawHandler(socketserver.BaseRequestHandler):
         server: _RawServer = self.server  # type: ignore[assignment]
         owner = server.owner
         sock: socket.socket = self.request
-        owner._connected()
+        owner._connected(self.client_address[0])
         if owner.banner:
             sock.sendall(owner.banner)
         while True:
@@ -1033,13 +1033,15 @@ class _RawServer(_TrackingTCPServer):
 
 class RawTcpServer(_Background):
     """Accepts TCP, sends ``banner`` (if any) on connect, records everything
-    received (all connections concatenated in arrival order) until EOF."""
+    received (all connections concatenated in arrival order) until EOF. ``peers`` lists each connection's source
+    address."""
 
     def __init__(self, host: str, port: int, banner: bytes = b"") -> None:
         self.host = host
         self.port = port
         self.banner = banner
         self.connections = 0
+        self.peers: list[str] = []
         self._buf = bytearray()
         self._cond = threading.Condition()
         self._server: _RawServer | None = None
@@ -1050,9 +1052,10 @@ class RawTcpServer(_Background):
         with self._cond:
             return bytes(self._buf)
 
-    def _connected(self) -> None:
+    def _connected(self, peer: str) -> None:
         with self._cond:
             self.connections += 1
+            self.peers.append(peer)
             self._cond.notify_all()
 
     def _received(self, data: bytes) -> None:

@@ -1,0 +1,214 @@
+"""A policy's extra ports in transparent mode (``"ports": ["git.test:2222"]``), against the real supervisor, real
+nftables and the harness's DNS server, in network namespaces this module creates (netns.RoutedTopology, as in
+test_transparent.py).
+
+    client ns                       router ns (the "EC2 instance")                 internet ns
+    10.200.1.2 (ssh: git.test:2222) 10.200.1.1 | egress-proxy run (writes         203.0.113.20  git.test, first
+    10.200.1.3 (web: no ports)  --  ports.json) | 'nft-rules' at start,       --  203.0.113.21  git.test, after the move
+    10.200.1.4 (watch: report)      'nft-sets' as the host's timer runs it        203.0.113.22  other.test
+    default route -> router         198.51.100.1, forwarding on                   203.0.113.53  the DNS server
+                                                                                  no route back to 10.200.1.0/24
+
+Each origin is a TCP server standing in for SSH (a banner, and a record of what it received and from whom) on
+port 2222, and one on 2223 at the first address. The refresh is what the host runs: 'egress-proxy nft-sets'
+(here in the router namespace, as the container shares the instance's network), its output checked line by line
+against the grammar the host accepts (nft_rules.PORT_SET_LINE, with grep -E as the CDK's script does), then
+'nft -f'. It resolves with the proxy's DNS servers, the harness's, in the internet namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import DnsServer, RawTcpServer, write_allowlist
+from netns import RoutedTopology, nft_counter, serving
+from proxy_runner import NamespacedProxy, egress_proxy_command
+
+from egress_proxy.nft_rules import PORT_SET_LINE
+
+SSH_CLIENT = "10.200.1.2"
+WEB_CLIENT = "10.200.1.3"
+REPORT_CLIENT = "10.200.1.4"
+ROUTER_UPLINK = "198.51.100.1"
+GIT_FIRST = "203.0.113.20"
+GIT_MOVED = "203.0.113.21"
+OTHER = "203.0.113.22"
+DNS_IP = "203.0.113.53"
+SSH_PORT = 2222
+OTHER_PORT = 2223
+# How long an address stays open after DNS last returned it (the product's default is 300 s): short, so that
+# the test sees an old address age out; long enough that a refresh's answer is still open when the client dials.
+HOLD_SECONDS = 10
+
+DOCUMENT = {
+    "policies": [
+        {"name": "ssh", "clients": [f"{SSH_CLIENT}/32"], "allow": ["allowed.test"], "ports": [f"git.test:{SSH_PORT}"]},
+        {"name": "web", "clients": [f"{WEB_CLIENT}/32"], "allow": ["git.test"]},
+        {"name": "watch", "clients": [f"{REPORT_CLIENT}/32"], "mode": "report", "allow": ["git.test"]},
+    ]
+}
+
+
+class Topology(RoutedTopology):
+    def __init__(self) -> None:
+        super().__init__("ports", [SSH_CLIENT, WEB_CLIENT, REPORT_CLIENT], [GIT_FIRST, GIT_MOVED, OTHER, DNS_IP])
+        # No route back to the clients' range: a forwarded connection that is not masqueraded gets no answer.
+        self.internet.run("ip", "route", "add", "unreachable", "10.200.1.0/24")
+
+    def counter(self, name: str) -> int:
+        return nft_counter(self.router, "egress_proxy", name)
+
+    def port_set(self) -> str:
+        return self.router.run("nft", "list", "set", "inet", "egress_proxy", "ports_v4").stdout
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Topology]:
+    topo = Topology()
+    yield topo
+    topo.close()
+
+
+@pytest.fixture(scope="module")
+def origins(topology: Topology) -> Iterator[dict[str, Any]]:
+    with serving(topology.internet, {
+        "dns": DnsServer({"git.test": [GIT_FIRST], "other.test": [OTHER]}, host=DNS_IP, port=53, ttl=1),
+        "first": RawTcpServer(GIT_FIRST, SSH_PORT, banner=b"SSH-2.0-first\r\n"),
+        "moved": RawTcpServer(GIT_MOVED, SSH_PORT, banner=b"SSH-2.0-moved\r\n"),
+        "other": RawTcpServer(OTHER, SSH_PORT, banner=b"SSH-2.0-other\r\n"),
+        "other_port": RawTcpServer(GIT_FIRST, OTHER_PORT, banner=b"SSH-2.0-other-port\r\n"),
+    }) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def proxy(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
+    policy_file = public_tmp / "ports-policies.json"
+    write_allowlist(policy_file, json.dumps(DOCUMENT))
+    env = {
+        "EGRESS_ALLOWLIST_FILE": str(policy_file),
+        "EGRESS_DNS_SERVERS": DNS_IP,
+        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24",
+        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
+        "EGRESS_TRANSPARENT": "on",
+        "EGRESS_PORT_ADDRESS_HOLD": str(HOLD_SECONDS),
+    }
+    runner = NamespacedProxy(topology.router, public_tmp / "ports-state", env, host=Topology.ROUTER_V4, port=3128)
+    runner.apply_nft_rules()
+    runner.start()
+    yield runner
+    runner.stop()
+
+
+def refresh(topology: Topology, proxy: NamespacedProxy) -> str:
+    """What the host's timer does: 'egress-proxy nft-sets', refused whole if any line is outside the grammar,
+    then 'nft -f'. Returns the transaction."""
+    result = subprocess.run(topology.router.command([*egress_proxy_command(), "nft-sets"]), env=proxy.env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    outside = subprocess.run(["grep", "-Ev", PORT_SET_LINE], input=result.stdout, capture_output=True, text=True)
+    assert outside.stdout == "", outside.stdout
+    topology.router.run("nft", "-f", "-", input=result.stdout)
+    return result.stdout
+
+
+def dial(topology: Topology, source: str, address: str, port: int, timeout: float = 3.0) -> bytes | None:
+    """Connect from ``source`` in the client namespace, send a line, and return the origin's banner; None when
+    the connection timed out (a drop sends nothing back)."""
+    with topology.client.entered():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port))
+        except TimeoutError:
+            return None
+        sock.sendall(f"hello from {source}\n".encode())
+        return sock.recv(100)
+
+
+def test_the_policys_client_reaches_its_port_from_the_hosts_address(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
+    transaction = refresh(topology, proxy)
+    assert f"{{ {SSH_CLIENT}/32 . {GIT_FIRST} . {SSH_PORT} timeout " in transaction
+    flows = topology.counter("port_flows")
+    assert dial(topology, SSH_CLIENT, GIT_FIRST, SSH_PORT) == b"SSH-2.0-first\r\n"
+    origins["first"].wait_for(f"hello from {SSH_CLIENT}\n".encode())
+    assert origins["first"].peers == [ROUTER_UPLINK]  # masqueraded: it leaves from the host's own address
+    assert topology.counter("port_flows") == flows + 1
+
+
+@pytest.mark.parametrize(("source", "address", "port", "origin"), [
+    (WEB_CLIENT, GIT_FIRST, SSH_PORT, "first"),  # another policy's client, same name and port
+    (REPORT_CLIENT, GIT_FIRST, SSH_PORT, "first"),  # report mode opens no port
+    (SSH_CLIENT, OTHER, SSH_PORT, "other"),  # another name, same port
+    (SSH_CLIENT, GIT_FIRST, OTHER_PORT, "other_port"),  # the name, another port
+], ids=["other-policy", "report-mode", "other-name", "other-port"])
+def test_everything_else_stays_dropped_and_counted(topology: Topology, origins: dict[str, Any],
+                                                   proxy: NamespacedProxy, source: str, address: str, port: int,
+                                                   origin: str) -> None:
+    refresh(topology, proxy)
+    connections = origins[origin].connections
+    dropped, flows = topology.counter("dropped"), topology.counter("port_flows")
+    assert dial(topology, source, address, port, timeout=2) is None
+    assert topology.counter("dropped") > dropped and topology.counter("port_flows") == flows
+    assert origins[origin].connections == connections  # nothing reached it
+
+
+def test_a_dns_move_is_followed_and_the_old_address_ages_out(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
+    """The name moves to another address. Until the host refreshes, the new address is dropped; after a refresh it
+    is open, and the old one stays open while a client may still hold the old answer (its TTL, at least the
+    hold), then the kernel drops it from the set and the old address is dropped like any other."""
+    refresh(topology, proxy)
+    origins["dns"].set("git.test", [GIT_MOVED])
+    try:
+        # The client already has the new answer, the host has not refreshed yet: they disagree, and the
+        # connection is dropped (counted), not let through to an address the host never resolved.
+        dropped = topology.counter("dropped")
+        assert dial(topology, SSH_CLIENT, GIT_MOVED, SSH_PORT, timeout=2) is None
+        assert topology.counter("dropped") > dropped and origins["moved"].connections == 0
+        transaction = refresh(topology, proxy)
+        assert f". {GIT_MOVED} . {SSH_PORT} timeout " in transaction
+        assert dial(topology, SSH_CLIENT, GIT_MOVED, SSH_PORT) == b"SSH-2.0-moved\r\n"
+        assert origins["moved"].peers == [ROUTER_UPLINK]
+        # A client that resolved before the move still holds the first address: it is still open.
+        assert f". {GIT_FIRST} . {SSH_PORT} timeout " in transaction
+
+        # Wait for the kernel to drop the old element (its timeout is the hold), then refresh: it stays out.
+        for _ in range(HOLD_SECONDS * 20 + 300):
+            if GIT_FIRST not in topology.port_set():
+                break
+            time.sleep(0.1)
+        assert GIT_FIRST not in topology.port_set()
+        assert GIT_FIRST not in refresh(topology, proxy)
+        connections, dropped = origins["first"].connections, topology.counter("dropped")
+        assert dial(topology, SSH_CLIENT, GIT_FIRST, SSH_PORT, timeout=2) is None
+        assert topology.counter("dropped") > dropped and origins["first"].connections == connections
+    finally:
+        origins["dns"].set("git.test", [GIT_FIRST])
+
+
+def test_a_rejected_document_keeps_the_last_good_ports(topology: Topology, origins: dict[str, Any],
+                                                       proxy: NamespacedProxy, public_tmp: Path) -> None:
+    policy_file = public_tmp / "ports-policies.json"
+    bad = json.loads(json.dumps(DOCUMENT))
+    bad["policies"][0]["ports"] = ["git.test:443"]
+    mark = proxy.mark()
+    write_allowlist(policy_file, json.dumps(bad))
+    record = proxy.wait_for(lambda r: r.get("event") == "reload_rejected", timeout=30, start=mark)
+    assert "policies[0].ports[0]" in record["message"]
+    try:
+        assert f"{GIT_FIRST} . {SSH_PORT}" in refresh(topology, proxy)
+        assert dial(topology, SSH_CLIENT, GIT_FIRST, SSH_PORT) == b"SSH-2.0-first\r\n"
+    finally:
+        mark = proxy.mark()
+        write_allowlist(policy_file, json.dumps(DOCUMENT))
+        proxy.wait_for(lambda r: r.get("event") in {"reloaded", "reload_skipped"}, timeout=30, start=mark)
