@@ -21,10 +21,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["IPAddress", "IPNetwork", "covered", "normalise", "subtract", "subtract_all"]
+__all__ = ["LOOPBACK", "IPAddress", "IPNetwork", "covered", "normalise", "subtract", "subtract_all"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def normalise(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:

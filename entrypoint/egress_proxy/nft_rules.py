@@ -17,25 +17,22 @@ What the ruleset does, for packets from EGRESS_CLIENT_CIDRS:
 Applying it again replaces the table atomically (``nft -f`` runs the file as one transaction).
 
 The sets' elements come from the policy document the proxy last loaded (``ports.json`` beside squid.conf, written
-with the config it belongs to, so a rejected document changes nothing), resolved with the servers Squid uses.
-Each name's addresses stay in the set for their TTL, and at least EGRESS_PORT_ADDRESS_HOLD seconds after DNS last
-returned them (a client may hold an older answer); the kernel drops an element when its timeout runs out, so if
-the refresh stops, the names' addresses close by themselves. CIDR targets have no timeout.
+from ``PolicyDocument.port_rules`` with the config it belongs to, so a rejected document changes nothing), resolved
+with the servers Squid uses. Each name's addresses stay in the set for their TTL, and at least
+EGRESS_PORT_ADDRESS_HOLD seconds after DNS last returned them (a client may hold an older answer); the kernel drops
+an element when its timeout runs out, so if the refresh stops, the names' addresses close by themselves. CIDR
+targets have no timeout.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .networks import normalise, subtract_all
+from .networks import LOOPBACK, normalise, subtract_all
 from .settings import IPNetwork, Settings
-
-if TYPE_CHECKING:  # the CDK app imports this module without the allowlist's packages
-    from .policy import PolicyDocument
 
 TABLE = "egress_proxy"
 COUNTER = "dropped"
@@ -60,7 +57,6 @@ def _set(name: str, kind: str, networks: list[IPNetwork]) -> list[str]:
 
 # Loopback client ranges (in the default EGRESS_CLIENT_CIDRS) are left out: loopback traffic never arrives from
 # another host, so rules for it would only confuse a reader of the ruleset.
-LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def _families(settings: Settings) -> list[tuple[int, list[IPNetwork]]]:
@@ -157,31 +153,6 @@ def render_nft_rules(settings: Settings) -> str:
 
 
 # --- the ports sets -------------------------------------------------------------------------------------------------
-
-
-def port_rules(document: PolicyDocument) -> list[dict[str, Any]]:
-    """What ``ports.json`` holds for ``document``: per ``ports`` entry, the policy, the client networks that
-    really land in that policy (inside EGRESS_CLIENT_CIDRS, minus every network an earlier policy claims: the
-    first match wins, as in Squid), the target (a name or a CIDR) and the ports. Pure."""
-    rules: list[dict[str, Any]] = []
-    earlier: list[IPNetwork] = []
-    for policy in document.policies:
-        inside = [client if client.prefixlen >= gate.prefixlen else gate
-                  for client in policy.clients for gate in document.client_cidrs
-                  if client.version == gate.version and client.overlaps(gate)]
-        networks = [net for net in normalise(subtract_all(inside, [*earlier, *LOOPBACK]))]
-        earlier.extend(policy.clients)
-        for rule in policy.ports:
-            if not networks:
-                continue
-            target = rule.host if rule.host is not None else str(rule.network)
-            rules.append({"policy": policy.name, "entry": rule.text, "clients": [str(net) for net in networks],
-                          "host" if rule.host is not None else "network": target, "ports": rule.port_text})
-    return rules
-
-
-def port_rules_text(document: PolicyDocument) -> str:
-    return json.dumps({"rules": port_rules(document)}, indent=1) + "\n"
 
 
 #: name -> {address: when it stops being open (epoch seconds)}

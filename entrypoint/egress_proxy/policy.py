@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .allowlist import (
     MAX_WARNINGS,
@@ -41,7 +41,7 @@ from .allowlist import (
     transitional_spelling,
 )
 from .identity_helper import BadSelector, Selector, normalise_address, parse_cidr, parse_selector, resolve
-from .networks import covered
+from .networks import LOOPBACK, covered, normalise, subtract_all
 from .sni_helper import Malformed, host_name
 
 __all__ = [
@@ -346,6 +346,26 @@ class PolicyDocument:
         if would_deny is not None:
             return Verdict(policy.name, "would_deny", would_deny)
         return Verdict(policy.name, "allowed", "allowed")
+
+    def port_rules(self) -> list[dict[str, Any]]:
+        """What the host's firewall needs of the ``ports`` entries (``ports.json``, read by ``egress-proxy
+        nft-sets``): per entry, the policy, the client networks that really land in it (inside EGRESS_CLIENT_CIDRS,
+        minus every network an earlier policy claims: the first match wins, as in Squid; never loopback), the
+        target (a ``host`` name or a ``network``) and the ports."""
+        rules: list[dict[str, Any]] = []
+        earlier: list[IPNetwork] = []
+        for policy in self.policies:
+            inside = [_smaller(client, gate) for client in policy.clients for gate in self.client_cidrs
+                      if _overlap(client, gate)]
+            networks = normalise(subtract_all(inside, [*earlier, *LOOPBACK]))
+            earlier.extend(policy.clients)
+            for rule in policy.ports:
+                if not networks:
+                    continue
+                target = {"host": rule.host} if rule.host is not None else {"network": str(rule.network)}
+                rules.append({"policy": policy.name, "entry": rule.text, "clients": [str(net) for net in networks],
+                              **target, "ports": rule.port_text})
+        return rules
 
     def to_json(self) -> dict[str, object]:
         if self.flat:

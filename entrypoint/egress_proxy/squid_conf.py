@@ -24,7 +24,6 @@ from . import __version__
 from .access_log import REASONS, SQUID_LOGFORMAT
 from .allowlist import Allowlist
 from .networks import IPNetwork, normalise, subtract_all
-from .nft_rules import port_rules_text
 from .policy import INVALID_HOST_SHAPES, REPORTABLE_REASONS, PolicyDocument
 from .settings import Settings
 from .squid_strings import CERTGEN, LOG_FILE_DAEMON
@@ -100,7 +99,7 @@ class StatePaths:
 
     @property
     def port_rules(self) -> Path:
-        """The loaded document's ``ports`` entries, for ``egress-proxy nft-sets`` (nft_rules.port_rules)."""
+        """The loaded document's ``ports`` entries, for ``egress-proxy nft-sets`` (PolicyDocument.port_rules)."""
         return self.conf_dir / "ports.json"
 
     @property
@@ -222,7 +221,7 @@ class RenderedConfig:
     squid_conf: str
     lists: dict[tuple[str, str], str]  # (policy name, "allow" | "deny") -> the list file's text
     identity: str | None = None  # the identity helper's policy file, when policies name clients by identity
-    ports: str = ""  # ports.json: the policies' extra ports, for the host's firewall (nft_rules.port_rules)
+    ports: str = ""  # ports.json: the policies' extra ports, for the host's firewall (PolicyDocument.port_rules)
 
     def differs_in_plain_lists_only(self, active: RenderedConfig | None) -> bool:
         """True when this config differs from ``active`` only in what its list files hold, and every line of them is
@@ -318,7 +317,7 @@ def render(
     lists = {(policy.name, kind): _list_text(getattr(policy, kind))
              for policy in document.policies for kind in ("allow", "deny")}
     return RenderedConfig(squid_conf=squid_conf, lists=lists, identity=identity_policy_file(document),
-                          ports=port_rules_text(document))
+                          ports=json.dumps({"rules": document.port_rules()}, indent=1) + "\n")
 
 
 # How long the identity helper waits for the supervisor's on-demand lookup (one EC2 call) before it answers ERR.

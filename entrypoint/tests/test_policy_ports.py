@@ -14,7 +14,6 @@ from egress_proxy.allowlist import AllowlistError
 from egress_proxy.nft_rules import (
     PORT_SET_LINE,
     forget_expired,
-    port_rules,
     remember,
     render_nft_rules,
     render_port_sets,
@@ -104,7 +103,7 @@ def test_a_policys_ports_reach_only_the_clients_that_land_in_it() -> None:
         {"name": "ci", "clients": ["10.1.0.0/16", "192.168.0.0/16"], "mode": "report", "allow": ["pypi.org"],
          "ports": ["github.com:22", "203.0.113.0/24:5432"]},
     )
-    rules = port_rules(document)
+    rules = document.port_rules()
     clients = [str(net) for net in ipaddress.ip_network("10.1.0.0/16").address_exclude(
         ipaddress.ip_network("10.1.2.0/24"))]
     assert sorted(rules[0]["clients"]) == sorted(clients)
