@@ -435,7 +435,7 @@ def time_render_and_parse(text: str, proxy: Proxy) -> dict[str, float]:
     document = parse_policy_value(text, source="bench", client_cidrs=settings.client_cidrs)
     policy = time.monotonic() - started
     started = time.monotonic()
-    render(settings, document, paths, run_as="proxy", denial_port=39999)
+    render(settings, document, paths, run_as="proxy", denial_port=39999, access_log_port=39998)
     rendered = time.monotonic() - started
     # The candidate the supervisor just parse-checked and activated is in the state dir; parse it again.
     started = time.monotonic()
@@ -762,8 +762,8 @@ SNI_HELPER_OPTIONS = "cache=0 concurrency=64 children-max=4 children-startup=1 c
 # taking it away), and what the helper protocol settings buy. (PYTHONPATH package edits, environment)
 SNI_VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "no_sni_check": ({"acl sni_ok external sni_check": "acl sni_ok src all"}, {}),
-    "no_access_log": ({"access_log daemon:{{ paths.access_fifo }} logformat=egress !local_manager":
-                       "access_log none"}, {}),
+    "no_access_log": ({"access_log tcp://127.0.0.1:{{ access_log_port }} logformat=egress "
+                       "buffer-size={{ access_log_buffer }} on-error=drop !local_manager": "access_log none"}, {}),
     "helper_concurrency_1": ({SNI_HELPER_OPTIONS: "cache=0 concurrency=1 children-max=8 children-startup=4 "
                               "children-idle=4"}, {}),
     "helper_children_4": ({SNI_HELPER_OPTIONS: "cache=0 concurrency=64 children-max=4 children-startup=4 "

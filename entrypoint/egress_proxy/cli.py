@@ -155,15 +155,18 @@ def _check(settings: Settings) -> int:
 
 
 RENDER_DENIAL_PORT = 39128
+RENDER_ACCESS_LOG_PORT = 39129
 
 
 def _render(settings: Settings) -> int:
     source = make_source(settings)
-    # 'run' picks a free loopback port for its refusal responder at startup; show a placeholder here.
+    # 'run' picks free loopback ports for its refusal responder and access-log listener at startup; show
+    # placeholders here.
     # The upstream's login as 'run' renders it (from the credentials file, like credentials in the URL).
     rendered = build_config(source.read(), settings, source=source.description,
                             paths=StatePaths(settings.state_dir), run_as=run_as_user(),
-                            denial_port=RENDER_DENIAL_PORT, upstream_login=read_upstream_login(settings)).rendered
+                            denial_port=RENDER_DENIAL_PORT, access_log_port=RENDER_ACCESS_LOG_PORT,
+                            upstream_login=read_upstream_login(settings)).rendered
     sys.stdout.write(rendered.squid_conf)
     # The list files the config reads, each under a comment naming where 'run' writes it.
     for path, text in rendered.files(StatePaths(settings.state_dir)).items():

@@ -76,6 +76,13 @@ class LogOutput:
                 self._count_drop(kind, lost)
         return len(taken)
 
+    def count_dropped(self, kind: str, lost: int) -> None:
+        """Lines lost before they reached this buffer (a Squid worker's own access-log buffer overflowed): counted
+        and reported with the buffer's own drops."""
+        with self._lock:
+            self._count_drop(kind, lost)
+            self._ready.notify()
+
     def _count_drop(self, kind: str, lost: int) -> None:
         self._dropped[kind] = self._dropped.get(kind, 0) + lost
         self._unreported[kind] = self._unreported.get(kind, 0) + lost
@@ -172,7 +179,7 @@ class LogOutput:
             "type": "supervisor", "time": round(time.time(), 3), "level": "warning", "event": "log_lines_dropped",
             "message": f"{total} log lines dropped since {time.strftime('%H:%M:%S', time.gmtime(since))} UTC: "
                        f"stdout did not take them and the buffer of {self.capacity} lines "
-                       "(EGRESS_LOG_BUFFER_LINES) was full",
+                       "(EGRESS_LOG_BUFFER_LINES) was full, or (access lines only) a Squid worker's own log buffer was",
             "dropped": total, "dropped_by_type": counts, "dropped_total": sum(self._dropped.values()),
             "buffer_lines": self.capacity,
         }, separators=(",", ":"))

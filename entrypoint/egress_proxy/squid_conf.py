@@ -26,7 +26,7 @@ from .allowlist import Allowlist
 from .networks import IPNetwork, normalise, subtract_all
 from .policy import INVALID_HOST_SHAPES, REPORTABLE_REASONS, PolicyDocument
 from .settings import Settings
-from .squid_strings import CERTGEN, LOG_FILE_DAEMON
+from .squid_strings import CERTGEN
 
 # Destinations refused after DNS resolution unless exempted by EGRESS_ALLOW_DESTINATIONS: "this" network,
 # RFC 1918, CGNAT, loopback, link-local (169.254.169.254 IMDS, 169.254.170.2 ECS task metadata), IETF
@@ -130,10 +130,6 @@ class StatePaths:
     @property
     def pid(self) -> Path:
         return self.state / "squid.pid"
-
-    @property
-    def access_fifo(self) -> Path:
-        return self.state / "logs" / "access.fifo"
 
     @property
     def cache_fifo(self) -> Path:
@@ -258,10 +254,11 @@ def _environment() -> jinja2.Environment:
 
 def render(
     settings: Settings, document: PolicyDocument, paths: StatePaths, *, run_as: str | None, denial_port: int,
-    upstream_login: str | None = None,
+    access_log_port: int, upstream_login: str | None = None,
 ) -> RenderedConfig:
     """Render the config for ``document``. ``run_as`` is the user Squid drops to when started as root;
-    ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py); ``upstream_login``
+    ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py); ``access_log_port`` is
+    the supervisor's loopback access-log listener (squid_process.AccessLogListener); ``upstream_login``
     (user:password) is the upstream proxy's login when it is not in EGRESS_UPSTREAM_PROXY itself."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
@@ -276,7 +273,6 @@ def render(
         "listen": f"{listen_text}:{settings.port}",
         "paths": paths,
         "certgen": CERTGEN,
-        "log_daemon": LOG_FILE_DAEMON,
         "run_as": run_as,
         "drain_seconds": _squid_seconds(settings.drain_seconds),
         "dns_servers": [str(ip) for ip in settings.dns_servers],
@@ -294,6 +290,8 @@ def render(
         "reasons": list(REASONS),
         "logformat": SQUID_LOGFORMAT,
         "denial_port": denial_port,
+        "access_log_port": access_log_port,
+        "access_log_buffer": ACCESS_LOG_BUFFER,
         "workers": settings.workers,
         "worker_revival_delay": WORKER_REVIVAL_DELAY_SECONDS,
         "log_gate": ({"script": paths.log_gate, "flag": paths.log_blocked_flag} if settings.log_full == "refuse"
@@ -357,6 +355,10 @@ def _identity_context(settings: Settings, document: PolicyDocument) -> dict[str,
 
 # Squid's hopeless_kid_revival_delay (the template says why this value).
 WORKER_REVIVAL_DELAY_SECONDS = 30
+# Each worker's access-log buffer (access_log tcp:// ... buffer-size): the lines a worker holds while the supervisor
+# is not reading (its relay waits up to 200 ms between reads at a trickle, or it is starved of CPU). 4 MB is about
+# 12,000 lines, over a second of a busy worker's log; a full buffer drops lines (counted), never blocks.
+ACCESS_LOG_BUFFER = "4MB"
 
 
 def listeners(settings: Settings) -> int:

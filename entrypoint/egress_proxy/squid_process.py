@@ -8,12 +8,14 @@ import fcntl
 import os
 import pwd
 import select
+import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +117,12 @@ def write_rendered(rendered: RenderedConfig, paths: StatePaths) -> None:
 
 def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -> None:
     """Create everything Squid needs that does not depend on the allowlist. Idempotent."""
-    for directory in (paths.state, paths.conf_dir, paths.candidate_dir, paths.cert.parent, paths.access_fifo.parent,
+    for directory in (paths.state, paths.conf_dir, paths.candidate_dir, paths.cert.parent, paths.cache_fifo.parent,
                       paths.sni_helper.parent, paths.identity_dir):
         directory.mkdir(parents=True, exist_ok=True)
     _check_reachable(paths.state, user)
     _prepare_smp_dirs(user)
-    for directory in (paths.state, paths.access_fifo.parent, paths.cert.parent):
+    for directory in (paths.state, paths.cache_fifo.parent, paths.cert.parent):
         _chown_to(directory, user)
     _write_throwaway_cert(paths, user)
     _init_ssl_db(paths, user)
@@ -137,12 +139,13 @@ def prepare_state_dir(paths: StatePaths, *, error_page: str, user: str | None) -
     atomic_write(paths.log_gate, log_gate_script(), mode=0o644)
     paths.log_blocked_flag.unlink(missing_ok=True)  # a previous run's: lines flow until shown otherwise
     atomic_write(paths.identity_helper, identity_helper_script(), mode=0o644)
-    for fifo in (paths.access_fifo, paths.cache_fifo):
-        if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):
-            fifo.unlink()
-        if not fifo.exists():
-            os.mkfifo(fifo, 0o600)
-        _chown_to(fifo, user)
+    fifo = paths.cache_fifo
+    if fifo.exists() and not stat.S_ISFIFO(fifo.stat().st_mode):
+        fifo.unlink()
+    if not fifo.exists():
+        os.mkfifo(fifo, 0o600)
+    _chown_to(fifo, user)
+    (fifo.parent / "access.fifo").unlink(missing_ok=True)  # an older version's access-log FIFO
 
 
 IPC_DIR = Path(strings.IPC_DIR)
@@ -258,8 +261,40 @@ PIPE_BYTES = 1024 * 1024  # the relays' pipe size: Linux's default pipe-max-size
 BUSY_READ_BYTES = 32 * 1024  # a read at least this big means a busy log: read on at once
 
 
-class LogRelay:
-    """Reads a file descriptor (a FIFO Squid writes to, or a pipe from Squid's stderr) in its own thread and
+def _hand_over(sink: LogSink, raw: list[bytes]) -> None:
+    """A relay's complete lines, decoded and without blank ones, to its sink in one call."""
+    lines = [text for text in (line.decode("utf-8", errors="replace") for line in raw) if text.strip()]
+    if lines:
+        try:
+            sink(lines)
+        except Exception:  # a bug in a sink must not end the relay: every later line would be lost
+            pass
+
+
+class _Relay:
+    """A relay's thread: ``stop()`` is called once nothing writes any more (Squid has exited), and the thread
+    drains what is left and returns."""
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _start_thread(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain and join."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class LogRelay(_Relay):
+    """Reads a file descriptor (the cache.log FIFO Squid writes to, or a pipe from Squid's stderr) in its own thread and
     hands each read's complete lines to ``sink`` as one list (so a busy log costs one call per read, not per line).
     The sink must never block: it only appends to the bounded stdout buffer (log_output.py), so the relay always
     keeps reading and Squid never waits on a full FIFO.
@@ -273,16 +308,15 @@ class LogRelay:
     line per new connection) it wakes once per interval for all the lines Squid wrote meanwhile, not once per line:
     each wake-up of the relay and of the stdout writer costs a few hundred microseconds of a core that the proxy's
     connections share. A read that returns much (a busy log) is followed by the next read at once, as before. The
-    pipe is enlarged (``PIPE_BYTES``) so that Squid's log helper has room for a whole interval's lines; it blocks on
-    a full pipe, never Squid (see the logs section of squid.conf.j2). ``stop()`` cuts the wait short."""
+    pipe is enlarged (``PIPE_BYTES``) so that a whole interval's lines fit. ``stop()`` cuts the wait short.
+    (The access log does not come this way: see AccessLogListener.)"""
 
     def __init__(self, name: str, sink: LogSink, *, fifo: Path | None = None, fd: int | None = None) -> None:
+        super().__init__()
         self.name = name
         self._fifo = fifo
         self._fd = fd
         self._sink = sink
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._fd is None:
@@ -291,14 +325,7 @@ class LogRelay:
         os.set_blocking(self._fd, False)
         with contextlib.suppress(OSError):  # not a pipe (tests), or a lower pipe-max-size: 64 KiB still works
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        self._thread = threading.Thread(target=self._run, name=f"relay-{self.name}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Drain and join: call once nothing writes any more (Squid has exited)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._start_thread(f"relay-{self.name}")
 
     def _run(self) -> None:
         assert self._fd is not None
@@ -330,12 +357,200 @@ class LogRelay:
             os.close(self._fd)
 
     def _emit(self, raw: list[bytes]) -> None:
-        lines = [text for text in (line.decode("utf-8", errors="replace") for line in raw) if text.strip()]
-        if lines:
+        _hand_over(self._sink, raw)
+
+
+WriterOf = Callable[[tuple[str, int], tuple[str, int]], str | None]
+
+
+class _LogConnection:
+    """One Squid worker's access-log connection: the bytes read so far that do not yet end a line."""
+
+    def __init__(self, sock: socket.socket, writer: str) -> None:
+        self.sock = sock
+        self.writer = writer
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        return lines
+
+    def finish(self) -> list[bytes]:
+        rest, self.pending = self.pending, b""
+        return [rest] if rest else []
+
+
+class AccessLogListener(_Relay):
+    """Squid's access log, received over loopback TCP: each worker's ``access_log tcp://127.0.0.1:PORT`` logger
+    (Squid's TcpLogger) connects here and writes its lines, and one thread reads every connection and hands each
+    round's complete lines to ``sink`` as one list. Squid writes from inside the worker, non-blocking, from a
+    bounded buffer of its own (``buffer-size``); when that buffer is full it drops lines and says so in cache.log
+    (the supervisor counts them, see squid_strings.tcp_logger_drops). So, as with the FIFO relay before it, a slow
+    reader costs lines, counted, never proxying; and there is no log_file_daemon process and no FIFO in between.
+
+    Only Squid's workers may write here: ``writer_of(peer, local)`` names the worker that holds the connecting
+    socket (or None), and any other connection (another local process forging access lines) is closed unread and
+    reported to ``on_refused``.
+
+    Order: one worker's lines arrive in the order it wrote them. A reconfigure closes each worker's logger after it
+    has written its last lines and opens a new connection, which may arrive first: a worker's new connection is
+    read only once its previous one has reached its end, so nothing is reordered, lost or read twice across a
+    reload. The same holds when a revived worker replaces a dead one (the kernel closes the dead one's socket).
+
+    Wake-ups: after a small round the thread waits ``COALESCE_SECONDS`` before reading again (as LogRelay does), so
+    a trickle of lines costs one wake-up per interval; the kernel's socket buffers and Squid's own buffer hold the
+    lines meanwhile. A busy round is followed by the next at once.
+
+    ``stop()`` is called after Squid has exited: the thread reads every connection to its end and returns."""
+
+    def __init__(self, sink: LogSink, writer_of: WriterOf, on_refused: Callable[[str], None],
+                 host: str = "127.0.0.1") -> None:
+        super().__init__()
+        self._sink = sink
+        self._writer_of = writer_of
+        self._on_refused = on_refused
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((host, 0))  # bound now, so the rendered config can name the port
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self.address: tuple[str, int] = self._listener.getsockname()
+        self.port = self.address[1]
+        self._active: dict[str, _LogConnection] = {}  # the connection being read, per worker
+        self._waiting: dict[str, list[_LogConnection]] = {}  # newer connections of a worker, in accept order
+        self.refused = 0
+
+    def start(self) -> None:
+        self._start_thread("relay-access")
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, None)
+        try:
+            while True:
+                stopping = self._stopping.is_set()  # read before draining: a set flag means no writer is left
+                lines: list[bytes] = []
+                read = 0
+                progress = False
+                for key, _ in selector.select(0.2):
+                    progress = True
+                    if key.data is None:
+                        self._accept(selector)
+                        continue
+                    connection: _LogConnection = key.data
+                    try:
+                        chunk = connection.sock.recv(262144)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    if chunk:
+                        read += len(chunk)
+                        lines.extend(connection.feed(chunk))
+                    else:
+                        lines.extend(connection.finish())
+                        self._close(selector, connection)
+                self._emit(lines)
+                if read:
+                    if read < BUSY_READ_BYTES:
+                        self._stopping.wait(COALESCE_SECONDS)  # returns at once when stop() is called
+                    continue
+                if stopping and not progress:
+                    break
+        finally:
+            leftovers: list[bytes] = []
+            for connection in [*self._active.values(), *(c for queue in self._waiting.values() for c in queue)]:
+                leftovers.extend(connection.finish())
+                connection.sock.close()
+            self._emit(leftovers)
+            selector.close()
+            self._listener.close()
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        while True:
             try:
-                self._sink(lines)
-            except Exception:  # a bug in a sink must not end the relay: every later line would be lost
-                pass
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. the peer reset before we got to it
+                continue
+            try:
+                writer = self._writer_of(peer, self.address)
+            except Exception:  # an unreadable /proc: refuse, never trust
+                writer = None
+            if writer is None:
+                sock.close()
+                self.refused += 1
+                self._on_refused(f"{peer[0]}:{peer[1]}")
+                continue
+            sock.setblocking(False)
+            connection = _LogConnection(sock, writer)
+            if writer in self._active:
+                self._waiting.setdefault(writer, []).append(connection)
+            else:
+                self._read(selector, connection)
+
+    def _read(self, selector: selectors.BaseSelector, connection: _LogConnection) -> None:
+        self._active[connection.writer] = connection
+        selector.register(connection.sock, selectors.EVENT_READ, connection)
+
+    def _close(self, selector: selectors.BaseSelector, connection: _LogConnection) -> None:
+        selector.unregister(connection.sock)
+        connection.sock.close()
+        del self._active[connection.writer]
+        queue = self._waiting.get(connection.writer)
+        if queue:
+            self._read(selector, queue.pop(0))
+            if not queue:
+                del self._waiting[connection.writer]
+
+    def _emit(self, raw: list[bytes]) -> None:
+        _hand_over(self._sink, raw)
+
+
+def _proc_net_address(address: tuple[str, int]) -> str:
+    """``("127.0.0.1", 3128)`` as /proc/net/tcp prints it: ``0100007F:0C38`` (the address in host byte order)."""
+    return f"{int.from_bytes(socket.inet_aton(address[0]), 'little'):08X}:{address[1]:04X}"
+
+
+def tcp_socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the IPv4 TCP socket with this local and remote address in our network namespace (0 or None:
+    no open socket, e.g. its owner already closed it)."""
+    want = (_proc_net_address(local), _proc_net_address(remote))
+    with open("/proc/net/tcp") as table:
+        next(table, None)
+        for line in table:
+            fields = line.split()
+            if len(fields) > 9 and (fields[1], fields[2]) == want:
+                return int(fields[9]) or None
+    return None
+
+
+def pid_holding_socket(inode: int, pids: Iterable[int]) -> int | None:
+    """Which of ``pids`` holds the socket ``inode`` open (a readlink of each of their descriptors)."""
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def connecting_worker(workers: dict[str, int], peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+    """The name of the Squid worker (name -> pid, workers.read_workers) whose socket connected from ``peer`` to
+    ``local``; None when the connecting socket belongs to no worker."""
+    inode = tcp_socket_inode(peer, local)
+    if inode is None:
+        return None
+    pid = pid_holding_socket(inode, workers.values())
+    return next((name for name, worker_pid in workers.items() if worker_pid == pid), None) if pid else None
 
 
 class SquidProcess:

@@ -15,7 +15,6 @@ FLAG_SERVICE_NAME = "-n"
 FLAG_CONFIG = "-f"
 PARSE_ARGS = ("-k", "parse")
 CERTGEN = "/usr/lib/squid/security_file_certgen"
-LOG_FILE_DAEMON = "/usr/lib/squid/log_file_daemon"  # the daemon: access-log helper (writes lines to a path)
 IPC_DIR = "/var/run/squid"  # compiled into Debian's Squid: SMP mode's IPC sockets live here
 
 # --- cache.log --------------------------------------------------------------------------------------------
@@ -56,6 +55,20 @@ def worker_name(argv0: str) -> str | None:
 
 def is_accepting(line: str) -> bool:
     return all(marker in line for marker in ACCEPTING_MARKERS)
+
+
+# The access log's tcp: module (Log::TcpLogger) when its buffer overflows and when it takes lines again:
+# "tcp:127.0.0.1:4321 logger starts dropping records." ... "tcp:127.0.0.1:4321 logger stops dropping records after
+# 17 drops; current buffer use: ..."
+TCP_LOGGER_STOPS_DROPPING = " logger stops dropping records after "
+
+
+def tcp_logger_drops(line: str) -> int | None:
+    """How many access lines a worker's tcp: logger dropped, from its "stops dropping records after N drops"
+    cache.log line; None for any other line."""
+    _, found, tail = line.partition(TCP_LOGGER_STOPS_DROPPING)
+    count = tail.split(" ", 1)[0]
+    return int(count) if found and count.isdigit() else None
 
 
 FATAL_MARKERS = ("FATAL:", "assertion failed")

@@ -45,10 +45,12 @@ from .settings import Settings, SettingsError
 from .sources import Snapshot, Source, SourceUnavailable, make_source
 from .squid_conf import StatePaths, default_error_page, listeners, service_name, settings_warnings
 from .squid_process import (
+    AccessLogListener,
     LogRelay,
     SquidError,
     SquidProcess,
     access_sink,
+    connecting_worker,
     prepare_state_dir,
     run_as_user,
 )
@@ -226,6 +228,7 @@ class Supervisor:
         self.config = loop.LoopConfig(poll_interval=self.source.poll_interval, workers=settings.workers,
                                       listeners=listeners(settings), drain_seconds=settings.drain_seconds)
         self.denier: Denier | None = None
+        self.access_log: AccessLogListener | None = None
         self.identity: IdentityRefresher | None = None
         self.applier: ConfigApplier | None = None
         self.metrics: MetricsLoop | None = None
@@ -275,6 +278,9 @@ class Supervisor:
         try:
             prepare_state_dir(self.paths, error_page=error_page, user=self.user)
             self.denier = Denier()  # bound now, so the rendered config knows its port
+            self.access_log = AccessLogListener(  # bound now too, for the same reason
+                access_sink(functools.partial(self.output.put_many, "access"), self.decisions.observe),
+                self._access_log_writer, self._access_log_refused)
         except SquidError as exc:
             self.logger.event("error", "startup_failed", str(exc))
             return ExitCode.SQUID_FAILED
@@ -284,6 +290,7 @@ class Supervisor:
                               "make EGRESS_STATE_DIR a writable directory", exit_code=int(ExitCode.STARTUP_IO))
             return ExitCode.STARTUP_IO
         self.applier = ConfigApplier(self.settings, self.paths, user=self.user, denial_port=self.denier.port,
+                                     access_log_port=self.access_log.port,
                                      upstream_login=upstream_login, on_parse_warning=self._parse_warning,
                                      writes=self.writes, status_extra=self._status_extra)
         self._start(self.worker)
@@ -461,9 +468,8 @@ class Supervisor:
             failure = self.writes.current
             return loop.LocalFailure(f"cannot write {failure['path']}: {failure['message']}; make EGRESS_STATE_DIR "
                                      "a writable directory with free space")
-        access_lines = functools.partial(self.output.put_many, "access")
-        self._start(LogRelay("access", access_sink(access_lines, self.decisions.observe),
-                             fifo=self.paths.access_fifo))
+        assert self.access_log is not None
+        self._start(_Named("relay-access", self.access_log.start, self.access_log.stop))
         self._start(LogRelay("cache", self._cache_log_lines, fifo=self.paths.cache_fifo))
         output_read, output_write = os.pipe()
         self._start(LogRelay("squid-output", self._squid_output_lines, fd=output_read))
@@ -663,6 +669,17 @@ class Supervisor:
             self.applier.write_status()
 
     # --- log relays (their own threads) ---------------------------------------------------------------------
+    def _access_log_writer(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+        """Which Squid worker opened this access-log connection (None: not one of ours, refuse it)."""
+        master = self.squid.pid
+        workers = read_workers(master) if master is not None else None
+        return connecting_worker(workers, peer, local) if workers else None
+
+    def _access_log_refused(self, peer: str) -> None:
+        self.logger.event("warning", "access_log_connection_refused",
+                          f"a connection to the access-log listener from {peer} did not come from a Squid worker: "
+                          "closed unread (only Squid writes access lines)", peer=peer)
+
     def _cache_log_lines(self, lines: list[str]) -> None:
         out: list[str] = []
         for line in lines:
@@ -671,7 +688,9 @@ class Supervisor:
                 # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
                 # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
                 continue
-            if strings.is_accepting(text):
+            if (drops := strings.tcp_logger_drops(text)) is not None:
+                self.output.count_dropped("access", drops)  # a worker's own log buffer was full
+            elif strings.is_accepting(text):
                 self.events.post(loop.WorkerAccepting())
             elif strings.is_fatal(text) and (kid := strings.kid_of(text)) is not None:
                 self._fatal_lines[kid] = (time.time(), strings.strip_timestamp(text))

@@ -153,7 +153,7 @@ def test_identity_documents_render_the_helper_and_cidr_documents_do_not() -> Non
         {"name": "payments", "clients": [SG_A], "allow": ["pay.com"]},
         {"name": "consumer-a", "clients": [VPCE_A], "mode": "report", "allow": ["a.com"]},
     ), source="test", client_cidrs=GATE)
-    rendered = render(settings, identity, paths, run_as=None, denial_port=1)
+    rendered = render(settings, identity, paths, run_as=None, denial_port=1, access_log_port=2)
     conf = rendered.squid_conf
     assert "external_acl_type client_identity ttl=5 negative_ttl=5 " in conf
     assert " %>a %{234}proxy_protocol::>h " in conf
@@ -164,7 +164,7 @@ def test_identity_documents_render_the_helper_and_cidr_documents_do_not() -> Non
     assert json.loads(rendered.identity or "")["policies"][0] == {"name": "payments", "clients": [SG_A]}
     cidr = parse_policy_value(_document({"name": "a", "clients": ["10.0.0.0/8"], "allow": ["a.com"]}),
                               source="test", client_cidrs=GATE)
-    plain = render(load_settings({}, {}), cidr, paths, run_as=None, denial_port=1)
+    plain = render(load_settings({}, {}), cidr, paths, run_as=None, denial_port=1, access_log_port=2)
     assert "client_identity" not in plain.squid_conf.split("logformat")[0]
     assert plain.identity is None
     assert "require-proxy-header" not in plain.squid_conf

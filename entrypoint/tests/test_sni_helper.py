@@ -46,7 +46,8 @@ def _ask(tmp_path: Path, entries: str, handshakes: list[str], deny: str = "", po
         {"name": "other", "clients": ["10.0.0.0/8"], "allow": [".other.example"]},
     ]}), source="test", client_cidrs=settings.client_cidrs)
     paths = StatePaths(tmp_path)
-    for path, text in render(settings, document, paths, run_as=None, denial_port=1).files(paths).items():
+    for path, text in render(settings, document, paths, run_as=None, denial_port=1,
+                             access_log_port=2).files(paths).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     script = tmp_path / "sni_helper.py"
@@ -129,7 +130,7 @@ def test_agrees_with_the_policy_module() -> None:
     allowlist = parse_allowlist(ENTRIES)
     settings = load_settings({}, {})
     rendered = render(settings, PolicyDocument.from_flat(allowlist, settings.client_cidrs), StatePaths(Path("/unused")),
-                      run_as=None, denial_port=1)
+                      run_as=None, denial_port=1, access_log_port=2)
     allowed = sni_helper.load_allowlist(rendered.lists[("default", "allow")].splitlines())
     expected = [allowlist.allows(host) for host in hosts]
     assert expected.count(True) > 20  # the sample exercises both answers
@@ -139,7 +140,7 @@ def test_agrees_with_the_policy_module() -> None:
                                                             "allow": ["z.aaa.net"],
                                                             "deny": ENTRIES.split()}]}),
                                   source="test", client_cidrs=settings.client_cidrs)
-    rendered = render(settings, document, StatePaths(Path("/unused")), run_as=None, denial_port=1)
+    rendered = render(settings, document, StatePaths(Path("/unused")), run_as=None, denial_port=1, access_log_port=2)
     denied = sni_helper.load_allowlist(rendered.lists[("p", "deny")].splitlines())
     deny_list = document.policies[0].deny
     expected = [deny_list.allows(host) for host in hosts]

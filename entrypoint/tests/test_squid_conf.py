@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from egress_proxy import config_pipeline, squid_conf, squid_process
+from egress_proxy import squid_strings as strings
 from egress_proxy.access_log import REASONS, SQUID_LOGFORMAT
 from egress_proxy.allowlist import parse_allowlist
 from egress_proxy.networks import covered
@@ -36,7 +37,7 @@ def _render(env: dict[str, str] | None = None, entries: str = ".example.com\nexa
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
     paths = StatePaths(settings.state_dir)
     return render(settings, _flat(entries, settings), paths, run_as="proxy",
-                  denial_port=39999).squid_conf
+                  denial_port=39999, access_log_port=39998).squid_conf
 
 
 def test_render_is_deterministic() -> None:
@@ -46,7 +47,7 @@ def test_render_is_deterministic() -> None:
 def test_allowlist_text_is_minimal_and_sorted() -> None:
     settings = load_settings({}, {})
     rendered = render(settings, _flat("b.example.com .example.com a.example.org", settings),
-                      StatePaths(Path("/s")), run_as=None, denial_port=39999)
+                      StatePaths(Path("/s")), run_as=None, denial_port=39999, access_log_port=39998)
     assert rendered.lists[("default", "allow")] == "a.example.org\n.example.com\n"
     assert rendered.lists[("default", "deny")] == ""
 
@@ -81,7 +82,7 @@ def test_allowlist_text_is_in_squids_own_order() -> None:
     settings = load_settings({}, {})
     rendered = render(settings, _flat("api19.svc.example.org api2.svc.example.org a-b.example.org .b.example.org "
                                       "z.aaa.net b.example.com", settings),
-                      StatePaths(Path("/s")), run_as=None, denial_port=39999)
+                      StatePaths(Path("/s")), run_as=None, denial_port=39999, access_log_port=39998)
     assert rendered.lists[("default", "allow")] == (
         ".b.example.org\na-b.example.org\napi2.svc.example.org\napi19.svc.example.org\nb.example.com\nz.aaa.net\n")
 
@@ -224,8 +225,8 @@ def test_a_relocated_config_is_the_config_rendered_for_the_candidate_dir(value: 
     paths = StatePaths(settings.state_dir)
     candidate = paths.in_dir(paths.candidate_dir)
     document = parse_policy_value(value, source="test", client_cidrs=settings.client_cidrs)
-    active = render(settings, document, paths, run_as="proxy", denial_port=39999)
-    direct = render(settings, document, candidate, run_as="proxy", denial_port=39999)
+    active = render(settings, document, paths, run_as="proxy", denial_port=39999, access_log_port=39998)
+    direct = render(settings, document, candidate, run_as="proxy", denial_port=39999, access_log_port=39998)
     assert active.squid_conf != direct.squid_conf  # the test means something: the paths differ
     assert active.relocated(paths, candidate) == direct
 
@@ -275,7 +276,7 @@ def test_upstream_without_no_proxy_has_no_bypass() -> None:
 def test_upstream_login_is_escaped_into_one_token() -> None:
     settings = load_settings({}, {"EGRESS_UPSTREAM_PROXY": "http://10.0.0.9:3128"})
     conf = render(settings, _flat(".example.com", settings), StatePaths(Path("/s")),
-                  run_as=None, denial_port=39999, upstream_login='us er:p"w#d:x').squid_conf
+                  run_as=None, denial_port=39999, access_log_port=39998, upstream_login='us er:p"w#d:x').squid_conf
     assert " login=us%20er:p%22w%23d%3Ax name=upstream" in conf
     in_url = _render({"EGRESS_UPSTREAM_PROXY": "http://a%40b:c%3Ad@10.0.0.9:3128"})
     assert " login=a%40b:c%3Ad name=upstream" in in_url
@@ -309,7 +310,8 @@ def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dic
     paths = StatePaths(tmp_path)
     prepare_state_dir(paths, error_page=default_error_page(), user=None)
     document = parse_policy_value(value, source="test", client_cidrs=settings.client_cidrs)
-    rendered = render(settings, document, paths, run_as=None, denial_port=39999, upstream_login="user:secret")
+    rendered = render(settings, document, paths, run_as=None, denial_port=39999,
+                      access_log_port=39998, upstream_login="user:secret")
     for path, text in rendered.files(paths).items():
         atomic_write(path, text)
     assert parse_check("squid", paths.squid_conf) == []  # no errors, no unexpected warnings
@@ -318,7 +320,8 @@ def test_rendered_config_passes_squid_parse(tmp_path: Path, value: str, env: dic
 def test_policies_render_in_document_order_with_disjoint_clients() -> None:
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state"})
     document = parse_policy_value(POLICY_DOCUMENT, source="test", client_cidrs=settings.client_cidrs)
-    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1,
+                                                 access_log_port=2).squid_conf
     # A client belongs to the first policy containing it: 'default' judges 10/8 minus ci-runners' 10.0.8.0/22.
     assert "acl policy_ci-runners src 10.0.8.0/22 fd00:8::/64\n" in conf
     default_src = next(line for line in conf.splitlines() if line.startswith("acl policy_default src "))
@@ -375,13 +378,13 @@ def test_writing_a_config_removes_the_lists_of_policies_it_no_longer_has(tmp_pat
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
     paths = StatePaths(tmp_path)
     flat = parse_policy_value(".example.com", source="test", client_cidrs=settings.client_cidrs)
-    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1), paths)
+    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1, access_log_port=2), paths)
     assert sorted(p.name for p in paths.policy_dir.iterdir()) == ["default.allow", "default.deny"]
     document = parse_policy_value(POLICY_DOCUMENT, source="test", client_cidrs=settings.client_cidrs)
-    write_rendered(render(settings, document, paths, run_as=None, denial_port=1), paths)
+    write_rendered(render(settings, document, paths, run_as=None, denial_port=1, access_log_port=2), paths)
     assert sorted(p.name for p in paths.policy_dir.iterdir()) == [
         "ci-runners.allow", "ci-runners.deny", "default.allow", "default.deny", "empty.allow", "empty.deny"]
-    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1), paths)
+    write_rendered(render(settings, flat, paths, run_as=None, denial_port=1, access_log_port=2), paths)
     assert sorted(p.name for p in paths.policy_dir.iterdir()) == ["default.allow", "default.deny"]
     assert (paths.policy_dir / "default.allow").read_text() == ".example.com\n"
 
@@ -429,7 +432,8 @@ def test_every_address_list_is_rendered_without_overlaps() -> None:
          "allow": ["b.example.com"]},
         {"name": "third", "clients": ["10.0.0.0/24", "10.0.0.128/25"], "allow": ["c.example.com"]},
     ]}), source="t", client_cidrs=settings.client_cidrs)
-    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1,
+                                                 access_log_port=2).squid_conf
     lists = _src_lists(conf)
     lists["forbidden_destination"] = [ipaddress.ip_network(text) for text in next(
         line for line in conf.splitlines() if line.startswith("acl forbidden_destination dst")).split()[3:]]
@@ -461,7 +465,8 @@ def test_transparent_mode_opens_intercept_ports_beside_the_explicit_one() -> Non
                              "reason_destination_not_public")
     assert conf.index("ssl_bump terminate step2 intercepted_tls !clients") < destination
     assert destination < conf.index("ssl_bump splice step2 sni_ok sni_judged")
-    assert "access_log daemon:/srv/state/logs/access.fifo logformat=egress !local_manager mode_noted" in conf
+    assert ("access_log tcp://127.0.0.1:39998 logformat=egress buffer-size=4MB on-error=drop !local_manager "
+            "mode_noted") in conf
 
 
 @pytest.mark.parametrize(("listen", "expected"), [("::", "http_port 3129 intercept"),
@@ -480,7 +485,7 @@ def test_no_intercept_ports_or_strict_host_check_by_default() -> None:
 def _rendered(entries: str, env: dict[str, str] | None = None) -> RenderedConfig:
     settings = load_settings({}, {"EGRESS_STATE_DIR": "/srv/state", **(env or {})})
     return render(settings, _flat(entries, settings), StatePaths(settings.state_dir), run_as="proxy",
-                  denial_port=39999)
+                  denial_port=39999, access_log_port=39998)
 
 
 def test_a_change_of_plain_list_entries_only_is_recognised() -> None:
@@ -498,6 +503,7 @@ def test_the_candidate_parse_is_skipped_when_only_plain_lists_change(tmp_path: P
     monkeypatch.setattr(config_pipeline, "parse_check", lambda binary, conf: parsed.append(conf) or [])
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
     applier = config_pipeline.ConfigApplier(settings, StatePaths(tmp_path), user=None, denial_port=39999,
+                                                                 access_log_port=39998,
                                             upstream_login=None, on_parse_warning=lambda warning: None)
     first = Snapshot(".example.com\n", "v1")
     applier.activate(applier.build(first, "test", started=0.0))
@@ -514,18 +520,22 @@ def test_every_ipv4_address_is_rendered_as_two_halves() -> None:
     document = parse_policy_value(json.dumps({"policies": [
         {"name": "rest", "clients": ["0.0.0.0/0"], "allow": ["a.example.com"]}]}), source="t",
         client_cidrs=settings.client_cidrs)
-    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1).squid_conf
+    conf = render(settings, document, StatePaths(settings.state_dir), run_as=None, denial_port=1,
+                                                 access_log_port=2).squid_conf
     for name in ("clients", "policy_rest", "in_a_policy"):
         assert f"acl {name} src 0.0.0.0/1 128.0.0.0/1\n" in conf
     assert "0.0.0.0/0" not in conf
 
 
 def test_logging_directives() -> None:
-    """Squid never blocks on its access log (daemon:, not stdio:), gives up on a crash-looping worker for 30 s
-    only, and refuses traffic on a stalled log only when EGRESS_LOG_FULL=refuse says so."""
+    """Squid never blocks on its access log (tcp: to the supervisor's listener, dropping lines rather than dying when
+    its buffer is full; not stdio:), gives up on a crash-looping worker for 30 s only, and refuses traffic on a
+    stalled log only when EGRESS_LOG_FULL=refuse says so."""
     conf = _render()
-    assert "access_log daemon:/srv/state/logs/access.fifo logformat=egress" in conf and "access_log stdio:" not in conf
-    assert "logfile_daemon /usr/lib/squid/log_file_daemon" in conf
+    assert ("\naccess_log tcp://127.0.0.1:39998 logformat=egress buffer-size=4MB on-error=drop !local_manager\n"
+            in conf)
+    assert "access_log stdio:" not in conf and "access_log daemon:" not in conf and "\nlogfile_daemon" not in conf
+    assert "\nbuffered_logs off\n" in conf
     assert "hopeless_kid_revival_delay 30 seconds" in conf
     assert "log_unavailable external" not in conf and "log_unavailable reason_log_unavailable" not in conf
     refusing = _render({"EGRESS_LOG_FULL": "refuse"})
@@ -537,3 +547,13 @@ def test_logging_directives() -> None:
     assert lines.index("ssl_bump splice step1 log_unavailable reason_log_unavailable") < lines.index(
         "ssl_bump splice step1 !clients reason_client_not_allowed")
     assert "log_unavailable" in next(line for line in lines if line.startswith("acl refused_connect note reason"))
+
+
+def test_tcp_logger_drop_counts_are_read_from_cache_log() -> None:
+    """Squid 5.7's Log::TcpLogger lines, as a worker writes them to cache.log."""
+    stops = ("2026/12/05 00:10:00 kid1| tcp:127.0.0.1:40123 logger stops dropping records after 17 drops; current "
+             "buffer use: 312 out of 4194304 bytes")
+    assert strings.tcp_logger_drops(stops) == 17
+    assert strings.tcp_logger_drops("2026/12/05 00:09:59 kid1| tcp:127.0.0.1:40123 logger starts dropping "
+                                    "records.") is None
+    assert strings.tcp_logger_drops("2026/12/05 00:10:00 kid1| Accepting HTTP Socket connections at ...") is None

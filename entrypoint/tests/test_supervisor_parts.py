@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
 from egress_proxy import loop
-from egress_proxy.squid_process import LogRelay
+from egress_proxy.squid_process import AccessLogListener, LogRelay, connecting_worker
 from egress_proxy.supervisor import EventQueue, Worker, raise_fd_limit
 
 
@@ -56,10 +57,10 @@ def test_worker_posts_each_result_in_order() -> None:
 
 
 def test_fifo_relay_drains_every_line_written_before_stop(tmp_path: Path) -> None:
-    fifo = tmp_path / "access.fifo"
+    fifo = tmp_path / "cache.fifo"
     os.mkfifo(fifo)
     lines: list[str] = []
-    relay = LogRelay("access", lines.extend, fifo=fifo)
+    relay = LogRelay("cache", lines.extend, fifo=fifo)
     relay.start()
     writer = os.open(fifo, os.O_WRONLY)
     os.write(writer, b"".join(b"line %d\n" % i for i in range(2000)) + b"last without newline")
@@ -77,6 +78,79 @@ def test_pipe_relay_ends_at_eof(tmp_path: Path) -> None:
     os.close(write_end)
     relay.stop()
     assert lines == ["WARNING: BCP 177 violation"]
+
+
+class _Writers(dict[int, str]):
+    """Stands in for the /proc lookup (tested below): which test socket (by its port) is which worker."""
+
+    def __call__(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+        return self.get(peer[1])
+
+
+def _connect(listener: AccessLogListener, writers: _Writers, writer: str | None) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    if writer is not None:
+        writers[sock.getsockname()[1]] = writer
+    sock.connect(("127.0.0.1", listener.port))
+    return sock
+
+
+def test_access_log_listener_keeps_one_workers_order_across_its_reconnect() -> None:
+    """A reconfigure: the worker's new logger connects (and writes) before its old one has written its last lines.
+    The new connection is read only after the old one ends, so the lines arrive in the order they were written."""
+    lines: list[str] = []
+    writers = _Writers()
+    listener = AccessLogListener(lines.extend, writers, lambda peer: None)
+    listener.start()
+    old = _connect(listener, writers, "squid-1")
+    old.sendall(b"1\n2\n")
+    new = _connect(listener, writers, "squid-1")
+    new.sendall(b"5\n6\n")
+    other = _connect(listener, writers, "squid-2")
+    other.sendall(b"w2\n")
+    old.sendall(b"3\n4 without newline")
+    old.close()
+    new.close()
+    other.close()
+    listener.stop()
+    assert [line for line in lines if line != "w2"] == ["1", "2", "3", "4 without newline", "5", "6"]
+    assert lines.count("w2") == 1
+
+
+def test_access_log_listener_closes_a_connection_from_anything_but_a_worker_unread() -> None:
+    lines: list[str] = []
+    refused: list[str] = []
+    writers = _Writers()
+    listener = AccessLogListener(lines.extend, writers, refused.append)
+    listener.start()
+    forged = _connect(listener, writers, None)
+    forged.sendall(b"forged line\n")
+    forged.settimeout(30)
+    try:  # closed by the listener unread: a reset (it had unread bytes) or an end of stream
+        assert forged.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    worker = _connect(listener, writers, "squid-1")
+    worker.sendall(b"real line\n")
+    worker.close()
+    forged.close()
+    listener.stop()
+    assert lines == ["real line"]
+    assert len(refused) == 1 and refused[0].startswith("127.0.0.1:")
+
+
+def test_connecting_worker_finds_the_process_holding_the_socket() -> None:
+    """The /proc lookup the supervisor trusts: this process holds the connecting socket, a made-up pid does not."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, peer = server.accept()
+    local = accepted.getsockname()
+    assert connecting_worker({"squid-1": os.getpid()}, peer, local) == "squid-1"
+    assert connecting_worker({"squid-1": 1}, peer, local) is None
+    assert connecting_worker({"squid-1": os.getpid()}, ("127.0.0.1", 1), local) is None
+    for sock in (client, accepted, server):
+        sock.close()
 
 
 def test_fd_limit_is_raised_to_the_hard_limit() -> None:
