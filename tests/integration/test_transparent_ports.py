@@ -3,11 +3,13 @@ nftables and the harness's DNS server, in network namespaces this module creates
 test_transparent.py).
 
     client ns                       router ns (the "EC2 instance")                 internet ns
-    10.200.1.2 (ssh: git.test:2222) 10.200.1.1 | egress-proxy run (writes         203.0.113.20  git.test, first
-    10.200.1.3 (web: no ports)  --  ports.json) | 'nft-rules' at start,       --  203.0.113.21  git.test, after the move
-    10.200.1.4 (watch: report)      'nft-sets' as the host's timer runs it        203.0.113.22  other.test
-    default route -> router         198.51.100.1, forwarding on                   203.0.113.53  the DNS server
-                                                                                  no route back to 10.200.1.0/24
+    10.200.1.2 (ssh: git.test:2222, 10.200.1.1 | egress-proxy run (writes         203.0.113.20  git.test, first
+      internal.test:2222)           ports.json) | 'nft-rules' at start,           203.0.113.21  git.test, after the move
+    fd00:c1::2 (ssh, too)       --  'nft-sets' as the host's timer runs it    --  fd00:203::20  git.test's AAAA
+    10.200.1.3 (web: no ports)      198.51.100.1, fd00:e0::1, forwarding on       fd00:204::20  internal.test (private)
+    10.200.1.4 (watch: report)                                                    203.0.113.22  other.test
+    default routes -> router                                                      203.0.113.53  the DNS server
+                                                                                  no route back to the clients
 
 Each origin is a TCP server standing in for SSH (a banner, and a record of what it received and from whom) on
 port 2222, and one on 2223 at the first address. The refresh is what the host runs: 'egress-proxy nft-sets'
@@ -36,10 +38,15 @@ from egress_proxy.nft_rules import PORT_SET_LINE
 SSH_CLIENT = "10.200.1.2"
 WEB_CLIENT = "10.200.1.3"
 REPORT_CLIENT = "10.200.1.4"
+SSH_CLIENT_V6 = "fd00:c1::2"
 ROUTER_UPLINK = "198.51.100.1"
 GIT_FIRST = "203.0.113.20"
 GIT_MOVED = "203.0.113.21"
 OTHER = "203.0.113.22"
+# fd00:203::/64 stands for public IPv6 space (exempt from the SSRF guard, as in test_transparent_ipv6.py);
+# fd00:204::/64 stays private: a name resolving there is never opened.
+GIT_V6 = "fd00:203::20"
+INTERNAL_V6 = "fd00:204::20"
 DNS_IP = "203.0.113.53"
 SSH_PORT = 2222
 OTHER_PORT = 2223
@@ -49,7 +56,8 @@ HOLD_SECONDS = 10
 
 DOCUMENT = {
     "policies": [
-        {"name": "ssh", "clients": [f"{SSH_CLIENT}/32"], "allow": ["allowed.test"], "ports": [f"git.test:{SSH_PORT}"]},
+        {"name": "ssh", "clients": [f"{SSH_CLIENT}/32", f"{SSH_CLIENT_V6}/128"], "allow": ["allowed.test"],
+         "ports": [f"git.test:{SSH_PORT}", f"internal.test:{SSH_PORT}"]},
         {"name": "web", "clients": [f"{WEB_CLIENT}/32"], "allow": ["git.test"]},
         {"name": "watch", "clients": [f"{REPORT_CLIENT}/32"], "mode": "report", "allow": ["git.test"]},
     ]
@@ -58,15 +66,17 @@ DOCUMENT = {
 
 class Topology(RoutedTopology):
     def __init__(self) -> None:
-        super().__init__("ports", [SSH_CLIENT, WEB_CLIENT, REPORT_CLIENT], [GIT_FIRST, GIT_MOVED, OTHER, DNS_IP])
-        # No route back to the clients' range: a forwarded connection that is not masqueraded gets no answer.
+        super().__init__("ports", [SSH_CLIENT, WEB_CLIENT, REPORT_CLIENT, SSH_CLIENT_V6],
+                         [GIT_FIRST, GIT_MOVED, OTHER, DNS_IP, GIT_V6, INTERNAL_V6])
+        # No route back to the clients' ranges: a forwarded connection that is not masqueraded gets no answer.
         self.internet.run("ip", "route", "add", "unreachable", "10.200.1.0/24")
+        self.internet.run("ip", "-6", "route", "add", "unreachable", "fd00:c1::/64")
 
     def counter(self, name: str) -> int:
         return nft_counter(self.router, "egress_proxy", name)
 
-    def port_set(self) -> str:
-        return self.router.run("nft", "list", "set", "inet", "egress_proxy", "ports_v4").stdout
+    def port_set(self, version: int = 4) -> str:
+        return self.router.run("nft", "list", "set", "inet", "egress_proxy", f"ports_v{version}").stdout
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +89,10 @@ def topology() -> Iterator[Topology]:
 @pytest.fixture(scope="module")
 def origins(topology: Topology) -> Iterator[dict[str, Any]]:
     with serving(topology.internet, {
-        "dns": DnsServer({"git.test": [GIT_FIRST], "other.test": [OTHER]}, host=DNS_IP, port=53, ttl=1),
+        "dns": DnsServer({"git.test": [GIT_FIRST, GIT_V6], "other.test": [OTHER], "internal.test": [INTERNAL_V6]},
+                         host=DNS_IP, port=53, ttl=1),
+        "v6": RawTcpServer(GIT_V6, SSH_PORT, banner=b"SSH-2.0-v6\r\n"),
+        "internal": RawTcpServer(INTERNAL_V6, SSH_PORT, banner=b"SSH-2.0-internal\r\n"),
         "first": RawTcpServer(GIT_FIRST, SSH_PORT, banner=b"SSH-2.0-first\r\n"),
         "moved": RawTcpServer(GIT_MOVED, SSH_PORT, banner=b"SSH-2.0-moved\r\n"),
         "other": RawTcpServer(OTHER, SSH_PORT, banner=b"SSH-2.0-other\r\n"),
@@ -95,7 +108,8 @@ def proxy(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iter
     env = {
         "EGRESS_ALLOWLIST_FILE": str(policy_file),
         "EGRESS_DNS_SERVERS": DNS_IP,
-        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24",
+        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
+        "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",
         "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
         "EGRESS_TRANSPARENT": "on",
         "EGRESS_PORT_ADDRESS_HOLD": str(HOLD_SECONDS),
@@ -122,7 +136,7 @@ def dial(topology: Topology, source: str, address: str, port: int, timeout: floa
     """Connect from ``source`` in the client namespace, send a line, and return the origin's banner; None when
     the connection timed out (a drop sends nothing back)."""
     with topology.client.entered():
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     with sock:
         sock.bind((source, 0))
         sock.settimeout(timeout)
@@ -162,6 +176,28 @@ def test_everything_else_stays_dropped_and_counted(topology: Topology, origins: 
     assert origins[origin].connections == connections  # nothing reached it
 
 
+def test_an_ipv6_client_reaches_the_names_ipv6_address(topology: Topology, origins: dict[str, Any],
+                                                        proxy: NamespacedProxy) -> None:
+    transaction = refresh(topology, proxy)
+    assert f"add element inet egress_proxy ports_v6 {{ {SSH_CLIENT_V6}/128 . {GIT_V6} . {SSH_PORT} timeout " \
+        in transaction
+    flows = topology.counter("port_flows")
+    assert dial(topology, SSH_CLIENT_V6, GIT_V6, SSH_PORT) == b"SSH-2.0-v6\r\n"
+    origins["v6"].wait_for(f"hello from {SSH_CLIENT_V6}\n".encode())
+    assert origins["v6"].peers == ["fd00:e0::1"]  # the router's own address: masqueraded
+    assert topology.counter("port_flows") == flows + 1
+
+
+def test_a_name_that_resolves_to_a_private_address_is_never_opened(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
+    """internal.test is in the policy's ports, but its address is in the SSRF guard's ranges, as Squid's
+    destination_not_public: the host opens nothing for it."""
+    assert INTERNAL_V6 not in refresh(topology, proxy)
+    dropped = topology.counter("dropped")
+    assert dial(topology, SSH_CLIENT_V6, INTERNAL_V6, SSH_PORT, timeout=2) is None
+    assert topology.counter("dropped") > dropped and origins["internal"].connections == 0
+
+
 def test_a_dns_move_is_followed_and_the_old_address_ages_out(
         topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
     """The name moves to another address. Until the host refreshes, the new address is dropped; after a refresh it
@@ -193,7 +229,7 @@ def test_a_dns_move_is_followed_and_the_old_address_ages_out(
         assert dial(topology, SSH_CLIENT, GIT_FIRST, SSH_PORT, timeout=2) is None
         assert topology.counter("dropped") > dropped and origins["first"].connections == connections
     finally:
-        origins["dns"].set("git.test", [GIT_FIRST])
+        origins["dns"].set("git.test", [GIT_FIRST, GIT_V6])
 
 
 def test_a_rejected_document_keeps_the_last_good_ports(topology: Topology, origins: dict[str, Any],
