@@ -2,7 +2,8 @@
 with ``sudo bench/run`` (which puts it in a private network namespace first); it refuses to run where more than
 loopback exists.
 
-Sections: throughput (curl), connections (new HTTPS/HTTP connections: latency and rate), http (wrk requests/s) --
+Sections: throughput (curl: 1 and 16 streams on shared cores, 1 stream with the proxy on its own core; CPU per GB
+of each party), connections (new HTTPS/HTTP connections: latency and rate), http (wrk requests/s) --
 these three measure direct, egress-proxy and the seed-style Squid in turns; scale (allowlist size: reload time,
 Squid RSS, latency), supervisor (its CPU and RSS idle and under load), sni (the strict SNI check's cost: the compiled
 helper, the Python helper, the seed-style Squid, and an older checkout when EGRESS_BENCH_OLD_TREE names one),
