@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DnsServer, RawTcpServer, write_allowlist
+from harness import DnsServer, RawTcpServer, wait_for_port, write_allowlist
 from netns import RoutedTopology, nft_counter, serving
 from proxy_runner import NamespacedProxy, egress_proxy_command
 
@@ -50,6 +50,7 @@ INTERNAL_V6 = "fd00:204::20"
 DNS_IP = "203.0.113.53"
 SSH_PORT = 2222
 OTHER_PORT = 2223
+GIT_PORT = 9418  # git's own protocol, served by a real 'git daemon' at git.test's first address
 # How long an address stays open after DNS last returned it (the product's default is 300 s): short, so that
 # the test sees an old address age out; long enough that a refresh's answer is still open when the client dials.
 HOLD_SECONDS = 10
@@ -57,7 +58,7 @@ HOLD_SECONDS = 10
 DOCUMENT = {
     "policies": [
         {"name": "ssh", "clients": [f"{SSH_CLIENT}/32", f"{SSH_CLIENT_V6}/128"], "allow": ["allowed.test"],
-         "ports": [f"git.test:{SSH_PORT}", f"internal.test:{SSH_PORT}"]},
+         "ports": [f"git.test:{SSH_PORT}", f"internal.test:{SSH_PORT}", f"git.test:{GIT_PORT}"]},
         {"name": "web", "clients": [f"{WEB_CLIENT}/32"], "allow": ["git.test"]},
         {"name": "watch", "clients": [f"{REPORT_CLIENT}/32"], "mode": "report", "allow": ["git.test"]},
     ]
@@ -196,6 +197,59 @@ def test_a_name_that_resolves_to_a_private_address_is_never_opened(
     dropped = topology.counter("dropped")
     assert dial(topology, SSH_CLIENT_V6, INTERNAL_V6, SSH_PORT, timeout=2) is None
     assert topology.counter("dropped") > dropped and origins["internal"].connections == 0
+
+
+@pytest.fixture(scope="module")
+def git_daemon(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real git server ('git daemon', git://) at git.test's first address, serving one repository; yields the
+    repository's HEAD commit and the daemon's log (a 'Connection from ADDRESS:PORT' line per connection)."""
+    base = tmp_path_factory.mktemp("git-daemon")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(base), "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    repo = base / "repo.git"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "first"], check=True, env=env)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, env=env, capture_output=True,
+                          text=True).stdout.strip()
+    log = base / "daemon.log"
+    with open(log, "w") as log_file:
+        daemon = subprocess.Popen(topology.internet.command(
+            ["git", "daemon", "--verbose", "--reuseaddr", "--export-all", f"--base-path={base}",
+             f"--listen={GIT_FIRST}", f"--port={GIT_PORT}"]), env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        with topology.internet.entered():
+            wait_for_port(GIT_FIRST, GIT_PORT)  # that probe comes from the internet namespace itself
+        yield head, log
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def test_a_real_git_client_uses_the_policys_port_and_another_policys_client_cannot(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy, git_daemon: tuple[str, Path]) -> None:
+    """git ls-remote over git:// (tcp/9418), with no proxy setting: the policy's client lists the repository's
+    HEAD; the other policy's client gets nothing (its connection is dropped, so git waits until 'timeout' ends
+    it)."""
+    head, log = git_daemon
+    refresh(topology, proxy)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"}
+    # A client address of the namespace is picked by the source it binds; git binds none, so the namespace's
+    # first address (the ssh policy's client) is used; the other policy's client is asked through a source route.
+    listed = topology.client.run("git", "ls-remote", f"git://{GIT_FIRST}:{GIT_PORT}/repo.git", env=env,
+                                 timeout=30)
+    assert f"{head}\tHEAD" in listed.stdout
+    connections = [line for line in log.read_text().splitlines() if "Connection from" in line]
+    assert [line for line in connections if f"Connection from {ROUTER_UPLINK}:" in line]  # masqueraded
+    dropped = topology.counter("dropped")
+    topology.client.run("ip", "route", "add", f"{GIT_FIRST}/32", "via", Topology.ROUTER_V4, "src", WEB_CLIENT)
+    try:
+        refused = topology.client.run("timeout", "5", "git", "ls-remote", f"git://{GIT_FIRST}:{GIT_PORT}/repo.git",
+                                      env=env, check=False, timeout=30)
+    finally:
+        topology.client.run("ip", "route", "del", f"{GIT_FIRST}/32")
+    assert refused.returncode == 124 and head not in refused.stdout
+    assert topology.counter("dropped") > dropped
+    assert [line for line in log.read_text().splitlines() if "Connection from" in line] == connections
 
 
 def test_a_dns_move_is_followed_and_the_old_address_ages_out(
