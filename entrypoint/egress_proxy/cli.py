@@ -149,7 +149,8 @@ def _check(settings: Settings) -> int:
     # A document: print it normalised (every key explicit, lists minimal and sorted), ready to push.
     print(json.dumps(document.to_json(), indent=2))
     summary = ", ".join(f"{p.name} ({p.mode}, {len(p.selectors)} client selectors, {len(p.allow)} allow, "
-                        f"{len(p.deny)} deny)" for p in document.policies)
+                        f"{len(p.deny)} deny{f', {len(p.ports)} ports' if p.ports else ''})"
+                        for p in document.policies)
     print(f"ok: {len(document.policies)} policies from {description}: {summary}", file=sys.stderr)
     return ExitCode.OK
 

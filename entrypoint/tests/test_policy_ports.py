@@ -7,10 +7,12 @@ import ipaddress
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from egress_proxy.allowlist import AllowlistError
+from egress_proxy.cli import main
 from egress_proxy.nft_rules import (
     PORT_SET_LINE,
     forget_expired,
@@ -20,7 +22,7 @@ from egress_proxy.nft_rules import (
 )
 from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import load_settings
-from egress_proxy.squid_conf import forbidden_destinations
+from egress_proxy.squid_conf import StatePaths, forbidden_destinations
 
 GATE = (ipaddress.ip_network("10.0.0.0/8"),)
 SETTINGS = load_settings({}, {"EGRESS_TRANSPARENT": "on", "EGRESS_CLIENT_CIDRS": "10.0.0.0/8"})
@@ -171,3 +173,50 @@ def test_the_ruleset_forwards_marked_flows_and_masquerades_only_them() -> None:
     assert forward.index("ct mark 0x00006570 accept") < forward.index("@ports_v4") < forward.index("drop")
     assert "chain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n" \
            "\t\tct mark 0x00006570 masquerade\n\t}" in rules
+
+
+@pytest.fixture()
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("EGRESS_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("_clean_env")
+def test_check_counts_each_policys_ports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = tmp_path / "policies.json"
+    document.write_text(json.dumps({"policies": [
+        {"name": "ci", "clients": ["10.1.0.0/16"], "allow": ["pypi.org"], "ports": ["github.com:22"]},
+        {"name": "web", "clients": ["10.2.0.0/16"], "allow": ["pypi.org"]}]}))
+    assert main(["check", "--allowlist-file", str(document), "--client-cidrs", "10.0.0.0/8"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["policies"][0]["ports"] == ["github.com:22"]
+    assert "ci (enforce, 1 client selectors, 1 allow, 0 deny, 1 ports), web (enforce, 1 client selectors, 1 allow, " \
+           "0 deny)" in out.err
+
+
+@pytest.mark.usefixtures("_clean_env")
+def test_nft_sets_reads_the_loaded_rules_and_remembers_what_it_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No proxy has loaded a config yet: the sets are flushed and stay empty. Then a loaded document's CIDR target
+    (no DNS needed) is opened with no timeout."""
+    flags = ["nft-sets", "--transparent", "on", "--client-cidrs", "10.0.0.0/8", "--state-dir", str(tmp_path),
+             "--dns-servers", "127.0.0.1"]
+    assert main(flags) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[1:] == ["flush set inet egress_proxy ports_v4"]
+    assert "does not exist yet (no config loaded)" in out.err
+    paths = StatePaths(tmp_path)
+    paths.conf_dir.mkdir(parents=True)
+    document = parse({"name": "ci", "clients": ["10.1.0.0/16"], "allow": ["pypi.org"],
+                      "ports": ["203.0.113.0/24:5432"]})
+    paths.port_rules.write_text(json.dumps({"rules": document.port_rules()}))
+    assert main(flags) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "flush set inet egress_proxy ports_v4",
+        "add element inet egress_proxy ports_v4 { 10.1.0.0/16 . 203.0.113.0/24 . 5432 }"]
+    assert json.loads(paths.port_addresses.read_text()) == {}
+    assert main(["nft-sets", "--state-dir", str(tmp_path)]) == 2
+    assert "EGRESS_TRANSPARENT=on" in capsys.readouterr().err
