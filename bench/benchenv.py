@@ -31,6 +31,12 @@ PROXY_PORT = 3128
 SEED_PORT = 3140  # the seed-style Squid
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
+# Each party of a download (curl, nginx, each proxy's Squid) runs in its own session. Linux's scheduler autogroups
+# share CPU between sessions first and between their processes second, and egress-proxy's supervisor starts Squid
+# in a session of its own (as a service manager would): with nginx, curl and the seed-style Squid left in the bench's
+# session, the two proxies were scheduled differently (the seed-style Squid's worker slept 220-500 times per GB,
+# egress-proxy's 1,400-3,600, with the same CPU and system calls), which is no difference between the proxies.
+OWN_SESSION = {"start_new_session": True}
 
 NGINX_CONF = """\
 user root;
@@ -242,7 +248,7 @@ class Origin:
         conf.write_text(NGINX_CONF.format(dir=self.dir, ip=ORIGIN_IP, name=ORIGIN_NAME, cert=cert, key=key,
                                           workers=self.workers))
         self.process = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(self.dir / "error.log")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **OWN_SESSION)
         wait_for_port(ORIGIN_IP, 443)
         wait_for_port(ORIGIN_IP, 80)
         # Warm the page cache so the first measured download does not pay for it.
@@ -446,7 +452,7 @@ class SeedSquid:
             shutil.chown(self.dir / name, "proxy", "proxy")
         # -N: no daemon, no SMP (the seed ran one process); its own -n service name keeps its IPC apart.
         self.process = subprocess.Popen(["squid", "-N", "-n", "seedbench", "-f", str(conf)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **OWN_SESSION)
         try:
             wait_for_port(PROXY_HOST, self.port)
         except TimeoutError as exc:

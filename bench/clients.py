@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from benchenv import ORIGIN_IP, ORIGIN_NAME, PROXY_HOST, PROXY_PORT
+from benchenv import ORIGIN_IP, ORIGIN_NAME, OWN_SESSION, PROXY_HOST, PROXY_PORT
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
@@ -39,8 +39,8 @@ def download(path: str, cacert: str, via_proxy: bool, streams: int = 1, proxy_po
         command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV)
-             for _ in range(streams)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+                              **OWN_SESSION) for _ in range(streams)]
     total = 0
     for proc in procs:
         out, err = proc.communicate(timeout=180)
