@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,13 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness import wait_for_port
+from harness import wait_for_port, write_allowlist
 from log_reader import LogReader
-from netns import Namespace
+from netns import Namespace, RoutedTopology
 
 
 def egress_proxy_command() -> list[str]:
@@ -153,3 +155,21 @@ class NamespacedProxy(ProxyRunner):
                                check=True).stdout
         self.namespace.run("nft", "-f", "-", input=rules)
         return rules
+
+
+@contextmanager
+def running_transparent_proxy(router: Namespace, state_dir: Path, policy_file: Path, document: Mapping[str, Any],
+                              env: Mapping[str, str]) -> Iterator[NamespacedProxy]:
+    """The real supervisor in transparent mode in ``router`` (a netns.RoutedTopology's), its policy ``document`` in
+    ``policy_file`` (rewrite the file to reload), the host's ruleset applied; stopped on leaving. Its explicit port
+    is 3128 on the router's client-side IPv4 address; ``env`` adds settings (the client ranges, the DNS server)."""
+    write_allowlist(policy_file, json.dumps(document))
+    runner = NamespacedProxy(router, state_dir, {"EGRESS_ALLOWLIST_FILE": str(policy_file),
+                                                 "EGRESS_LISTEN_ADDRESS": "0.0.0.0", "EGRESS_TRANSPARENT": "on",
+                                                 **env}, host=RoutedTopology.ROUTER_V4, port=3128)
+    runner.apply_nft_rules()
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()

@@ -26,7 +26,7 @@ import pytest
 from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin, write_allowlist
 from netns import RoutedTopology as Topology
 from netns import curl_in, serving
-from proxy_runner import NamespacedProxy
+from proxy_runner import NamespacedProxy, running_transparent_proxy
 
 CLIENT = "10.200.1.2"
 REPORT_CLIENT = "10.200.1.3"
@@ -70,22 +70,10 @@ def origins(topology: Topology, ca: TestCA) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def transparent_proxy(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
-    state = public_tmp / "transparent-state"
-    policy_file = public_tmp / "transparent-policies.json"
-    write_allowlist(policy_file, json.dumps(DOCUMENT))
-    env = {
-        "EGRESS_ALLOWLIST_FILE": str(policy_file),
-        "EGRESS_DNS_SERVERS": DNS_IP,
-        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24",
-        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
-        "EGRESS_TRANSPARENT": "on",
-    }
-    runner = NamespacedProxy(topology.router, state, env, host=ROUTER_CLIENT_SIDE, port=3128)
-    runner.apply_nft_rules()
-    runner.start()
-    yield runner
-    runner.stop()
-
+    with running_transparent_proxy(topology.router, public_tmp / "transparent-state",
+                                   public_tmp / "transparent-policies.json", DOCUMENT,
+                                   {"EGRESS_DNS_SERVERS": DNS_IP, "EGRESS_CLIENT_CIDRS": "10.200.1.0/24"}) as runner:
+        yield runner
 
 def client_curl(topology: Topology, *args: str, source: str = CLIENT, timeout: float = 10
                 ) -> tuple[int, str, str]:

@@ -16,17 +16,16 @@ client before the tests run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import MotoServer, MotoVpc
-from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port, write_allowlist
+from harness import DnsServer, HttpOrigin, TestCA, TlsOrigin, free_port
 from netns import RoutedTopology as Topology
 from netns import curl_in, serving
-from proxy_runner import NamespacedProxy
+from proxy_runner import NamespacedProxy, running_transparent_proxy
 
 PAYMENTS_CLIENT = "10.200.1.2"
 PAYMENTS_CLIENT_V6 = "fd00:c1::2"
@@ -80,33 +79,25 @@ def origins(topology: Topology, ca: TestCA) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def proxy(topology: Topology, aws: Aws, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
-    policy_file = public_tmp / "transparent-identity-policies.json"
-    write_allowlist(policy_file, json.dumps({"policies": [
+    document = {"policies": [
         {"name": "payments", "clients": [aws.payments], "allow": ["pay.test"]},
         {"name": "data", "clients": [aws.data], "allow": ["data.test"]},
-    ]}))
+    ]}
     env = {
         **aws.moto.env,
-        "EGRESS_ALLOWLIST_FILE": str(policy_file),
         "EGRESS_DNS_SERVERS": DNS_IP,
         "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
         "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",  # stands for public IPv6 space
-        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
-        "EGRESS_TRANSPARENT": "on",
         "EGRESS_IDENTITY_REFRESH": "2",
         "EGRESS_IDENTITY_TTL": "1",
     }
-    runner = NamespacedProxy(topology.router, public_tmp / "transparent-identity-state", env,
-                             host=Topology.ROUTER_V4, port=3128)
-    runner.apply_nft_rules()
-    runner.start()
-    for group, address in ((aws.payments, PAYMENTS_CLIENT), (aws.payments, PAYMENTS_CLIENT_V6),
-                           (aws.data, DATA_CLIENT)):
-        runner.wait_for(lambda r, g=group, a=address: r.get("event") == "identity_membership_changed"
-                        and r.get("selector") == g and a in r.get("added", []), timeout=30)
-    yield runner
-    runner.stop()
-
+    with running_transparent_proxy(topology.router, public_tmp / "transparent-identity-state",
+                                   public_tmp / "transparent-identity-policies.json", document, env) as runner:
+        for group, address in ((aws.payments, PAYMENTS_CLIENT), (aws.payments, PAYMENTS_CLIENT_V6),
+                               (aws.data, DATA_CLIENT)):
+            runner.wait_for(lambda r, g=group, a=address: r.get("event") == "identity_membership_changed"
+                            and r.get("selector") == g and a in r.get("added", []), timeout=30)
+        yield runner
 
 def fetch(topology: Topology, ca: TestCA, source: str, scheme: str, name: str, path: str) -> tuple[int, str]:
     """curl ``scheme://name/path`` from ``source`` with no proxy setting, to the origin of ``source``'s family:

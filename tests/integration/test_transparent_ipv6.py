@@ -17,16 +17,15 @@ of fc00::/7, such as internal6.test's fd00:204::10, stays forbidden.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin, write_allowlist
+from harness import DnsServer, HttpOrigin, RawTcpServer, TestCA, TlsOrigin
 from netns import RoutedTopology as Topology
 from netns import curl_in, serving
-from proxy_runner import NamespacedProxy
+from proxy_runner import NamespacedProxy, running_transparent_proxy
 
 CLIENT = "fd00:c1::2"
 STRANGER = "fd00:c1::9"  # in EGRESS_CLIENT_CIDRS, in no policy
@@ -70,23 +69,11 @@ def origins(topology: Topology, ca: TestCA) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def proxy6(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
-    policy_file = public_tmp / "transparent-ipv6-policies.json"
-    write_allowlist(policy_file, json.dumps(DOCUMENT))
-    env = {
-        "EGRESS_ALLOWLIST_FILE": str(policy_file),
-        "EGRESS_DNS_SERVERS": DNS_IP,
-        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
-        "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",
-        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
-        "EGRESS_TRANSPARENT": "on",
-    }
-    runner = NamespacedProxy(topology.router, public_tmp / "transparent-ipv6-state", env,
-                             host=ROUTER_CLIENT_SIDE_V4, port=3128)
-    runner.apply_nft_rules()
-    runner.start()
-    yield runner
-    runner.stop()
-
+    with running_transparent_proxy(topology.router, public_tmp / "transparent-ipv6-state",
+                                   public_tmp / "transparent-ipv6-policies.json", DOCUMENT,
+                                   {"EGRESS_DNS_SERVERS": DNS_IP, "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
+                                    "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64"}) as runner:
+        yield runner
 
 def client_curl(topology: Topology, *args: str, source: str = CLIENT, timeout: float = 10) -> tuple[int, str, str]:
     return curl_in(topology.client, source, *args, timeout=timeout)

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from harness import DnsServer, RawTcpServer, wait_for_port, write_allowlist
 from netns import RoutedTopology, nft_counter, serving
-from proxy_runner import NamespacedProxy, egress_proxy_command
+from proxy_runner import NamespacedProxy, egress_proxy_command, running_transparent_proxy
 
 from egress_proxy.nft_rules import PORT_SET_LINE
 
@@ -104,23 +104,12 @@ def origins(topology: Topology) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def proxy(topology: Topology, origins: dict[str, Any], public_tmp: Path) -> Iterator[NamespacedProxy]:
-    policy_file = public_tmp / "ports-policies.json"
-    write_allowlist(policy_file, json.dumps(DOCUMENT))
-    env = {
-        "EGRESS_ALLOWLIST_FILE": str(policy_file),
-        "EGRESS_DNS_SERVERS": DNS_IP,
-        "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
-        "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",
-        "EGRESS_LISTEN_ADDRESS": "0.0.0.0",
-        "EGRESS_TRANSPARENT": "on",
-        "EGRESS_PORT_ADDRESS_HOLD": str(HOLD_SECONDS),
-    }
-    runner = NamespacedProxy(topology.router, public_tmp / "ports-state", env, host=Topology.ROUTER_V4, port=3128)
-    runner.apply_nft_rules()
-    runner.start()
-    yield runner
-    runner.stop()
-
+    with running_transparent_proxy(topology.router, public_tmp / "ports-state", public_tmp / "ports-policies.json",
+                                   DOCUMENT, {"EGRESS_DNS_SERVERS": DNS_IP,
+                                              "EGRESS_CLIENT_CIDRS": "10.200.1.0/24,fd00:c1::/64",
+                                              "EGRESS_ALLOW_DESTINATIONS": "fd00:203::/64",
+                                              "EGRESS_PORT_ADDRESS_HOLD": str(HOLD_SECONDS)}) as runner:
+        yield runner
 
 def refresh(topology: Topology, proxy: NamespacedProxy) -> str:
     """What the host's timer does: 'egress-proxy nft-sets', refused whole if any line is outside the grammar,
