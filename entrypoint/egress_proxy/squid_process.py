@@ -309,11 +309,14 @@ class LogRelay(_Relay):
     each wake-up of the relay and of the stdout writer costs a few hundred microseconds of a core that the proxy's
     connections share. A read that returns much (a busy log) is followed by the next read at once, as before. The
     pipe is enlarged (``PIPE_BYTES``) so that a whole interval's lines fit. ``stop()`` cuts the wait short.
+    ``coalesce`` sets the wait for one relay (the cache.log relay's is shorter: see the supervisor).
     (The access log does not come this way: see AccessLogListener.)"""
 
-    def __init__(self, name: str, sink: LogSink, *, fifo: Path | None = None, fd: int | None = None) -> None:
+    def __init__(self, name: str, sink: LogSink, *, fifo: Path | None = None, fd: int | None = None,
+                 coalesce: float = COALESCE_SECONDS) -> None:
         super().__init__()
         self.name = name
+        self._coalesce = coalesce
         self._fifo = fifo
         self._fd = fd
         self._sink = sink
@@ -344,8 +347,8 @@ class LogRelay(_Relay):
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     self._emit(lines)
-                    if len(chunk) < BUSY_READ_BYTES:
-                        self._stopping.wait(COALESCE_SECONDS)  # returns at once when stop() is called
+                    if self._coalesce > 0 and len(chunk) < BUSY_READ_BYTES:
+                        self._stopping.wait(self._coalesce)  # returns at once when stop() is called
                     continue
                 if readable and not chunk and self._fifo is None:
                     break  # a pipe's EOF: the writer (Squid's stderr) is gone

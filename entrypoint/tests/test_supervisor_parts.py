@@ -7,7 +7,10 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from egress_proxy import loop
 from egress_proxy.squid_process import AccessLogListener, LogRelay, connecting_worker
@@ -67,6 +70,33 @@ def test_fifo_relay_drains_every_line_written_before_stop(tmp_path: Path) -> Non
     os.close(writer)  # the writer (Squid) is gone; the relay still holds the FIFO open read-write
     relay.stop()
     assert len(lines) == 2001 and lines[0] == "line 0" and lines[-1] == "last without newline"
+
+
+def _wait_for(lines: list[str], count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(lines) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("coalesce", [0.0, 3600.0])
+def test_a_relay_reads_again_after_its_coalescing_wait(coalesce: float) -> None:
+    # After a small read the relay waits `coalesce` seconds before reading again (stop() cuts the wait short):
+    # with an hour's wait the second line comes only at stop(); with none it comes while the relay runs.
+    read_end, write_end = os.pipe()
+    lines: list[str] = []
+    relay = LogRelay("cache", lines.extend, fd=read_end, coalesce=coalesce)
+    relay.start()
+    os.write(write_end, b"kid1| Accepting\n")
+    _wait_for(lines, 1)
+    os.write(write_end, b"kid2| Accepting\n")
+    if coalesce == 0:
+        _wait_for(lines, 2)
+        assert lines == ["kid1| Accepting", "kid2| Accepting"]
+    else:  # the relay is in its wait: it handed over the first line, then began waiting
+        assert lines == ["kid1| Accepting"]
+    os.close(write_end)
+    relay.stop()
+    assert lines == ["kid1| Accepting", "kid2| Accepting"]
 
 
 def test_pipe_relay_ends_at_eof(tmp_path: Path) -> None:
