@@ -543,7 +543,7 @@ def test_logging_directives() -> None:
     assert "acl log_unavailable external log_gate now" in lines
     # First after the manager rules (health and metrics keep working), and before any policy rule.
     assert lines.index("http_access deny !CONNECT log_unavailable reason_log_unavailable") == lines.index(
-        "http_access deny manager reason_manager_denied") + 1
+        "http_access deny !CONNECT manager reason_manager_denied") + 1
     assert lines.index("ssl_bump splice step1 log_unavailable reason_log_unavailable") < lines.index(
         "ssl_bump splice step1 !clients reason_client_not_allowed")
     assert "log_unavailable" in next(line for line in lines if line.startswith("acl refused_connect note reason"))

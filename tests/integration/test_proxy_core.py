@@ -268,11 +268,18 @@ def test_proxy_does_not_reveal_itself_upstream(proxy: ProxyRunner, http_origin: 
 
 
 def test_cache_manager_only_from_localhost(proxy: ProxyRunner) -> None:
+    mark = proxy.mark()
     ok = session().get(f"{proxy.proxy_url}/squid-internal-mgr/counters", timeout=10)
     assert ok.status_code == 200 and "client_http.requests" in ok.text
     outside = curl("--interface", "127.0.0.9", "-o", "/dev/null", "-w", "%{http_code}",
                    f"{proxy.proxy_url}/squid-internal-mgr/counters")
     assert outside.stdout == "403"
+    # The refused read is logged with its reason; the proxy host's own read is not egress and is not logged (Squid
+    # names its own internal URLs by visible_hostname). The local read came first, so its line would be out by now.
+    refused = proxy.access(mark, client_ip="127.0.0.9", reason="manager_denied")
+    assert refused["status"] == 403 and refused["decision"] == "denied" and refused["host"] == "egress-proxy"
+    assert [r for r in proxy.records[mark:] if r.get("type") == "access" and r.get("host") == "egress-proxy"
+            and r.get("client_ip") == "127.0.0.1"] == []
 
 
 def test_internal_origin_never_reached(internal_origin: HttpOrigin, proxy: ProxyRunner) -> None:
