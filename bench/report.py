@@ -65,6 +65,11 @@ def throughput_notes(tp: dict[str, Any] | None) -> list[str]:
                          f"{_fmt(cost['origin'], 3)} | {_fmt(cost['squid'], 3)} | {_fmt(cost['proxy'], 3)} | "
                          f"{_fmt(calls.get('reads_per_mb'))} / {_fmt(calls.get('writes_per_mb'))} | "
                          f"{_fmt(calls.get('kib_per_read'))} |")
+    own = tp.get("single_1gib_own_core")
+    if own:
+        lines += ["", "The own-core download holds only while CPU 1 is the proxy's: during its direct downloads (CPU 1 "
+                  f"unused by the bench) the machine was {_fmt(own['machine_busy_percent']['direct'])}% busy (median); "
+                  "about 50% means CPU 1 was free, more means other work had it, and then the proxy shared its core."]
     lines += ["", "Pair ratios (proxied / direct, one per rep): " + "; ".join(
         f"{key}: egress-proxy {r['pair_ratios']}, seed-style {r['seed_pair_ratios']}" for key, r in tp.items()), ""]
     return lines
