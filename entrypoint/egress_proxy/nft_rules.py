@@ -13,7 +13,9 @@ What the ruleset does, for packets from EGRESS_CLIENT_CIDRS:
   destination, port) is in the set ``ports_v4``/``ports_v6`` is counted in ``port_flows``, logged with a rate
   limit, marked, and masqueraded to the host's own address (so it leaves from the instance's Elastic IP); its later
   packets pass by the mark. The sets start empty: ``egress-proxy nft-sets`` prints the transaction that fills them
-  from fresh DNS answers, and the host runs it on a timer.
+  from fresh DNS answers, and the host runs it on a timer;
+- whatever the ports sets hold, nothing is forwarded to a link-local address (``never_forwarded_v4/v6``):
+  the sets are filled from the proxy's container, and this ruleset is not.
 Applying it again replaces the table atomically (``nft -f`` runs the file as one transaction).
 
 The sets' elements come from the policy document the proxy last loaded (``ports.json`` beside squid.conf, written
@@ -48,6 +50,15 @@ PORTS_MARK = "0x00006570"
 #: The proxy's container must not be able to hand the host any other nft command.
 PORT_SET_LINE = (r"^(|#[^{};]*|flush set inet egress_proxy ports_v[46]|add element inet egress_proxy ports_v[46] "
                  r"\{ [0-9a-f.:/]+ \. [0-9a-f.:/]+ \. [0-9]+(-[0-9]+)?( timeout [0-9]+s)? \})$")
+
+
+# Never forwarded for a client, whatever the ports sets hold: link-local addresses, where AWS serves the INSTANCE
+# (its metadata service and role credentials at 169.254.169.254 and fd00:ec2::254, ECS's task credentials at
+# 169.254.170.2, the Route 53 Resolver, Time Sync), and NAT64's image of them. 'egress-proxy nft-sets' already
+# leaves out every range of the SSRF guard; this is the host's own floor, because the sets' elements come from the
+# proxy's container (checked only against a grammar), and code that took the container over could add any element.
+NEVER_FORWARDED: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(cidr) for cidr in (
+    "169.254.0.0/16", "64:ff9b::a9fe:0/112", "fd00:ec2::/32", "fe80::/10"))
 
 
 def _set(name: str, kind: str, networks: list[IPNetwork]) -> list[str]:
@@ -111,6 +122,9 @@ def render_nft_rules(settings: Settings) -> str:
     for version, networks in families:
         lines += _set(f"clients_v{version}", f"ipv{version}_addr", networks)
     for version, _ in families:
+        lines += _set(f"never_forwarded_v{version}", f"ipv{version}_addr",
+                      [net for net in NEVER_FORWARDED if net.version == version])
+    for version, _ in families:
         kind = f"ipv{version}_addr"
         # Filled by 'egress-proxy nft-sets': (client network, destination, ports); names' addresses time out.
         lines += [f"\tset ports_v{version} {{", f"\t\ttype {kind} . {kind} . inet_service; flags interval, timeout;",
@@ -123,6 +137,10 @@ def render_nft_rules(settings: Settings) -> str:
     lines += ["\t}", "", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
     if families:
         lines.append(f"\t\tct mark {PORTS_MARK} accept")
+    for version, _ in families:
+        family = "ip" if version == 4 else "ip6"
+        # Any source, not only the client ranges: an element may name any client network.
+        lines.append(f"\t\t{family} daddr @never_forwarded_v{version} counter name {COUNTER} drop")
     for version, _ in families:
         family = "ip" if version == 4 else "ip6"
         flow = f"{family} saddr . {family} daddr . tcp dport @ports_v{version} ct state new"

@@ -170,7 +170,12 @@ def test_the_ruleset_forwards_marked_flows_and_masquerades_only_them() -> None:
     rules = render_nft_rules(SETTINGS)
     assert "set ports_v4 {\n\t\ttype ipv4_addr . ipv4_addr . inet_service; flags interval, timeout;" in rules
     forward = rules[rules.index("chain forward"):rules.index("chain input")]
-    assert forward.index("ct mark 0x00006570 accept") < forward.index("@ports_v4") < forward.index("drop")
+    assert forward.index("ct mark 0x00006570 accept") < forward.index("@ports_v4") \
+        < forward.index("ip saddr @clients_v4 counter name dropped drop")
+    # Link-local (the instance's metadata service) is dropped before any ports set can admit a flow to it.
+    assert forward.index("ip daddr @never_forwarded_v4 counter name dropped drop") < forward.index("@ports_v4")
+    assert "set never_forwarded_v4 {\n\t\ttype ipv4_addr; flags interval;\n\t\telements = { 169.254.0.0/16 }" \
+        in rules
     assert "chain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n" \
            "\t\tct mark 0x00006570 masquerade\n\t}" in rules
 

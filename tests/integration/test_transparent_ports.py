@@ -48,6 +48,9 @@ OTHER = "203.0.113.22"
 GIT_V6 = "fd00:203::20"
 INTERNAL_V6 = "fd00:204::20"
 DNS_IP = "203.0.113.53"
+# The instance metadata service's address, served in the internet namespace: on EC2 a packet the instance forwards
+# there reaches the INSTANCE's metadata service (its role's credentials), whatever the client.
+METADATA = "169.254.169.254"
 SSH_PORT = 2222
 OTHER_PORT = 2223
 GIT_PORT = 9418  # git's own protocol, served by a real 'git daemon' at git.test's first address
@@ -68,7 +71,7 @@ DOCUMENT = {
 class Topology(RoutedTopology):
     def __init__(self) -> None:
         super().__init__("ports", [SSH_CLIENT, WEB_CLIENT, REPORT_CLIENT, SSH_CLIENT_V6],
-                         [GIT_FIRST, GIT_MOVED, OTHER, DNS_IP, GIT_V6, INTERNAL_V6])
+                         [GIT_FIRST, GIT_MOVED, OTHER, DNS_IP, GIT_V6, INTERNAL_V6, METADATA])
         # No route back to the clients' ranges: a forwarded connection that is not masqueraded gets no answer.
         self.internet.run("ip", "route", "add", "unreachable", "10.200.1.0/24")
         self.internet.run("ip", "-6", "route", "add", "unreachable", "fd00:c1::/64")
@@ -98,6 +101,7 @@ def origins(topology: Topology) -> Iterator[dict[str, Any]]:
         "moved": RawTcpServer(GIT_MOVED, SSH_PORT, banner=b"SSH-2.0-moved\r\n"),
         "other": RawTcpServer(OTHER, SSH_PORT, banner=b"SSH-2.0-other\r\n"),
         "other_port": RawTcpServer(GIT_FIRST, OTHER_PORT, banner=b"SSH-2.0-other-port\r\n"),
+        "metadata": RawTcpServer(METADATA, SSH_PORT, banner=b"SSH-2.0-metadata\r\n"),
     }) as servers:
         yield servers
 
@@ -186,6 +190,24 @@ def test_a_name_that_resolves_to_a_private_address_is_never_opened(
     dropped = topology.counter("dropped")
     assert dial(topology, SSH_CLIENT_V6, INTERNAL_V6, SSH_PORT, timeout=2) is None
     assert topology.counter("dropped") > dropped and origins["internal"].connections == 0
+
+
+def test_the_hosts_ruleset_never_forwards_to_link_local_or_metadata_whatever_the_sets_hold(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
+    """The host applies any transaction inside the ports grammar, and the container prints it: code that has taken
+    over the container can add an element the refresh would never print (a client network, the metadata service's
+    address, a port). The host's own ruleset, rendered outside the container, still never forwards a client to a
+    link-local address: the instance's metadata service would answer with the instance's credentials."""
+    element = f"add element inet egress_proxy ports_v4 {{ {SSH_CLIENT}/32 . {METADATA} . {SSH_PORT} timeout 60s }}"
+    assert subprocess.run(["grep", "-Eq", PORT_SET_LINE], input=element, text=True).returncode == 0  # accepted
+    topology.router.run("nft", "-f", "-", input=element + "\n")
+    try:
+        dropped, flows = topology.counter("dropped"), topology.counter("port_flows")
+        assert dial(topology, SSH_CLIENT, METADATA, SSH_PORT, timeout=2) is None
+        assert topology.counter("dropped") > dropped and topology.counter("port_flows") == flows
+        assert origins["metadata"].connections == 0
+    finally:
+        refresh(topology, proxy)  # flushes the hostile element
 
 
 @pytest.fixture(scope="module")
