@@ -547,8 +547,8 @@ def pid_holding_socket(inode: int, pids: Iterable[int]) -> int | None:
 
 
 def connecting_worker(workers: dict[str, int], peer: tuple[str, int], local: tuple[str, int]) -> str | None:
-    """The name of the Squid worker (name -> pid, workers.read_workers) whose socket connected from ``peer`` to
-    ``local``; None when the connecting socket belongs to no worker."""
+    """The name of the Squid process (name -> pid: workers.read_workers, with the coordinator) whose socket
+    connected from ``peer`` to ``local``; None when the connecting socket belongs to none of them."""
     inode = tcp_socket_inode(peer, local)
     if inode is None:
         return None

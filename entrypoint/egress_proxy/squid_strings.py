@@ -45,6 +45,17 @@ EXPECTED_PARSE_WARNINGS = ("HTTP requires the use of Via",)
 WORKER_ARGV0_PREFIX = "(squid-"
 
 
+COORDINATOR_ARGV0_PREFIX = "(squid-coord-"
+
+
+def coordinator_name(argv0: str) -> str | None:
+    """``"(squid-coord-3)"`` -> ``"squid-coord-3"``; None for a worker or anything else."""
+    if not argv0.startswith(COORDINATOR_ARGV0_PREFIX) or not argv0.endswith(")"):
+        return None
+    name = argv0[1:-1]
+    return name if name[len("squid-coord-"):].isdigit() else None
+
+
 def worker_name(argv0: str) -> str | None:
     """``"(squid-2)"`` -> ``"squid-2"``; None for the coordinator or anything else."""
     if not argv0.startswith(WORKER_ARGV0_PREFIX) or not argv0.endswith(")"):

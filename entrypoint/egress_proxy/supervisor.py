@@ -678,9 +678,11 @@ class Supervisor:
 
     # --- log relays (their own threads) ---------------------------------------------------------------------
     def _access_log_writer(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
-        """Which Squid worker opened this access-log connection (None: not one of ours, refuse it)."""
+        """Which Squid worker opened this access-log connection (None: not one of ours, refuse it). The coordinator
+        counts as one: it opens the access log too (at start and at each reconfigure) though it never writes a line,
+        and refusing it would raise a false forgery warning at every reload."""
         master = self.squid.pid
-        workers = read_workers(master) if master is not None else None
+        workers = read_workers(master, coordinator=True) if master is not None else None
         return connecting_worker(workers, peer, local) if workers else None
 
     def _access_log_refused(self, peer: str) -> None:

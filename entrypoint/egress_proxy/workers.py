@@ -94,9 +94,10 @@ def judge(workers: dict[str, Any], now: float) -> tuple[str, str | None]:
     return "degraded", why
 
 
-def read_workers(master_pid: int) -> dict[str, int] | None:
+def read_workers(master_pid: int, *, coordinator: bool = False) -> dict[str, int] | None:
     """Squid's workers now, name -> pid: the master's children whose argv[0] names a worker (the coordinator and
-    the helpers are not workers). None when the master is gone."""
+    the helpers are not workers; ``coordinator`` adds the coordinator, as ``squid-coord-N``). None when the master
+    is gone."""
     try:
         children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
     except OSError:
@@ -107,7 +108,7 @@ def read_workers(master_pid: int) -> dict[str, int] | None:
             argv0 = Path(f"/proc/{text}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
         except OSError:
             continue  # it exited between the two reads
-        name = strings.worker_name(argv0)
+        name = strings.worker_name(argv0) or (strings.coordinator_name(argv0) if coordinator else None)
         if name is not None:
             workers[name] = int(text)
     return workers

@@ -10,6 +10,8 @@ from egress_proxy.workers import RECOVERED_AFTER_SECONDS, UNHEALTHY_AFTER_SECOND
 def test_names_of_squid_processes() -> None:
     assert strings.worker_name("(squid-2)") == "squid-2"
     assert strings.worker_name("(squid-coord-3)") is None and strings.worker_name("squid") is None
+    assert strings.coordinator_name("(squid-coord-3)") == "squid-coord-3"
+    assert strings.coordinator_name("(squid-2)") is None and strings.coordinator_name("(squid-coord-x)") is None
     assert strings.kid_of("2026/12/04 20:32:10 kid1| FATAL: Received Segment Violation...dying.") == "kid1"
     assert strings.kid_of("2026/12/04 20:32:11| Removing PID file") is None
 

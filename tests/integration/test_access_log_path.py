@@ -4,9 +4,12 @@ which closes and reopens every worker's log connection, loses and repeats nothin
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +161,59 @@ def _squid_pids(proxy: ProxyRunner) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _coordinator_log_ports(proxy: ProxyRunner) -> set[int]:
+    """The local ports of the sockets Squid's coordinator holds connected to the access-log listener."""
+    master = int(proxy.wait_for(lambda r: r.get("event") == "started")["pid"])
+    coordinators = [pid for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"(squid-coord-")]
+    assert len(coordinators) == 1, coordinators
+    held = set()
+    for fd in Path(f"/proc/{coordinators[0]}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(fd))
+    listener = f"{_listener_port(proxy):04X}"
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2].endswith(f":{listener}") and f"socket:[{fields[9]}]" in held:
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def _refused_ports(proxy: ProxyRunner) -> set[int]:
+    return {int(str(record["peer"]).rsplit(":", 1)[1]) for record in list(proxy.records)
+            if record.get("event") == "access_log_connection_refused"}
+
+
+def _refuse_one(proxy: ProxyRunner) -> None:
+    """A connection of our own, refused: once its warning is out, the listener has judged every connection that
+    reached it before (it accepts in arrival order)."""
+    mark = proxy.mark()
+    with socket.create_connection(("127.0.0.1", _listener_port(proxy)), timeout=10) as sock:
+        ours = f"127.0.0.1:{sock.getsockname()[1]}"
+        proxy.wait_for(lambda r: r.get("event") == "access_log_connection_refused" and r.get("peer") == ours,
+                       start=mark)
+
+
+def test_squids_coordinator_is_not_reported_as_a_forger(proxy: ProxyRunner, allowlist_file: Path) -> None:
+    """Squid's coordinator opens the access log too (it never writes a line): its connection, at start and after
+    each reconfigure, is Squid's own and raises no access_log_connection_refused warning, which would cry wolf at
+    every reload and bury a real forgery."""
+    seen: set[int] = set()
+    for i in range(2):
+        if i:
+            mark = proxy.mark()
+            write_allowlist(allowlist_file, BASE_ALLOWLIST + "coordinator.test\n")
+            proxy.wait_for(lambda r: r.get("event") == "reloaded", timeout=RELOAD_WAIT, start=mark)
+            write_allowlist(allowlist_file, BASE_ALLOWLIST)
+        # The coordinator has connected (after a reload: a connection of its new logger).
+        deadline = time.monotonic() + RELOAD_WAIT
+        while not (_coordinator_log_ports(proxy) - seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ports = _coordinator_log_ports(proxy) - seen
+        assert ports, "the coordinator holds no connection to the listener"
+        _refuse_one(proxy)
+        assert not ports & _refused_ports(proxy), "the coordinator's connection was refused"
+        seen |= ports
