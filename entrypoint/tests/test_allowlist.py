@@ -538,6 +538,16 @@ def test_diff() -> None:
     assert old.diff(old) == ((), ())
 
 
+def test_diff_is_the_sorted_set_differences() -> None:
+    random = __import__("random").Random(30)
+    names = [f"{'.' if i % 3 == 0 else ''}h{i}.d{i % 7}.example" for i in range(300)]
+    for _ in range(20):
+        old = parse_allowlist(" ".join(random.sample(names, 120)))
+        new = parse_allowlist(" ".join(random.sample(names, 150)))
+        assert old.diff(new) == (tuple(sorted(set(new.entries) - set(old.entries))),
+                                 tuple(sorted(set(old.entries) - set(new.entries))))
+
+
 def test_len_equality_and_hash() -> None:
     first = parse_allowlist("example.com example.com .x.org")  # has a warning
     second = parse_allowlist(".x.org\nexample.com")
