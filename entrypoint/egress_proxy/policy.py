@@ -909,6 +909,26 @@ def _document_warnings(policies: Sequence[Policy], gate: tuple[IPNetwork, ...]) 
             warnings.extend(
                 f"{note}, so it never selects {policy.name!r}; remove it, or move the policy up" for note in dead)
         earlier.extend((network, policy.name) for network in policy.clients)
+    warnings.extend(_identity_before_ports(policies))
+    return warnings
+
+
+def _identity_before_ports(policies: Sequence[Policy]) -> list[str]:
+    """Squid gives a client the first policy that matches it, by identity or CIDR; the host's firewall sees
+    addresses only, so it cannot leave an earlier identity policy's members out of a later policy's ports (as it
+    leaves out an earlier policy's CIDRs): they get those ports too. Said, not refused: when the earlier policy is
+    the more trusted one (the usual layout) it changes nothing that matters."""
+    warnings: list[str] = []
+    by_identity: list[str] = []
+    for index, policy in enumerate(policies):
+        if policy.ports and policy.clients:
+            warnings.extend(
+                f"policies[{index}].ports: policies[{index}] ({policy.name}) comes after {name}, which names clients "
+                "by identity; the host's firewall sees only source addresses, so members of "
+                f"{name} inside this policy's CIDRs get these ports too; if they must not, name {name}'s clients by "
+                "CIDR (the host then leaves them out)" for name in by_identity)
+        if policy.by_identity:
+            by_identity.append(policy.name)
     return warnings
 
 

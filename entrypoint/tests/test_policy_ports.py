@@ -114,6 +114,26 @@ def test_a_policys_ports_reach_only_the_clients_that_land_in_it() -> None:
     assert rules[1]["network"] == "203.0.113.0/24" and rules[1]["clients"] == rules[0]["clients"]
 
 
+def test_an_earlier_identity_policy_is_warned_about_a_later_policys_ports() -> None:
+    """Squid puts a client in the first policy that matches it, by identity or CIDR; the host sees addresses only.
+    So members of an earlier identity-named policy whose addresses lie in a later policy's CIDRs get that later
+    policy's ports: the operator is told, naming both policies and the path."""
+    document = parse(
+        {"name": "untrusted", "clients": ["sg-0123456789abcdef0"], "allow": ["pypi.org"]},
+        {"name": "default", "clients": ["10.0.0.0/8"], "allow": ["pypi.org"], "ports": ["github.com:22"]},
+    )
+    assert document.port_rules()[0]["clients"] == ["10.0.0.0/8"]  # the host cannot leave out untrusted's members
+    assert [warning for warning in document.warnings if "untrusted" in warning] == [
+        "policies[1].ports: policies[1] (default) comes after untrusted, which names clients by identity; the "
+        "host's firewall sees only source addresses, so members of untrusted inside this policy's CIDRs get these "
+        "ports too; if they must not, name untrusted's clients by CIDR (the host then leaves them out)"]
+    later = parse(
+        {"name": "default", "clients": ["10.0.0.0/8"], "allow": ["pypi.org"], "ports": ["github.com:22"]},
+        {"name": "untrusted", "clients": ["sg-0123456789abcdef0"], "allow": ["pypi.org"]},
+    )
+    assert not [warning for warning in later.warnings if "untrusted" in warning]
+
+
 RULES = [{"policy": "ci", "entry": "github.com:22", "clients": ["10.1.0.0/16"], "host": "github.com", "ports": "22"},
          {"policy": "ci", "entry": "203.0.113.0/24:5432", "clients": ["10.1.0.0/16"], "network": "203.0.113.0/24",
           "ports": "5432"}]
