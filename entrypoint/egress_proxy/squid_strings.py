@@ -74,6 +74,33 @@ def is_accepting(line: str) -> bool:
 TCP_LOGGER_STOPS_DROPPING = " logger stops dropping records after "
 
 
+TCP_LOGGER_STARTS_DROPPING = " logger starts dropping records."
+TCP_LOGGER_CLOSING = "Logfile: closing log tcp:"
+
+
+class TcpLoggerDrops:
+    """Each worker's drop episodes, from its cache.log lines. Squid reports an episode's count only when a later
+    record fits again ("stops dropping records after N drops", Log::TcpLogger::canFit); a logger that is closed
+    while it drops (a reconfigure or a stop closes every worker's logger; no record reaches it again) never says
+    how many it lost. ``feed`` returns ("counted", N) for a reported count, ("uncounted", kid) when a kid's logger
+    closes mid-episode, else None."""
+
+    def __init__(self) -> None:
+        self._dropping: set[str] = set()
+
+    def feed(self, line: str) -> tuple[str, int | str] | None:
+        kid = kid_of(line) or ""
+        if (drops := tcp_logger_drops(line)) is not None:
+            self._dropping.discard(kid)
+            return "counted", drops
+        if line.endswith(TCP_LOGGER_STARTS_DROPPING):
+            self._dropping.add(kid)
+        elif TCP_LOGGER_CLOSING in line and kid in self._dropping:
+            self._dropping.discard(kid)
+            return "uncounted", kid
+        return None
+
+
 def tcp_logger_drops(line: str) -> int | None:
     """How many access lines a worker's tcp: logger dropped, from its "stops dropping records after N drops"
     cache.log line; None for any other line."""

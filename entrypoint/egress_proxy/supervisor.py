@@ -243,6 +243,7 @@ class Supervisor:
         self.workers = WorkerWatch(settings.workers)  # Squid's worker processes (not the I/O worker thread)
         self.writes = WriteFailures(self._report_write)
         self._fatal_lines: dict[str, tuple[float, str]] = {}  # Squid kid (kid1) -> its last FATAL line
+        self._tcp_logger_drops = strings.TcpLoggerDrops()  # read by the cache.log relay's thread only
         self._refusing = False  # EGRESS_LOG_FULL=refuse and the log gate's flag file is up
         self._components: list[Component] = []  # started ones, in start order
 
@@ -698,8 +699,16 @@ class Supervisor:
                 # Squid's note for every CONNECT refusal relayed by the denier (it counts a peer's 403 as a failed
                 # connection; see the cache_peer line in squid.conf.j2). The access line says what happened.
                 continue
-            if (drops := strings.tcp_logger_drops(text)) is not None:
-                self.output.count_dropped("access", drops)  # a worker's own log buffer was full
+            if (drops := self._tcp_logger_drops.feed(text)) is not None:
+                kind, value = drops
+                if kind == "counted":
+                    self.output.count_dropped("access", int(value))  # a worker's own log buffer was full
+                else:
+                    self.logger.event(
+                        "warning", "access_log_drops_uncounted",
+                        f"Squid {value}'s access-log buffer was dropping lines when a reload or stop closed its "
+                        "logger: Squid does not say how many it lost, so log.lines_dropped misses them; its buffer "
+                        "filled because the supervisor read too slowly (CPU starved or stopped)", kid=value)
             elif strings.is_accepting(text):
                 self.events.post(loop.WorkerAccepting())
             elif strings.is_fatal(text) and (kid := strings.kid_of(text)) is not None:

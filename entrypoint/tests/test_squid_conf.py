@@ -557,3 +557,17 @@ def test_tcp_logger_drop_counts_are_read_from_cache_log() -> None:
     assert strings.tcp_logger_drops("2026/12/05 00:09:59 kid1| tcp:127.0.0.1:40123 logger starts dropping "
                                     "records.") is None
     assert strings.tcp_logger_drops("2026/12/05 00:10:00 kid1| Accepting HTTP Socket connections at ...") is None
+
+
+def test_a_drop_episode_cut_short_by_a_reload_is_reported_as_uncounted() -> None:
+    """Squid 5.7's Log::TcpLogger reports an episode's count only when a later record fits; a logger closed while it
+    drops (reconfigure, stop) never does. Worker kid1 recovers and reports its count; kid2 is closed mid-episode."""
+    watch = strings.TcpLoggerDrops()
+    starts = "tcp:127.0.0.1:40123 logger starts dropping records."
+    assert watch.feed(f"2026/12/05 00:10:00 kid1| {starts}") is None
+    assert watch.feed(f"2026/12/05 00:10:00 kid2| {starts}") is None
+    assert watch.feed("2026/12/05 00:10:01 kid1| tcp:127.0.0.1:40123 logger stops dropping records after 17 drops; "
+                      "current buffer use: 312 out of 4194304 bytes") == ("counted", 17)
+    assert watch.feed("2026/12/05 00:10:02 kid1| Logfile: closing log tcp://127.0.0.1:40123") is None
+    assert watch.feed("2026/12/05 00:10:02 kid2| Logfile: closing log tcp://127.0.0.1:40123") == ("uncounted", "kid2")
+    assert watch.feed("2026/12/05 00:10:03 kid2| Logfile: closing log tcp://127.0.0.1:40123") is None  # once
