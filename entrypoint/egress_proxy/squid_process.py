@@ -304,8 +304,8 @@ class LogRelay(_Relay):
     and the thread then reads what is still buffered in the pipe and returns. No line written before Squid
     exited is lost.
 
-    After a small read the relay waits ``COALESCE_SECONDS`` before reading again, so that at a trickle (one access
-    line per new connection) it wakes once per interval for all the lines Squid wrote meanwhile, not once per line:
+    After a small read the relay waits ``COALESCE_SECONDS`` before reading again, so that at a trickle it wakes once
+    per interval for all the lines Squid wrote meanwhile, not once per line:
     each wake-up of the relay and of the stdout writer costs a few hundred microseconds of a core that the proxy's
     connections share. A read that returns much (a busy log) is followed by the next read at once, as before. The
     pipe is enlarged (``PIPE_BYTES``) so that a whole interval's lines fit. ``stop()`` cuts the wait short.
