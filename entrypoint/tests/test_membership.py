@@ -4,10 +4,15 @@ and how it is rate-limited (the integration tests run it against moto_server and
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from egress_proxy import membership
 from egress_proxy.identity_helper import Selector
 from egress_proxy.membership import LOOKUP_BURST, IdentityRefresher, task_addresses
 from egress_proxy.policy import parse_policy_value
@@ -162,20 +167,46 @@ def test_a_burst_of_new_ecs_tasks_lists_the_service_once(tmp_path: Path) -> None
     assert aws.ecs_calls == 2
 
 
-def test_lookups_arriving_together_share_one_call(tmp_path: Path) -> None:
-    import threading
-
+def test_lookups_arriving_together_share_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 lookups that arrive while a call is out all wait for the next one: two calls, not one per lookup. The
+    first call is held until the other lookups are queued (an observable count), so the result does not depend
+    on how fast a busy machine starts 50 threads; and no lookup gives up waiting meanwhile."""
+    monkeypatch.setattr(membership, "LOOKUP_WAIT", 120.0)
     refresher, aws, _, _ = _refresher(tmp_path)
     aws.members = {f"10.0.4.{n}": {SG} for n in range(0, 50, 2)}
+    first_call = threading.Event()
+    release = threading.Event()
+    first_batch: list[str] = []
+    answer = aws.by_addresses
+
+    def held_first_call(addresses: list[str], selectors: Iterable[Selector]) -> dict[str, set[str]]:
+        if not first_call.is_set():
+            first_batch.extend(addresses)
+            first_call.set()
+            assert release.wait(120)
+        return answer(addresses, selectors)
+
+    aws.by_addresses = held_first_call  # type: ignore[method-assign]
     answers: dict[str, Any] = {}
     threads = [threading.Thread(target=lambda a=f"10.0.4.{n}": answers.__setitem__(a, refresher.lookup(a)))
                for n in range(50)]
     for thread in threads:
         thread.start()
+    assert first_call.wait(120)
+    deadline = time.monotonic() + 120
+    while True:  # every other lookup has joined the next batch
+        with refresher._batch_lock:
+            queued = len(refresher._batch)
+        if queued + len(first_batch) == 50 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert queued + len(first_batch) == 50
+    release.set()
     for thread in threads:
         thread.join()
     assert answers["10.0.4.2"] == {"members": [SG]} and answers["10.0.4.3"] == {"members": []}
-    assert aws.by_address_calls < 10  # 50 lookups, a handful of calls (whatever arrived within each window)
+    assert len(answers) == 50 and all("members" in a for a in answers.values())
+    assert aws.by_address_calls <= 2  # the first call, then at most one for everything queued behind it
 
 
 def test_the_aws_clients_are_prepared_when_a_document_names_clients_before_any_lookup(tmp_path: Path) -> None:
