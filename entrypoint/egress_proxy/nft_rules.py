@@ -176,13 +176,21 @@ def render_nft_rules(settings: Settings) -> str:
 #: name -> {address: when it stops being open (epoch seconds)}
 Memory = dict[str, dict[str, float]]
 
+#: The longest an address stays open after DNS last returned it, whatever its TTL (and EGRESS_PORT_ADDRESS_HOLD's
+#: own maximum). DNS allows TTLs up to 2^31-1 s, and nftables refuses an element timeout beyond about three years
+#: ('value too large', kernel-dependent), which would make the host refuse the whole refresh at every run: every
+#: policy's ports would age out because one name's owner chose a huge TTL. A day is longer than any client
+#: resolver keeps an answer in practice (Squid keeps one at most 6 hours).
+MAX_ADDRESS_SECONDS = 86400
+
 
 def remember(memory: Memory, name: str, answers: Iterable[tuple[str, int]], now: float, hold: int) -> None:
-    """Record a fresh DNS answer for ``name``: each address is open until ``now`` plus its TTL, or plus ``hold``
-    when that is longer. Addresses of earlier answers keep their own expiry (a client may still hold them)."""
+    """Record a fresh DNS answer for ``name``: each address is open until ``now`` plus its TTL (at most
+    MAX_ADDRESS_SECONDS), or plus ``hold`` when that is longer. Addresses of earlier answers keep their own expiry
+    (a client may still hold them)."""
     known = memory.setdefault(name, {})
     for address, ttl in answers:
-        known[address] = max(known.get(address, 0.0), now + max(ttl, hold))
+        known[address] = max(known.get(address, 0.0), now + max(min(ttl, MAX_ADDRESS_SECONDS), hold))
 
 
 def forget_expired(memory: Memory, now: float, names: Iterable[str]) -> Memory:
@@ -209,7 +217,8 @@ def render_port_sets(settings: Settings, rules: Iterable[Mapping[str, Any]], mem
         if "network" in rule:
             targets = [(net, math.inf) for net in subtract_all([ipaddress.ip_network(rule["network"])], blocked)]
         else:
-            targets = [(ipaddress.ip_network(address), until - now)
+            # Capped again here: the memory file may hold a longer time from an earlier version.
+            targets = [(ipaddress.ip_network(address), min(until - now, MAX_ADDRESS_SECONDS))
                        for address, until in memory.get(rule["host"], {}).items() if until > now]
             targets = [(net, left) for net, left in targets if not _inside(net, blocked)]
         for client in clients:

@@ -146,6 +146,9 @@ def test_an_address_stays_for_its_ttl_or_the_hold_and_then_ages_out() -> None:
     assert memory == {"github.com": {"140.82.112.3": 1300, "140.82.112.4": 1700}}
     assert forget_expired(memory, now=1400, names=["github.com"]) == {"github.com": {"140.82.112.4": 1700}}
     assert forget_expired(memory, now=1400, names=[]) == {}  # no rule names it any more
+    # DNS allows a TTL of 2^31-1 s; nftables refuses such a timeout, and no client keeps an answer that long.
+    remember(memory, "huge.example", [("203.0.113.9", 2**31 - 1)], now=1000, hold=300)
+    assert memory["huge.example"] == {"203.0.113.9": 1000 + 86400}
 
 
 def test_the_transaction_flushes_and_refills_the_sets_with_timeouts() -> None:

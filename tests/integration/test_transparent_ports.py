@@ -21,6 +21,7 @@ against the grammar the host accepts (nft_rules.PORT_SET_LINE, with grep -E as t
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -34,6 +35,7 @@ from netns import RoutedTopology, nft_counter, serving
 from proxy_runner import NamespacedProxy, egress_proxy_command, running_transparent_proxy
 
 from egress_proxy.nft_rules import PORT_SET_LINE
+from egress_proxy.squid_conf import StatePaths
 
 SSH_CLIENT = "10.200.1.2"
 WEB_CLIENT = "10.200.1.3"
@@ -313,3 +315,20 @@ def test_a_rejected_document_keeps_the_last_good_ports(topology: Topology, origi
         mark = proxy.mark()
         write_allowlist(policy_file, json.dumps(DOCUMENT))
         proxy.wait_for(lambda r: r.get("event") in {"reloaded", "reload_skipped"}, timeout=30, start=mark)
+
+
+def test_an_answer_with_the_longest_ttl_dns_allows_keeps_the_refresh_working(
+        topology: Topology, origins: dict[str, Any], proxy: NamespacedProxy) -> None:
+    """A listed name answered with TTL 2147483647 (RFC 2181's largest): nftables refuses an element timeout that
+    long ('value too large'), and one such element would make the host refuse the whole refresh, at every run, so
+    every policy's ports would age out. The address is kept at most a day, and the refresh still applies."""
+    origins["dns"].ttl = 2**31 - 1
+    try:
+        transaction = refresh(topology, proxy)
+        timeouts = [int(t) for t in re.findall(rf"\. {re.escape(GIT_FIRST)} \. {SSH_PORT} timeout (\d+)s", transaction)]
+        assert timeouts and max(timeouts) <= 86400, transaction
+        assert dial(topology, SSH_CLIENT, GIT_FIRST, SSH_PORT) == b"SSH-2.0-first\r\n"
+    finally:
+        origins["dns"].ttl = 1
+        StatePaths(proxy.state_dir).port_addresses.unlink(missing_ok=True)  # forget the day-long address
+        refresh(topology, proxy)
