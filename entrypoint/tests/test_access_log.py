@@ -97,3 +97,9 @@ def test_a_failed_forward_is_not_logged_as_a_plain_success() -> None:
     # Report mode keeps the reason it exists for.
     assert parse_line(_line(method="GET", status="503", reason="allowed", would_deny="domain_not_allowlisted",
                             error="ERR_CONNECT_FAIL"))["reason"] == "domain_not_allowlisted"
+
+
+def test_to_json_is_compact_and_keeps_non_ascii() -> None:
+    record = {"type": "access", "host": "bücher.example", "status": 200, "sni": None}
+    assert to_json(record) == json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    assert to_json(record) == '{"type":"access","host":"bücher.example","status":200,"sni":null}'
