@@ -76,14 +76,16 @@ TCP_LOGGER_STOPS_DROPPING = " logger stops dropping records after "
 
 TCP_LOGGER_STARTS_DROPPING = " logger starts dropping records."
 TCP_LOGGER_CLOSING = "Logfile: closing log tcp:"
+TCP_LOGGER_OPENING = "Logfile: opening log tcp:"
 
 
 class TcpLoggerDrops:
     """Each worker's drop episodes, from its cache.log lines. Squid reports an episode's count only when a later
     record fits again ("stops dropping records after N drops", Log::TcpLogger::canFit); a logger that is closed
     while it drops (a reconfigure or a stop closes every worker's logger; no record reaches it again) never says
-    how many it lost. ``feed`` returns ("counted", N) for a reported count, ("uncounted", kid) when a kid's logger
-    closes mid-episode, else None."""
+    how many it lost, nor does a worker that dies mid-episode (seen when its revived successor opens its log).
+    ``feed`` returns ("counted", N) for a reported count, ("uncounted", kid) when a kid's logger closes mid-episode
+    or a kid opens its log while the previous one was still dropping, else None."""
 
     def __init__(self) -> None:
         self._dropping: set[str] = set()
@@ -95,7 +97,7 @@ class TcpLoggerDrops:
             return "counted", drops
         if line.endswith(TCP_LOGGER_STARTS_DROPPING):
             self._dropping.add(kid)
-        elif TCP_LOGGER_CLOSING in line and kid in self._dropping:
+        elif (TCP_LOGGER_CLOSING in line or TCP_LOGGER_OPENING in line) and kid in self._dropping:
             self._dropping.discard(kid)
             return "uncounted", kid
         return None

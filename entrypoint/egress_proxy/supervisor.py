@@ -707,8 +707,9 @@ class Supervisor:
                     self.logger.event(
                         "warning", "access_log_drops_uncounted",
                         f"Squid {value}'s access-log buffer was dropping lines when a reload or stop closed its "
-                        "logger: Squid does not say how many it lost, so log.lines_dropped misses them; its buffer "
-                        "filled because the supervisor read too slowly (CPU starved or stopped)", kid=value)
+                        "logger (or the worker died): Squid does not say how many it lost, so log.lines_dropped "
+                        "misses them; its buffer filled because the supervisor read too slowly (CPU starved or "
+                        "stopped)", kid=value)
             elif strings.is_accepting(text):
                 self.events.post(loop.WorkerAccepting())
             elif strings.is_fatal(text) and (kid := strings.kid_of(text)) is not None:

@@ -571,3 +571,7 @@ def test_a_drop_episode_cut_short_by_a_reload_is_reported_as_uncounted() -> None
     assert watch.feed("2026/12/05 00:10:02 kid1| Logfile: closing log tcp://127.0.0.1:40123") is None
     assert watch.feed("2026/12/05 00:10:02 kid2| Logfile: closing log tcp://127.0.0.1:40123") == ("uncounted", "kid2")
     assert watch.feed("2026/12/05 00:10:03 kid2| Logfile: closing log tcp://127.0.0.1:40123") is None  # once
+    # A worker killed mid-episode writes no closing line: its revived successor's opening line reports it.
+    assert watch.feed(f"2026/12/05 00:10:04 kid1| {starts}") is None
+    assert watch.feed("2026/12/05 00:10:09 kid1| Logfile: opening log tcp://127.0.0.1:40123") == ("uncounted", "kid1")
+    assert watch.feed("2026/12/05 00:10:09 kid2| Logfile: opening log tcp://127.0.0.1:40123") is None
