@@ -148,6 +148,33 @@ def test_access_log_listener_keeps_one_workers_order_across_its_reconnect() -> N
     assert lines.count("w2") == 1
 
 
+def test_access_log_listener_keeps_a_line_that_arrives_in_two_segments_whole() -> None:
+    """A worker's line cut between two reads (two TCP segments, the first read before the second is sent) is handed
+    over once, whole, when its newline arrives."""
+    lines: list[str] = []
+    arrived = threading.Event()
+    writers = _Writers()
+
+    def sink(batch: list[str]) -> None:
+        lines.extend(batch)
+        if "other" in batch:
+            arrived.set()
+
+    listener = AccessLogListener(sink, writers, lambda peer: None)
+    listener.start()
+    split = _connect(listener, writers, "squid-1")
+    other = _connect(listener, writers, "squid-2")
+    split.sendall(b"1.000\t10.0.0.1\tfirst half, ")
+    other.sendall(b"other\n")  # once this is out, the listener has read the first half too (sent before it)
+    assert arrived.wait(30)
+    assert lines == ["other"]
+    split.sendall(b"second half\n")
+    split.close()
+    other.close()
+    listener.stop()
+    assert lines == ["other", "1.000\t10.0.0.1\tfirst half, second half"]
+
+
 def test_access_log_listener_closes_a_connection_from_anything_but_a_worker_unread() -> None:
     lines: list[str] = []
     refused: list[str] = []
