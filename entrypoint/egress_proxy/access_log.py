@@ -100,6 +100,14 @@ FIELDS: tuple[Field, ...] = (
 SQUID_LOGFORMAT = "\t".join(field.code for field in FIELDS)
 
 
+def tagged_logformat(token: str) -> str:
+    """The logformat Squid is given: every line starts with the supervisor's per-start secret ``token``, a dash,
+    the writing worker's kid number (Squid substitutes its ``${process_number}`` macro as each process reads
+    squid.conf) and a tab, then ``SQUID_LOGFORMAT``. The access-log listener relays only lines that carry the
+    token (see squid_process.AccessLogListener) and strips the tag; ``parse_line`` never sees it."""
+    return f"{token}-${{process_number}}\t{SQUID_LOGFORMAT}"
+
+
 def parse_line(line: str) -> dict[str, Any]:
     """One Squid log line -> the JSON-ready record (adds 'type' and 'decision')."""
     parts = line.rstrip("\r\n").split("\t")

@@ -29,7 +29,7 @@ from .metrics import manager_host, read_counters
 from .nft_rules import Memory, forget_expired, remember, render_nft_rules, render_port_sets
 from .settings import OPTIONS, Settings, SettingsError, load_settings
 from .sources import SourceUnavailable, make_source
-from .squid_conf import StatePaths, forbidden_destinations
+from .squid_conf import PLACEHOLDER_ACCESS_LOG_TOKEN, StatePaths, forbidden_destinations
 from .squid_process import atomic_write, run_as_user
 from .supervisor import Supervisor
 from .workers import judge
@@ -161,12 +161,13 @@ RENDER_ACCESS_LOG_PORT = 39129
 
 def _render(settings: Settings) -> int:
     source = make_source(settings)
-    # 'run' picks free loopback ports for its refusal responder and access-log listener at startup; show
-    # placeholders here.
+    # 'run' picks free loopback ports for its refusal responder and access-log listener, and the access log's
+    # secret token, at startup; show placeholders here.
     # The upstream's login as 'run' renders it (from the credentials file, like credentials in the URL).
     rendered = build_config(source.read(), settings, source=source.description,
                             paths=StatePaths(settings.state_dir), run_as=run_as_user(),
                             denial_port=RENDER_DENIAL_PORT, access_log_port=RENDER_ACCESS_LOG_PORT,
+                            access_log_token=PLACEHOLDER_ACCESS_LOG_TOKEN,
                             upstream_login=read_upstream_login(settings)).rendered
     sys.stdout.write(rendered.squid_conf)
     # The list files the config reads, each under a comment naming where 'run' writes it.

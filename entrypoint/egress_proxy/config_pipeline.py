@@ -49,14 +49,14 @@ class Built:
 
 
 def build_config(snapshot: Snapshot, settings: Settings, *, source: str, paths: StatePaths, run_as: str | None,
-                 denial_port: int, access_log_port: int, upstream_login: str | None) -> Built:
+                 denial_port: int, access_log_port: int, access_log_token: str, upstream_login: str | None) -> Built:
     """From a snapshot and the settings to a validated document and its rendered config (not yet parse-checked
     by Squid: that is ``ConfigApplier.build``'s, which has a Squid to run). Raises AllowlistError."""
     started = time.monotonic()
     document = validate(snapshot, source=source, client_cidrs=settings.client_cidrs)
     validated = time.monotonic()
     rendered = render(settings, document, paths, run_as=run_as, denial_port=denial_port,
-                      access_log_port=access_log_port, upstream_login=upstream_login)
+                      access_log_port=access_log_port, access_log_token=access_log_token, upstream_login=upstream_login)
     return Built(document, rendered, (("validate", validated - started), ("render", time.monotonic() - validated)))
 
 
@@ -208,7 +208,8 @@ class ConfigApplier:
     """Build (validate, render, parse-check) and activate candidates. Keeps the last good config."""
 
     def __init__(self, settings: Settings, paths: StatePaths, *, user: str | None, denial_port: int,
-                 access_log_port: int, upstream_login: str | None, on_parse_warning: Callable[[str], None],
+                 access_log_port: int, access_log_token: str, upstream_login: str | None,
+                 on_parse_warning: Callable[[str], None],
                  writes: WriteFailures | None = None,
                  status_extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.settings = settings
@@ -216,6 +217,7 @@ class ConfigApplier:
         self.user = user
         self.denial_port = denial_port
         self.access_log_port = access_log_port
+        self.access_log_token = access_log_token
         self.upstream_login = upstream_login  # from EGRESS_UPSTREAM_PROXY_CREDENTIALS_FILE, read at startup
         self.on_parse_warning = on_parse_warning
         self.active: RenderedConfig | None = None
@@ -230,6 +232,7 @@ class ConfigApplier:
         when the copy cannot be written."""
         built = build_config(snapshot, self.settings, source=source, paths=self.paths, run_as=self.user,
                              denial_port=self.denial_port, access_log_port=self.access_log_port,
+                             access_log_token=self.access_log_token,
                              upstream_login=self.upstream_login)
         unchanged = built.rendered == self.active
         checking = time.monotonic()

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 
 from . import __version__
-from .access_log import REASONS, SQUID_LOGFORMAT
+from .access_log import REASONS, tagged_logformat
 from .allowlist import Allowlist
 from .networks import IPNetwork, normalise, subtract_all
 from .policy import INVALID_HOST_SHAPES, REPORTABLE_REASONS, PolicyDocument
@@ -252,13 +252,19 @@ def _environment() -> jinja2.Environment:
     )
 
 
+# The access-log token of a config rendered for reading only (no listener will check it).
+PLACEHOLDER_ACCESS_LOG_TOKEN = "TOKEN"
+
+
 def render(
     settings: Settings, document: PolicyDocument, paths: StatePaths, *, run_as: str | None, denial_port: int,
-    access_log_port: int, upstream_login: str | None = None,
+    access_log_port: int, upstream_login: str | None = None, access_log_token: str = PLACEHOLDER_ACCESS_LOG_TOKEN,
 ) -> RenderedConfig:
     """Render the config for ``document``. ``run_as`` is the user Squid drops to when started as root;
     ``denial_port`` is the supervisor's loopback CONNECT refusal responder (see denier.py); ``access_log_port`` is
-    the supervisor's loopback access-log listener (squid_process.AccessLogListener); ``upstream_login``
+    the supervisor's loopback access-log listener (squid_process.AccessLogListener), and ``access_log_token`` the
+    secret it requires at the start of every access line (the default only for a config no listener reads:
+    ``egress-proxy render``, tests); ``upstream_login``
     (user:password) is the upstream proxy's login when it is not in EGRESS_UPSTREAM_PROXY itself."""
     listen = settings.listen_address
     listen_text = f"[{listen}]" if listen.version == 6 else str(listen)
@@ -288,7 +294,7 @@ def render(
         "allowed_ports": settings.allowed_ports,
         "forbidden_destinations": [str(net) for net in forbidden_destinations(settings.allow_destinations)],
         "reasons": list(REASONS),
-        "logformat": SQUID_LOGFORMAT,
+        "logformat": tagged_logformat(access_log_token),
         "denial_port": denial_port,
         "access_log_port": access_log_port,
         "access_log_buffer": ACCESS_LOG_BUFFER,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import os
 import pwd
+import secrets
 import select
 import selectors
 import shutil
@@ -105,7 +107,9 @@ def write_rendered(rendered: RenderedConfig, paths: StatePaths) -> None:
     temps: list[tuple[Path, Path]] = []
     try:
         for path, text in files.items():
-            temps.append((path, _write_temp(path, text, 0o644)))
+            # squid.conf holds the access log's token (see AccessLogListener) and may hold the upstream's login:
+            # readable by its owner only (Squid reads it with root's rights, or as the supervisor's own user).
+            temps.append((path, _write_temp(path, text, 0o600 if path == paths.squid_conf else 0o644)))
     except OSError:
         for _, tmp in temps:
             tmp.unlink(missing_ok=True)
@@ -364,14 +368,19 @@ class LogRelay(_Relay):
 
 
 WriterOf = Callable[[tuple[str, int], tuple[str, int]], str | None]
+# A connection that did not come from Squid was closed: its peer, and how many lines it wrote without the token
+# (0 when it was closed unread).
+Refused = Callable[[str, int], None]
+TOKEN_BYTES = 16  # the access-log token: 128 random bits, as hex
 
 
 class _LogConnection:
     """One Squid worker's access-log connection: the bytes read so far that do not yet end a line."""
 
-    def __init__(self, sock: socket.socket, writer: str) -> None:
+    def __init__(self, sock: socket.socket, writer: str, peer: str) -> None:
         self.sock = sock
         self.writer = writer
+        self.peer = peer
         self.pending = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -392,27 +401,41 @@ class AccessLogListener(_Relay):
     (the supervisor counts them, see squid_strings.tcp_logger_drops). So, as with the FIFO relay before it, a slow
     reader costs lines, counted, never proxying; and there is no log_file_daemon process and no FIFO in between.
 
-    Only Squid's workers may write here: ``writer_of(peer, local)`` names the worker that holds the connecting
-    socket (or None), and any other connection (another local process forging access lines) is closed unread and
-    reported to ``on_refused``.
+    Only Squid may write here, and two checks hold that:
+    - every line must start with ``token`` (random, made here at each start, rendered into the logformat of
+      squid.conf, which only Squid's user root and the supervisor can read; see access_log.tagged_logformat). A
+      connection whose line lacks it is closed at that line, its tokenless lines are dropped, and it is reported
+      to ``on_refused`` with their count. The tag is removed before the line goes to ``sink``.
+    - at accept, ``writer_of(peer, local)`` names the Squid process that holds the connecting socket (read from
+      /proc). That names the writer for the ordering below, and refuses at once (unread, reported) a connection
+      that an open socket of another process made. When it finds no holder because the socket is already closed
+      (a worker opened its logger at one reconfigure, wrote and closed it at the next, before this check ran;
+      or it died), the writer is read from the token's tag at the start of the bytes it sent (peeked, not
+      consumed): the lines of a real worker are never lost to that race. A closed socket that sent nothing (the
+      coordinator's, which never writes) is closed quietly: it carried nothing, forged nothing.
+
+    Accepting never waits on reading: a thread of its own waits in accept() and checks each connection at once
+    (while its peer still holds it, the usual case), then hands it to the reading thread and wakes it.
 
     Order: one worker's lines arrive in the order it wrote them. A reconfigure closes each worker's logger after it
     has written its last lines and opens a new connection, which may arrive first: a worker's new connection is
     read only once its previous one has reached its end, so nothing is reordered, lost or read twice across a
     reload. The same holds when a revived worker replaces a dead one (the kernel closes the dead one's socket).
 
-    Wake-ups: after a small round the thread waits ``COALESCE_SECONDS`` before reading again (as LogRelay does), so
-    a trickle of lines costs one wake-up per interval; the kernel's socket buffers and Squid's own buffer hold the
-    lines meanwhile. A busy round is followed by the next at once.
+    Wake-ups: after a small round the reading thread waits ``COALESCE_SECONDS`` before reading again (as LogRelay
+    does), so a trickle of lines costs one wake-up per interval; the kernel's socket buffers and Squid's own buffer
+    hold the lines meanwhile. A busy round is followed by the next at once.
 
-    ``stop()`` is called after Squid has exited: the thread reads every connection to its end and returns."""
+    ``stop()`` is called after Squid has exited: the connections still waiting to be accepted are accepted and
+    checked, every connection is read to its end, and both threads return."""
 
-    def __init__(self, sink: LogSink, writer_of: WriterOf, on_refused: Callable[[str], None],
-                 host: str = "127.0.0.1") -> None:
+    def __init__(self, sink: LogSink, writer_of: WriterOf, on_refused: Refused, host: str = "127.0.0.1") -> None:
         super().__init__()
         self._sink = sink
         self._writer_of = writer_of
         self._on_refused = on_refused
+        self.token = secrets.token_hex(TOKEN_BYTES)
+        self._tag = f"{self.token}-".encode()  # then the kid number and a tab (access_log.tagged_logformat)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind((host, 0))  # bound now, so the rendered config can name the port
         self._listener.listen(64)
@@ -421,25 +444,131 @@ class AccessLogListener(_Relay):
         self.port = self.address[1]
         self._active: dict[str, _LogConnection] = {}  # the connection being read, per worker
         self._waiting: dict[str, list[_LogConnection]] = {}  # newer connections of a worker, in accept order
+        self._arrived: list[_LogConnection] = []  # accepted and checked, not yet taken by the reader (the lock's)
+        self._arrived_lock = threading.Lock()
+        self._accepted_all = threading.Event()  # the accept thread has taken its last connection
+        self._stop_read, self._stop_write = os.pipe()  # wakes the accept thread for stop()
+        self._wake_read, self._wake_write = os.pipe()  # wakes the reader for a new connection
+        for fd in (self._stop_read, self._stop_write, self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
+        self._acceptor: threading.Thread | None = None
         self.refused = 0
+        self.forged_lines = 0
 
     def start(self) -> None:
+        self._acceptor = threading.Thread(target=self._accept_until_stopped, name="relay-access-accept",
+                                          daemon=True)
+        self._acceptor.start()
         self._start_thread("relay-access")
 
-    def _run(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._listener, selectors.EVENT_READ, None)
+    def stop(self, timeout: float = 5.0) -> None:
+        """Accept what is left, drain and join."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._stop_write, b"s")
+        if self._acceptor is not None:
+            self._acceptor.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with contextlib.suppress(OSError):
+            os.close(self._stop_write)
+
+    # --- the accept thread -----------------------------------------------------------------------------------
+    def _accept_until_stopped(self) -> None:
         try:
             while True:
-                stopping = self._stopping.is_set()  # read before draining: a set flag means no writer is left
+                readable, _, _ = select.select([self._listener.fileno(), self._stop_read], [], [])
+                final = self._stop_read in readable  # Squid has exited: take what is queued, then end
+                self._accept()
+                if final:
+                    return
+        finally:
+            self._listener.close()
+            os.close(self._stop_read)
+            self._accepted_all.set()
+            self._wake()
+            os.close(self._wake_write)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe is awake enough
+            os.write(self._wake_write, b"w")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:  # the peer reset before we got to it
+                    continue
+                return  # e.g. out of descriptors: the connection stays queued for the next wake-up
+            peer_text = f"{peer[0]}:{peer[1]}"
+            writer = self._identify(sock, peer)
+            if writer is None:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            with self._arrived_lock:
+                self._arrived.append(_LogConnection(sock, writer, peer_text))
+            self._wake()
+
+    def _identify(self, sock: socket.socket, peer: tuple[str, int]) -> str | None:
+        """The writer of a new connection, or None (then it is to be closed; refusals are reported here)."""
+        try:
+            writer = self._writer_of(peer, self.address)
+        except Exception:  # an unreadable /proc: no holder found, the token decides
+            writer = None
+        if writer is not None:
+            return writer
+        try:
+            head = sock.recv(len(self._tag) + 12, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            head = None  # an open socket of another process that has written nothing yet
+        except OSError:
+            head = b""  # reset: nothing to read
+        if head == b"":
+            return None  # closed without writing a byte: nothing to relay and nothing forged
+        kid = self._kid(head) if head is not None else None
+        if kid is None:
+            self._refuse(peer, 0)
+            return None
+        return strings.kid_worker_name(kid)
+
+    def _refuse(self, peer: tuple[str, int] | str, forged_lines: int) -> None:
+        self.refused += 1
+        self.forged_lines += forged_lines
+        self._on_refused(peer if isinstance(peer, str) else f"{peer[0]}:{peer[1]}", forged_lines)
+
+    def _kid(self, line: bytes) -> int | None:
+        """The kid number in a line's tag; None when the line does not start with the token's tag."""
+        if not line.startswith(self._tag):
+            return None
+        kid, tab, _ = line[len(self._tag):].partition(b"\t")
+        return int(kid) if tab and kid.isdigit() else None
+
+    # --- the reading thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ, None)
+        try:
+            while True:
+                accepted_all = self._accepted_all.is_set()  # read before draining: then nothing more arrives
                 lines: list[bytes] = []
                 read = 0
-                progress = False
-                for key, _ in selector.select(0.2):
-                    progress = True
+                progress = self._take_arrived(selector)
+                for key, _ in selector.select(0 if accepted_all else None):
                     if key.data is None:
-                        self._accept(selector)
+                        try:
+                            woke = os.read(self._wake_read, 4096)
+                        except BlockingIOError:
+                            woke = b""
+                        else:
+                            if not woke:  # the accept thread has ended (and closed its end)
+                                selector.unregister(self._wake_read)
+                        progress = self._take_arrived(selector) or progress
                         continue
+                    progress = True
                     connection: _LogConnection = key.data
                     try:
                         chunk = connection.sock.recv(262144)
@@ -449,49 +578,55 @@ class AccessLogListener(_Relay):
                         chunk = b""
                     if chunk:
                         read += len(chunk)
-                        lines.extend(connection.feed(chunk))
+                        if not self._untag(connection, connection.feed(chunk), lines):
+                            self._close(selector, connection)
                     else:
-                        lines.extend(connection.finish())
+                        self._untag(connection, connection.finish(), lines, end=True)
                         self._close(selector, connection)
                 self._emit(lines)
                 if read:
                     if read < BUSY_READ_BYTES:
                         self._stopping.wait(COALESCE_SECONDS)  # returns at once when stop() is called
                     continue
-                if stopping and not progress:
+                if accepted_all and not progress:
                     break
         finally:
             leftovers: list[bytes] = []
             for connection in [*self._active.values(), *(c for queue in self._waiting.values() for c in queue)]:
-                leftovers.extend(connection.finish())
+                self._untag(connection, connection.finish(), leftovers, end=True)
                 connection.sock.close()
             self._emit(leftovers)
             selector.close()
-            self._listener.close()
+            os.close(self._wake_read)
 
-    def _accept(self, selector: selectors.BaseSelector) -> None:
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # e.g. the peer reset before we got to it
-                continue
-            try:
-                writer = self._writer_of(peer, self.address)
-            except Exception:  # an unreadable /proc: refuse, never trust
-                writer = None
-            if writer is None:
-                sock.close()
-                self.refused += 1
-                self._on_refused(f"{peer[0]}:{peer[1]}")
-                continue
-            sock.setblocking(False)
-            connection = _LogConnection(sock, writer)
-            if writer in self._active:
-                self._waiting.setdefault(writer, []).append(connection)
+    def _take_arrived(self, selector: selectors.BaseSelector) -> bool:
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, []
+        for connection in arrived:  # in accept order
+            if connection.writer in self._active:
+                self._waiting.setdefault(connection.writer, []).append(connection)
             else:
                 self._read(selector, connection)
+        return bool(arrived)
+
+    def _untag(self, connection: _LogConnection, raw: list[bytes], out: list[bytes], *, end: bool = False) -> bool:
+        """Append ``raw``'s lines without their tag to ``out``, up to the first line without the token: that
+        line and the rest are forged, counted and reported, and False says to close the connection. ``end``: the
+        last piece is what the writer left without a newline; cut inside the tag (a worker killed mid-line), it is
+        dropped quietly."""
+        prefix = len(self._tag)
+        for index, line in enumerate(raw):
+            if line.startswith(self._tag):
+                kid, tab, text = line[prefix:].partition(b"\t")
+                if tab and kid.isdigit():
+                    out.append(text)
+                    continue
+            if not line.strip() or (end and index == len(raw) - 1 and self._tag.startswith(line[:prefix])
+                                    and (len(line) <= prefix or line[prefix:].isdigit())):
+                continue
+            self._refuse(connection.peer, sum(1 for forged in raw[index:] if forged.strip()))
+            return False
+        return True
 
     def _read(self, selector: selectors.BaseSelector, connection: _LogConnection) -> None:
         self._active[connection.writer] = connection

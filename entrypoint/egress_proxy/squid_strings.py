@@ -56,6 +56,11 @@ def coordinator_name(argv0: str) -> str | None:
     return name if name[len("squid-coord-"):].isdigit() else None
 
 
+def kid_worker_name(kid: int) -> str:
+    """The name ``worker_name`` gives the worker whose kid number (Squid's ``${process_number}``) is ``kid``."""
+    return f"squid-{kid}"
+
+
 def worker_name(argv0: str) -> str | None:
     """``"(squid-2)"`` -> ``"squid-2"``; None for the coordinator or anything else."""
     if not argv0.startswith(WORKER_ARGV0_PREFIX) or not argv0.endswith(")"):

@@ -298,7 +298,7 @@ class Supervisor:
                               "make EGRESS_STATE_DIR a writable directory", exit_code=int(ExitCode.STARTUP_IO))
             return ExitCode.STARTUP_IO
         self.applier = ConfigApplier(self.settings, self.paths, user=self.user, denial_port=self.denier.port,
-                                     access_log_port=self.access_log.port,
+                                     access_log_port=self.access_log.port, access_log_token=self.access_log.token,
                                      upstream_login=upstream_login, on_parse_warning=self._parse_warning,
                                      writes=self.writes, status_extra=self._status_extra)
         self._start(self.worker)
@@ -686,10 +686,16 @@ class Supervisor:
         workers = read_workers(master, coordinator=True) if master is not None else None
         return connecting_worker(workers, peer, local) if workers else None
 
-    def _access_log_refused(self, peer: str) -> None:
+    def _access_log_refused(self, peer: str, forged_lines: int) -> None:
+        if forged_lines:
+            self.logger.event("warning", "access_log_connection_refused",
+                              f"a connection to the access-log listener from {peer} wrote {forged_lines} line(s) "
+                              "without the access log's token: dropped, connection closed (only Squid writes access "
+                              "lines)", peer=peer, forged_lines=forged_lines)
+            return
         self.logger.event("warning", "access_log_connection_refused",
                           f"a connection to the access-log listener from {peer} did not come from a Squid worker: "
-                          "closed unread (only Squid writes access lines)", peer=peer)
+                          "closed unread (only Squid writes access lines)", peer=peer, forged_lines=0)
 
     def _cache_log_lines(self, lines: list[str]) -> None:
         out: list[str] = []

@@ -20,11 +20,12 @@ def test_build_config_is_validate_then_render() -> None:
     paths = StatePaths(settings.state_dir)
     snapshot = Snapshot(".example.com\nB.example.org\n", "v1")
     built = build_config(snapshot, settings, source="test", paths=paths, run_as="proxy", denial_port=39999,
-                         access_log_port=39998,
+                         access_log_port=39998, access_log_token="0f" * 16,
                          upstream_login=None)
     document = parse_policy_value(snapshot.text, source="test", client_cidrs=settings.client_cidrs)
     assert built.document == document and built.document.allowlist.entries == (".example.com", "b.example.org")
-    assert built.rendered == render(settings, document, paths, run_as="proxy", denial_port=39999, access_log_port=39998)
+    assert built.rendered == render(settings, document, paths, run_as="proxy", denial_port=39999, access_log_port=39998,
+                                    access_log_token="0f" * 16)
     assert [name for name, seconds in built.phases if seconds >= 0] == ["validate", "render"]
 
 

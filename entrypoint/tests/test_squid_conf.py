@@ -18,6 +18,7 @@ from egress_proxy.policy import PolicyDocument, parse_policy_value
 from egress_proxy.settings import Settings, load_settings
 from egress_proxy.sources import Snapshot
 from egress_proxy.squid_conf import (
+    PLACEHOLDER_ACCESS_LOG_TOKEN,
     PRIVATE_DESTINATIONS,
     PYTHON,
     RenderedConfig,
@@ -134,7 +135,8 @@ def test_policy_directives() -> None:
         page = {"upstream_unavailable": "503:ERR_EGRESS_UPSTREAM", "log_unavailable": "503:ERR_EGRESS_DENIED"}.get(
             reason, "ERR_EGRESS_DENIED")
         assert f"deny_info {page} reason_{reason}" in conf
-    assert SQUID_LOGFORMAT in conf
+    # Every line starts with the access log's token and the worker's kid number (see AccessLogListener).
+    assert f"\nlogformat egress {PLACEHOLDER_ACCESS_LOG_TOKEN}-${{process_number}}\t{SQUID_LOGFORMAT}\n" in conf
 
 
 def _forbidden(exempt: str, address: str) -> bool:
@@ -503,7 +505,7 @@ def test_the_candidate_parse_is_skipped_when_only_plain_lists_change(tmp_path: P
     monkeypatch.setattr(config_pipeline, "parse_check", lambda binary, conf: parsed.append(conf) or [])
     settings = load_settings({}, {"EGRESS_STATE_DIR": str(tmp_path)})
     applier = config_pipeline.ConfigApplier(settings, StatePaths(tmp_path), user=None, denial_port=39999,
-                                                                 access_log_port=39998,
+                                                                 access_log_port=39998, access_log_token="0f" * 16,
                                             upstream_login=None, on_parse_warning=lambda warning: None)
     first = Snapshot(".example.com\n", "v1")
     applier.activate(applier.build(first, "test", started=0.0))

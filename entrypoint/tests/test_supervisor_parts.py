@@ -126,20 +126,25 @@ def _connect(listener: AccessLogListener, writers: _Writers, writer: str | None)
     return sock
 
 
+def _tagged(listener: AccessLogListener, kid: int, *lines: str) -> bytes:
+    """Lines as Squid writes them with the tagged logformat: the token, the kid number, a tab."""
+    return "".join(f"{listener.token}-{kid}\t{line}\n" for line in lines).encode()
+
+
 def test_access_log_listener_keeps_one_workers_order_across_its_reconnect() -> None:
     """A reconfigure: the worker's new logger connects (and writes) before its old one has written its last lines.
     The new connection is read only after the old one ends, so the lines arrive in the order they were written."""
     lines: list[str] = []
     writers = _Writers()
-    listener = AccessLogListener(lines.extend, writers, lambda peer: None)
+    listener = AccessLogListener(lines.extend, writers, lambda peer, forged: None)
     listener.start()
     old = _connect(listener, writers, "squid-1")
-    old.sendall(b"1\n2\n")
+    old.sendall(_tagged(listener, 1, "1", "2"))
     new = _connect(listener, writers, "squid-1")
-    new.sendall(b"5\n6\n")
+    new.sendall(_tagged(listener, 1, "5", "6"))
     other = _connect(listener, writers, "squid-2")
-    other.sendall(b"w2\n")
-    old.sendall(b"3\n4 without newline")
+    other.sendall(_tagged(listener, 2, "w2"))
+    old.sendall(_tagged(listener, 1, "3") + f"{listener.token}-1\t4 without newline".encode())
     old.close()
     new.close()
     other.close()
@@ -160,12 +165,13 @@ def test_access_log_listener_keeps_a_line_that_arrives_in_two_segments_whole() -
         if "other" in batch:
             arrived.set()
 
-    listener = AccessLogListener(sink, writers, lambda peer: None)
+    listener = AccessLogListener(sink, writers, lambda peer, forged: None)
     listener.start()
     split = _connect(listener, writers, "squid-1")
     other = _connect(listener, writers, "squid-2")
-    split.sendall(b"1.000\t10.0.0.1\tfirst half, ")
-    other.sendall(b"other\n")  # once this is out, the listener has read the first half too (sent before it)
+    split.sendall(f"{listener.token}-1\t1.000\t10.0.0.1\tfirst half, ".encode())
+    # Once this is out, the listener has read the first half too (sent before it).
+    other.sendall(_tagged(listener, 2, "other"))
     assert arrived.wait(30)
     assert lines == ["other"]
     split.sendall(b"second half\n")
@@ -177,9 +183,9 @@ def test_access_log_listener_keeps_a_line_that_arrives_in_two_segments_whole() -
 
 def test_access_log_listener_closes_a_connection_from_anything_but_a_worker_unread() -> None:
     lines: list[str] = []
-    refused: list[str] = []
+    refused: list[tuple[str, int]] = []
     writers = _Writers()
-    listener = AccessLogListener(lines.extend, writers, refused.append)
+    listener = AccessLogListener(lines.extend, writers, lambda peer, forged: refused.append((peer, forged)))
     listener.start()
     forged = _connect(listener, writers, None)
     forged.sendall(b"forged line\n")
@@ -189,12 +195,64 @@ def test_access_log_listener_closes_a_connection_from_anything_but_a_worker_unre
     except ConnectionResetError:
         pass
     worker = _connect(listener, writers, "squid-1")
-    worker.sendall(b"real line\n")
+    worker.sendall(_tagged(listener, 1, "real line"))
     worker.close()
     forged.close()
     listener.stop()
     assert lines == ["real line"]
-    assert len(refused) == 1 and refused[0].startswith("127.0.0.1:")
+    assert len(refused) == 1 and refused[0][0].startswith("127.0.0.1:") and refused[0][1] == 0
+
+
+def test_access_log_listener_drops_and_counts_lines_without_the_token() -> None:
+    """A connection the /proc check let through (here: said to be a worker's) still writes lines only with the
+    token: the first line without it ends the connection; it and the lines after it are counted, never relayed."""
+    lines: list[str] = []
+    refused: list[tuple[str, int]] = []
+    writers = _Writers()
+    listener = AccessLogListener(lines.extend, writers, lambda peer, forged: refused.append((peer, forged)))
+    listener.start()
+    sneaky = _connect(listener, writers, "squid-1")
+    sneaky.sendall(_tagged(listener, 1, "real") + b"0123-1\tforged one\nforged two\n")
+    sneaky.settimeout(30)
+    try:
+        assert sneaky.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    sneaky.close()
+    listener.stop()
+    assert lines == ["real"]
+    assert len(refused) == 1 and refused[0][1] == 2 and listener.forged_lines == 2
+
+
+def test_access_log_listener_keeps_the_lines_of_a_worker_whose_socket_closed_before_the_check() -> None:
+    """The race a reconfigure opens: a worker's logger connects, writes and closes before the listener looks the
+    socket up in /proc, which then finds no holder. The lines say which worker wrote them (the token's tag), so
+    they are relayed, after that worker's older connection and before its newer one; a closed connection that
+    wrote nothing (the coordinator's) is closed quietly; a closed one with lines lacking the token is refused."""
+    lines: list[str] = []
+    refused: list[tuple[str, int]] = []
+    writers = _Writers()
+    listener = AccessLogListener(lines.extend, writers, lambda peer, forged: refused.append((peer, forged)))
+    # Not started yet: every connection below is complete and closed before the listener checks it.
+    oldest = _connect(listener, writers, "squid-1")
+    oldest.sendall(_tagged(listener, 1, "1"))
+    gone = _connect(listener, writers, None)  # /proc finds no holder: closed before the check
+    gone.sendall(_tagged(listener, 1, "2", "3"))
+    gone.close()
+    silent = _connect(listener, writers, None)
+    silent.close()
+    forger = _connect(listener, writers, None)
+    forger.sendall(b"forged\n")
+    forger.close()
+    newest = _connect(listener, writers, "squid-1")
+    newest.sendall(_tagged(listener, 1, "4"))
+    listener.start()
+    oldest.sendall(_tagged(listener, 1, "1b"))
+    oldest.close()
+    newest.close()
+    listener.stop()
+    assert lines == ["1", "1b", "2", "3", "4"]
+    assert len(refused) == 1 and refused[0][1] == 0
 
 
 def test_connecting_worker_finds_the_process_holding_the_socket() -> None:
