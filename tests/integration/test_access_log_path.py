@@ -138,6 +138,21 @@ def test_a_forged_connection_to_the_access_log_listener_never_reaches_stdout(pro
     assert _access_hosts(proxy, mark, "after-forged") == [f"after-forged{SUFFIX}"]
 
 
+def test_the_access_log_token_is_readable_only_by_squid(proxy: ProxyRunner) -> None:
+    """The token every access line must carry is in squid.conf only: the file is its owner's alone, and the cache
+    manager, which any local process may query, does not show the config (a protected action without a password)."""
+    conf = StatePaths(proxy.state_dir).squid_conf
+    assert conf.stat().st_mode & 0o077 == 0, oct(conf.stat().st_mode)
+    match = re.search(r"^logformat egress ([0-9a-f]{32})-\$\{process_number\}\t", conf.read_text(), re.MULTILINE)
+    assert match, "squid.conf has no tagged logformat"
+    token = match.group(1)
+    with requests.Session() as session:
+        session.trust_env = False
+        reply = session.get(f"http://127.0.0.1:{PORT}/squid-internal-mgr/config", timeout=10)
+    assert reply.status_code != 200 and token not in reply.text, reply.status_code
+    assert all(token not in str(record.get("message", "")) for record in list(proxy.records))
+
+
 def test_each_worker_writes_over_its_own_connection(proxy: ProxyRunner) -> None:
     """No log_file_daemon process and no FIFO: the access log is a TCP connection from each worker (what the
     listener trusts), and traffic is logged."""
