@@ -21,7 +21,9 @@ against the grammar the host accepts (nft_rules.PORT_SET_LINE, with grep -E as t
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -228,13 +230,16 @@ def git_daemon(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> 
     with open(log, "w") as log_file:
         daemon = subprocess.Popen(topology.internet.command(
             ["git", "daemon", "--verbose", "--reuseaddr", "--export-all", f"--base-path={base}",
-             f"--listen={GIT_FIRST}", f"--port={GIT_PORT}"]), env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+             f"--listen={GIT_FIRST}", f"--port={GIT_PORT}"]), env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+            start_new_session=True)
     try:
         with topology.internet.entered():
             wait_for_port(GIT_FIRST, GIT_PORT)  # that probe comes from the internet namespace itself
         yield head, log
     finally:
-        daemon.kill()
+        # The whole group: 'git daemon' runs git-daemon as its child (and that forks one per connection), so
+        # killing 'git' alone left git-daemon running, holding the namespace, after the tests.
+        os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait()
 
 
