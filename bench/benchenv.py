@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +154,28 @@ def group_stat(pids: list[int]) -> tuple[float, int]:
     return cpu, rss
 
 
-def cpu_ns(pids: list[int]) -> int:
-    """CPU time in nanoseconds used so far by every thread of these processes, from the scheduler's own
-    accounting (/proc/<pid>/task/<tid>/schedstat): exact, where /proc/<pid>/stat counts 10 ms ticks. Processes and
-    threads that have exited count as zero."""
-    total = 0
+def _threads(pids: list[int]) -> Iterator[tuple[int, str]]:
+    """(pid, thread id) of every thread of these processes now; processes that have exited are skipped."""
     for pid in pids:
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
-                    total += int(handle.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
+            yield pid, tid
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time in nanoseconds used so far by every thread of these processes, from the scheduler's own
+    accounting (/proc/<pid>/task/<tid>/schedstat): exact, where /proc/<pid>/stat counts 10 ms ticks. Processes and
+    threads that have exited count as zero."""
+    total = 0
+    for pid, tid in _threads(pids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                total += int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
     return total
 
 
@@ -190,14 +196,9 @@ def syscalls(pids: list[int]) -> tuple[int, int, int]:
 
 def pin(pids: list[int], cpus: set[int]) -> None:
     """Restrict every thread of these processes to ``cpus``; processes that have exited are skipped."""
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), cpus)
+    for _, tid in _threads(pids):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 class CpuWindow:
