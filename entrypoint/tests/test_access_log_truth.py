@@ -52,3 +52,21 @@ def test_a_refused_connect_is_tcp_denied_not_tcp_tunnel() -> None:
 
 def test_the_interim_splice_record_is_still_noise() -> None:
     assert is_noise(parse_line(_line(**TUNNEL, status="200", squid_status="NONE_NONE")))
+
+
+def test_one_read_from_two_workers_is_written_in_the_order_squid_logged_it() -> None:
+    """The listener reads worker by worker: worker 2's earlier line can follow worker 1's later one in a read."""
+    worker_1 = [_line(**{**TUNNEL, "time": "5.020", "client_port": "1"}, status="200", squid_status="TCP_TUNNEL")]
+    worker_2 = [_line(**{**TUNNEL, "time": "5.010", "client_port": "2"}, status="200", squid_status="TCP_TUNNEL"),
+                _line(**{**TUNNEL, "time": "5.030", "client_port": "3"}, status="200", squid_status="TCP_TUNNEL")]
+    observed: list[dict[str, object]] = []
+    access_sink(lambda lines: None, observed.append)(worker_1 + worker_2)
+    assert [record["client_port"] for record in observed] == [2, 1, 3]
+
+
+def test_a_line_without_a_time_leaves_the_read_in_arrival_order() -> None:
+    lines = [_line(**{**TUNNEL, "time": "5.020"}, status="200", squid_status="TCP_TUNNEL"), "not squid's format\n",
+             _line(**{**TUNNEL, "time": "5.010"}, status="200", squid_status="TCP_TUNNEL")]
+    observed: list[dict[str, object]] = []
+    access_sink(lambda lines: None, observed.append)(lines)
+    assert [record.get("time") for record in observed] == [5.02, None, 5.01]

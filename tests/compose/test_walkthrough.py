@@ -174,7 +174,10 @@ class Walkthrough:
 
 
 def access_lines(records: list[Record]) -> list[Record]:
-    return [r for r in records if r.get("type") == "access"]
+    """The access lines in the order Squid logged them. Each worker's lines reach stdout in order, but the two
+    workers' lines can interleave a few milliseconds apart, so lines of back-to-back requests served by different
+    workers may swap on stdout: their `time` (when Squid logged them) says which came first."""
+    return sorted((r for r in records if r.get("type") == "access"), key=lambda r: r["time"])
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +247,7 @@ def test_logs_show_json_access_lines(walk: Walkthrough) -> None:
                   and r.get("host") == "www.example.com" and r.get("decision") == "allowed")
     grepped = walk.ok(LOGS_GREP).splitlines()
     assert grepped and all(re.match(r"^proxy-1\s+\| \{", line) for line in grepped), grepped
-    jq_lines = [json.loads(line) for line in walk.ok(LOGS_JQ).splitlines()]
+    jq_lines = access_lines([json.loads(line) for line in walk.ok(LOGS_JQ).splitlines()])
     assert len(jq_lines) == len(grepped)
     assert [r["decision"] for r in jq_lines] == walk.proxied["proxy"]
     reasons = [(r["method"], r["host"], r["reason"]) for r in jq_lines]
