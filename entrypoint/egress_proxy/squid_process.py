@@ -530,23 +530,24 @@ class AccessLogListener(_Relay):
             head = b""  # reset: nothing to read
         if head == b"":
             return None  # closed without writing a byte: nothing to relay and nothing forged
-        kid = self._kid(head) if head is not None else None
-        if kid is None:
+        tagged = self._untagged(head) if head is not None else None
+        if tagged is None:
             self._refuse(peer, 0)
             return None
-        return strings.kid_worker_name(kid)
+        return strings.kid_worker_name(tagged[0])
 
     def _refuse(self, peer: tuple[str, int] | str, forged_lines: int) -> None:
         self.refused += 1
         self.forged_lines += forged_lines
         self._on_refused(peer if isinstance(peer, str) else f"{peer[0]}:{peer[1]}", forged_lines)
 
-    def _kid(self, line: bytes) -> int | None:
-        """The kid number in a line's tag; None when the line does not start with the token's tag."""
+    def _untagged(self, line: bytes) -> tuple[int, bytes] | None:
+        """A line's kid number and its text after the tag; None when the line does not start with the token's
+        tag."""
         if not line.startswith(self._tag):
             return None
-        kid, tab, _ = line[len(self._tag):].partition(b"\t")
-        return int(kid) if tab and kid.isdigit() else None
+        kid, tab, text = line[len(self._tag):].partition(b"\t")
+        return (int(kid), text) if tab and kid.isdigit() else None
 
     # --- the reading thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -617,11 +618,10 @@ class AccessLogListener(_Relay):
         dropped quietly."""
         prefix = len(self._tag)
         for index, line in enumerate(raw):
-            if line.startswith(self._tag):
-                kid, tab, text = line[prefix:].partition(b"\t")
-                if tab and kid.isdigit():
-                    out.append(text)
-                    continue
+            tagged = self._untagged(line)
+            if tagged is not None:
+                out.append(tagged[1])
+                continue
             if not line.strip() or (end and index == len(raw) - 1 and self._tag.startswith(line[:prefix])
                                     and (len(line) <= prefix or line[prefix:].isdigit())):
                 continue
