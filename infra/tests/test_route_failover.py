@@ -119,3 +119,115 @@ def test_a_table_without_a_default_route_and_none_healthy_is_left_alone(ec2: Any
     _, tables = _network(ec2)
     assert _timed_run(ec2, tables)[0] == {}
     assert _targets(ec2, tables) == {AZS[0]: None, AZS[1]: None}
+
+
+# --- IPv6 (-c transparentIpv6=on): ::/0 moves with 0.0.0.0/0 -----------------------------------------------------
+# moto 5.2.5 implements DestinationIpv6CidrBlock in CreateRoute, ReplaceRoute and DescribeRouteTables, and
+# egress-only internet gateways: no stand-in needed. Unlike EC2 it lets CreateRoute overwrite an existing ::/0
+# (it refuses only an existing IPv4 destination, as EC2 does with RouteAlreadyExists), so the tests also record
+# which call the function made, with botocore's own event hooks on the client.
+
+
+def _route_calls(ec2: Any) -> list[tuple[str, str]]:
+    """(CreateRoute or ReplaceRoute, destination) for every route call the client makes from now on."""
+    calls: list[tuple[str, str]] = []
+
+    def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+        if model.name in ("CreateRoute", "ReplaceRoute"):
+            calls.append((model.name, params.get("DestinationCidrBlock") or params["DestinationIpv6CidrBlock"]))
+
+    ec2.meta.events.register("provide-client-params.ec2.*", record)
+    return calls
+
+
+def _dual_stack_network(ec2: Any) -> tuple[dict[str, str], dict[str, str], str]:
+    """_network's, with each private route table sending ::/0 to an egress-only internet gateway: the usual
+    dual-stack VPC, where IPv6 would bypass the proxy."""
+    public, tables = _network(ec2)
+    vpc = ec2.describe_route_tables(RouteTableIds=[tables[AZS[0]]])["RouteTables"][0]["VpcId"]
+    gateway = ec2.create_egress_only_internet_gateway(VpcId=vpc)["EgressOnlyInternetGateway"][
+        "EgressOnlyInternetGatewayId"]
+    for table in tables.values():
+        ec2.create_route(RouteTableId=table, DestinationIpv6CidrBlock="::/0", EgressOnlyInternetGatewayId=gateway)
+    return public, tables, gateway
+
+
+def _ipv6_targets(ec2: Any, tables: dict[str, str]) -> dict[str, str | None]:
+    """{AZ: the instance, or else the gateway, its table's ::/0 points at}."""
+    found: dict[str, str | None] = {}
+    for table in ec2.describe_route_tables(RouteTableIds=list(tables.values()))["RouteTables"]:
+        routes = [r for r in table["Routes"] if r.get("DestinationIpv6CidrBlock") == "::/0"]
+        assert len(routes) <= 1, routes  # replaced, never a second ::/0 beside the first
+        found[table["RouteTableId"]] = (routes[0].get("InstanceId") or routes[0].get("EgressOnlyInternetGatewayId")
+                                        if routes else None)
+    return {az: found[table] for az, table in tables.items()}
+
+
+def test_ipv6_routes_fail_over_with_the_ipv4_routes_and_back(ec2: Any) -> None:
+    public, tables, _ = _dual_stack_network(ec2)
+    a, b = _launch(ec2, public[AZS[0]]), _launch(ec2, public[AZS[1]])
+    calls = _route_calls(ec2)
+
+    route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True)
+    assert _targets(ec2, tables) == _ipv6_targets(ec2, tables) == {AZS[0]: a, AZS[1]: b}
+    # 0.0.0.0/0 did not exist; ::/0 did (to the egress-only gateway), and EC2 refuses to create it twice.
+    assert sorted(calls) == [("CreateRoute", "0.0.0.0/0")] * 2 + [("ReplaceRoute", "::/0")] * 2
+
+    ec2.stop_instances(InstanceIds=[a])
+    assert route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True) == {tables[AZS[0]]: b}
+    assert _targets(ec2, tables) == _ipv6_targets(ec2, tables) == {AZS[0]: b, AZS[1]: b}
+
+    replacement = _launch(ec2, public[AZS[0]])
+    assert route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True) == {tables[AZS[0]]: replacement}
+    assert _targets(ec2, tables) == _ipv6_targets(ec2, tables) == {AZS[0]: replacement, AZS[1]: b}
+    assert route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True) == {}
+
+
+def test_ipv6_off_leaves_the_egress_only_route_and_says_it_bypasses_the_proxy(
+        ec2: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    public, tables, gateway = _dual_stack_network(ec2)
+    a, b = _launch(ec2, public[AZS[0]]), _launch(ec2, public[AZS[1]])
+    route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL)
+    assert _targets(ec2, tables) == {AZS[0]: a, AZS[1]: b}
+    assert _ipv6_targets(ec2, tables) == {AZS[0]: gateway, AZS[1]: gateway}
+    out = capsys.readouterr().out
+    for table in tables.values():
+        assert f"egress-proxy: WARNING {table} routes ::/0 past the proxy" in out
+
+
+def test_turning_ipv6_on_later_takes_over_the_egress_only_route_and_keeps_ipv4(ec2: Any) -> None:
+    """The migration: a stack already routing 0.0.0.0/0 is updated with IPv6 on; only ::/0 changes."""
+    public, tables, _ = _dual_stack_network(ec2)
+    a, b = _launch(ec2, public[AZS[0]]), _launch(ec2, public[AZS[1]])
+    route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL)
+    calls = _route_calls(ec2)
+
+    changes = route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True)
+    assert changes == {tables[AZS[0]]: a, tables[AZS[1]]: b}
+    assert calls == [("ReplaceRoute", "::/0")] * 2
+    assert _targets(ec2, tables) == _ipv6_targets(ec2, tables) == {AZS[0]: a, AZS[1]: b}
+
+
+def test_ipv6_with_no_healthy_instance_keeps_the_egress_only_route(ec2: Any) -> None:
+    """Nothing healthy to route to: the function changes no route (as for IPv4) rather than blackhole it."""
+    _, tables, gateway = _dual_stack_network(ec2)
+    assert route_failover.run(ec2, list(tables.values()), POOL_TAG, POOL, ipv6=True) == {}
+    assert _ipv6_targets(ec2, tables) == {AZS[0]: gateway, AZS[1]: gateway}
+
+
+@pytest.mark.parametrize(("route_ipv6", "moved"), [("on", True), ("off", False)])
+def test_the_handler_moves_ipv6_only_with_route_ipv6_on(route_ipv6: str, moved: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Lambda entry point as deployed: its environment, and boto3 finding moto_server by AWS_ENDPOINT_URL."""
+    with serve_moto() as url:
+        ec2 = client("ec2", url)
+        public, tables, gateway = _dual_stack_network(ec2)
+        a, b = _launch(ec2, public[AZS[0]]), _launch(ec2, public[AZS[1]])
+        for name, value in {"AWS_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": ec2.meta.region_name,
+                            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "ROUTE_TABLE_IDS": ",".join(tables.values()), "POOL_TAG_KEY": POOL_TAG,
+                            "POOL_TAG_VALUE": POOL, "ROUTE_IPV6": route_ipv6}.items():
+            monkeypatch.setenv(name, value)
+        assert route_failover.handler({}, None) == {tables[AZS[0]]: a, tables[AZS[1]]: b}
+        assert _targets(ec2, tables) == {AZS[0]: a, AZS[1]: b}
+        assert _ipv6_targets(ec2, tables) == ({AZS[0]: a, AZS[1]: b} if moved else {AZS[0]: gateway, AZS[1]: gateway})

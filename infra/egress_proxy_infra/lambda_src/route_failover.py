@@ -1,22 +1,17 @@
-"""Transparent mode: point each private route table's default route at a healthy proxy instance.
-
-Its own AZ's instance when one is healthy, else a healthy one in another AZ (and back once its AZ has one
-again). Never a NAT gateway: that would let traffic out unfiltered. Healthy: running, status checks not
-impaired. Also turns off source/dest checking on the pool's instances. Run on every EC2 state change and
-every minute; each run is idempotent.
-"""
+"""Transparent mode: point each private route table's 0.0.0.0/0 (and ::/0 with ROUTE_IPV6=on, to the same
+instance) at a healthy proxy: its own AZ's, else another's (and back); never a NAT gateway. Idempotent."""
 import os
 from typing import Any
 
 import boto3
 
-DEFAULT = "0.0.0.0/0"
+DEFAULTS = {"DestinationCidrBlock": "0.0.0.0/0", "DestinationIpv6CidrBlock": "::/0"}
 
 
 def plan(tables: dict[str, str], healthy: dict[str, list[str]],
          current: dict[str, str | None]) -> dict[str, str]:
-    """{route table: instance} for the routes to change. tables: {route table: its AZ}; healthy: {AZ: instance
-    ids}; current: {route table: the instance its default route points at}."""
+    """{table: instance} to change. tables: {table: AZ}; healthy: {AZ: instances}; current: {table: the
+    instance its 0.0.0.0/0 points at}."""
     spare = sorted(i for ids in healthy.values() for i in ids)
     changes = {}
     for table, az in sorted(tables.items()):
@@ -28,7 +23,7 @@ def plan(tables: dict[str, str], healthy: dict[str, list[str]],
     return changes
 
 
-def run(ec2: Any, table_ids: list[str], tag_key: str, pool: str) -> dict[str, str]:
+def run(ec2: Any, table_ids: list[str], tag_key: str, pool: str, ipv6: bool = False) -> dict[str, str]:
     reservations = ec2.describe_instances(Filters=[
         {"Name": f"tag:{tag_key}", "Values": [pool]}, {"Name": "instance-state-name", "Values": ["running"]}])
     instances = [i for r in reservations["Reservations"] for i in r["Instances"]]
@@ -45,28 +40,36 @@ def run(ec2: Any, table_ids: list[str], tag_key: str, pool: str) -> dict[str, st
         if instance.get("SourceDestCheck", True):
             ec2.modify_instance_attribute(InstanceId=instance["InstanceId"], SourceDestCheck={"Value": False})
         healthy.setdefault(instance["Placement"]["AvailabilityZone"], []).append(instance["InstanceId"])
-    tables, current, has_default = {}, {}, set()
+    tables, current, found = {}, {}, {}
     for table in ec2.describe_route_tables(RouteTableIds=table_ids)["RouteTables"]:
+        rtb = table["RouteTableId"]
         subnets = [a["SubnetId"] for a in table.get("Associations", []) if a.get("SubnetId")]
         if not subnets:
-            print(f"egress-proxy: {table['RouteTableId']} has no subnet; skipped")
+            print(f"egress-proxy: {rtb} has no subnet; skipped")
             continue
-        az = ec2.describe_subnets(SubnetIds=subnets[:1])["Subnets"][0]["AvailabilityZone"]
-        tables[table["RouteTableId"]] = az
-        routes = [r for r in table["Routes"] if r.get("DestinationCidrBlock") == DEFAULT]
-        current[table["RouteTableId"]] = routes[0].get("InstanceId") if routes else None
-        if routes:
-            has_default.add(table["RouteTableId"])
+        tables[rtb] = ec2.describe_subnets(SubnetIds=subnets[:1])["Subnets"][0]["AvailabilityZone"]
+        found[rtb] = {k: r for r in table["Routes"] for k, v in DEFAULTS.items() if r.get(k) == v}
+        current[rtb] = found[rtb].get("DestinationCidrBlock", {}).get("InstanceId")
+        if not ipv6 and "InstanceId" not in found[rtb].get("DestinationIpv6CidrBlock", {"InstanceId": 0}):
+            print(f"egress-proxy: WARNING {rtb} routes ::/0 past the proxy (-c transparentIpv6=on moves it)")
+    up = {i for ids in healthy.values() for i in ids}
     changes = plan(tables, healthy, current)
-    for table, instance in changes.items():
-        route = {"RouteTableId": table, "DestinationCidrBlock": DEFAULT, "InstanceId": instance}
-        (ec2.replace_route if table in has_default else ec2.create_route)(**route)
-        print(f"egress-proxy: {table} ({tables[table]}) -> {instance}")
+    moved = {}
+    for rtb in sorted(tables):
+        target = changes.get(rtb) or (current[rtb] if current[rtb] in up else None)
+        for key in [*DEFAULTS][:1 + ipv6]:
+            route = found[rtb].get(key)
+            if target and (route or {}).get("InstanceId") != target:
+                # Replaces an existing route (a NAT or egress-only gateway's)
+                (ec2.replace_route if route else ec2.create_route)(
+                    RouteTableId=rtb, InstanceId=target, **{key: DEFAULTS[key]})
+                moved[rtb] = target
+                print(f"egress-proxy: {rtb} ({tables[rtb]}) {DEFAULTS[key]} -> {target}")
     if not healthy:
         print("egress-proxy: no healthy proxy instance; routes left as they are")
-    return changes
+    return moved
 
 
 def handler(event: Any, context: Any) -> dict[str, str]:
     return run(boto3.client("ec2"), os.environ["ROUTE_TABLE_IDS"].split(","), os.environ["POOL_TAG_KEY"],
-               os.environ["POOL_TAG_VALUE"])
+               os.environ["POOL_TAG_VALUE"], os.environ.get("ROUTE_IPV6") == "on")
