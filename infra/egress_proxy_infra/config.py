@@ -87,6 +87,8 @@ class InfraConfig:
     nlb_idle_timeout_seconds: int = DEFAULT_NLB_IDLE_TIMEOUT_SECONDS
     #: EC2 mode only: the instances become the private subnets' default route (transparent_mode.py).
     transparent: bool = False
+    #: With transparent: the instances also take over ::/0 and admit the ClientIpv6Cidr parameter's range.
+    transparent_ipv6: bool = False
 
     def __post_init__(self) -> None:
         if self.eip_allocation_ids and len(self.eip_allocation_ids) != self.eip_pool_size:
@@ -114,6 +116,9 @@ class InfraConfig:
         if self.transparent and self.capacity is not CapacityMode.EC2:
             raise ConfigError("transparent=on needs capacity=ec2: only instances can be the route target of the "
                               "private subnets (deploy with -c capacity=ec2 -c transparent=on)")
+        if self.transparent_ipv6 and not self.transparent:
+            raise ConfigError("transparentIpv6=on needs transparent=on: it adds IPv6 to transparent mode (deploy "
+                              "with -c capacity=ec2 -c transparent=on -c transparentIpv6=on)")
         if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
             raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
 
@@ -144,6 +149,7 @@ class InfraConfig:
             arch=_ARCH_ALIASES[raw_arch],
             nlb_idle_timeout_seconds=_as_int(context, "nlbIdleTimeoutSeconds", DEFAULT_NLB_IDLE_TIMEOUT_SECONDS),
             transparent=_as_on_off(context, "transparent"),
+            transparent_ipv6=_as_on_off(context, "transparentIpv6"),
         )
 
 

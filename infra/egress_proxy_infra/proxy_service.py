@@ -51,9 +51,7 @@ def restrict_egress(security_group: ec2.SecurityGroup, dns_servers: Sequence[Dns
     The VPC's own resolver, like IMDS, is not subject to security groups (Amazon VPC User Guide, "Security group
     rules": traffic to and from the Amazon DNS server is not filtered), so with DnsServers empty no DNS port opens.
     """
-    anywhere = ec2.Peer.any_ipv4()
-    for port in sorted({*ALLOWED_HTTP_PORTS, *ALLOWED_CONNECT_PORTS}):
-        security_group.add_egress_rule(anywhere, ec2.Port.tcp(port), f"Proxied traffic and AWS APIs (tcp/{port})")
+    allow_proxied_egress(security_group, ec2.Peer.any_ipv4(), "Proxied traffic and AWS APIs")
     for index, server in enumerate(dns_servers, start=1):
         for protocol in ("udp", "tcp"):
             rule = ec2.CfnSecurityGroupEgress(
@@ -61,6 +59,12 @@ def restrict_egress(security_group: ec2.SecurityGroup, dns_servers: Sequence[Dns
                 ip_protocol=protocol, from_port=53, to_port=53, cidr_ip=server.cidr,
                 description=f"DNS over {protocol.upper()} to DnsServers entry {index}")
             rule.cfn_options.condition = server.condition
+
+
+def allow_proxied_egress(security_group: ec2.SecurityGroup, peer: ec2.IPeer, what: str) -> None:
+    """Out to ``peer`` on the ports the proxy forwards to (EGRESS_ALLOWED_PORTS), one rule per port."""
+    for port in sorted({*ALLOWED_HTTP_PORTS, *ALLOWED_CONNECT_PORTS}):
+        security_group.add_egress_rule(peer, ec2.Port.tcp(port), f"{what} (tcp/{port})")
 
 
 def grant_ecs_agent(role: iam.Role, cluster: ecs.ICluster) -> None:

@@ -110,7 +110,7 @@ class EgressProxyStack(Stack):
         load_balancer.admit(proxies.security_group)
         if config.transparent and isinstance(proxies, Ec2ProxyService) and self.eip_pool is not None:
             TransparentMode(self, "Transparent", proxies=proxies, task=task, client_cidr=params.client_cidr,
-                            pool_tag_value=self.eip_pool.pool_tag_value)
+                            pool_tag_value=self.eip_pool.pool_tag_value, ipv6=config.transparent_ipv6)
         self.proxies = proxies
 
         VpcEndpoints(

@@ -38,6 +38,13 @@ def transparent(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 
 
 @pytest.fixture(scope="session")
+def transparent_ipv6(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    """Transparent mode with IPv6 (-c transparentIpv6=on): ::/0 too, for the ClientIpv6Cidr range."""
+    return synthesize(tmp_path_factory.mktemp("transparent-ipv6"),
+                      {"capacity": "ec2", "imageUri": ECR_IMAGE, "transparent": "on", "transparentIpv6": "on"})
+
+
+@pytest.fixture(scope="session")
 def asset_build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stand-in repo root: the real container/Dockerfile belongs to another part of the repo."""
     root = tmp_path_factory.mktemp("repo")

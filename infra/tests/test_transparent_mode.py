@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
 from aws_cdk.assertions import Match
 from egress_proxy_infra.config import ConfigError, InfraConfig
-from egress_proxy_infra.transparent_mode import ports_refresh_script
+from egress_proxy_infra.transparent_mode import (
+    CLIENT_IPV6_CIDR_PATTERN,
+    forwarding_commands,
+    nft_ruleset,
+    ports_refresh_script,
+)
 from infra_synth import Synth
 
 
@@ -117,8 +125,11 @@ def test_the_refresh_refuses_anything_but_the_ports_sets(tmp_path: Path, hostile
     assert not applied.exists()
 
 
-def test_user_data_stays_under_ec2s_16_kb(transparent: Synth) -> None:
+@pytest.mark.parametrize("variant", ["transparent", "transparent_ipv6"])
+def test_user_data_stays_under_ec2s_16_kb(variant: str, request: pytest.FixtureRequest) -> None:
     """EC2 refuses user data over 16 KB (before base64): its literal text, with room left for parameter values."""
+    transparent: Synth = request.getfixturevalue(variant)
+
     def strings(node: object) -> list[str]:
         if isinstance(node, str):
             return [node]
@@ -131,3 +142,138 @@ def test_user_data_stays_under_ec2s_16_kb(transparent: Synth) -> None:
     for template in transparent.template.find_resources("AWS::EC2::LaunchTemplate").values():
         literal = sum(map(len, strings(template["Properties"]["LaunchTemplateData"]["UserData"])))
         assert 4096 < literal < 16384 - 2048, literal
+
+
+# --- IPv6 (-c transparentIpv6=on) ---------------------------------------------------------------------------------
+
+
+def _security_group_rules(synth: Synth, direction: str) -> list[dict[str, object]]:
+    groups = synth.template.find_resources("AWS::EC2::SecurityGroup")
+    key = f"SecurityGroup{direction}"
+    rules = [rule for group in groups.values() for rule in group["Properties"].get(key, [])]
+    return rules + [r["Properties"] for r in synth.template.find_resources(f"AWS::EC2::{key}").values()]
+
+
+def _environment(synth: Synth) -> dict[str, object]:
+    (task,) = synth.template.find_resources("AWS::ECS::TaskDefinition").values()
+    return {e["Name"]: e["Value"] for e in task["Properties"]["ContainerDefinitions"][0]["Environment"]}
+
+
+def _route_failover_environment(synth: Synth) -> dict[str, object]:
+    (function,) = [f for f in synth.template.find_resources("AWS::Lambda::Function").values()
+                   if "ROUTE_TABLE_IDS" in f["Properties"].get("Environment", {}).get("Variables", {})]
+    variables: dict[str, object] = function["Properties"]["Environment"]["Variables"]
+    return variables
+
+
+def test_ipv6_needs_transparent_mode() -> None:
+    with pytest.raises(ConfigError, match="transparentIpv6=on needs transparent=on"):
+        InfraConfig.from_context({"capacity": "ec2", "transparentIpv6": "on"})
+    with pytest.raises(ConfigError, match="transparentIpv6='v6': use on or off"):
+        InfraConfig.from_context({"capacity": "ec2", "transparent": "on", "transparentIpv6": "v6"})
+
+
+def test_ipv6_is_off_unless_asked_for(transparent: Synth) -> None:
+    """IPv4 only: no IPv6 parameter, rule, address or route; the function only reports a ::/0 that bypasses."""
+    assert "ClientIpv6Cidr" not in transparent.data["Parameters"]
+    assert not [r for d in ("Ingress", "Egress") for r in _security_group_rules(transparent, d) if "CidrIpv6" in r]
+    text = json.dumps(transparent.template.find_resources("AWS::EC2::LaunchTemplate"))
+    assert "Ipv6AddressCount" not in text and "net.ipv6.conf.all.forwarding" not in text
+    assert "net.ipv4.ip_forward=1" in text
+    assert _environment(transparent)["EGRESS_CLIENT_CIDRS"] == {"Ref": "ClientCidr"}
+    assert _route_failover_environment(transparent)["ROUTE_IPV6"] == "off"
+
+
+def test_ipv6_client_range_is_a_validated_parameter(transparent_ipv6: Synth) -> None:
+    parameter = transparent_ipv6.data["Parameters"]["ClientIpv6Cidr"]
+    assert parameter["Type"] == "String" and "Default" not in parameter  # no range is a safe guess
+    pattern = re.compile(parameter["AllowedPattern"])
+    assert parameter["AllowedPattern"] == CLIENT_IPV6_CIDR_PATTERN
+    for good in ("2600:1f18:aaaa:bb00::/56", "2001:db8::/32", "2001:db8:0:1::/64", "2001:db8::1/128"):
+        assert pattern.match(good), good
+    for bad in ("::/0", "2001:db8::/31", "2001:db8::/129", "10.0.0.0/16", "2001:db8::", "2001:db8::/56 ",
+                "fd00::/8", "2001:db8::/56,::/0"):
+        assert not pattern.match(bad), bad
+    assert "::/0" in transparent_ipv6.data["Parameters"]["TransparentRouteTableIds"]["Description"]
+
+
+def test_ipv6_clients_reach_the_instances_on_every_port(transparent_ipv6: Synth) -> None:
+    ingress = _security_group_rules(transparent_ipv6, "Ingress")
+    assert [r for r in ingress if r.get("IpProtocol") == "-1" and r.get("CidrIpv6") == {"Ref": "ClientIpv6Cidr"}]
+    assert [r for r in ingress if r.get("IpProtocol") == "-1" and r.get("CidrIp") == {"Ref": "ClientCidr"}]
+    # Nothing from the whole IPv6 internet.
+    assert not [r for r in ingress if r.get("CidrIpv6") == "::/0"]
+
+
+def test_ipv6_the_instances_connect_out_over_ipv6_on_the_proxy_ports_only(transparent_ipv6: Synth) -> None:
+    egress = [r for r in _security_group_rules(transparent_ipv6, "Egress") if "CidrIpv6" in r]
+    assert sorted((r["CidrIpv6"], r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in egress) == [
+        ("::/0", "tcp", 80, 80), ("::/0", "tcp", 443, 443)]
+
+
+def test_ipv6_the_instances_get_an_ipv6_address(transparent_ipv6: Synth) -> None:
+    transparent_ipv6.template.has_resource_properties("AWS::EC2::LaunchTemplate", {"LaunchTemplateData": {
+        "NetworkInterfaces": [Match.object_like({"DeviceIndex": 0, "AssociatePublicIpAddress": False,
+                                                 "Ipv6AddressCount": 1})]}})
+
+
+def test_ipv6_the_proxy_admits_both_client_ranges(transparent_ipv6: Synth) -> None:
+    assert _environment(transparent_ipv6)["EGRESS_CLIENT_CIDRS"] == {
+        "Fn::Join": [",", [{"Ref": "ClientCidr"}, {"Ref": "ClientIpv6Cidr"}]]}
+
+
+def test_ipv6_the_route_failover_moves_ipv6_too(transparent_ipv6: Synth) -> None:
+    assert _route_failover_environment(transparent_ipv6)["ROUTE_IPV6"] == "on"
+
+
+def test_ipv6_the_boot_unit_intercepts_the_ipv6_range_and_forwards_ipv6(transparent_ipv6: Synth) -> None:
+    (template,) = transparent_ipv6.template.find_resources("AWS::EC2::LaunchTemplate").values()
+    text = json.dumps(template)
+    assert "elements = { ${ClientIpv6Cidr} }" in text and "elements = { ${ClientCidr} }" in text
+    assert "2001:db8:ffff:ff00::/56" not in text and "198.18.255.0/24" not in text  # the sentinels were replaced
+    # The Fn::Sub gets both parameters.
+    subs = [part["Fn::Sub"] for part in template["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"][
+        "Fn::Join"][1] if isinstance(part, dict) and "Fn::Sub" in part]
+    assert [sub[1] for sub in subs] == [{name: {"Ref": name} for name in ("ClientCidr", "ClientIpv6Cidr")}]
+    for line in forwarding_commands(ipv6=True):
+        assert json.dumps(line)[1:-1] in text, line
+    # Forwarding before the ruleset, in the unit that powers the instance off when it fails.
+    assert text.index("net.ipv6.conf.all.forwarding=1") < text.index("ExecStart=/usr/sbin/nft -f")
+
+
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_the_rendered_ruleset_is_valid_nftables(ipv6: bool, tmp_path: Path) -> None:
+    """What the boot unit applies, with the parameters filled in, checked by nft itself (in a namespace of its
+    own, -c: nothing is applied)."""
+    rules = nft_ruleset(ipv6=ipv6).replace("${ClientCidr}", "10.0.0.0/16")
+    rules = rules.replace("${ClientIpv6Cidr}", "2600:1f18:aaaa:bb00::/56")
+    assert "${" not in rules and ("2600:1f18:aaaa:bb00::/56" in rules) is ipv6
+    (tmp_path / "rules.nft").write_text(rules)
+    result = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(tmp_path / "rules.nft")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+FORWARDING_CHECK = textwrap.dedent("""\
+    set -eu
+    ip link add kernel-ra type veth peer name networkd-ra
+    echo 1 > /proc/sys/net/ipv6/conf/kernel-ra/accept_ra
+    echo 0 > /proc/sys/net/ipv6/conf/networkd-ra/accept_ra
+    ( {commands} ) > /dev/null
+    echo "$(cat /proc/sys/net/ipv4/ip_forward) $(cat /proc/sys/net/ipv6/conf/all/forwarding)" \
+         "$(cat /proc/sys/net/ipv6/conf/kernel-ra/accept_ra) $(cat /proc/sys/net/ipv6/conf/networkd-ra/accept_ra)"
+""")
+
+
+def test_the_forwarding_commands_keep_router_advertisements(tmp_path: Path) -> None:
+    """The unit's ExecStartPre lines run for real (as systemd would: $$ is $) in a network namespace of their own:
+    forwarding on for both families, and an interface where the kernel takes router advertisements (EC2's IPv6
+    default route) keeps taking them (2), one where systemd-networkd does (0) is left alone."""
+    commands = []
+    for line in forwarding_commands(ipv6=True):
+        argv = shlex.split(line.removeprefix("ExecStartPre=").replace("$$", "$"))
+        commands.append(shlex.join(argv))
+    result = subprocess.run(["unshare", "--net", "sh", "-c", FORWARDING_CHECK.format(commands=" && ".join(commands))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1", "2", "0"]
