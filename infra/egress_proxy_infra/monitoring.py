@@ -22,6 +22,7 @@ from egress_proxy_infra.ec2_lifecycle import (
     EipClaimHook,
     GroupMaintenance,
 )
+from egress_proxy_infra.transparent_mode import IPV6_BYPASS_MARKER
 
 #: Dimension the proxy puts on every metric: the task ID (fargate) or instance ID (ec2).
 INSTANCE_DIMENSION = "ProxyInstance"
@@ -73,7 +74,8 @@ class AlarmTopic(Construct):
 class ProxyMonitoring(Construct):
     """One dashboard and the alarms, all notifying the alarm topic: no healthy targets, allowlist reload
     failures, high CPU, a surge of denied requests, dropped access-log lines, and in EC2 mode an exhausted
-    Elastic IP pool, failing Elastic IP claims, failed instance launches and an instance refresh not started.
+    Elastic IP pool, failing Elastic IP claims, failed instance launches and an instance refresh not started; in
+    transparent mode without IPv6, a route table whose ::/0 bypasses the proxy.
 
     The dashboard shows what was refused and who was refused (Logs Insights over the access log), next to the
     proxy's own figures.
@@ -94,6 +96,7 @@ class ProxyMonitoring(Construct):
         eip_claim: EipClaimHook | None = None,
         auto_scaling_group: autoscaling.IAutoScalingGroup | None = None,
         maintenance: GroupMaintenance | None = None,
+        ipv6_bypass_log_group: logs.ILogGroup | None = None,
     ) -> None:
         super().__init__(scope, id)
         self._namespace = namespace
@@ -155,6 +158,14 @@ class ProxyMonitoring(Construct):
                 description="egress-proxy: the launch template changed (AMI or instance type) but no instance "
                             "refresh could be started; the running instances keep the old one. See the "
                             "maintenance function's log, then start the refresh by hand."))
+        if ipv6_bypass_log_group is not None:
+            alarms.append(self._log_marker_alarm(
+                "Ipv6RoutesBypassProxy", log_group=ipv6_bypass_log_group, marker=IPV6_BYPASS_MARKER,
+                metric_name="routes.ipv6_bypass",
+                description="egress-proxy: a transparent route table sends IPv6 (::/0) past the proxy, to a "
+                            "gateway: its IPv6 clients are not filtered. Deploy with -c transparentIpv6=on (the "
+                            "proxy then takes that route over), or remove the route. The route failover "
+                            "function's log names the table."))
         if auto_scaling_group is not None:
             # Launch failures (capacity, limits, a bad AMI or instance type) are events, not metrics.
             launch_failures = events.Rule(

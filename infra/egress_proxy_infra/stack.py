@@ -108,9 +108,11 @@ class EgressProxyStack(Stack):
                 max_capacity=params.max_capacity, dns_servers=dns_servers,
             )
         load_balancer.admit(proxies.security_group)
+        transparent: TransparentMode | None = None
         if config.transparent and isinstance(proxies, Ec2ProxyService) and self.eip_pool is not None:
-            TransparentMode(self, "Transparent", proxies=proxies, task=task, client_cidr=params.client_cidr,
-                            pool_tag_value=self.eip_pool.pool_tag_value, ipv6=config.transparent_ipv6)
+            transparent = TransparentMode(self, "Transparent", proxies=proxies, task=task,
+                                          client_cidr=params.client_cidr,
+                                          pool_tag_value=self.eip_pool.pool_tag_value, ipv6=config.transparent_ipv6)
         self.proxies = proxies
 
         VpcEndpoints(
@@ -132,6 +134,7 @@ class EgressProxyStack(Stack):
             eip_claim=ec2_proxies.eip_claim if ec2_proxies else None,
             auto_scaling_group=ec2_proxies.auto_scaling_group if ec2_proxies else None,
             maintenance=ec2_proxies.maintenance if ec2_proxies else None,
+            ipv6_bypass_log_group=transparent.ipv6_bypass_log_group if transparent else None,
         )
 
         # Clients by AWS identity: the task role's permissions for the selectors in use; optionally the proxy

@@ -51,6 +51,9 @@ PORTS_SCRIPT_PATH = "/usr/local/sbin/egress-proxy-ports-refresh"
 #: How often the host refreshes the ports sets. A name's address stays open at least EGRESS_PORT_ADDRESS_HOLD
 #: (300 s) after DNS last returned it, so a missed run or two close nothing; a new address opens within this.
 PORTS_REFRESH_SECONDS = 15
+#: What route_failover logs, with IPv6 off, for a listed table whose ::/0 bypasses the proxy (the
+#: Ipv6RoutesBypassProxy alarm counts these lines).
+IPV6_BYPASS_MARKER = "routes ::/0 past the proxy"
 #: Stand in for ClientCidr and ClientIpv6Cidr while the ruleset is rendered; replaced by the parameters' values
 #: at deploy time (documentation and benchmarking ranges: never a real client's).
 _CIDR_SENTINELS = {"ClientCidr": "198.18.255.0/24", "ClientIpv6Cidr": "2001:db8:ffff:ff00::/56"}
@@ -249,6 +252,8 @@ class TransparentMode(Construct):
                          # off: ::/0 is not moved, and a table whose ::/0 bypasses the proxy is logged.
                          "ROUTE_IPV6": "on" if ipv6 else "off"},
         )
+        #: The log group whose bypass lines the Ipv6RoutesBypassProxy alarm counts; None when ::/0 is routed here.
+        self.ipv6_bypass_log_group = None if ipv6 else self.log_group
         role = self.function.role
         assert role is not None
         self._grant(role, pool_tag_value)

@@ -14,6 +14,7 @@ from aws_cdk.assertions import Match
 from egress_proxy_infra.config import ConfigError, InfraConfig
 from egress_proxy_infra.transparent_mode import (
     CLIENT_IPV6_CIDR_PATTERN,
+    IPV6_BYPASS_MARKER,
     forwarding_commands,
     nft_ruleset,
     ports_refresh_script,
@@ -182,6 +183,27 @@ def test_ipv6_is_off_unless_asked_for(transparent: Synth) -> None:
     assert "net.ipv4.ip_forward=1" in text
     assert _environment(transparent)["EGRESS_CLIENT_CIDRS"] == {"Ref": "ClientCidr"}
     assert _route_failover_environment(transparent)["ROUTE_IPV6"] == "off"
+
+
+def _bypass_alarms(synth: Synth) -> list[dict[str, object]]:
+    return [a["Properties"] for name, a in synth.template.find_resources("AWS::CloudWatch::Alarm").items()
+            if "Ipv6RoutesBypassProxy" in name]
+
+
+def test_ipv6_off_alarms_on_a_route_that_bypasses_the_proxy(transparent: Synth) -> None:
+    """The function's WARNING line becomes an alarm on the alarm topic: an unfiltered ::/0 is a hole, not a note."""
+    (alarm,) = _bypass_alarms(transparent)
+    (topic,) = transparent.template.find_resources("AWS::SNS::Topic")
+    assert alarm["Threshold"] == 1 and alarm["AlarmActions"] == [{"Ref": topic}]
+    (metric_filter,) = [f["Properties"] for f in transparent.template.find_resources("AWS::Logs::MetricFilter").values()
+                        if IPV6_BYPASS_MARKER in f["Properties"]["FilterPattern"]]
+    assert metric_filter["FilterPattern"] == f'"{IPV6_BYPASS_MARKER}"'
+    assert metric_filter["LogGroupName"]["Ref"].startswith("TransparentRouteFailoverLogs")
+    assert metric_filter["MetricTransformations"][0]["MetricName"] == alarm["MetricName"] == "routes.ipv6_bypass"
+
+
+def test_ipv6_on_has_no_bypass_alarm(transparent_ipv6: Synth) -> None:
+    assert _bypass_alarms(transparent_ipv6) == []
 
 
 def test_ipv6_client_range_is_a_validated_parameter(transparent_ipv6: Synth) -> None:
