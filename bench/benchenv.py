@@ -179,6 +179,26 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def thread_cpu(pid: int) -> dict[str, tuple[int, int]]:
+    """(CPU nanoseconds, times scheduled in) so far of each thread of one process, from its schedstat, summed by the
+    thread's name in the kernel (its comm; the supervisor names its threads: egress_proxy/threads.py). Times
+    scheduled in counts the thread's wake-ups (and preemptions). The main thread is "main". Threads that have exited
+    count as zero."""
+    out: dict[str, tuple[int, int]] = {}
+    for _, tid in _threads([pid]):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                fields = handle.read().split()
+            with open(f"/proc/{pid}/task/{tid}/comm") as handle:
+                name = "main" if int(tid) == pid else handle.read().strip()
+            used, runs = int(fields[0]), int(fields[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        before = out.get(name, (0, 0))
+        out[name] = (before[0] + used, before[1] + runs)
+    return out
+
+
 def syscalls(pids: list[int]) -> tuple[int, int, int]:
     """(read-type syscalls, write-type syscalls, bytes read) made so far by these processes, from /proc/<pid>/io:
     counted by the kernel, so reading them costs the traced process nothing (strace would slow it down)."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 import socket
 import socketserver
-import threading
 
 from .access_log import REASONS
+from .threads import named_thread
 
 _REASON_HEADER = re.compile(rb"^x-egress-reason:[ \t]*([a-z_]+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _POLICY_HEADER = re.compile(rb"^x-egress-policy:[ \t]*([a-z0-9][a-z0-9-]{0,31})[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -83,7 +83,7 @@ class Denier:
     def __init__(self, port: int = 0) -> None:
         self._server = _Server(("127.0.0.1", port), _Handler)
         self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="denier", daemon=True)
+        self._thread = named_thread(self._server.serve_forever, "denier")
 
     def start(self) -> Denier:
         self._thread.start()

@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
+from .threads import named_thread
+
 # The kinds of line, as the JSON ``type`` field names them; drops are counted by kind.
 KINDS = ("access", "cache_log", "supervisor")
 DROP_REPORT_SECONDS = 10.0  # at most one log_lines_dropped line per this many seconds
@@ -109,7 +111,7 @@ class LogOutput:
 
     # --- the writer ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="stdout-writer", daemon=True)
+        self._thread = named_thread(self._run, "stdout-writer")
         self._thread.start()
 
     def stop(self, timeout: float) -> None:

@@ -366,7 +366,9 @@ def _starting(state: LoopState[C], event: Event[S, C], now: float, config: LoopC
         if event.error is not None or event.candidate is None:
             state, actions = _finish(state, event.error_code)
             return state, [Log("error", "startup_failed", event.error or "no candidate"), *actions]
-        state = replace(state, phase=Phase.LAUNCHING, busy=False, probe_at=now + config.probe_every,
+        # No probe before the last worker's "Accepting" line asks for one: a probe time due while they were still
+        # starting made the loop wake at once, again and again, spinning a core until then.
+        state = replace(state, phase=Phase.LAUNCHING, busy=False, probe_at=None,
                         deadline=now + config.launch_timeout)
         return state, [StartSquid(event.candidate)]
     return state, []

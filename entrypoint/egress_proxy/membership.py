@@ -39,6 +39,7 @@ from .policy import PolicyDocument
 from .settings import Settings
 from .squid_conf import StatePaths
 from .squid_process import atomic_write
+from .threads import named_thread
 
 Members = dict[str, set[str]]  # address -> membership selectors (their text)
 
@@ -270,7 +271,7 @@ class IdentityRefresher:
         self._stopping = threading.Event()
         self._bucket = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock)
         self._slots = threading.BoundedSemaphore(LOOKUP_THREADS)
-        self._thread = threading.Thread(target=self._run, name="identity", daemon=True)
+        self._thread = named_thread(self._run, "identity")
         self._server: socket.socket | None = None
         self._warned_bridge: set[str] = set()
         self._last_error: str | None = None
@@ -285,13 +286,13 @@ class IdentityRefresher:
                               f"cannot listen on {self.paths.lookup_socket} ({exc}); addresses no poll has seen "
                               "are refused until a poll finds them", error=str(exc))
         else:
-            threading.Thread(target=self._accept, name="identity-lookup", daemon=True).start()
+            named_thread(self._accept, "identity-lookup").start()
         self.serve_lookups()
         self._thread.start()
 
     def serve_lookups(self) -> None:
         """Start answering lookups (the batching thread); start() does it."""
-        threading.Thread(target=self._run_batches, name="identity-batch", daemon=True).start()
+        named_thread(self._run_batches, "identity-batch").start()
 
     def stop(self) -> None:
         self._stopping.set()

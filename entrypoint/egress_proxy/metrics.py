@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .settings import Settings
 from .squid_strings import MANAGER_COUNTERS_PATH
+from .threads import named_thread
 
 if TYPE_CHECKING:
     from mypy_boto3_cloudwatch.client import CloudWatchClient
@@ -369,7 +370,7 @@ class MetricsLoop:
     def start(self) -> None:
         """Call right after Squid is up: its counters start at zero, which is the first baseline."""
         self.baseline()
-        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread = named_thread(self._run, "metrics")
         self._thread.start()
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -41,6 +41,7 @@ from .squid_conf import (
     upstream_probe_script,
 )
 from .squid_strings import CERTGEN
+from .threads import named_thread
 
 STOCK_ERRORS = Path("/usr/share/squid/errors/templates")
 SQUID_USER = "proxy"  # Debian's squid user; Squid drops to it when started as root
@@ -285,7 +286,7 @@ class _Relay:
         self._thread: threading.Thread | None = None
 
     def _start_thread(self, name: str) -> None:
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = named_thread(self._run, name)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -457,8 +458,7 @@ class AccessLogListener(_Relay):
         self.forged_lines = 0
 
     def start(self) -> None:
-        self._acceptor = threading.Thread(target=self._accept_until_stopped, name="relay-access-accept",
-                                          daemon=True)
+        self._acceptor = named_thread(self._accept_until_stopped, "relay-access-accept")
         self._acceptor.start()
         self._start_thread("relay-access")
 

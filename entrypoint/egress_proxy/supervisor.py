@@ -25,7 +25,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from .squid_process import (
     prepare_state_dir,
     run_as_user,
 )
+from .threads import named_thread
 from .workers import WorkerWatch, read_workers
 
 # The loop's events and actions, with this supervisor's source values and candidates.
@@ -174,7 +174,7 @@ class Worker:
     def __init__(self, post: Callable[[Event], None]) -> None:
         self._post = post
         self._jobs: queue.Queue[Callable[[], Event] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread = named_thread(self._run, "worker")
 
     def start(self) -> None:
         self._thread.start()

@@ -107,6 +107,24 @@ def test_rejected_candidate_at_startup_exits_with_its_code(code: ExitCode) -> No
     assert driver.state.exit_code is code
 
 
+def test_launching_sleeps_until_the_workers_log_accepting() -> None:
+    # Until every worker has logged "Accepting" there is nothing to probe: the loop must not wake at once (it spun
+    # a core during each start), only for the launch deadline, its 1 s tick, or the events the relays post.
+    driver = Driver()
+    driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
+    driver.feed(loop.CandidateBuilt("v1", candidate="cand"))
+    for _ in range(3):
+        assert kinds(driver.advance(0.5)) == []
+        assert loop.next_wakeup(driver.state, CONFIG, driver.now) == pytest.approx(1.0)
+    driver.feed(loop.WorkerAccepting())
+    assert loop.next_wakeup(driver.state, CONFIG, driver.now) == pytest.approx(1.0)
+    assert kinds(driver.feed(loop.WorkerAccepting())) == ["ProbePort"]
+    # A refused probe is retried at the probe cadence.
+    assert kinds(driver.feed(loop.PortProbed(False))) == []
+    assert loop.next_wakeup(driver.state, CONFIG, driver.now) == pytest.approx(CONFIG.probe_every)
+    assert kinds(driver.advance(CONFIG.probe_every)) == ["ProbePort"]
+
+
 def test_squid_exiting_while_launching_exits_3() -> None:
     driver = Driver()
     driver.feed(loop.SourcePolled(version="v1", snapshot="snap"))
