@@ -13,6 +13,7 @@ because it must be listening before Squid probes its peers at startup and on eve
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import socketserver
@@ -78,17 +79,29 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 class Denier:
-    """Listens on 127.0.0.1 (an ephemeral port unless given) in a daemon thread."""
+    """Listens on 127.0.0.1 (an ephemeral port unless given) in a daemon thread. The thread sleeps until a connection
+    arrives (socketserver's serve_forever would wake it twice a second to look for a shutdown); stop() wakes it with
+    a connection of its own, which the handler takes for a probe."""
 
     def __init__(self, port: int = 0) -> None:
         self._server = _Server(("127.0.0.1", port), _Handler)
+        self._server.timeout = None  # handle_request() waits for a connection, however long
         self.port: int = self._server.server_address[1]
-        self._thread = named_thread(self._server.serve_forever, "denier")
+        self._stopping = False
+        self._thread = named_thread(self._serve, "denier")
 
     def start(self) -> Denier:
         self._thread.start()
         return self
 
+    def _serve(self) -> None:
+        while not self._stopping:
+            self._server.handle_request()
+
     def stop(self) -> None:
-        self._server.shutdown()
+        self._stopping = True
+        if self._thread.is_alive():
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            self._thread.join(5)
         self._server.server_close()

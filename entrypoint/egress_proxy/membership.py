@@ -447,7 +447,7 @@ class IdentityRefresher:
         while not self._stopping.is_set():
             with self._batch_lock:
                 while not self._batch and not self._stopping.is_set():
-                    self._batch_ready.wait(1)
+                    self._batch_ready.wait()  # stop() and each lookup notify: no timeout to wake an idle proxy
             if self._stopping.is_set():
                 return
             self._stopping.wait(LOOKUP_BATCH_WINDOW)  # let the lookups arriving together share the call

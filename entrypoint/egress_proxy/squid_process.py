@@ -284,6 +284,13 @@ class _Relay:
     def __init__(self) -> None:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # stop() also writes here, so a thread waiting in select() wakes for a stop at once and needs no timeout to
+        # notice one (a timeout woke each relay of an idle proxy five times a second). The thread closes the read
+        # end when it returns.
+        self._stop_read, self._stop_write = os.pipe()
+        for fd in (self._stop_read, self._stop_write):
+            os.set_blocking(fd, False)
+        self._stop_sent = False
 
     def _start_thread(self, name: str) -> None:
         self._thread = named_thread(self._run, name)
@@ -292,6 +299,14 @@ class _Relay:
     def stop(self, timeout: float = 5.0) -> None:
         """Drain and join."""
         self._stopping.set()
+        if not self._stop_sent:
+            self._stop_sent = True
+            with contextlib.suppress(OSError):
+                os.write(self._stop_write, b"s")
+            os.close(self._stop_write)
+        self._join(timeout)
+
+    def _join(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -342,7 +357,8 @@ class LogRelay(_Relay):
         try:
             while True:
                 stopping = self._stopping.is_set()  # read before draining: a set flag means no writer is left
-                readable, _, _ = select.select([self._fd], [], [], 0.2)
+                readable, _, _ = select.select([self._fd, self._stop_read], [], [])
+                readable = [fd for fd in readable if fd == self._fd]
                 chunk = b""
                 if readable:
                     try:
@@ -364,6 +380,7 @@ class LogRelay(_Relay):
             if pending:
                 self._emit([pending])
             os.close(self._fd)
+            os.close(self._stop_read)
 
     def _emit(self, raw: list[bytes]) -> None:
         _hand_over(self._sink, raw)
@@ -449,9 +466,8 @@ class AccessLogListener(_Relay):
         self._arrived: list[_LogConnection] = []  # accepted and checked, not yet taken by the reader (the lock's)
         self._arrived_lock = threading.Lock()
         self._accepted_all = threading.Event()  # the accept thread has taken its last connection
-        self._stop_read, self._stop_write = os.pipe()  # wakes the accept thread for stop()
         self._wake_read, self._wake_write = os.pipe()  # wakes the reader for a new connection
-        for fd in (self._stop_read, self._stop_write, self._wake_read, self._wake_write):
+        for fd in (self._wake_read, self._wake_write):
             os.set_blocking(fd, False)
         self._acceptor: threading.Thread | None = None
         self.refused = 0
@@ -462,17 +478,11 @@ class AccessLogListener(_Relay):
         self._acceptor.start()
         self._start_thread("relay-access")
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Accept what is left, drain and join."""
-        self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._stop_write, b"s")
+    def _join(self, timeout: float) -> None:
+        """stop(): the accept thread takes what is left, then the reader drains."""
         if self._acceptor is not None:
             self._acceptor.join(timeout)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        with contextlib.suppress(OSError):
-            os.close(self._stop_write)
+        super()._join(timeout)
 
     # --- the accept thread -----------------------------------------------------------------------------------
     def _accept_until_stopped(self) -> None:

@@ -93,6 +93,11 @@ def _log_warnings(logger: Logger, document: PolicyDocument, settings: Settings) 
 # denier refuses), so 20 ms costs at most 50 wake-ups a second under a flood of refusals.
 CACHE_LOG_COALESCE_SECONDS = 0.02
 
+# How often the loop looks for a worker Squid revived (a /proc read of the master's children and their command lines).
+# The loop wakes several times a second (the file source's polls and their answers), and this read was most of each
+# wake-up's cost.
+WORKER_WATCH_SECONDS = 1.0
+
 # At exit, how long the lines still buffered may take to reach stdout before the proxy exits without them.
 LOG_FLUSH_SECONDS = 5.0
 
@@ -373,7 +378,9 @@ class Supervisor:
                     batch.append(loop.SquidExited(code))
             batch.append(loop.Tick())
             if state.phase is loop.Phase.RUNNING:
-                self._watch_workers()
+                if (now := self.clock()) >= self._workers_watched_at + WORKER_WATCH_SECONDS:
+                    self._workers_watched_at = now
+                    self._watch_workers()
                 self._gate_traffic_on_log()
             actions = []
             for event in batch:
@@ -381,6 +388,7 @@ class Supervisor:
                 actions += more
 
     _squid_exit_reported = False
+    _workers_watched_at = float("-inf")
     # The last reload's write of the config files and the moment Squid was told (SIGHUP), for its reloaded line.
     _write_seconds = 0.0
     _reconfigured_at = 0.0

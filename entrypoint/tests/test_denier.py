@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from egress_proxy.denier import Denier, reason_from_head, refusal
 
 
@@ -33,3 +35,20 @@ def test_serves_403_over_loopback() -> None:
         assert b"not on the allowlist" in reply
     finally:
         denier.stop()
+
+
+def test_stop_wakes_the_sleeping_thread_and_closes_the_port() -> None:
+    # The thread waits for connections without a timeout: stop() must still end it, and the port must close.
+    denier = Denier().start()
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", denier.port), timeout=5) as sock:
+            sock.sendall(b"CONNECT x.example:443 HTTP/1.1\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    denier.stop()
+    assert not denier._thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", denier.port), timeout=5)
+
+
+def test_a_denier_never_started_stops_quietly() -> None:
+    Denier().stop()
