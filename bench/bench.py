@@ -408,7 +408,64 @@ def bench_http(proxy: Proxy, seed: SeedSquid, seconds: float, connections: int) 
     return result
 
 
-def bench_supervisor(proxy: Proxy, idle_seconds: float, load_seconds: float) -> dict[str, Any]:
+def _thread_use(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+                ) -> dict[str, tuple[int, int]]:
+    """(ns, wakes) per thread name between two readings of benchenv.thread_cpu; a thread that started in between
+    counts in full."""
+    return {name: (ns - before.get(name, (0, 0))[0], runs - before.get(name, (0, 0))[1])
+            for name, (ns, runs) in after.items()}
+
+
+def supervisor_threads(proxy: Proxy, target: Target, idle: float, count: int) -> dict[str, Any]:
+    """The supervisor's CPU by thread, per new HTTPS connection and per idle second. The latency sections divide
+    all of the supervisor's CPU in a window by its connections, so its idle cost (timers, polls) lands on each
+    connection in proportion to the window's wall time per connection, which grows with the routes a section
+    interleaves. Here: ``idle`` seconds without traffic (CPU and wake-ups per second), then ``count`` new
+    connections back to back through this proxy alone; a thread's CPU per connection is its CPU in that window
+    minus its idle rate times the window's wall time, over ``count`` (the part the connections cost). "gross"
+    keeps the idle share in. CPU is the kernel's accounting (schedstat), which a busy machine does not inflate;
+    wakes are the times a thread was scheduled in."""
+    time.sleep(1)  # the access-log relay's last reads of earlier traffic (it reads at most every 0.2 s) stay out
+    start = benchenv.thread_cpu(proxy.pid)
+    started = time.monotonic()
+    time.sleep(idle)
+    idle_wall = time.monotonic() - started
+    middle = benchenv.thread_cpu(proxy.pid)
+    lines_before = proxy.access_lines
+    started = time.monotonic()
+    clients.latencies(target, count)
+    load_wall = time.monotonic() - started
+    quiet, busy = _thread_use(start, middle), _thread_use(middle, benchenv.thread_cpu(proxy.pid))
+    threads: dict[str, dict[str, float]] = {}
+    for name in sorted(set(quiet) | set(busy)):
+        idle_ns, idle_runs = quiet.get(name, (0, 0))
+        load_ns, load_runs = busy.get(name, (0, 0))
+        threads[name] = {
+            "idle_us_per_s": round(idle_ns / idle_wall / 1000, 1),
+            "idle_wakes_per_s": round(idle_runs / idle_wall, 1),
+            "us_per_connection": round((load_ns - idle_ns / idle_wall * load_wall) / count / 1000, 2),
+            "gross_us_per_connection": round(load_ns / count / 1000, 2),
+            "wakes_per_connection": round((load_runs - idle_runs / idle_wall * load_wall) / count, 3)}
+    keys = ("idle_us_per_s", "idle_wakes_per_s", "us_per_connection", "gross_us_per_connection",
+            "wakes_per_connection")
+    return {"idle_seconds": round(idle_wall, 2), "load_seconds": round(load_wall, 2), "connections": count,
+            "connections_per_s": round(count / load_wall, 1), "access_lines": proxy.access_lines - lines_before,
+            "threads": threads, "total": {key: round(sum(t[key] for t in threads.values()), 2) for key in keys}}
+
+
+def supervisor_thread_medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per thread and in total, the median of each figure over the rounds of supervisor_threads."""
+    names = sorted({name for r in rounds for name in r["threads"]})
+    keys = list(rounds[0]["total"])
+    zero = dict.fromkeys(keys, 0.0)
+    return {"threads": {name: {key: round(statistics.median(r["threads"].get(name, zero)[key] for r in rounds), 2)
+                               for key in keys} for name in names},
+            "total": {key: round(statistics.median(r["total"][key] for r in rounds), 2) for key in keys},
+            "connections_per_s": statistics.median(r["connections_per_s"] for r in rounds), "rounds": len(rounds)}
+
+
+def bench_supervisor(proxy: Proxy, cacert: str, idle_seconds: float, load_seconds: float, thread_rounds: int,
+                     thread_count: int) -> dict[str, Any]:
     pids = proxy.groups()
     window = CpuWindow(pids).start()
     time.sleep(idle_seconds)
@@ -419,8 +476,13 @@ def bench_supervisor(proxy: Proxy, idle_seconds: float, load_seconds: float) -> 
     busy = window.stop()
     relayed = proxy.access_lines - lines_before
     log(f"  idle: {idle}; under {load['rps']:.0f} req/s: {busy}")
+    target = Target("https", True, cacert)
+    rounds = [supervisor_threads(proxy, target, idle_seconds / 2, thread_count) for _ in range(thread_rounds)]
+    threads = supervisor_thread_medians(rounds)
+    log(f"  by thread: {threads['total']}")
     return {"idle_seconds": idle_seconds, "idle": idle, "load_seconds": load_seconds, "load_rps": load["rps"],
-            "load": busy, "access_lines_per_s": round(relayed / load_seconds, 1)}
+            "load": busy, "access_lines_per_s": round(relayed / load_seconds, 1),
+            "threads": {**threads, "per_round": rounds}}
 
 
 def time_render_and_parse(text: str, proxy: Proxy) -> dict[str, float]:
@@ -940,8 +1002,9 @@ def main() -> int:
             results["http"] = bench_http(proxy, seed, seconds=2 if quick else 5, connections=16)
         if "supervisor" in sections:
             log("supervisor cost")
-            results["supervisor"] = bench_supervisor(proxy, idle_seconds=3 if quick else 10,
-                                                     load_seconds=2 if quick else 5)
+            results["supervisor"] = bench_supervisor(proxy, cacert, idle_seconds=3 if quick else 10,
+                                                     load_seconds=2 if quick else 5, thread_rounds=1 if quick else 3,
+                                                     thread_count=200 if quick else 1000)
         if "scale" in sections:
             log("allowlist scale")
             results["scale"] = bench_scale(proxy, workdir, allowlist, cacert, count=100 if quick else 300,

@@ -213,7 +213,28 @@ def rows(data: dict[str, Any]) -> list[Row]:
                     f"{sup['idle']['supervisor']['rss_mb']} / {sup['load']['supervisor']['rss_mb']}", "", "-", "-"))
         out.append(row("Squid CPU (% of a core), idle / under load", "",
                     f"{sup['idle']['squid']['cpu_percent']} / {sup['load']['squid']['cpu_percent']}", "", "-", "-"))
+        threads = sup.get("threads")
+        if threads:
+            out += supervisor_thread_rows(threads)
     return out
+
+
+def supervisor_thread_rows(threads: dict[str, Any]) -> list[Row]:
+    """The supervisor's CPU per new HTTPS connection (its idle share removed) and per idle second, by thread
+    (bench.supervisor_threads): the threads that used at least 0.5 us or 0.5 wake-ups, biggest first."""
+    def parts(key: str, digits: int) -> str:
+        used = sorted(((v[key], name) for name, v in threads["threads"].items() if abs(v[key]) >= 0.5),
+                      reverse=True)
+        return ", ".join(f"{name} {_fmt(value, digits)}" for value, name in used)
+
+    total = threads["total"]
+    return [row("Supervisor CPU per new HTTPS connection, idle share removed (us)", "",
+                _fmt(total["us_per_connection"]),
+                f"with the idle share at {threads['connections_per_s']:,.0f} conn/s: "
+                f"{_fmt(total['gross_us_per_connection'])}; {parts('us_per_connection', 1)}", "-", "-"),
+            row("Supervisor CPU idle (us per second) / wake-ups per second", "",
+                f"{_fmt(total['idle_us_per_s'], 0)} / {_fmt(total['idle_wakes_per_s'])}",
+                f"{parts('idle_us_per_s', 0)}; wake-ups: {parts('idle_wakes_per_s', 1)}", "-", "-")]
 
 
 def _compared(label: str, lat: dict[str, Any], names: tuple[str, str], target_ms: float | None) -> Row:
