@@ -55,12 +55,11 @@ def run(ec2: Any, table_ids: list[str], tag_key: str, pool: str, ipv6: bool = Fa
     up = {i for ids in healthy.values() for i in ids}
     changes = plan(tables, healthy, current)
     moved = {}
-    for rtb in sorted(tables):
-        target = changes.get(rtb) or (current[rtb] if current[rtb] in up else None)
-        for key in [*DEFAULTS][:1 + ipv6]:
+    for key in [*DEFAULTS][:1 + ipv6]:  # IPv4 first: an IPv6 error cannot hold up IPv4 failover
+        for rtb in sorted(tables):
+            target = changes.get(rtb) or (current[rtb] if current[rtb] in up else None)
             route = found[rtb].get(key)
             if target and (route or {}).get("InstanceId") != target:
-                # Replaces an existing route (a NAT or egress-only gateway's)
                 (ec2.replace_route if route else ec2.create_route)(
                     RouteTableId=rtb, InstanceId=target, **{key: DEFAULTS[key]})
                 moved[rtb] = target
