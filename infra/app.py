@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """CDK app: `cdk synth|deploy [-c capacity=fargate|ec2] [-c arch=x86_64|arm64] [-c eipPoolSize=4] [-c imageUri=...]
-[-c transparent=on [-c transparentIpv6=on]]` (transparent: EC2 mode only)."""
+[-c transparent=on [-c transparentIpv6=on] [-c transparentExtraPorts=22,7999]]` (transparent: EC2 mode only)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def build_app(app: cdk.App) -> EgressProxyStack:
     node = app.node
     context = {key: node.try_get_context(key)
                for key in ("capacity", "eipPoolSize", "imageUri", "drainSeconds", "imageAssetDir", "arch",
-                           "nlbIdleTimeoutSeconds", "eipAllocationIds", "transparent", "transparentIpv6")}
+                           "nlbIdleTimeoutSeconds", "eipAllocationIds", "transparent", "transparentIpv6",
+                           "transparentExtraPorts")}
     config = InfraConfig.from_context(context)
     stack = EgressProxyStack(
         app, node.try_get_context(STACK_NAME_CONTEXT) or "EgressProxy", config=config,

@@ -40,6 +40,12 @@ _ALLOCATION_ID = re.compile(r"eipalloc-[0-9a-f]{8,17}")
 DEFAULT_NLB_IDLE_TIMEOUT_SECONDS = 350
 MIN_NLB_IDLE_TIMEOUT_SECONDS = 60
 MAX_NLB_IDLE_TIMEOUT_SECONDS = 6000
+#: What the proxy instances always let out for Squid (proxy_service.allow_proxied_egress); a policy's extra ports
+#: can never be these (policy.py refuses them too).
+PROXY_EGRESS_PORTS = (80, 443)
+#: At most this many transparentExtraPorts entries: each is one egress rule per IP family, and a security group
+#: holds 60 rules per direction and family by default (the proxy's own rules and DNS take up to 10).
+MAX_EXTRA_PORT_ENTRIES = 20
 
 
 class CapacityMode(StrEnum):
@@ -89,6 +95,9 @@ class InfraConfig:
     transparent: bool = False
     #: With transparent: the instances also take over ::/0 and admit the ClientIpv6Cidr parameter's range.
     transparent_ipv6: bool = False
+    #: With transparent: the TCP ports (first, last) the instances' security group lets out besides 80 and 443,
+    #: for the policies' extra ports (`"ports": ["github.com:22"]`); the host's nftables sets decide where to.
+    transparent_extra_ports: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.eip_allocation_ids and len(self.eip_allocation_ids) != self.eip_pool_size:
@@ -119,6 +128,10 @@ class InfraConfig:
         if self.transparent_ipv6 and not self.transparent:
             raise ConfigError("transparentIpv6=on needs transparent=on: it adds IPv6 to transparent mode (deploy "
                               "with -c capacity=ec2 -c transparent=on -c transparentIpv6=on)")
+        if self.transparent_extra_ports and not self.transparent:
+            raise ConfigError("transparentExtraPorts needs transparent=on: the extra ports are a policy's ports in "
+                              "transparent mode (deploy with -c capacity=ec2 -c transparent=on "
+                              "-c transparentExtraPorts=...)")
         if self.image_uri is not None and not re.fullmatch(r"[^\s]+", self.image_uri):
             raise ConfigError(f"imageUri={self.image_uri!r}: expected an image reference such as repo:tag")
 
@@ -150,6 +163,7 @@ class InfraConfig:
             nlb_idle_timeout_seconds=_as_int(context, "nlbIdleTimeoutSeconds", DEFAULT_NLB_IDLE_TIMEOUT_SECONDS),
             transparent=_as_on_off(context, "transparent"),
             transparent_ipv6=_as_on_off(context, "transparentIpv6"),
+            transparent_extra_ports=_as_port_ranges(context, "transparentExtraPorts"),
         )
 
 
@@ -168,3 +182,33 @@ def _as_on_off(context: Mapping[str, Any], key: str) -> bool:
     if value not in {"on", "off", "true", "false"}:
         raise ConfigError(f"{key}={value!r}: use on or off")
     return value in {"on", "true"}
+
+
+def _as_port_ranges(context: Mapping[str, Any], key: str) -> tuple[tuple[int, int], ...]:
+    """TCP ports and ranges, comma-separated (``22,7999,5432-5433``), as (first, last) pairs in the given order."""
+    value = context.get(key)
+    # cdk.json may hold a list or a number; `-c` gives a string.
+    raw = ",".join(map(str, value)) if isinstance(value, list) else str(value or "").strip()
+    example = f"e.g. -c {key}=22,7999,5432-5433"
+    ranges: list[tuple[int, int]] = []
+    for item in (part.strip() for part in raw.split(",") if raw):
+        first, dash, last = item.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or not (
+                1 <= int(first) <= int(last if dash else first) <= 65535):
+            raise ConfigError(f"{key}={raw!r}: {item!r} is not a TCP port; use ports from 1 to 65535 or ranges "
+                              f"such as 5432-5433, comma-separated ({example})")
+        span = (int(first), int(last if dash else first))
+        shown = item.replace(" ", "")
+        always = [port for port in PROXY_EGRESS_PORTS if span[0] <= port <= span[1]]
+        if always:
+            raise ConfigError(f"{key}={raw!r}: {shown} includes tcp/{always[0]}, which the instances always let out "
+                              "for the proxy (and a policy's extra ports cannot include 80 or 443); leave it out"
+                              + (" or split the range around it" if span[0] != span[1] else ""))
+        if span in ranges:
+            raise ConfigError(f"{key}={raw!r}: {shown} is listed twice; list each port or range once")
+        ranges.append(span)
+    if len(ranges) > MAX_EXTRA_PORT_ENTRIES:
+        raise ConfigError(f"{key}: {len(ranges)} entries, at most {MAX_EXTRA_PORT_ENTRIES} (each is a security group "
+                          "rule, and a group holds 60 per direction by default); join neighbouring ports into "
+                          "ranges such as 5432-5439")
+    return tuple(ranges)

@@ -112,7 +112,8 @@ class EgressProxyStack(Stack):
         if config.transparent and isinstance(proxies, Ec2ProxyService) and self.eip_pool is not None:
             transparent = TransparentMode(self, "Transparent", proxies=proxies, task=task,
                                           client_cidr=params.client_cidr,
-                                          pool_tag_value=self.eip_pool.pool_tag_value, ipv6=config.transparent_ipv6)
+                                          pool_tag_value=self.eip_pool.pool_tag_value, ipv6=config.transparent_ipv6,
+                                          extra_ports=config.transparent_extra_ports)
         self.proxies = proxies
 
         VpcEndpoints(

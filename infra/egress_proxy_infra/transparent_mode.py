@@ -15,6 +15,9 @@ subnets, a NAT replacement that filters by name, with the same fixed Elastic IPs
   ``egress-proxy nft-sets`` in the proxy container every 15 s (it resolves the loaded policies' names with the VPC
   resolver the clients use) and applies the transaction only if every line is in the grammar the host accepts
   (``nft_rules.PORT_SET_LINE``): the container can fill the ports sets, and do nothing else to the host's rules.
+  The security group lets out only the ports in ``-c transparentExtraPorts`` besides 80 and 443 (to any address:
+  the sets pick the addresses). Only the group knows that list: in the user data, changing it would replace every
+  instance (a new launch template version), where a security group rule changes in place.
 
 * IPv6 (`-c transparentIpv6=on`): the ClientIpv6Cidr parameter's range is admitted, intercepted and routed too
   (``::/0`` moves with ``0.0.0.0/0``, replacing an egress-only gateway's route); each instance gets an IPv6 address
@@ -28,6 +31,7 @@ extra-port flows are forwarded and masqueraded to the instance's address, so the
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from aws_cdk import CfnParameter, Duration, Fn, Stack
 from aws_cdk import aws_ec2 as ec2
@@ -201,12 +205,27 @@ def nft_boot_script(client_cidr: str, client_ipv6_cidr: str | None = None) -> li
 CLIENT_IPV6_CIDR_PATTERN = r"^[0-9A-Fa-f]{0,4}(:[0-9A-Fa-f]{0,4}){2,7}/(3[2-9]|[4-9][0-9]|1[01][0-9]|12[0-8])$"
 
 
+def allow_extra_port_egress(security_group: ec2.SecurityGroup, extra_ports: Sequence[tuple[int, int]], *,
+                            ipv6: bool) -> None:
+    """Out to anywhere on each of ``extra_ports`` (-c transparentExtraPorts), over IPv6 too with ``ipv6``. The group
+    bounds which ports can ever leave; the host's ports sets (filled from the policies) decide to which addresses
+    and for which clients, so a port here opens nothing that no policy names."""
+    peers = [ec2.Peer.any_ipv4(), *([ec2.Peer.any_ipv6()] if ipv6 else [])]
+    for first, last in extra_ports:
+        shown = f"tcp/{first}" if first == last else f"tcp/{first}-{last}"
+        for peer in peers:
+            security_group.add_egress_rule(
+                peer, ec2.Port.tcp_range(first, last),
+                f"Transparent mode: extra ports of policies ({shown}); the host nftables sets pick the addresses")
+
+
 class TransparentMode(Construct):
     """The instances as the private subnets' default route. With ``ipv6``: ::/0 too, for the ClientIpv6Cidr
     parameter's clients (the instances then need an IPv6 address in dual-stack public subnets)."""
 
     def __init__(self, scope: Construct, id: str, *, proxies: Ec2ProxyService, task: ProxyTask,
-                 client_cidr: CfnParameter, pool_tag_value: str, ipv6: bool = False) -> None:
+                 client_cidr: CfnParameter, pool_tag_value: str, ipv6: bool = False,
+                 extra_ports: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__(scope, id)
         stack = Stack.of(self)
         # On the stack, so that its logical ID (the console's parameter name) is exactly this.
@@ -236,6 +255,7 @@ class TransparentMode(Construct):
             "Transparent mode: clients route through the instances; the nftables rules decide")
         if ipv6_cidr is not None:
             self._add_ipv6(proxies, task, client_cidr=client_cidr.value_as_string, client_ipv6_cidr=ipv6_cidr)
+        allow_extra_port_egress(proxies.security_group, extra_ports, ipv6=ipv6)
         NagSuppressions.add_resource_suppressions(proxies.security_group, [NagPackSuppression(
             id="CdkNagValidationFailure", applies_to=["AwsSolutions-EC23"],
             reason="AwsSolutions-EC23 cannot evaluate the ClientCidr (or ClientIpv6Cidr) parameter at synth "

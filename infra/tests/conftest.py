@@ -44,6 +44,26 @@ def transparent_ipv6(tmp_path_factory: pytest.TempPathFactory) -> Synth:
                       {"capacity": "ec2", "imageUri": ECR_IMAGE, "transparent": "on", "transparentIpv6": "on"})
 
 
+#: Extra TCP ports the instances let out for the policies' ports (-c transparentExtraPorts), as given.
+EXTRA_PORTS = "22,7999,5432-5433"
+
+
+@pytest.fixture(scope="session")
+def transparent_extra_ports(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    """Transparent mode whose instances let out the policies' extra ports besides 80 and 443."""
+    return synthesize(tmp_path_factory.mktemp("transparent-extra-ports"),
+                      {"capacity": "ec2", "imageUri": ECR_IMAGE, "transparent": "on",
+                       "transparentExtraPorts": EXTRA_PORTS})
+
+
+@pytest.fixture(scope="session")
+def transparent_ipv6_extra_ports(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    """The same over IPv6 too (-c transparentIpv6=on)."""
+    return synthesize(tmp_path_factory.mktemp("transparent-ipv6-extra-ports"),
+                      {"capacity": "ec2", "imageUri": ECR_IMAGE, "transparent": "on", "transparentIpv6": "on",
+                       "transparentExtraPorts": EXTRA_PORTS})
+
+
 @pytest.fixture(scope="session")
 def asset_build_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stand-in repo root: the real container/Dockerfile belongs to another part of the repo."""

@@ -14,7 +14,8 @@ from cfnlint.api import lint_file
 from cfnlint.config import ManualArgs
 from infra_synth import DOCKER_TRIPWIRE_LOG, Synth
 
-VARIANTS = ["fargate", "ec2", "fargate_asset", "ec2_existing_eips", "transparent", "transparent_ipv6"]
+VARIANTS = ["fargate", "ec2", "fargate_asset", "ec2_existing_eips", "transparent", "transparent_ipv6",
+            "transparent_ipv6_extra_ports"]
 LINT_REGIONS = ["us-east-1", "eu-west-1", "ap-southeast-2"]
 
 

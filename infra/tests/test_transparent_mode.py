@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from aws_cdk.assertions import Match
-from egress_proxy_infra.config import ConfigError, InfraConfig
+from egress_proxy_infra.config import PROXY_EGRESS_PORTS, ConfigError, InfraConfig
+from egress_proxy_infra.proxy_task import ALLOWED_CONNECT_PORTS, ALLOWED_HTTP_PORTS
 from egress_proxy_infra.transparent_mode import (
     CLIENT_IPV6_CIDR_PATTERN,
     IPV6_BYPASS_MARKER,
@@ -126,7 +127,7 @@ def test_the_refresh_refuses_anything_but_the_ports_sets(tmp_path: Path, hostile
     assert not applied.exists()
 
 
-@pytest.mark.parametrize("variant", ["transparent", "transparent_ipv6"])
+@pytest.mark.parametrize("variant", ["transparent", "transparent_ipv6", "transparent_ipv6_extra_ports"])
 def test_user_data_stays_under_ec2s_16_kb(variant: str, request: pytest.FixtureRequest) -> None:
     """EC2 refuses user data over 16 KB (before base64): its literal text, with room left for parameter values."""
     transparent: Synth = request.getfixturevalue(variant)
@@ -299,3 +300,87 @@ def test_the_forwarding_commands_keep_router_advertisements(tmp_path: Path) -> N
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1", "2", "0"]
+
+
+# --- a policy's extra ports through the security group (-c transparentExtraPorts) ----------------------------------
+
+
+def _egress_ports(synth: Synth, family: str) -> list[tuple[str, object, object]]:
+    """(protocol, from, to) of the proxies' egress rules to the whole internet of ``family`` (CidrIp/CidrIpv6)."""
+    anywhere = {"CidrIp": "0.0.0.0/0", "CidrIpv6": "::/0"}[family]
+    return sorted((str(r["IpProtocol"]), r["FromPort"], r["ToPort"]) for r in _security_group_rules(synth, "Egress")
+                  if r.get(family) == anywhere)
+
+
+def test_extra_ports_are_closed_by_default(transparent: Synth, transparent_ipv6: Synth) -> None:
+    """Without the context value the instances let out only what Squid forwards: a policy's extra port is
+    forwarded by the host and dropped by the security group."""
+    assert _egress_ports(transparent, "CidrIp") == [("tcp", 80, 80), ("tcp", 443, 443)]
+    assert _egress_ports(transparent_ipv6, "CidrIpv6") == [("tcp", 80, 80), ("tcp", 443, 443)]
+
+
+def test_extra_ports_open_the_security_group_over_ipv4(transparent_extra_ports: Synth) -> None:
+    assert _egress_ports(transparent_extra_ports, "CidrIp") == [
+        ("tcp", 22, 22), ("tcp", 80, 80), ("tcp", 443, 443), ("tcp", 5432, 5433), ("tcp", 7999, 7999)]
+    assert not [r for r in _security_group_rules(transparent_extra_ports, "Egress") if "CidrIpv6" in r]
+
+
+def test_changing_the_extra_ports_replaces_no_instance(transparent: Synth, transparent_extra_ports: Synth) -> None:
+    """Only the security group changes (rules update in place): the launch template is the same, so a stack update
+    that adds a port starts no instance refresh and cuts no connection."""
+    assert transparent.template.find_resources("AWS::EC2::LaunchTemplate") == (
+        transparent_extra_ports.template.find_resources("AWS::EC2::LaunchTemplate"))
+    (group,) = [name for name, resource in transparent_extra_ports.resources("AWS::EC2::SecurityGroup").items()
+                if any(rule.get("FromPort") == 7999 for rule in resource["Properties"].get("SecurityGroupEgress", []))]
+    assert group in transparent.resources("AWS::EC2::SecurityGroup")  # the same group, with more inline rules
+
+
+def test_extra_ports_open_the_security_group_over_ipv6_with_the_ipv6_switch(
+        transparent_ipv6_extra_ports: Synth) -> None:
+    expected = [("tcp", 22, 22), ("tcp", 80, 80), ("tcp", 443, 443), ("tcp", 5432, 5433), ("tcp", 7999, 7999)]
+    assert _egress_ports(transparent_ipv6_extra_ports, "CidrIp") == expected
+    assert _egress_ports(transparent_ipv6_extra_ports, "CidrIpv6") == expected
+    # Inbound is unchanged: only the client ranges, on every port (the host rules decide).
+    ingress = _security_group_rules(transparent_ipv6_extra_ports, "Ingress")
+    assert not [r for r in ingress if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"]
+
+
+def test_extra_ports_are_parsed_in_order() -> None:
+    config = InfraConfig.from_context({"capacity": "ec2", "transparent": "on",
+                                       "transparentExtraPorts": " 7999, 22,5432-5433 "})
+    assert config.transparent_extra_ports == ((7999, 7999), (22, 22), (5432, 5433))
+    # cdk.json may hold a number or a list.
+    for typed in (22, [22, "7999"]):
+        config = InfraConfig.from_context({"capacity": "ec2", "transparent": "on", "transparentExtraPorts": typed})
+        assert config.transparent_extra_ports[0] == (22, 22)
+    assert InfraConfig.from_context({"capacity": "ec2", "transparent": "on"}).transparent_extra_ports == ()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("ssh", "transparentExtraPorts='ssh': 'ssh' is not a TCP port; use ports from 1 to 65535 or ranges such as "
+            "5432-5433, comma-separated (e.g. -c transparentExtraPorts=22,7999,5432-5433)"),
+    ("22,0", "'0' is not a TCP port"),
+    ("65536", "'65536' is not a TCP port"),
+    ("5433-5432", "'5433-5432' is not a TCP port"),
+    ("22,,7999", "'' is not a TCP port"),
+    ("-22", "'-22' is not a TCP port"),
+    ("22,443", "transparentExtraPorts='22,443': 443 includes tcp/443, which the instances always let out for the "
+               "proxy (and a policy's extra ports cannot include 80 or 443); leave it out"),
+    ("22,1-1024", "1-1024 includes tcp/80, which the instances always let out for the proxy (and a policy's extra "
+                  "ports cannot include 80 or 443); leave it out or split the range around it"),
+    ("22,7999,22", "transparentExtraPorts='22,7999,22': 22 is listed twice; list each port or range once"),
+    (",".join(str(port) for port in range(1000, 1021)), "21 entries, at most 20 (each is a security group rule"),
+])
+def test_bad_extra_ports_are_refused_with_the_value_and_a_fix(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        InfraConfig.from_context({"capacity": "ec2", "transparent": "on", "transparentExtraPorts": value})
+    assert message in str(refused.value)
+
+
+def test_extra_ports_need_transparent_mode() -> None:
+    with pytest.raises(ConfigError, match="transparentExtraPorts needs transparent=on"):
+        InfraConfig.from_context({"capacity": "ec2", "transparentExtraPorts": "22"})
+
+
+def test_the_ports_the_proxy_always_lets_out_are_the_tasks() -> None:
+    assert sorted(PROXY_EGRESS_PORTS) == sorted({*ALLOWED_HTTP_PORTS, *ALLOWED_CONNECT_PORTS})
