@@ -239,6 +239,7 @@ class LoopState(Generic[C]):
     status_at: float = 0.0
     retry_version: str | None = None  # its files could not be written (disk full): build it again
     exit_code: ExitCode | None = None
+    poll_issued: float | None = None  # running: when the PollSource now out in the worker was issued
 
 
 Step = tuple[LoopState[C], list[Action[S, C]]]
@@ -250,12 +251,17 @@ def initial(config: LoopConfig, now: float) -> Step[C, S]:
 
 
 def next_wakeup(state: LoopState[C], config: LoopConfig, now: float) -> float:
-    """Seconds until the loop must tick again (at most 1 s, so the clock never drifts far)."""
+    """Seconds until the loop must tick again (at most 1 s, so the clock never drifts far). A poll's "unchanged"
+    answer does not wake the loop (the supervisor queues it quietly): the loop takes it when it wakes to poll
+    again, at the latest time the next poll can be due, so each poll of a quiet source costs one wake-up, not two.
+    Once that time has passed without an answer, the tick and the other events are left."""
     times = [now + 1.0]
     if state.phase is Phase.RUNNING:
         times.append(state.status_at)
         if not state.busy and state.pending is None:
             times.append(state.next_poll)
+        elif state.poll_issued is not None and (answer_due := _latest_next_poll(state.poll_issued, config)) > now:
+            times.append(answer_due)
     if state.probe_at is not None:
         times.append(state.probe_at)
     if state.deadline is not None:
@@ -318,7 +324,8 @@ def _on_signal(state: LoopState[C], signum: int, now: float, config: LoopConfig)
         log = Log("info", "hup", "SIGHUP received: polling the allowlist source now")
         if state.busy or state.pending is not None:
             return replace(state, poll_now=True), [log]
-        return replace(state, busy=True, poll_now=False, hup_poll=True), [log, PollSource(state.seen_version)]
+        return (replace(state, busy=True, poll_now=False, hup_poll=True, poll_issued=now),
+                [log, PollSource(state.seen_version)])
     return state, []
 
 
@@ -399,15 +406,36 @@ def _launching(state: LoopState[C], event: Event[S, C], now: float, config: Loop
     return state, []
 
 
-def _schedule_poll(state: LoopState[C], now: float, config: LoopConfig, jitter: float) -> LoopState[C]:
-    next_poll = now if state.poll_now else now + max(0.2, config.poll_interval * jitter) + state.backoff
+# The supervisor's jitter of the poll interval is drawn from [MIN_POLL_JITTER, MAX_POLL_JITTER].
+MIN_POLL_JITTER, MAX_POLL_JITTER = 0.9, 1.1
+
+
+def _latest_next_poll(issued: float, config: LoopConfig) -> float:
+    return issued + max(0.2, config.poll_interval * MAX_POLL_JITTER)
+
+
+def _schedule_poll(state: LoopState[C], now: float, config: LoopConfig, jitter: float,
+                   start: float | None = None) -> LoopState[C]:
+    """The next poll: at once after a SIGHUP that came while busy; else an interval (jittered, plus any backoff)
+    after ``start`` (default: now)."""
+    start = now if start is None else start
+    next_poll = now if state.poll_now else start + max(0.2, config.poll_interval * jitter) + state.backoff
     return replace(state, busy=False, next_poll=next_poll)
+
+
+def _interval_start(issued: float | None, now: float, config: LoopConfig) -> float:
+    """Where the interval to the next poll starts after an unchanged answer: at the poll's issue, when the answer
+    was taken by the wake-up meant for it (see next_wakeup) or sooner, so the cadence stays one poll per interval;
+    at the answer, when it came later than that (a slow Secrets Manager call keeps a full interval's rest)."""
+    if issued is not None and now <= _latest_next_poll(issued, config) + 1.0:
+        return issued
+    return now
 
 
 def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopConfig) -> Step[C, S]:
     actions: list[Action[S, C]] = []
     if isinstance(event, SourcePolled):
-        answers_hup, state = state.hup_poll, replace(state, hup_poll=False)
+        answers_hup, issued, state = state.hup_poll, state.poll_issued, replace(state, hup_poll=False, poll_issued=None)
         if event.error is not None:
             backoff = min(config.max_backoff, max(1.0, state.backoff * 2))
             state = _schedule_poll(replace(state, backoff=backoff), now, config, event.jitter)
@@ -421,7 +449,7 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
             if answers_hup:  # the operator asked; every other poll that finds nothing stays quiet
                 actions.append(Log("info", "source_unchanged", f"SIGHUP: the source has not moved from version "
                                    f"{state.seen_version}; nothing to apply", _fields(version=state.seen_version)))
-            return _schedule_poll(state, now, config, event.jitter), actions
+            return _schedule_poll(state, now, config, event.jitter, _interval_start(issued, now, config)), actions
         return replace(state, seen_version=event.version), [*actions, BuildCandidate(event.snapshot)]
     if isinstance(event, CandidateBuilt):
         state = _schedule_poll(state, now, config, 1.0)
@@ -459,7 +487,7 @@ def _running(state: LoopState[C], event: Event[S, C], now: float, config: LoopCo
         state = replace(state, status_at=now + config.status_every)
         actions.append(WriteStatus())
     if not state.busy and (state.poll_now or now >= state.next_poll):
-        state = replace(state, busy=True, poll_now=False, hup_poll=state.poll_now)
+        state = replace(state, busy=True, poll_now=False, hup_poll=state.poll_now, poll_issued=now)
         # A version to retry is read whole: the cheap change check would say "unchanged".
         actions.append(PollSource(None if state.retry_version else state.seen_version))
     return state, actions

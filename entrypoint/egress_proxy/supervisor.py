@@ -139,6 +139,11 @@ class EventQueue:
         with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
             os.write(self._write, b"\0")
 
+    def post_quietly(self, event: Event) -> None:
+        """Queue ``event`` without waking the loop: it is taken at the loop's next wake-up (see
+        loop.next_wakeup, which wakes for a poll's answer when the next poll can be due)."""
+        self._posted.append(event)
+
     def wait(self, timeout: float) -> tuple[list[int], list[Event]]:
         """Signals received and events posted, waiting up to ``timeout`` seconds for the first."""
         if not self._posted:
@@ -244,7 +249,7 @@ class Supervisor:
         self.identity: IdentityRefresher | None = None
         self.applier: ConfigApplier | None = None
         self.metrics: MetricsLoop | None = None
-        self.worker = Worker(self.events.post)
+        self.worker = Worker(self._post_result)
         self.workers = WorkerWatch(settings.workers)  # Squid's worker processes (not the I/O worker thread)
         self.writes = WriteFailures(self._report_write)
         self._fatal_lines: dict[str, tuple[float, str]] = {}  # Squid kid (kid1) -> its last FATAL line
@@ -435,9 +440,17 @@ class Supervisor:
         return None
 
     # --- in the worker thread ------------------------------------------------------------------------------
+    def _post_result(self, event: Event) -> None:
+        """A poll that found nothing new changes nothing now: it waits for the loop's next wake-up rather than
+        causing one (with a file source, four a second). Every other result wakes the loop at once."""
+        if isinstance(event, loop.SourcePolled) and event.version is None and event.error is None:
+            self.events.post_quietly(event)
+        else:
+            self.events.post(event)
+
     def _poll_source(self, known_version: str | None) -> Event:
         """Cheap change check, then the value. Never raises."""
-        jitter = random.uniform(0.9, 1.1)  # so a fleet of proxies does not poll Secrets Manager in step
+        jitter = random.uniform(loop.MIN_POLL_JITTER, loop.MAX_POLL_JITTER)  # so a fleet does not poll in step
         try:
             if known_version is not None and not self.source.changed(known_version):
                 return loop.SourcePolled(jitter=jitter)

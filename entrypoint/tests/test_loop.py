@@ -164,6 +164,34 @@ def test_polls_after_the_interval_with_jitter_and_dedupes_versions() -> None:
     assert "PollSource" not in kinds(driver.advance(32.9))
 
 
+FILE_CONFIG = loop.LoopConfig(poll_interval=0.25, workers=2, drain_seconds=5.0)
+
+
+def test_an_unchanged_answer_taken_late_keeps_one_poll_per_interval_and_one_wake_up_per_poll() -> None:
+    # The supervisor queues an unchanged answer without waking the loop; the loop wakes when the next poll can be
+    # due at the latest, takes the answer and polls again in that same wake-up.
+    driver = Driver(FILE_CONFIG).running()
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    assert kinds(driver.actions) == ["PollSource"]
+    issued = driver.now
+    latest = 0.25 * loop.MAX_POLL_JITTER
+    assert loop.next_wakeup(driver.state, FILE_CONFIG, driver.now + 0.01) == pytest.approx(latest - 0.01)
+    assert driver.feed(loop.SourcePolled(jitter=1.0), at=issued + latest) == []
+    assert driver.state.next_poll == pytest.approx(issued + 0.25)  # from the poll's issue, not from its answer
+    assert kinds(driver.advance(0)) == ["PollSource"]
+
+
+def test_an_answer_overdue_neither_spins_the_loop_nor_shortens_a_slow_sources_rest() -> None:
+    driver = Driver().running()  # a 30 s interval, e.g. Secrets Manager
+    driver.feed(loop.Tick(), at=driver.state.next_poll)
+    issued = driver.now
+    later = issued + 30 * loop.MAX_POLL_JITTER + 5  # the call took longer than the interval
+    assert "PollSource" not in kinds(driver.feed(loop.Tick(), at=later))  # the poll is still out
+    assert loop.next_wakeup(driver.state, CONFIG, later) == pytest.approx(1.0)  # no wake-up in the past
+    driver.feed(loop.SourcePolled(jitter=1.0), at=later)
+    assert driver.state.next_poll == pytest.approx(later + 30.0)
+
+
 def test_backoff_doubles_to_the_cap_and_resets_when_the_source_is_back() -> None:
     driver = Driver().running()
     backoffs = []

@@ -4,6 +4,7 @@ log relay that drains everything written before it is stopped."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import threading
@@ -39,6 +40,14 @@ def test_signals_and_posted_events_arrive_on_one_queue() -> None:
 def test_wait_times_out_empty() -> None:
     queue = EventQueue()
     assert queue.wait(0.01) == ([], [])
+
+
+def test_a_quiet_post_waits_for_the_next_wake_up_without_causing_one() -> None:
+    queue = EventQueue()
+    queue.post_quietly(loop.SourcePolled())
+    assert select.select([queue._read], [], [], 0)[0] == []  # nothing to wake a loop sleeping in select()
+    queue.post(loop.WorkerAccepting())
+    assert queue.wait(5.0) == ([], [loop.SourcePolled(), loop.WorkerAccepting()])  # in order, both taken
 
 
 def test_worker_posts_each_result_in_order() -> None:
