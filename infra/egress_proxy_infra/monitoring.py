@@ -11,6 +11,7 @@ from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as events_targets
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from cdk_nag import NagPackSuppression, NagSuppressions
@@ -75,7 +76,8 @@ class ProxyMonitoring(Construct):
     """One dashboard and the alarms, all notifying the alarm topic: no healthy targets, allowlist reload
     failures, high CPU, a surge of denied requests, dropped access-log lines, and in EC2 mode an exhausted
     Elastic IP pool, failing Elastic IP claims, failed instance launches and an instance refresh not started; in
-    transparent mode without IPv6, a route table whose ::/0 bypasses the proxy.
+    transparent mode, the route failover function failing, and without IPv6 a route table whose ::/0 bypasses the
+    proxy.
 
     The dashboard shows what was refused and who was refused (Logs Insights over the access log), next to the
     proxy's own figures.
@@ -97,6 +99,7 @@ class ProxyMonitoring(Construct):
         auto_scaling_group: autoscaling.IAutoScalingGroup | None = None,
         maintenance: GroupMaintenance | None = None,
         ipv6_bypass_log_group: logs.ILogGroup | None = None,
+        route_failover: lambda_.IFunction | None = None,
     ) -> None:
         super().__init__(scope, id)
         self._namespace = namespace
@@ -166,6 +169,12 @@ class ProxyMonitoring(Construct):
                             "gateway: its IPv6 clients are not filtered. Deploy with -c transparentIpv6=on (the "
                             "proxy then takes that route over), or remove the route. The route failover "
                             "function's log names the table."))
+        if route_failover is not None:
+            alarms.append(self._function_errors_alarm(
+                "RouteFailoverErrors", route_failover,
+                description="egress-proxy: the route failover function failed; the private subnets' routes are "
+                            "left as they were, possibly on a failed instance (no failover, no failback). It runs "
+                            "every minute: see its log group for the error."))
         if auto_scaling_group is not None:
             # Launch failures (capacity, limits, a bad AMI or instance type) are events, not metrics.
             launch_failures = events.Rule(
@@ -256,15 +265,22 @@ class ProxyMonitoring(Construct):
             metric_name="eip.pool_exhausted",
             description="egress-proxy: a launching instance found no free Elastic IP and was abandoned. "
                         "Raise eipPoolSize (and redeploy) or lower MaxCapacity.")
-        errors = eip_claim.function.metric_errors(period=Duration.minutes(5)).create_alarm(
-            self, "EipClaimErrors",
-            alarm_description="egress-proxy: the Elastic IP claim function failed; launching instances wait for "
-                              "the lifecycle hook's timeout and are abandoned. See the function's log group.",
+        errors = self._function_errors_alarm(
+            "EipClaimErrors", eip_claim.function,
+            description="egress-proxy: the Elastic IP claim function failed; launching instances wait for the "
+                        "lifecycle hook's timeout and are abandoned. See the function's log group.")
+        return [exhausted, errors]
+
+    def _function_errors_alarm(self, id: str, function: lambda_.IFunction, *, description: str) -> cloudwatch.Alarm:
+        """An alarm when one of our Lambda functions fails (AWS/Lambda Errors, any in 5 minutes), notifying the
+        topic."""
+        alarm = function.metric_errors(period=Duration.minutes(5)).create_alarm(
+            self, id, alarm_description=description,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD, threshold=1,
             evaluation_periods=1, treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
-        errors.add_alarm_action(cloudwatch_actions.SnsAction(self._alarm_topic))
-        return [exhausted, errors]
+        alarm.add_alarm_action(cloudwatch_actions.SnsAction(self._alarm_topic))
+        return alarm
 
     def _search(self, metric_name: str, stat: str) -> str:
         return (f"SEARCH('{{\"{self._namespace}\",{INSTANCE_DIMENSION}}} MetricName=\"{metric_name}\"', "

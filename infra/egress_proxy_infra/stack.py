@@ -136,6 +136,7 @@ class EgressProxyStack(Stack):
             auto_scaling_group=ec2_proxies.auto_scaling_group if ec2_proxies else None,
             maintenance=ec2_proxies.maintenance if ec2_proxies else None,
             ipv6_bypass_log_group=transparent.ipv6_bypass_log_group if transparent else None,
+            route_failover=transparent.function if transparent else None,
         )
 
         # Clients by AWS identity: the task role's permissions for the selectors in use; optionally the proxy

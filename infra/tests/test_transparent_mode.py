@@ -203,6 +203,28 @@ def test_ipv6_off_alarms_on_a_route_that_bypasses_the_proxy(transparent: Synth) 
     assert metric_filter["MetricTransformations"][0]["MetricName"] == alarm["MetricName"] == "routes.ipv6_bypass"
 
 
+def _lambda_error_alarms(synth: Synth) -> dict[str, dict[str, object]]:
+    """AWS/Lambda Errors alarms, by the logical ID of the function they watch."""
+    alarms = [a["Properties"] for a in synth.template.find_resources("AWS::CloudWatch::Alarm").values()
+              if a["Properties"].get("Namespace") == "AWS/Lambda" and a["Properties"].get("MetricName") == "Errors"]
+    return {a["Dimensions"][0]["Value"]["Ref"]: a for a in alarms}
+
+
+def test_the_route_failover_functions_own_errors_reach_the_alarm_topic(transparent: Synth, ec2: Synth) -> None:
+    """A failing failover leaves routes on a failed instance without a word in the route tables: its errors alarm."""
+    (function,) = [name for name, f in transparent.resources("AWS::Lambda::Function").items()
+                   if "ROUTE_TABLE_IDS" in f["Properties"].get("Environment", {}).get("Variables", {})]
+    alarm = _lambda_error_alarms(transparent)[function]
+    (topic,) = transparent.template.find_resources("AWS::SNS::Topic")
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": function}}]
+    assert alarm["Statistic"] == "Sum" and alarm["Period"] == 300
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold" and alarm["Threshold"] == 1
+    assert alarm["TreatMissingData"] == "notBreaching" and alarm["AlarmActions"] == [{"Ref": topic}]
+    assert "route failover" in str(alarm["AlarmDescription"])
+    # EC2 mode without transparent: only the Elastic IP claim function's errors alarm.
+    assert [name for name in _lambda_error_alarms(ec2) if "EipClaim" in name] == list(_lambda_error_alarms(ec2))
+
+
 def test_ipv6_on_has_no_bypass_alarm(transparent_ipv6: Synth) -> None:
     assert _bypass_alarms(transparent_ipv6) == []
 
