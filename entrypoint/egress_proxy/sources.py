@@ -33,6 +33,10 @@ _RACY_SECONDS = 2.0
 # interval's longest) to be seen, where once a second made it 0.5 s (at most 1.1 s): the largest share of a
 # 100,000-entry reload's time from the write to every worker applying it.
 FILE_POLL_SECONDS = 0.25
+# A file rewritten in place is truncated, then written: a check between the two would read an empty or partial
+# list, and an empty list is valid (it denies everything). So a changed file whose mtime is younger than this is
+# read only once its stat() has held still from one check to the next.
+FILE_SETTLE_SECONDS = 0.25
 
 
 class SourceUnavailable(RuntimeError):
@@ -100,13 +104,15 @@ class FileSource:
     """Checked four times a second (``FILE_POLL_SECONDS``): the content hash is the version, so editors that
     rewrite in place or swap files (vim, sed -i, a ConfigMap symlink flip) are all seen. A poll costs one stat()
     while nothing moved: the file is read and hashed only when its (device, inode, size, mtime) changed or its mtime
-    is recent."""
+    is recent. A change made in the last ``FILE_SETTLE_SECONDS`` is taken at the next check that finds the same
+    stat(), so a file being written is never taken half-written; until then the last snapshot answers."""
 
     def __init__(self, path: Path, poll_interval: float = FILE_POLL_SECONDS) -> None:
         self.path = path
         self.description = f"file {path}"
         self.poll_interval = poll_interval
         self._cached: tuple[tuple[int, int, int, int], Snapshot] | None = None
+        self._settling: tuple[int, int, int, int] | None = None  # a fresh change's stat(), seen at one check
         self.reads = 0  # how many times the file was actually read (for tests and curiosity)
 
     def changed(self, known_version: str | None) -> bool:
@@ -118,15 +124,20 @@ class FileSource:
             # than its key claims. os.stat follows a symlink flip to the new target.
             info = os.stat(self.path)
             key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-            racy = time.time() - info.st_mtime < _RACY_SECONDS
-            if self._cached is not None and self._cached[0] == key and not racy:
-                return self._cached[1]
+            age = time.time() - info.st_mtime
+            if self._cached is not None:
+                if self._cached[0] == key and age >= _RACY_SECONDS:
+                    return self._cached[1]
+                if self._cached[0] != key and age < FILE_SETTLE_SECONDS and key != self._settling:
+                    self._settling = key  # maybe mid-write: take it if the next check finds it unmoved
+                    return self._cached[1]
             with open(self.path, "rb") as handle:
                 data = handle.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             self._cached = None
             raise SourceUnavailable(f"cannot read allowlist file {self.path}: {exc.strerror or exc}") from None
         self.reads += 1
+        self._settling = None
         size = max(len(data), info.st_size)
         version = _digest(data) + (f"+{size}" if size > MAX_FILE_BYTES else "")  # an oversized tail counts
         snapshot = Snapshot(text=data.decode("utf-8", errors="replace"), version=version, size=size,

@@ -31,7 +31,36 @@ def test_file_source_sees_edits_and_caches_unchanged_files(tmp_path: Path) -> No
     reads = source.reads
     assert source.read().version == old and source.reads == reads  # cached: stat() only
     path.write_text("b.example.com\n")
+    assert not source.changed(old)  # just written: taken at the next check that finds it unmoved
     assert source.changed(old) and source.read().text == "b.example.com\n"
+
+
+def test_file_source_never_takes_a_file_half_written(tmp_path: Path) -> None:
+    """A rewrite in place truncates, then writes: a check in between must not see an empty (deny-all) list."""
+    path = tmp_path / "allowlist.txt"
+    path.write_text("a.example.com\nb.example.com\n")
+    source = FileSource(path)
+    good = source.read()
+    with open(path, "w") as handle:  # truncated, nothing written yet
+        handle.flush()
+        assert source.read() == good
+        handle.write("a.example.com\n")
+        handle.flush()
+        assert source.read() == good  # it moved again since the last check: still settling
+    assert source.read().text == "a.example.com\n"  # unmoved since the last check: taken
+
+
+def test_file_source_takes_an_old_file_at_once(tmp_path: Path) -> None:
+    """A file swapped in whole, written a while ago (a ConfigMap symlink flip, mv of a prepared file), waits for
+    nothing."""
+    path, prepared = tmp_path / "allowlist.txt", tmp_path / "prepared.txt"
+    path.write_text("a.example.com\n")
+    source = FileSource(path)
+    source.read()
+    prepared.write_text("b.example.com\n")
+    os.utime(prepared, (1_000_000, 1_000_000))
+    prepared.rename(path)
+    assert source.read().text == "b.example.com\n"
 
 
 def test_file_source_missing_file_is_unavailable(tmp_path: Path) -> None:
